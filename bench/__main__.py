@@ -1,0 +1,92 @@
+"""`python -m bench`: run every benchmark section and write bench/results.json and bench/results.md.
+
+    python -m bench                      # the full run behind `make bench` (SmolLM2 + tiny, ~20 min on 2 cores)
+    python -m bench --smoke              # the harness at tiny scale, written to /tmp/lmcompress-bench-smoke
+    python -m bench --only speed,quality # re-run some sections, merged into the existing results.json
+
+A section that fails is recorded with its error and the others still run; the exit status is 1 then.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench import distillation, interactivity, pruning, quality, report, speed, throughput
+from bench.common import FULL, SMOKE, machine, setup_torch, versions
+from bench.context import Context
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = {  # run order: cheap and most-quoted first, so a partial run still has the headline numbers
+    "interactivity": interactivity.run,
+    "speed": speed.run,
+    "throughput": throughput.run,
+    "pruning": pruning.run,
+    "distillation": distillation.run,
+    "quality": quality.run,
+}
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny scale, tiny model only, quick")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json / results.md")
+    return parser.parse_args(argv)
+
+
+def _run_section(name: str, ctx: Context) -> dict:
+    print(f"[bench] {name} ...", flush=True)
+    start = time.perf_counter()
+    try:
+        result = SECTIONS[name](ctx)
+    except Exception as exc:  # record and go on: one broken section must not hide the others
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["wall_s"] = time.perf_counter() - start
+    print(f"[bench] {name} done in {result['wall_s']:.1f} s", flush=True)
+    return result
+
+
+def _load_previous(path: Path) -> dict:
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    setup_torch()
+    scale = SMOKE if args.smoke else FULL
+    out = args.out or (Path("/tmp/lmcompress-bench-smoke") if args.smoke else HERE)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    results = _load_previous(out / "results.json") if args.only else {}
+    results.update({"schema": 1, "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "scale": scale.to_dict(), "machine": machine(), "versions": versions()})
+    sections = results.setdefault("sections", {})
+    ctx = Context(scale)
+    start = time.perf_counter()
+    for name in names:
+        sections[name] = _run_section(name, ctx)
+        report.finish(results, out)  # write after every section: an interrupted run keeps what it measured
+    results["total_wall_s"] = time.perf_counter() - start
+    report.finish(results, out)
+    print(report.headline_table(results))
+    print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 1 if any("error" in s for s in sections.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

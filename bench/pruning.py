@@ -1,0 +1,44 @@
+"""Pruning on SmolLM2: magnitude against Wanda at 50% unstructured and at 2:4, by perplexity.
+
+Wanda scores each weight by |w| times the norm of its input activation, so it needs calibration batches;
+magnitude needs none. Both prune every linear layer except the embeddings and the LM head.
+"""
+from __future__ import annotations
+
+import time
+
+from bench.common import timed
+
+
+def _config(method: str, pattern: str):
+    from lmcompress_core.compress import CompressionConfig
+    from lmcompress_core.prune import PruningConfig
+
+    return CompressionConfig(pruning=PruningConfig(sparsity=0.5, method=method, pattern=pattern))
+
+
+def run(ctx) -> dict:
+    from lmcompress_core.compress import compress
+
+    start = time.perf_counter()
+    name = ctx.main_model
+    base = ctx.loaded(name)
+    calibration = ctx.calibration(name)
+    rows = []
+    for pattern in ("unstructured", "2:4"):
+        for method in ("magnitude", "wanda"):
+            cm, seconds = timed(lambda: compress(base.model, _config(method, pattern),
+                                                 calibration=calibration, tokenizer=base.tokenizer))
+            rows.append({"method": method, "pattern": pattern, "sparsity": 0.5, "prune_s": seconds,
+                         "kernel": cm.kernel, "perplexity": ctx.perplexity(cm.model, name)})
+            del cm
+
+    def ppl(method, pattern):
+        return next(r["perplexity"] for r in rows if r["method"] == method and r["pattern"] == pattern)
+
+    return {
+        "headline": {"ppl_wanda50_over_magnitude50": ppl("wanda", "unstructured") / ppl("magnitude", "unstructured")},
+        "extra": {"ppl_wanda24_over_magnitude24": ppl("wanda", "2:4") / ppl("magnitude", "2:4")},
+        "base_perplexity": ctx.base_perplexity(name), "rows": rows,
+        "eval_tokens": int(ctx.eval_ids(name).numel()), "seconds": time.perf_counter() - start,
+    }

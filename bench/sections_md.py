@@ -1,0 +1,108 @@
+"""One markdown block per bench section for results.md (tables from the measured rows, nothing recomputed)."""
+from __future__ import annotations
+
+from bench.report import _f, _table
+
+
+def _interactivity(s: dict) -> list[str]:
+    out = ["Time from a configuration change to a complete Report (compress + size + perplexity + latency + "
+           "generation) through `lmcompress_core.measure.evaluate`, median of the runs. *Cold*: the first "
+           "Report of a fresh process, model load included. *Change*: the model is loaded and a slider moves "
+           "to a configuration not seen before. *Cached*: the app's result cache hit for a configuration "
+           "seen before. *First chart*: time to the size result, the first figure the page draws.", ""]
+    rows = []
+    for name, m in s.get("models", {}).items():
+        rows.append([name, m.get("eval_tokens"), m.get("load_s"), m.get("cold_s"), m.get("change_s"),
+                     m.get("cached_s"), m.get("first_chart_s")])
+    out += _table(["model", "eval tokens", "load s", "cold s", "change s", "cached s", "first chart s"], rows)
+    for name, m in s.get("models", {}).items():
+        stages = m.get("stages_s") or {}
+        if stages:
+            out += [f"Stages of one change ({name}): " + ", ".join(f"{k} {_f(v, 2)} s" for k, v in stages.items()), ""]
+    return out
+
+
+def _speed(s: dict) -> list[str]:
+    out = [f"`measure_latency`: {s.get('prompt_tokens')}-token prompt, {s.get('new_tokens')} greedy tokens with KV "
+           f"cache, batch 1; variants interleaved over {s.get('rounds')} rounds of {s.get('runs_per_round')} runs, "
+           "median of round medians. Roofline = measured copy bandwidth / runtime bytes per decoded token.", ""]
+    rows = []
+    for name, r in s.get("rows", {}).items():
+        rows.append([name, r.get("kernel"), r.get("prefill_ms"), r.get("prefill_speedup"),
+                     r.get("decode_tokens_per_s"), r.get("decode_speedup"), r.get("roofline_tokens_per_s"),
+                     r.get("roofline_speedup"), r.get("decode_fraction_of_roofline")])
+    return out + _table(["variant", "kernel", "prefill ms", "prefill x fp32", "decode tok/s", "decode x fp32",
+                         "roofline tok/s", "roofline x fp32", "decode / roofline"], rows)
+
+
+def _quality(s: dict) -> list[str]:
+    out = [f"Perplexity of SmolLM2 on {s.get('eval_tokens')} tokens (fp32 baseline {_f(s.get('base_perplexity'))}); "
+           f"GPTQ calibration {s.get('calibration')}. Quantization time is the library's own call; ours includes "
+           f"a deep copy of the model ({_f(s.get('deepcopy_s'), 2)} s). GPTQ is timed once (it is slow and "
+           "deterministic); all other rows are medians.", ""]
+    rows = []
+    for r in s.get("rows", []):
+        rows.append([r["name"], r.get("bits"), r.get("group_size"), "sym" if r.get("symmetric") else "asym",
+                     r.get("perplexity"), r.get("ppl_over_fp32"), r.get("quantize_s"), r.get("error", "")])
+    out += _table(["method", "bits", "group", "scheme", "perplexity", "x fp32", "quantize s", "error"], rows)
+    extra = s.get("extra") or {}
+    if extra:
+        out += ["Other like-for-like ratios (ours / theirs): " + ", ".join(f"`{k}` {_f(v)}" for k, v in extra.items()), ""]
+    return out
+
+
+def _pruning(s: dict) -> list[str]:
+    out = [f"50% of every linear layer's weights (embeddings and LM head kept), perplexity on "
+           f"{s.get('eval_tokens')} tokens; fp32 baseline {_f(s.get('base_perplexity'))}.", ""]
+    rows = [[r["method"], r["pattern"], r.get("perplexity"), r.get("prune_s"), r.get("kernel")] for r in s.get("rows", [])]
+    out += _table(["method", "pattern", "perplexity", "prune s", "kernel"], rows)
+    extra = s.get("extra") or {}
+    return out + ([", ".join(f"`{k}` {_f(v)}" for k, v in extra.items()), ""] if extra else [])
+
+
+def _distillation(s: dict) -> list[str]:
+    out = [f"Tiny model, 50% magnitude pruning, then {s.get('steps')} recovery KD steps per temperature; "
+           f"perplexity on {s.get('eval_tokens')} held-out tokens. Unpruned {_f(s.get('base_perplexity'))}, "
+           f"pruned without KD {_f(s.get('pruned_perplexity'))}.", ""]
+    rows = [[r["temperature"], r.get("perplexity"), r.get("recovered_fraction"), r.get("train_s")]
+            for r in s.get("rows", [])]
+    return out + _table(["T", "perplexity", "share of pruning loss recovered", "train s"], rows)
+
+
+def _throughput(s: dict) -> list[str]:
+    out = [f"Perplexity evaluation of {s.get('model')} in {s.get('context')}-token windows, median of the runs. "
+           "FLOPs counted from the shapes (2 per linear weight per token + attention); the peak is the best "
+           "`torch.mm` of square 512/1024/2048 matrices in the same dtype and threads.", ""]
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        r = s.get(dtype)
+        if r:
+            rows.append([dtype, r.get("tokens"), r.get("tokens_per_s"), r.get("achieved_gflops"),
+                         r.get("peak_gflops"), r.get("peak_shape"), r.get("fraction_of_peak")])
+    return out + _table(["dtype", "tokens", "tokens/s", "achieved GFLOP/s", "matmul peak GFLOP/s", "peak n",
+                         "fraction of peak"], rows)
+
+
+RENDERERS = {
+    "interactivity": ("1. Interactivity", _interactivity),
+    "speed": ("2. Real speedups on SmolLM2", _speed),
+    "quality": ("3. Quality against torchao and optimum-quanto", _quality),
+    "pruning": ("4. Pruning: magnitude vs Wanda", _pruning),
+    "distillation": ("5. Distillation recovery by temperature", _distillation),
+    "throughput": ("6. Evaluation throughput", _throughput),
+}
+
+
+def all_sections(sections: dict) -> list[str]:
+    out = []
+    for name, (title, render) in RENDERERS.items():
+        s = sections.get(name)
+        if s is None:
+            continue
+        out += [f"## {title}", ""]
+        if "error" in s:
+            out += [f"This section failed: `{s['error']}`", ""]
+            continue
+        out += render(s)
+        out += [f"Section wall time {_f(s.get('wall_s'), 1)} s.", ""]
+    return out

@@ -1,0 +1,244 @@
+"""Command line: ``python -m lmcompress_core {models,prepare,compress,evaluate}``.
+
+Errors a person can fix (bad flags, bad values, models that cannot load) print one line ``error: ...`` on
+stderr and exit with status 2, never a traceback; Ctrl-C exits with status 130. Long work draws a progress
+bar on stderr, so ``--json`` output on stdout stays clean for pipes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem the person running the command can fix; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one ``error: ...`` line (subparsers inherit this class)."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+# ---------------------------------------------------------------- progress on stderr
+class ProgressBar:
+    """Turns compress.Progress callbacks (or plain message strings) into a one-line bar on stderr."""
+
+    WIDTH = 24
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.stage = None
+
+    def __call__(self, progress) -> None:
+        if isinstance(progress, str):
+            self._line(progress, final=True)
+            return
+        total = max(progress.total, 1)
+        done = min(max(progress.step, 0), total)
+        bar = "#" * round(self.WIDTH * done / total)
+        text = f"{progress.stage:<10} [{bar:<{self.WIDTH}}] {done}/{total} {progress.message}"
+        new_stage = progress.stage != self.stage
+        self.stage = progress.stage
+        if self.live or new_stage or done == total:
+            self._line(text, final=done == total)
+
+    def _line(self, text: str, final: bool) -> None:
+        text = text[:110]
+        if self.live:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------- flags -> CompressionConfig
+def _add_model_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="default | tiny | a hub id | a local folder (default: tiny)")
+
+
+def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
+    q = parser.add_argument_group("quantization")
+    q.add_argument("--bits", type=int, help="2, 3, 4, 5, 6, 8 (integer codes) or 16 (bf16/fp16 cast); omit for none")
+    q.add_argument("--group-size", type=int, default=128, help="32, 64 or 128; 0 = per-channel, -1 = per-tensor")
+    q.add_argument("--method", default="rtn", help="rtn | gptq")
+    q.add_argument("--symmetric", action="store_true", help="absmax grid instead of asymmetric min-max")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--no-int8-kernel", action="store_true", help="8-bit: simulate instead of torch's int8 kernel")
+    q.add_argument("--dtype16", default="bf16", help="bf16 | fp16 (with --bits 16)")
+    p = parser.add_argument_group("pruning")
+    p.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights removed, 0..0.95")
+    p.add_argument("--prune-method", default="magnitude", help="magnitude | wanda")
+    p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8")
+    p.add_argument("--scope", default="layer", help="layer | global (magnitude only)")
+    d = parser.add_argument_group("distillation")
+    d.add_argument("--distill-steps", type=int, default=0, help="KD steps (0 = no distillation)")
+    d.add_argument("--temperature", type=float, default=2.0, help="KD temperature T, 0.5..10")
+    d.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, 0..1")
+    d.add_argument("--distill-mode", default="recovery", help="recovery | student")
+    d.add_argument("--keep-every", type=int, default=2, help="student mode: keep every k-th block")
+    parser.add_argument("--include-embeddings", action="store_true", help="compress embeddings and lm_head too")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The CompressionConfig the flags describe; the configs' own ValueErrors say what is wrong."""
+    from lmcompress_core.compress import CompressionConfig
+    from lmcompress_core.distill import DistillationConfig
+    from lmcompress_core.prune import PruningConfig
+    from lmcompress_core.quantize import QuantizationConfig
+
+    quantization = pruning = distillation = None
+    if args.bits is not None:
+        granularity = {0: "channel", -1: "tensor"}.get(args.group_size, "group")
+        quantization = QuantizationConfig(
+            bits=args.bits, granularity=granularity, group_size=args.group_size if granularity == "group" else 128,
+            symmetric=args.symmetric, method=args.method, act_order=args.act_order,
+            int8_kernel=not args.no_int8_kernel, dtype16=args.dtype16)
+    if args.sparsity or args.pattern != "unstructured":
+        pruning = PruningConfig(sparsity=args.sparsity, method=args.prune_method, pattern=args.pattern,
+                                scope=args.scope)
+    if args.distill_steps:
+        distillation = DistillationConfig(temperature=args.temperature, alpha=args.alpha, steps=args.distill_steps,
+                                          mode=args.distill_mode, keep_every=args.keep_every)
+    return CompressionConfig(quantization=quantization, pruning=pruning, distillation=distillation,
+                             include_embeddings=args.include_embeddings)
+
+
+# ---------------------------------------------------------------- commands
+def _cmd_models(args) -> int:
+    from lmcompress_core.models import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        params = f"{row['params'] / 1e6:.1f}M" if row.get("params") else "?"
+        state = "available" if row.get("available") else "needs download"
+        print(f"{row['name']:<32} {row.get('source', ''):<9} {params:>8}  {state}")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from lmcompress_core.models import prepare_default
+
+    folder = prepare_default(callback=ProgressBar())
+    print(f"default model ready in {folder}")
+    return 0
+
+
+def _cmd_compress(args) -> int:
+    from lmcompress_core.compress import compress
+    from lmcompress_core.measure import calibration_for
+    from lmcompress_core.models import load_model
+    from lmcompress_core.packing import save_compressed
+
+    config = config_from_args(args)
+    loaded = load_model(args.model)
+    calibration = calibration_for(loaded, config)
+    cm = compress(loaded.model, config, calibration=calibration, tokenizer=loaded.tokenizer, callback=ProgressBar())
+    written = save_compressed(cm, loaded.model, args.out)
+    summary = {"model": loaded.name, "out": str(Path(args.out).resolve()), "packed_bytes": written,
+               "kernel": cm.kernel, "config": config.to_dict(), "notes": list(getattr(cm, "notes", []))}
+    print(json.dumps(summary, indent=2) if args.json else
+          f"wrote {summary['out']}: {written:,} bytes (safetensors + compression.json); kernel: {cm.kernel}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from lmcompress_core.measure import evaluate
+    from lmcompress_core.models import load_model
+
+    config = config_from_args(args)
+    loaded = load_model(args.model)
+    report = evaluate(loaded, config, eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or
+                      args.context, prompt=args.prompt, new_tokens=args.new_tokens, seed=args.seed,
+                      latency=not args.no_latency, generation=not args.no_generation, callback=ProgressBar())
+    data = report.to_dict()
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else _summary(data))
+    return 0
+
+
+def _summary(data: dict) -> str:
+    size, ppl, lat, gen = data["size"], data["perplexity"], data.get("latency"), data.get("generation")
+    lines = [f"model {data['model']}  kernel: {data['kernel']}",
+             f"size: theoretical {size['theoretical_bytes']:,} B, packed {size['packed_bytes']:,} B, "
+             f"runtime {size['runtime_bytes']:,} B (base {size['base_bytes']:,} B)" + (
+                 f" — {size['note']}" if size.get("note") else ""),
+             f"perplexity {ppl['value']:.3f} ± {ppl['stderr']:.3f} over {ppl['tokens']} tokens "
+             f"(base {data['base_perplexity']:.3f}); KL to base {data['kl_to_base']:.4f} nats; "
+             f"top-1 agreement {data['top1_agreement']:.1%}"]
+    if lat:
+        lines.append(f"latency: prefill {lat['prefill_ms']:.1f} ms ({lat['prompt_tokens']} tokens), decode "
+                     f"{lat['decode_tokens_per_s']:.1f} tok/s (roofline ≤ {lat['roofline_tokens_per_s'] or 0:.0f}), "
+                     f"{lat['threads']} threads")
+    if gen:
+        lines += [f"prompt: {gen['prompt']!r}", f"  base:       {gen['base']!r}",
+                  f"  compressed: {gen['compressed']!r}  (first divergence: {gen['first_divergence']})"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lmcompress_core", description="LM Compression Lab: compress and measure LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,prepare,compress,evaluate}")
+    models = sub.add_parser("models", help="list the models the app knows")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=_cmd_models)
+    sub.add_parser("prepare", help="convert the embedded default model to the fast cache").set_defaults(
+        run=_cmd_prepare)
+    comp = sub.add_parser("compress", help="compress a model and write the packed format")
+    _add_model_flag(comp)
+    _add_compression_flags(comp)
+    comp.add_argument("--out", required=True, help="folder to write (created)")
+    comp.add_argument("--json", action="store_true")
+    comp.set_defaults(run=_cmd_compress)
+    ev = sub.add_parser("evaluate", help="compress and measure size, latency, perplexity, generations")
+    _add_model_flag(ev)
+    _add_compression_flags(ev)
+    ev.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored for perplexity")
+    ev.add_argument("--context", type=int, default=256, help="perplexity window length")
+    ev.add_argument("--stride", type=int, default=0, help="perplexity window step (0 = context)")
+    ev.add_argument("--prompt", default=None, help="generation prompt (default: one per model)")
+    ev.add_argument("--new-tokens", type=int, default=32)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--no-latency", action="store_true")
+    ev.add_argument("--no-generation", action="store_true")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(run=_cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lmcompress_core.compress import Cancelled
+    from lmcompress_core.models import ModelError
+
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("\nerror: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UserError, ValueError, ModelError, Cancelled, OSError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _quiet_libraries() -> None:
+    """Our progress bar replaces transformers' own bars and advisory log lines on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:500]

@@ -1,0 +1,192 @@
+"""Knowledge distillation: the config, the KD loss, a bounded training loop, and the smaller-student initialisation.
+
+The loss is Hinton et al.'s, with the T² factor that keeps the soft term's gradients on the CE scale:
+
+    L = α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(y, z_s)
+
+Recovery mode trains the compressed copy against the original model; compress.py attaches a parametrization
+to every compressed weight so the forward always sees the quantized, masked weight while gradients reach the
+float "latent" weight straight through (STE) — masks and quantization survive training. Student mode first
+keeps every k-th decoder block of the copy (DistilBERT-style). Training runs on CUDA when present; the model is
+left in eval mode throughout (no dropout) so a few steps are deterministic for a seed.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import transformer_blocks
+
+MAX_STEPS = 10_000
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    temperature: float = 2.0      # [0.5, 10]; higher = softer teacher distribution
+    alpha: float = 0.5            # [0, 1], weight of the KD term (1 − alpha weighs the hard-label CE)
+    steps: int = 50               # optimiser steps, [0, 10000]
+    mode: str = "recovery"        # "recovery" (student = compressed copy) | "student" (fewer layers, then recovery)
+    keep_every: int = 2           # student mode: keep blocks 0, k, 2k, ...
+    lr: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        t = self.temperature
+        if not _is_number(t) or t <= 0:
+            raise ValueError(f"temperature must be positive, between 0.5 and 10; got {t!r}")
+        if not 0.5 <= t <= 10:
+            raise ValueError(f"temperature must be between 0.5 and 10; got {t!r}")
+        if not _is_number(self.alpha) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha (weight of the KD term) must be between 0 and 1; got {self.alpha!r}")
+        _integer("steps", self.steps, 0, MAX_STEPS)
+        if self.mode not in ("recovery", "student"):
+            raise ValueError(f"mode must be 'recovery' or 'student'; got {self.mode!r}")
+        _integer("keep_every", self.keep_every, 1, 64)
+        if not _is_number(self.lr) or not 0 < self.lr <= 1:
+            raise ValueError(f"lr (learning rate) must be in (0, 1], typically 1e-4; got {self.lr!r}")
+        _integer("batch_size", self.batch_size, 1, 256)
+        _integer("seq_len", self.seq_len, 8, 8192)
+        _integer("seed", self.seed, 0, 2 ** 63 - 1)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(field: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{field} must be a whole number between {low} and {high}; got {value!r}")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """α·T²·KL(p_t ‖ p_s) + (1 − α)·CE(y, z_s), averaged over positions; labels of -100 are ignored.
+
+    Logits are ``[..., vocab]`` and labels ``[...]``, already aligned (position i predicts labels[i]).
+    """
+    vocab = student_logits.shape[-1]
+    s = student_logits.reshape(-1, vocab).float()
+    t = teacher_logits.reshape(-1, vocab).float()
+    y = labels.reshape(-1)
+    valid = y != -100
+    log_p_s = F.log_softmax(s[valid] / temperature, dim=-1)
+    log_p_t = F.log_softmax(t[valid] / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean()
+    ce = F.cross_entropy(s[valid], y[valid])
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+
+
+@torch.no_grad()
+def next_token_distribution(model, tokenizer, prompt: str, temperature: float, top_k: int = 10) -> list[tuple[str, float]]:
+    """The top_k next tokens after ``prompt`` and their probabilities under softmax(logits / temperature)."""
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty; type a few words to see the next-token distribution")
+    if not _is_number(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be positive; got {temperature!r}")
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    top = torch.topk(probs, min(top_k, probs.numel()))
+    return [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def keep_every_kth_block_(model: nn.Module, keep_every: int) -> list[int]:
+    """Shrink the model in place to decoder blocks 0, k, 2k, ... (DistilBERT-style init); returns their old indices.
+
+    Per-layer config lists (e.g. Qwen2's layer_types) are sliced the same way and each kept block's
+    ``layer_idx`` (used by the KV cache) is renumbered.
+    """
+    parent, attr, blocks = transformer_blocks(model)
+    n_layers = len(blocks)
+    kept = list(range(0, n_layers, keep_every))
+    setattr(parent, attr, nn.ModuleList([blocks[i] for i in kept]))
+    for new_index, block in enumerate(getattr(parent, attr)):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    for key, value in list(vars(model.config).items()):
+        if isinstance(value, list) and len(value) == n_layers:
+            setattr(model.config, key, [value[i] for i in kept])
+    model.config.num_hidden_layers = len(kept)
+    return kept
+
+
+def _sample_batch(ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """Random windows of seq_len tokens from the rows of ids [n, L] (seeded)."""
+    rows = torch.randint(ids.shape[0], (batch_size,), generator=gen)
+    length = min(seq_len, ids.shape[1])
+    starts = torch.randint(ids.shape[1] - length + 1, (batch_size,), generator=gen)
+    return torch.stack([ids[r, s:s + length] for r, s in zip(rows.tolist(), starts.tolist())])
+
+
+@torch.no_grad()
+def heldout_perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token cross-entropy) over the rows of ids [n, L] — a quick held-out check while training."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start:start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def _train_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def distill_(student: nn.Module, teacher: nn.Module, config: DistillationConfig, train_ids: torch.Tensor,
+             heldout_ids: torch.Tensor | None, report=None, check=None) -> list[dict]:
+    """Train ``student`` in place against ``teacher`` (never modified) for config.steps steps; returns the curve.
+
+    ``report(step, total, metrics)`` is called every step (metrics: loss, and held-out ppl every few steps);
+    ``check()`` is called every step and may raise to cancel. History rows: {"step", "loss", "ppl"?}.
+    """
+    device = _train_device()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    teacher_run = teacher if device.type == "cpu" else copy.deepcopy(teacher).to(device)
+    student.to(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    eval_every = max(1, config.steps // 10)
+    history = []
+    try:
+        for step in range(config.steps + 1):
+            if check is not None:
+                check()
+            batch = _sample_batch(train_ids, config.batch_size, config.seq_len, gen).to(device)
+            loss = _step(student, teacher_run, batch, config, optimizer, update=step > 0)
+            row = {"step": step, "loss": loss}
+            if heldout_ids is not None and (step % eval_every == 0 or step == config.steps):
+                row["ppl"] = heldout_perplexity(student, heldout_ids)
+            history.append(row)
+            if report is not None:
+                report(step, config.steps, row)
+    finally:
+        student.to("cpu")
+    return history
+
+
+def _step(student, teacher, batch, config: DistillationConfig, optimizer, update: bool) -> float:
+    """One KD step (step 0 only measures the starting loss)."""
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch, use_cache=False).logits[:, :-1]
+    with torch.set_grad_enabled(update):
+        student_logits = student(input_ids=batch, use_cache=False).logits[:, :-1]
+        loss = kd_loss(student_logits, teacher_logits, batch[:, 1:], config.temperature, config.alpha)
+    if update:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+    return float(loss.detach())

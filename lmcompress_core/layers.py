@@ -1,0 +1,151 @@
+"""Which layers of a causal LM get compressed, their weights as [out, in] matrices, and calibration statistics.
+
+Every algorithm in this package sees a layer's weight as a float32 matrix ``[out_features, in_features]``,
+whatever the module stores: GPT-2's transformers ``Conv1D`` keeps ``[in, out]`` and is transposed here, so
+quantize.py and prune.py never special-case an architecture.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Regexes searched in module names. Embeddings and the LM head stay float by default: they are a large share of
+# a small model, tied to each other in GPT-2, and the usual recipes (GPTQ, Wanda) leave them alone.
+# embed_out is GPT-NeoX/Pythia's LM head; embed_in its token embedding.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    r"(^|\.)lm_head$",
+    r"(^|\.)embed_tokens$",
+    r"(^|\.)embed_positions$",
+    r"(^|\.)wte$",
+    r"(^|\.)wpe$",
+    r"(^|\.)embed_in$",
+    r"(^|\.)embed_out$",
+)
+
+_MATRIX_TYPES = (nn.Linear, Conv1D)
+
+
+def _selected(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    include, exclude = tuple(include), tuple(exclude)
+    if include and not any(re.search(p, name) for p in include):
+        return False
+    return not any(re.search(p, name) for p in exclude)
+
+
+def linear_layers(model: nn.Module, include=(), exclude=DEFAULT_EXCLUDE, embeddings: bool = False) -> dict[str, nn.Module]:
+    """The model's nn.Linear and Conv1D modules (plus nn.Embedding when ``embeddings``) chosen by the patterns.
+
+    ``include`` empty means every layer; a weight tied to an earlier layer (GPT-2's lm_head and wte) is listed once.
+    """
+    types = _MATRIX_TYPES + ((nn.Embedding,) if embeddings else ())
+    chosen, seen = {}, set()
+    for name, module in model.named_modules():
+        if not isinstance(module, types) or not _selected(name, include, exclude):
+            continue
+        if id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        chosen[name] = module
+    return chosen
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """A float32 copy of the module's weight as ``[out_features, in_features]`` (Conv1D transposed)."""
+    w = module.weight.detach()
+    if isinstance(module, Conv1D):
+        w = w.t()
+    return w.to(torch.float32).clone()
+
+
+@torch.no_grad()
+def set_weight_matrix_(module: nn.Module, w: torch.Tensor) -> None:
+    """Write an ``[out, in]`` matrix into the module's weight in place, in the module's own layout and dtype."""
+    if isinstance(module, Conv1D):
+        w = w.t()
+    module.weight.copy_(w.to(module.weight.dtype))
+
+
+def transformer_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute, blocks): the ModuleList of decoder blocks (transformer.h, model.layers, ...)."""
+    n_layers = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name:
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name), attr, module
+    raise ValueError(f"could not find the {n_layers} decoder blocks of {type(model).__name__}")
+
+
+@torch.no_grad()
+def conv1d_to_linear_(model: nn.Module, names: Iterable[str]) -> None:
+    """Replace the named transformers Conv1D modules by equivalent nn.Linear modules (weight transposed)."""
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, Conv1D):
+            continue
+        in_features, out_features = module.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=module.bias is not None)
+        linear.to(device=module.weight.device, dtype=module.weight.dtype)
+        linear.weight.copy_(module.weight.t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class InputStatistics:
+    """Per-layer statistics of the inputs a layer sees on calibration text, gathered by forward pre-hooks.
+
+    ``sq_norm[name]`` is Σ x_j² over calibration tokens per input feature (Wanda's ‖X_j‖₂²);
+    ``hessian[name]`` is GPTQ's H = 2·XXᵀ / n_tokens (only when asked: it is in_features² floats per layer).
+    """
+
+    def __init__(self, hessian: bool):
+        self.want_hessian = hessian
+        self.sq_norm: dict[str, torch.Tensor] = {}
+        self.hessian: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+
+    def hook(self, name: str):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            seen = self.tokens.get(name, 0)
+            total = seen + x.shape[0]
+            self.sq_norm[name] = self.sq_norm.get(name, 0) + (x * x).sum(dim=0)
+            if self.want_hessian:
+                # Running mean keeps H on the same scale whatever the number of calibration tokens.
+                h = self.hessian.get(name)
+                h = torch.zeros(x.shape[1], x.shape[1], device=x.device) if h is None else h * (seen / total)
+                self.hessian[name] = h.addmm_(x.t(), x, alpha=2.0 / total)
+            self.tokens[name] = total
+
+        return record
+
+
+@torch.no_grad()
+def input_statistics(model: nn.Module, modules: dict[str, nn.Module], calibration: torch.Tensor,
+                     hessian: bool = False, batch_size: int = 4, check=None) -> InputStatistics:
+    """Run the model on calibration token ids ``[n, seq_len]`` and record what each named layer receives.
+
+    ``check`` (optional) is called before every batch and may raise to cancel.
+    """
+    stats = InputStatistics(hessian)
+    handles = [m.register_forward_pre_hook(stats.hook(name)) for name, m in modules.items()
+               if isinstance(m, _MATRIX_TYPES)]
+    device = model_device(model)
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            if check is not None:
+                check()  # raises when the caller cancels
+            model(input_ids=calibration[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

@@ -1,0 +1,213 @@
+"""Quality measurements: sliding-window perplexity with KL and top-1 agreement to the base, side-by-side generations.
+
+Protocol (stated in every report): the token sequence is cut to ``max_tokens + 1`` tokens and read in windows of
+``context`` tokens starting every ``stride`` tokens (Hugging Face's sliding-window recipe); each token is scored
+once, in the first window that predicts it with at least one token of context. Perplexity = exp(mean NLL); its
+± is the standard error of the mean NLL (tokens treated as independent) carried through exp (delta method).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SAMPLE_TEMPERATURE = 0.8  # sampled generations: mild temperature and top-k, the usual chat defaults
+SAMPLE_TOP_K = 40
+
+
+@dataclass
+class PerplexityReport:
+    value: float          # exp(mean token NLL)
+    stderr: float         # standard error of the mean NLL propagated to perplexity (delta method)
+    tokens: int           # number of tokens scored
+    context: int          # window length in tokens
+    stride: int           # window start every `stride` tokens
+    text: str = ""        # name of the text scored
+
+
+@dataclass
+class GenerationReport:
+    prompt: str
+    base: str                         # greedy continuation of the base model
+    compressed: str                   # greedy continuation of the compressed model
+    first_divergence: int | None      # index of the first differing greedy token; None when identical
+    compressed_logprobs: list[float]  # compressed model's log-prob of each token it generated (greedy)
+    sampled_base: str
+    sampled_compressed: str
+    seed: int
+    base_tokens: list[str] | None = None
+    compressed_tokens: list[str] | None = None
+    prompt_tokens: int = 0
+    notice: str = ""                  # e.g. the prompt was truncated to fit the context
+
+
+@dataclass
+class TokenScores:
+    """Everything one pass over the token windows yields, for the compressed model and (optionally) the base."""
+    nll: torch.Tensor
+    base_nll: torch.Tensor | None
+    kl_to_base: float | None
+    top1_agreement: float | None
+    context: int
+    stride: int
+
+    def report(self, nll: torch.Tensor | None = None, text: str = "") -> PerplexityReport:
+        nll = self.nll if nll is None else nll
+        mean = float(nll.double().mean())
+        se = float(nll.double().std() / math.sqrt(nll.numel())) if nll.numel() > 1 else float("nan")
+        value = math.exp(mean)
+        return PerplexityReport(value, value * se, int(nll.numel()), self.context, self.stride, text)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    device = _device(model)
+    return model(input_ids=ids.view(1, -1).to(device), use_cache=False).logits[0].float().cpu()
+
+
+def continue_with_cache(model, out, token_ids: torch.Tensor):
+    """One more forward step reusing the KV cache of ``out`` (transformers 5.24 renamed past_key_values to cache)."""
+    cache = out["cache"] if "cache" in out else out.past_key_values
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return model(input_ids=token_ids, use_cache=True, **{name: cache})
+
+
+def _device(model) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over n tokens; every position >= 1 scored once."""
+    out, scored_to = [], 1
+    for begin in range(0, max(n - 1, 0), stride):
+        end = min(begin + context, n)
+        first = max(scored_to, begin + 1)
+        if first < end:
+            out.append((begin, end, first))
+            scored_to = end
+        if end == n:
+            break
+    return out
+
+
+@torch.inference_mode()
+def score_tokens(model, ids: torch.Tensor, context: int = 256, stride: int = 256, max_tokens: int = 2048,
+                 base_model=None, check: Callable[[int, int], None] | None = None) -> TokenScores:
+    """Per-token NLL of ``model`` (and of ``base_model``, with KL and top-1 agreement) on the windows of ``ids``.
+
+    ``check(done, total)`` is called before each window (progress; may raise to cancel).
+    """
+    if context < 2 or stride < 1 or stride > context:
+        raise ValueError(f"need context >= 2 and 1 <= stride <= context (got context={context}, stride={stride})")
+    ids = ids.reshape(-1)[: max_tokens + 1]
+    if ids.numel() < 2:
+        raise ValueError("the evaluation text has fewer than 2 tokens; nothing to score")
+    spans = windows(ids.numel(), context, stride)
+    nll, base_nll, kl, agree = [], [], [], []
+    for i, (begin, end, first) in enumerate(spans):
+        if check is not None:
+            check(i, len(spans))
+        targets = ids[first:end]
+        logp = F.log_softmax(_logits(model, ids[begin:end])[first - begin - 1: end - begin - 1], dim=-1)
+        nll.append(-logp.gather(1, targets[:, None])[:, 0])
+        if base_model is not None:
+            base_logp = F.log_softmax(_logits(base_model, ids[begin:end])[first - begin - 1: end - begin - 1], dim=-1)
+            base_nll.append(-base_logp.gather(1, targets[:, None])[:, 0])
+            kl.append((base_logp.exp() * (base_logp - logp)).sum(-1))
+            agree.append(base_logp.argmax(-1) == logp.argmax(-1))
+    if check is not None:
+        check(len(spans), len(spans))
+    has_base = base_model is not None
+    return TokenScores(
+        torch.cat(nll), torch.cat(base_nll) if has_base else None,
+        float(torch.cat(kl).double().mean()) if has_base else None,
+        float(torch.cat(agree).double().mean()) if has_base else None, context, stride)
+
+
+def perplexity(model, ids, context: int = 256, stride: int = 256, max_tokens: int = 2048, base_model=None,
+               text: str = "") -> tuple[PerplexityReport, float | None, float | None]:
+    """(PerplexityReport, KL(p_base ‖ p_model) mean in nats, top-1 agreement) on the same scored tokens."""
+    scores = score_tokens(model, ids, context, stride, max_tokens, base_model)
+    return scores.report(text=text), scores.kl_to_base, scores.top1_agreement
+
+
+# ---------------------------------------------------------------- generation
+def max_positions(model) -> int | None:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@torch.inference_mode()
+def decode(model, prompt_ids: torch.Tensor, new_tokens: int, sample: bool = False, seed: int = 0,
+           stop_at: int | None = None) -> tuple[list[int], list[float]]:
+    """Continue ``prompt_ids`` with a KV cache: (token ids, log-prob of each under the untempered distribution)."""
+    device = _device(model)
+    generator = torch.Generator().manual_seed(seed)
+    out = model(input_ids=prompt_ids.view(1, -1).to(device), use_cache=True)
+    tokens, logprobs = [], []
+    for _ in range(new_tokens):
+        logits = out.logits[0, -1].float().cpu()
+        token = _sample(logits, generator) if sample else int(logits.argmax())
+        if stop_at is not None and token == stop_at:
+            break
+        tokens.append(token)
+        logprobs.append(float(F.log_softmax(logits, -1)[token]))
+        out = continue_with_cache(model, out, torch.tensor([[token]], device=device))
+    return tokens, logprobs
+
+
+def _sample(logits: torch.Tensor, generator: torch.Generator) -> int:
+    top = torch.topk(logits / SAMPLE_TEMPERATURE, min(SAMPLE_TOP_K, logits.numel()))
+    choice = torch.multinomial(F.softmax(top.values, -1), 1, generator=generator)
+    return int(top.indices[choice])
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where two token lists differ (a length difference counts); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def prompt_ids_for(model, tokenizer, prompt: str, new_tokens: int) -> tuple[torch.Tensor, str]:
+    """Token ids of the prompt, keeping its last tokens when it would not fit the context; (ids, notice)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: type some text for the models to continue")
+    ids = torch.tensor(tokenizer(prompt, add_special_tokens=False).input_ids, dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError("the prompt gives no tokens with this tokenizer: type some other text")
+    limit = max_positions(model)
+    notice = ""
+    if limit is not None and ids.numel() + new_tokens > limit:
+        keep = max(limit - new_tokens, 1)
+        notice = (f"prompt truncated: it has {ids.numel()} tokens, the model's context is {limit} tokens and "
+                  f"{new_tokens} are kept for the answer, so only its last {keep} tokens were used")
+        ids = ids[-keep:]
+    return ids, notice
+
+
+def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens: int = 32,
+                          seed: int = 0) -> GenerationReport:
+    """Greedy and sampled continuations of one prompt by both models, same seed; where greedy outputs diverge."""
+    ids, notice = prompt_ids_for(model, tokenizer, prompt, new_tokens)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    base, _ = decode(base_model, ids, new_tokens, stop_at=eos)
+    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos)
+    sampled_base, _ = decode(base_model, ids, new_tokens, sample=True, seed=seed, stop_at=eos)
+    sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos)
+    text = lambda toks: tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
+    pieces = lambda toks: [tokenizer.decode([t]) for t in toks]  # noqa: E731
+    return GenerationReport(
+        prompt=prompt, base=text(base), compressed=text(comp), first_divergence=first_divergence(base, comp),
+        compressed_logprobs=comp_logprobs, sampled_base=text(sampled_base), sampled_compressed=text(sampled_comp),
+        seed=seed, base_tokens=pieces(base), compressed_tokens=pieces(comp), prompt_tokens=int(ids.numel()),
+        notice=notice)

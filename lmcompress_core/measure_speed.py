@@ -1,0 +1,133 @@
+"""Speed and memory measurements: prefill/decode latency, this machine's memory bandwidth, runtime bytes.
+
+Latency follows gpt-fast's discipline: warm up, synchronise the device around every timed region, report the
+median. The roofline is the memory-bound ceiling of decoding: every weight byte is read once per new token, so
+tokens/s <= bandwidth / bytes per token.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from lmcompress_core.measure_quality import _device, continue_with_cache, max_positions
+
+
+@dataclass
+class LatencyReport:
+    prefill_ms: float              # median wall time of one forward pass over the prompt
+    decode_tokens_per_s: float     # new_tokens / median wall time of the greedy decode loop (KV cache)
+    kernel: str                    # what really ran (from CompressedModel.kernel)
+    threads: int                   # torch.get_num_threads() during the runs
+    prompt_tokens: int
+    new_tokens: int
+    runs: int                      # timed runs (after warm-up)
+    roofline_tokens_per_s: float | None = None  # bandwidth / bytes_per_token
+    bandwidth_gb_s: float | None = None         # measured copy bandwidth of this machine (GB/s = 1e9 B/s)
+    bytes_per_token: int | None = None
+    bytes_basis: str = ""          # which byte count the roofline divides by
+    device: str = "cpu"
+    warmup: int = 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@lru_cache(maxsize=4)
+def memory_bandwidth_gb_s(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Copy bandwidth in GB/s (read + write bytes / best time) of a large tensor; measured once per process."""
+    dev = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: page in both buffers
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(dev)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best / 1e9
+
+
+def _dynamic_int8_bytes(module) -> int:
+    """Bytes of a torch dynamic-quantized Linear: int8 weight, its scales/zero-points, float bias."""
+    weight, bias = module._packed_params._weight_bias()
+    total = weight.numel() * weight.element_size()
+    if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        total += weight.q_per_channel_scales().numel() * 8 + weight.q_per_channel_zero_points().numel() * 8
+    else:
+        total += 8 + 8  # one double scale, one int64 zero-point
+    if bias is not None:
+        total += bias.numel() * bias.element_size()
+    return total
+
+
+def runtime_bytes(model) -> int:
+    """Bytes of parameters and buffers the model holds while it runs (shared tensors once; int8 packed weights)."""
+    total, seen = 0, set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        if hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
+            total += _dynamic_int8_bytes(module)
+    return total
+
+
+def _prompt(model, tokenizer, prompt_tokens: int, new_tokens: int) -> torch.Tensor:
+    vocab = model.config.vocab_size
+    if tokenizer is not None:
+        vocab = min(vocab, len(tokenizer))
+    limit = max_positions(model)
+    if limit is not None:
+        prompt_tokens = max(1, min(prompt_tokens, limit - new_tokens))
+    generator = torch.Generator().manual_seed(1234)  # fixed token ids: latency must not depend on content
+    return torch.randint(0, vocab, (1, prompt_tokens), generator=generator)
+
+
+@torch.inference_mode()
+def _one_run(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+    _sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    token = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = continue_with_cache(model, out, token)
+        token = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return prefill, time.perf_counter() - start
+
+
+def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_tokens: int = 16, runs: int = 5,
+                    warmup: int = 1, bytes_per_token: int | None = None, bytes_basis: str = "") -> LatencyReport:
+    """Median prefill ms and decode tokens/s over ``runs`` timed runs after ``warmup``; plus the roofline.
+
+    ``bytes_per_token`` (default: the model's runtime bytes) is what one decode step must read from memory.
+    """
+    if runs < 1 or new_tokens < 1 or prompt_tokens < 1:
+        raise ValueError("runs, new_tokens and prompt_tokens must all be at least 1")
+    device = _device(model)
+    ids = _prompt(model, tokenizer, prompt_tokens, new_tokens).to(device)
+    timings = [_one_run(model, ids, new_tokens, device) for _ in range(warmup + runs)][warmup:]
+    prefill = statistics.median(t[0] for t in timings)
+    decode = statistics.median(t[1] for t in timings)
+    if bytes_per_token is None:
+        bytes_per_token, bytes_basis = runtime_bytes(model), "runtime bytes of the running model"
+    bandwidth = memory_bandwidth_gb_s(str(device) if device.type == "cuda" else "cpu")
+    return LatencyReport(
+        prefill_ms=prefill * 1000, decode_tokens_per_s=new_tokens / decode, kernel=kernel,
+        threads=torch.get_num_threads(), prompt_tokens=int(ids.shape[1]), new_tokens=new_tokens, runs=runs,
+        roofline_tokens_per_s=bandwidth * 1e9 / bytes_per_token if bytes_per_token else None,
+        bandwidth_gb_s=bandwidth, bytes_per_token=bytes_per_token, bytes_basis=bytes_basis,
+        device=str(device), warmup=warmup)

@@ -1,0 +1,340 @@
+"""Bit-packing of integer codes and the on-disk compressed format (safetensors + a JSON metadata file).
+
+Written by hand because it is the point of the project: the *packed* size the app shows is the byte
+count of the files written here, not an estimate. The format:
+
+* quantized layers: integer codes bit-packed densely (two 4-bit codes per byte; 3-, 5-, 6-bit codes
+  run across byte boundaries), scales and zero-points per group (fp16 when that is lossless, else fp32);
+* pruned layers: only the kept weights (or kept codes) plus the keep-mask in a real sparse format,
+  a bitmask (1 bit per weight) or row-compressed column indices (bit-packed), the smaller per layer;
+* every other tensor (embeddings, norms, biases, layers left float) stored as it is, tied tensors once;
+* ``compression.json`` holds the layout, the model config and the compression config.
+
+``load_compressed`` rebuilds a model whose outputs are identical to the compressed model's.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "lmcompress-packed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "compression.json"
+
+
+# ---------------------------------------------------------------- bit-packing
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes taken by ``numel`` codes of ``bits`` bits packed densely."""
+    return (numel * bits + 7) // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integer codes (< 2**bits) densely into a 1-D uint8 tensor, little-endian bit order.
+
+    Code i occupies bits [i*bits, (i+1)*bits) of the stream, so 4-bit codes go two per byte and 3- or 5-bit
+    codes straddle byte boundaries. Works for 1..32 bits (wide widths pack sparse-format column indices).
+    """
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {2 ** bits - 1}] to pack at {bits} bits")
+    nbytes = packed_nbytes(flat.numel(), bits)
+    if bits == 8:
+        return flat.to(torch.uint8)
+    if bits in (1, 2, 4):  # whole codes per byte: a cheaper uint8 path
+        per_byte = 8 // bits
+        groups = torch.nn.functional.pad(flat.to(torch.uint8), (0, (-flat.numel()) % per_byte)).view(-1, per_byte)
+        out = torch.zeros(groups.shape[0], dtype=torch.uint8)
+        for i in range(per_byte):
+            out |= groups[:, i] << (bits * i)
+        return out
+    if bits < 8:
+        # 8 codes of `bits` bits make exactly `bits` bytes: assemble each group in one int64 (<= 56 bits)
+        groups = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).view(-1, 8)
+        words = (groups << (bits * torch.arange(8, dtype=torch.int64))).sum(1)
+        out = (words[:, None] >> (8 * torch.arange(bits, dtype=torch.int64))) & 0xFF
+        return out.to(torch.uint8).reshape(-1)[:nbytes]
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32)
+    return (stream.view(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes, uint8 for bits <= 8, int64 above."""
+    _check_bits(bits)
+    if packed.numel() < packed_nbytes(numel, bits):
+        raise ValueError(f"{packed.numel()} bytes cannot hold {numel} codes of {bits} bits")
+    flat = packed.reshape(-1)
+    if bits == 8:
+        return flat[:numel].clone()
+    if bits in (1, 2, 4):
+        per_byte = 8 // bits
+        codes = torch.stack([(flat >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], 1)
+        return codes.reshape(-1)[:numel].clone()
+    if bits < 8:
+        groups = torch.nn.functional.pad(flat.to(torch.int64), (0, (-flat.numel()) % bits)).view(-1, bits)
+        words = (groups << (8 * torch.arange(bits, dtype=torch.int64))).sum(1)
+        codes = (words[:, None] >> (bits * torch.arange(8, dtype=torch.int64))) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:numel].to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.int32)
+    stream = ((flat.to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)
+    planes = stream[: numel * bits].view(numel, bits).to(torch.int64)
+    return (planes << torch.arange(bits, dtype=torch.int64)).sum(1)
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 32:
+        raise ValueError(f"bits must be an integer in 1..32, got {bits!r}")
+
+
+# ---------------------------------------------------------------- sparse keep-masks
+def mask_encoding_nbytes(mask: torch.Tensor) -> dict[str, int]:
+    """Bytes of each sparse encoding of a bool keep-mask [out, in]: 'bitmask' and 'index' (row counts + columns)."""
+    rows, cols = mask.shape
+    nnz = int(mask.sum())
+    index = packed_nbytes(rows, _width(cols)) + packed_nbytes(nnz, _width(cols - 1))
+    return {"bitmask": packed_nbytes(mask.numel(), 1), "index": index}
+
+
+def encode_mask(mask: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
+    """Encode a keep-mask in the smaller of the two sparse formats; returns (format name, tensors)."""
+    sizes = mask_encoding_nbytes(mask)
+    if sizes["bitmask"] <= sizes["index"]:
+        return "bitmask", {"mask": pack_codes(mask.reshape(-1).to(torch.uint8), 1)}
+    rows, cols = mask.shape
+    counts = mask.sum(1)
+    columns = mask.nonzero()[:, 1]  # row-major order, matching weight[mask]
+    return "index", {"row_counts": pack_codes(counts, _width(cols)),
+                     "columns": pack_codes(columns, _width(cols - 1))}
+
+
+def decode_mask(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], nnz: int) -> torch.Tensor:
+    rows, cols = shape
+    if fmt == "bitmask":
+        return unpack_codes(tensors["mask"], 1, rows * cols).view(rows, cols).bool()
+    counts = unpack_codes(tensors["row_counts"], _width(cols), rows).to(torch.int64)
+    columns = unpack_codes(tensors["columns"], _width(cols - 1), nnz).to(torch.int64)
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    mask[torch.repeat_interleave(torch.arange(rows), counts), columns] = True
+    return mask
+
+
+def _width(max_value: int) -> int:
+    """Bits needed to store integers 0..max_value."""
+    return max(1, int(max_value).bit_length())
+
+
+# ---------------------------------------------------------------- one layer
+def _compact_float(t: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """fp16 when the round trip is exact (lossless), else fp32: reloading must give identical outputs."""
+    t = t.detach().to(torch.float32).contiguous()
+    half = t.to(torch.float16)
+    if torch.equal(half.to(torch.float32), t):
+        return half, "float16"
+    return t, "float32"
+
+
+def pack_layer(name: str, weight: torch.Tensor | None, qweight=None, mask: torch.Tensor | None = None):
+    """Pack one [out, in] weight: (tensors keyed '<name>.weight.<part>', metadata dict)."""
+    prefix = f"{name}.weight."
+    tensors: dict[str, torch.Tensor] = {}
+    if qweight is not None:
+        codes = qweight.codes.to(torch.uint8)
+        shape = tuple(codes.shape)
+        meta = {"kind": "quantized", "shape": list(shape), "bits": int(qweight.bits),
+                "group_size": int(qweight.group_size)}
+        for part in ("scales", "zeros"):
+            tensors[prefix + part], meta[f"{part}_dtype"] = _compact_float(getattr(qweight, part))
+        meta["groups"] = int(qweight.scales.numel())
+        kept = codes if mask is None else codes[mask]
+        tensors[prefix + "codes"] = pack_codes(kept, qweight.bits)
+    else:
+        shape = tuple(weight.shape)
+        meta = {"kind": "pruned", "shape": list(shape)}
+        tensors[prefix + "values"] = weight[mask].contiguous()
+    meta["dtype"] = str(weight.dtype).replace("torch.", "") if weight is not None else "float32"
+    if mask is not None:
+        fmt, parts = encode_mask(mask.cpu().bool())
+        meta.update(sparse=fmt, nnz=int(mask.sum()), sparse_sizes=mask_encoding_nbytes(mask.bool()))
+        tensors.update({prefix + k: v for k, v in parts.items()})
+    meta["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    return tensors, meta
+
+
+def unpack_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rebuild the float [out, in] weight of one packed layer."""
+    prefix = f"{name}.weight."
+    shape = tuple(meta["shape"])
+    mask = None
+    if meta.get("sparse"):
+        parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        mask = decode_mask(meta["sparse"], parts, shape, meta["nnz"])
+    dtype = getattr(torch, meta["dtype"])
+    if meta["kind"] == "pruned":
+        values = tensors[prefix + "values"]
+        weight = torch.zeros(shape, dtype=values.dtype)
+        weight[mask] = values
+        return weight
+    from lmcompress_core.quantize import QuantizedWeight
+
+    numel = math.prod(shape) if mask is None else meta["nnz"]
+    kept = unpack_codes(tensors[prefix + "codes"], meta["bits"], numel)
+    codes = kept.view(shape) if mask is None else torch.zeros(shape, dtype=torch.uint8).masked_scatter_(mask, kept)
+    qw = QuantizedWeight(codes=codes, scales=tensors[prefix + "scales"].to(torch.float32),
+                         zeros=tensors[prefix + "zeros"].to(torch.float32),
+                         bits=meta["bits"], group_size=meta["group_size"], mask=mask)
+    return qw.dequantize().to(dtype)
+
+
+# ---------------------------------------------------------------- whole model
+def is_dynamic_int8(module: torch.nn.Module) -> bool:
+    """A torch dynamic-quantized Linear (its int8 weight lives in packed params, not in parameters())."""
+    return hasattr(module, "_packed_params") and callable(getattr(module, "weight", None))
+
+
+def pack_model(cm, base_model=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors and the metadata of the packed format for a CompressedModel (nothing written)."""
+    from lmcompress_core.layers import weight_matrix
+
+    modules = dict(cm.model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name in sorted(set(cm.quantized) | set(cm.masks)):
+        module = modules[name]
+        # weight_matrix gives float32; back to the module's dtype (exact) so a bf16 model stores bf16 values
+        weight = None if is_dynamic_int8(module) else weight_matrix(module).to(module.weight.dtype)
+        qweight = cm.quantized.get(name)
+        mask = cm.masks.get(name, getattr(qweight, "mask", None))
+        parts, meta = pack_layer(name, weight, qweight, mask)
+        tensors.update(parts)
+        layers[name] = meta
+    dense, tied = _dense_tensors(cm.model, skip={f"{n}.weight" for n in layers})
+    tensors.update(dense)
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "model_config": cm.model.config.to_dict(),
+        "compression": cm.config.to_dict(),
+        "kernel": cm.kernel,
+        "int8_layers": sorted(n for n in layers if is_dynamic_int8(modules[n])),
+        "layers": layers, "tied": tied,
+        # non-persistent buffers (rotary tables) are rebuilt by the architecture; their dtype follows a cast
+        "buffer_dtypes": {n: str(b.dtype).replace("torch.", "") for n, b in cm.model.named_buffers()},
+        "dense_bytes": sum(t.numel() * t.element_size() for t in dense.values()),
+        "same_architecture_as_base": base_model is not None and _same_architecture(cm.model, base_model),
+    }
+    return tensors, meta
+
+
+def _dense_tensors(model, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every stored tensor except compressed weights, as it is; tied tensors once (aliases returned)."""
+    dense: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    int8_prefixes = tuple(f"{n}." for n, m in model.named_modules() if is_dynamic_int8(m))
+    items = [(k, v) for k, v in model.state_dict().items() if not k.startswith(int8_prefixes)]
+    for name, module in model.named_modules():
+        if is_dynamic_int8(module) and module.bias() is not None:
+            items.append((f"{name}.bias", module.bias()))
+    for key, value in items:
+        if not isinstance(value, torch.Tensor) or key in skip:
+            continue
+        identity = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), value.dtype)
+        if identity in seen:
+            tied[key] = seen[identity]
+            continue
+        seen[identity] = key
+        value = value.detach().contiguous()
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            value = value.clone()  # a view into a larger buffer: safetensors stores whole, unshared tensors
+        dense[key] = value
+    return dense, tied
+
+
+def _same_architecture(model, base_model) -> bool:
+    return model.config.to_dict() == base_model.config.to_dict()
+
+
+def save_compressed(cm, base_model, folder) -> int:
+    """Write ``cm`` in the packed format to ``folder`` (created); returns the bytes written (both files)."""
+    tensors, meta = pack_model(cm, base_model)
+    return write_packed(tensors, meta, folder)
+
+
+def write_packed(tensors: dict[str, torch.Tensor], meta: dict, folder) -> int:
+    """Write what :func:`pack_model` returned; the bytes written (safetensors file + JSON file)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return os.path.getsize(folder / WEIGHTS_FILE) + os.path.getsize(folder / META_FILE)
+
+
+def load_compressed(folder, base_model) -> torch.nn.Module:
+    """Rebuild the compressed model from ``folder``; ``base_model`` gives the architecture (never mutated)."""
+    from lmcompress_core.layers import set_weight_matrix_
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder} is not a packed compressed model: {exc}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{folder} holds an unknown format ({meta.get('format')} v{meta.get('version')})")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    model = _skeleton(meta["model_config"], base_model)
+    layer_parts = {f"{n}.weight." for n in meta["layers"]}
+    for key, value in tensors.items():
+        if not key.startswith(tuple(layer_parts)):
+            _set_tensor(model, key, value)
+    for alias, target in meta["tied"].items():
+        _set_tensor(model, alias, model.get_parameter(target) if _is_param(model, target) else
+                    model.get_buffer(target))
+    for name, layer in meta["layers"].items():
+        module = model.get_submodule(name)
+        weight = unpack_layer(name, layer, tensors)
+        set_weight_matrix_(module, weight)
+        module.weight.data = module.weight.data.to(weight.dtype)
+    for name, dtype in meta.get("buffer_dtypes", {}).items():
+        buffer = model.get_buffer(name)
+        if buffer is not None and buffer.is_floating_point():
+            _set_tensor(model, name, buffer.to(getattr(torch, dtype)))
+    model.eval()
+    if meta["int8_layers"]:
+        from lmcompress_core.quantize import to_int8_kernel_
+
+        to_int8_kernel_(model, meta["int8_layers"])
+    return model
+
+
+def _skeleton(config_dict: dict, base_model):
+    """A model of the stored architecture: a copy of the base when it matches, else built from the config."""
+    if config_dict == base_model.config.to_dict():
+        return copy.deepcopy(base_model)
+    config = type(base_model.config).from_dict(config_dict)
+    return type(base_model)(config)
+
+
+def _is_param(model, key: str) -> bool:
+    module_name, _, attr = key.rpartition(".")
+    return attr in model.get_submodule(module_name)._parameters
+
+
+def _set_tensor(model, key: str, value: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        param = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
+        module._parameters[attr] = param
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        raise ValueError(f"packed file holds {key}, which this architecture does not have")

@@ -1,0 +1,346 @@
+"""Pure plotly figure builders for the app and the HTML report (no streamlit here).
+
+Every builder takes plain data - a measure.Report, its ``to_dict()`` form, a list of those (the
+session trail), or a pandas DataFrame from the sweep - and returns a ``plotly.graph_objects.Figure``.
+Working from the dict form lets an imported runs history (JSON) be drawn exactly like a fresh run.
+Captions saying how each number was obtained live next to the builders (``*_how``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+MB = 1e6
+# Colour-blind-safe pair (Okabe-Ito) that stays distinct on a washed-out projector.
+BASE_COLOR = "#0072B2"
+COMPRESSED_COLOR = "#D55E00"
+ACCENT_COLOR = "#009E73"
+MUTED_COLOR = "#999999"
+FONT_SIZE = 16
+
+
+def as_dict(report: Any) -> dict:
+    """A Report (dataclass with ``to_dict``) or an already-plain dict, as a plain dict."""
+    if report is None:
+        return {}
+    if isinstance(report, Mapping):
+        return dict(report)
+    return report.to_dict()
+
+
+def _section(report: Any, name: str) -> dict:
+    value = as_dict(report).get(name) or {}
+    return value if isinstance(value, Mapping) else {"value": value}
+
+
+def _layout(fig: go.Figure, title: str, height: int = 360) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0.0, "xanchor": "left"},
+        template="plotly_white",
+        font={"size": FONT_SIZE},
+        height=height,
+        margin={"l": 60, "r": 20, "t": 60, "b": 50},
+        showlegend=False,
+    )
+    return fig
+
+
+def config_label(config: Mapping | None) -> str:
+    """A short human label for a CompressionConfig dict, e.g. ``4-bit g128 RTN · 50% magnitude``."""
+    config = config or {}
+    parts = []
+    q = config.get("quantization")
+    if q:
+        bits = q.get("bits")
+        if bits == 16:
+            parts.append(q.get("dtype16", "bf16"))
+        else:
+            gran = q.get("granularity", "group")
+            gran_txt = f"g{q.get('group_size')}" if gran == "group" else gran
+            sym = "sym" if q.get("symmetric") else "asym"
+            parts.append(f"{bits}-bit {gran_txt} {sym} {str(q.get('method', 'rtn')).upper()}")
+    p = config.get("pruning")
+    if p:
+        pattern = p.get("pattern", "unstructured")
+        amount = pattern if pattern != "unstructured" else f"{round(100 * float(p.get('sparsity', 0)))}%"
+        parts.append(f"{amount} {p.get('method', 'magnitude')}")
+    d = config.get("distillation")
+    if d:
+        parts.append(f"KD {d.get('mode', 'recovery')} T={d.get('temperature')} {d.get('steps')} steps")
+    return " · ".join(parts) if parts else "fp32 (uncompressed)"
+
+
+def _base_ppl(report: Any) -> dict:
+    base = as_dict(report).get("base_perplexity")
+    if isinstance(base, Mapping):
+        return dict(base)
+    return {"value": base, "stderr": None} if base is not None else {}
+
+
+def size_figure(report: Any) -> go.Figure:
+    """Bars: base float size vs the compressed model counted three ways (theoretical/packed/runtime)."""
+    size = _section(report, "size")
+    names = ["base fp32", "theoretical", "packed", "runtime"]
+    keys = ["base_bytes", "theoretical_bytes", "packed_bytes", "runtime_bytes"]
+    values = [(size.get(k) or 0) / MB for k in keys]
+    colors = [BASE_COLOR] + [COMPRESSED_COLOR] * 3
+    base = values[0] or 1.0
+    text = [f"{v:.3g} MB" + ("" if i == 0 else f"<br>{v / base:.0%}") for i, v in enumerate(values)]
+    fig = go.Figure(go.Bar(x=names, y=values, marker_color=colors, text=text, textposition="outside",
+                           textangle=0, cliponaxis=False, hovertemplate="%{x}: %{y:.3f} MB<extra></extra>"))
+    fig.update_yaxes(title_text="MB", range=[0, max(values + [1e-9]) * 1.3])
+    return _layout(fig, "Model size")
+
+
+def size_how(report: Any) -> str:
+    size = _section(report, "size")
+    note = size.get("note") or ""
+    sim = " Quantization is simulated in fp32 at run time, so runtime RAM stays near the base." \
+        if size.get("simulated") else ""
+    return ("Theoretical = bits × weights + scales/zeros; packed = bytes really written by "
+            f"packing.save_compressed; runtime = parameter and buffer bytes of the model in memory.{sim} {note}").strip()
+
+
+def latency_figure(report: Any) -> go.Figure:
+    """Two panels: prefill time (ms, lower is better) and decode throughput (tokens/s, higher is better)."""
+    lat = _section(report, "latency")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill ms ↓", "decode tokens/s ↑"),
+                        horizontal_spacing=0.2)
+    fig.add_trace(go.Bar(x=["prefill"], y=[lat.get("prefill_ms") or 0], marker_color=COMPRESSED_COLOR,
+                         text=[f"{lat.get('prefill_ms') or 0:.1f} ms"], textposition="auto",
+                         name="prefill"), row=1, col=1)
+    decode = lat.get("decode_tokens_per_s") or 0
+    roof = lat.get("roofline_tokens_per_s")
+    # The memory roofline is written on the bar, not drawn: on a tiny model it is 100x the measured speed.
+    label = f"{decode:.1f} tok/s" + (f"<br>roofline {roof:,.0f}" if roof else "")
+    fig.add_trace(go.Bar(x=["decode"], y=[decode], marker_color=COMPRESSED_COLOR, text=[label],
+                         textposition="auto", name="decode"), row=1, col=2)
+    kernel = lat.get("kernel") or "unknown kernel"
+    fig = _layout(fig, f"Latency<br><sup>{kernel}</sup>")
+    fig.update_layout(margin={"t": 90})
+    return fig
+
+
+def latency_how(report: Any) -> str:
+    lat = _section(report, "latency")
+    return (f"Median of {lat.get('runs', '?')} timed runs after a warm-up on {lat.get('threads', '?')} CPU "
+            f"thread(s): prefill of {lat.get('prompt_tokens', '?')} prompt tokens, then "
+            f"{lat.get('new_tokens', '?')} greedy decode steps. Kernel: {lat.get('kernel', '?')}."
+            + (" Roofline = weight bytes ÷ measured memory bandwidth." if lat.get("roofline_tokens_per_s") else ""))
+
+
+def perplexity_figure(report: Any) -> go.Figure:
+    """Base vs compressed perplexity with ± standard error, KL and top-1 agreement in the title."""
+    ppl = _section(report, "perplexity")
+    base = _base_ppl(report)
+    data = as_dict(report)
+    fig = go.Figure(go.Bar(
+        x=["base", "compressed"], y=[base.get("value") or 0, ppl.get("value") or 0],
+        error_y={"type": "data", "array": [base.get("stderr") or 0, ppl.get("stderr") or 0], "visible": True},
+        marker_color=[BASE_COLOR, COMPRESSED_COLOR],
+        text=[f"{base.get('value') or 0:.2f}", f"{ppl.get('value') or 0:.2f}"], textposition="auto",
+        hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    extras = []
+    if data.get("kl_to_base") is not None:
+        extras.append(f"KL {data['kl_to_base']:.3f} nats")
+    if data.get("top1_agreement") is not None:
+        extras.append(f"top-1 {data['top1_agreement']:.0%}")
+    fig.update_yaxes(title_text="perplexity (lower is better)")
+    return _layout(fig, "Perplexity" + (" — " + ", ".join(extras) if extras else ""))
+
+
+def perplexity_how(report: Any) -> str:
+    ppl = _section(report, "perplexity")
+    return (f"exp(mean next-token loss) over {ppl.get('tokens', '?')} tokens of '{ppl.get('text', '?')}' in windows "
+            f"of {ppl.get('context', '?')} (stride {ppl.get('stride', '?')}); ± is the standard error over tokens. "
+            "KL(base‖compressed) and top-1 agreement are averaged over the same tokens.")
+
+
+def report_how(report: Any) -> dict[str, str]:
+    """Captions per figure; a Report that carries its own ``how`` wins over the generic text."""
+    own = as_dict(report).get("how") or {}
+    generic = {"size": size_how(report), "latency": latency_how(report), "perplexity": perplexity_how(report)}
+    if isinstance(own, Mapping):
+        generic.update({k: v for k, v in own.items() if v})
+    return generic
+
+
+def pareto_mask(xs: Sequence[float], ys: Sequence[float]) -> list[bool]:
+    """True where no other point is at least as good on both axes and strictly better on one (minimise both)."""
+    points = list(zip(xs, ys))
+    return [not any(x2 <= x and y2 <= y and (x2 < x or y2 < y) for x2, y2 in points)
+            for x, y in points]
+
+
+def trail_points(trail: Iterable[Any]) -> list[dict]:
+    """Flatten trail reports into points: size MB, latency, perplexity, label."""
+    points = []
+    for i, item in enumerate(trail):
+        data = as_dict(item)
+        size = data.get("size") or {}
+        ppl = data.get("perplexity") or {}
+        lat = data.get("latency") or {}
+        points.append({
+            "run": i + 1,
+            "model": data.get("model", ""),
+            "label": config_label(data.get("config")),
+            "size_mb": (size.get("packed_bytes") or size.get("theoretical_bytes") or 0) / MB,
+            "perplexity": ppl.get("value"),
+            "stderr": ppl.get("stderr") or 0,
+            "decode_tokens_per_s": lat.get("decode_tokens_per_s"),
+        })
+    return points
+
+
+def trail_figure(trail: Iterable[Any], current: int | None = None) -> go.Figure:
+    """Size vs perplexity for every configuration tried in the session; the frontier is drawn as a line."""
+    points = [p for p in trail_points(trail) if p["perplexity"] is not None]
+    fig = go.Figure()
+    if points:
+        xs = [p["size_mb"] for p in points]
+        ys = [p["perplexity"] for p in points]
+        frontier = sorted((x, y) for x, y, keep in zip(xs, ys, pareto_mask(xs, ys)) if keep)
+        fig.add_trace(go.Scatter(x=[f[0] for f in frontier], y=[f[1] for f in frontier], mode="lines",
+                                 line={"color": ACCENT_COLOR, "dash": "dot"}, name="frontier",
+                                 hoverinfo="skip"))
+        colors = [COMPRESSED_COLOR if current is not None and p["run"] - 1 == current else BASE_COLOR
+                  for p in points]
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="markers", name="runs",
+            error_y={"type": "data", "array": [p["stderr"] for p in points], "visible": True},
+            marker={"size": 12, "color": colors, "line": {"width": 1, "color": "white"}},
+            customdata=[[p["run"], p["label"], p["model"]] for p in points],
+            hovertemplate="run %{customdata[0]} · %{customdata[2]}<br>%{customdata[1]}"
+                          "<br>%{x:.2f} MB · ppl %{y:.2f}<extra></extra>"))
+    fig.update_xaxes(title_text="packed size (MB)")
+    fig.update_yaxes(title_text="perplexity")
+    return _layout(fig, "Trail: every run (lower-left is better)")
+
+
+def pareto_figure(df, x: str, y: str, title: str, x_title: str, y_title: str,
+                  frontier: str | None = None, hover: str = "label") -> go.Figure:
+    """Sweep scatter with the Pareto frontier highlighted and joined by a line.
+
+    ``frontier`` names a boolean column that marks it (sweep.with_pareto); without one, x and y are
+    both minimised here.
+    """
+    fig = go.Figure()
+    df = df[df[y].notna()]
+    if len(df):
+        mask = list(df[frontier]) if frontier else pareto_mask(list(df[x]), list(df[y]))
+        on = df[mask].sort_values(x)
+        off = df[[not m for m in mask]]
+        fig.add_trace(go.Scatter(x=off[x], y=off[y], mode="markers", name="dominated",
+                                 marker={"size": 10, "color": MUTED_COLOR}, customdata=off[[hover]],
+                                 hovertemplate="%{customdata[0]}<br>%{x:.3g}, ppl %{y:.2f}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=on[x], y=on[y], mode="lines+markers", name="Pareto frontier",
+                                 marker={"size": 13, "color": COMPRESSED_COLOR},
+                                 line={"color": COMPRESSED_COLOR}, customdata=on[[hover]],
+                                 hovertemplate="%{customdata[0]}<br>%{x:.3g}, ppl %{y:.2f}<extra></extra>"))
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title)
+    fig = _layout(fig, title, height=420)
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def sensitivity_heatmap(df, value: str = "sqnr_db") -> go.Figure:
+    """Layers × bit-widths heatmap of a sensitivity DataFrame (columns layer, bits, rel_mse, sqnr_db)."""
+    table = df.pivot_table(index="layer", columns="bits", values=value, sort=False)
+    colorscale = "Viridis" if value == "sqnr_db" else "Viridis_r"
+    fig = go.Figure(go.Heatmap(
+        z=table.values, x=[f"{b}-bit" for b in table.columns], y=list(table.index), colorscale=colorscale,
+        colorbar={"title": {"text": "SQNR dB" if value == "sqnr_db" else value}},
+        hovertemplate="%{y}<br>%{x}: %{z:.3g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    height = max(360, 22 * len(table.index) + 120)
+    return _layout(fig, "Per-layer sensitivity (higher SQNR = more robust)", height=height)
+
+
+def _visible_token(token: str) -> str:
+    """A token piece with its spaces and newlines made visible (␣, ↵), so ' the' and 'the' differ on screen."""
+    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def topk_figure(at_one: Sequence[tuple[str, float]], at_t: Sequence[tuple[str, float]],
+                temperature: float) -> go.Figure:
+    """Teacher next-token top-k probabilities at T = 1 and at the chosen T, grouped bars."""
+    tokens = [t for t, _ in at_one] + [t for t, _ in at_t if t not in {u for u, _ in at_one}]
+    p1, pt = dict(at_one), dict(at_t)
+    shown = [_visible_token(t) for t in tokens]
+    fig = go.Figure([
+        go.Bar(x=shown, y=[p1.get(t, 0.0) for t in tokens], name="T = 1", marker_color=BASE_COLOR),
+        go.Bar(x=shown, y=[pt.get(t, 0.0) for t in tokens], name=f"T = {temperature:g}",
+               marker_color=COMPRESSED_COLOR),
+    ])
+    top = max([p for _, p in at_one] + [p for _, p in at_t] + [1e-9])
+    fig.update_yaxes(title_text="probability", range=[0, min(1.0, top * 1.15)])
+    fig = _layout(fig, f"Teacher's next-token distribution at T = 1 vs T = {temperature:g}")
+    fig.update_layout(barmode="group", showlegend=True, legend={"orientation": "h", "y": 1.12, "x": 1,
+                                                                  "xanchor": "right"})
+    return fig
+
+
+def loss_curve_figure(history: Sequence[Mapping]) -> go.Figure:
+    """Distillation curve: loss per step, and perplexity on a second axis when recorded."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    steps = [h.get("step") for h in history]
+    fig.add_trace(go.Scatter(x=steps, y=[h.get("loss") for h in history], mode="lines+markers",
+                             name="KD loss", line={"color": COMPRESSED_COLOR}), secondary_y=False)
+    ppl = [(h.get("step"), h.get("ppl")) for h in history if h.get("ppl") is not None]
+    if ppl:
+        fig.add_trace(go.Scatter(x=[s for s, _ in ppl], y=[v for _, v in ppl], mode="lines+markers",
+                                 name="perplexity", line={"color": BASE_COLOR, "dash": "dot"}),
+                      secondary_y=True)
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="loss", secondary_y=False)
+    fig.update_yaxes(title_text="perplexity", secondary_y=True)
+    fig = _layout(fig, "Distillation: loss and perplexity per step")
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"})
+    return fig
+
+
+def weight_histogram_figure(weights: Sequence[float], levels: Sequence[float], bits: int,
+                            layer: str) -> go.Figure:
+    """Histogram of one layer's weights with the 2**bits quantization levels drawn over it."""
+    fig = go.Figure(go.Histogram(x=list(weights), nbinsx=120, marker_color=BASE_COLOR, opacity=0.8,
+                                 name="weights"))
+    shown_levels = list(levels) if len(levels) <= 64 else []
+    for level in shown_levels:
+        fig.add_vline(x=float(level), line={"color": COMPRESSED_COLOR, "width": 1.5})
+    title = f"{layer}: weights and the {2 ** bits if bits < 16 else 'fp16'} levels of {bits}-bit min-max"
+    if not shown_levels:
+        title += " (too many levels to draw)"
+    fig.update_xaxes(title_text="weight value")
+    fig.update_yaxes(title_text="count")
+    return _layout(fig, title)
+
+
+def quant_error_figure(bits: Sequence[int], rel_mse: Sequence[float], chosen: int | None = None) -> go.Figure:
+    """Relative mean-squared quantization error of one layer against the bit-width (log scale)."""
+    fig = go.Figure(go.Scatter(x=list(bits), y=list(rel_mse), mode="lines+markers",
+                               marker={"size": 10, "color": BASE_COLOR}, name="error",
+                               hovertemplate="%{x}-bit: %{y:.2e}<extra></extra>"))
+    if chosen in bits:
+        i = list(bits).index(chosen)
+        fig.add_trace(go.Scatter(x=[chosen], y=[rel_mse[i]], mode="markers", name="chosen",
+                                 marker={"size": 18, "color": COMPRESSED_COLOR}))
+    fig.update_xaxes(title_text="bits", tickvals=list(bits))
+    fig.update_yaxes(title_text="relative MSE ‖W−Ŵ‖²/‖W‖²", type="log")
+    return _layout(fig, "Quantization error vs bit-width")
+
+
+def mask_figure(masks: Mapping[str, Any]) -> go.Figure:
+    """Side-by-side kept/removed pictures of one weight block, one panel per pruning pattern."""
+    names = list(masks)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.06)
+    for i, name in enumerate(names, start=1):
+        grid = [[1 if v else 0 for v in row] for row in masks[name]]
+        fig.add_trace(go.Heatmap(z=grid, zmin=0, zmax=1, showscale=False,
+                                 colorscale=[[0, "#EEEEEE"], [1, BASE_COLOR]],
+                                 hovertemplate="row %{y}, col %{x}: %{z}<extra></extra>"), row=1, col=i)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", row=1, col=i)
+    return _layout(fig, "Pruning masks on one weight block (blue = kept, grey = removed)", height=420)

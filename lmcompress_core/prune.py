@@ -1,0 +1,103 @@
+"""Pruning: the config and keep-masks by magnitude (per layer or global), Wanda, and N:M semi-structured patterns.
+
+A mask is a bool ``[out, in]`` tensor, True = weight kept. Pruned weights are set to exact zeros in the dense
+matrix (there is no sparse kernel on this CPU; measure.py says so), and compress.py keeps the masks so that
+quantization and distillation leave those zeros in place.
+
+Wanda scores a weight by |W_ij| · ‖X_j‖₂ (its magnitude times the norm of the input feature it multiplies, over
+calibration tokens) and compares weights within each output row, as in Sun et al. 2023.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_SPARSITY = 0.95
+PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    sparsity: float = 0.5         # fraction of weights removed, [0, 0.95]; N:M patterns fix it at N/M
+    method: str = "magnitude"     # "magnitude" | "wanda" (Wanda needs calibration token ids)
+    pattern: str = "unstructured" # "unstructured" | "2:4" | "4:8" (N of every M consecutive inputs are zeroed)
+    scope: str = "layer"          # "layer" | "global": rank magnitudes within each layer or across all (magnitude only)
+
+    def __post_init__(self):
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or s != s:
+            raise ValueError(f"sparsity must be a number between 0 and {MAX_SPARSITY} (0–95%); got {s!r}")
+        if s >= 1:
+            raise ValueError(f"sparsity {s:.0%} would remove every weight of the chosen layers; "
+                             f"choose at most {MAX_SPARSITY:.0%}")
+        if not 0 <= s <= MAX_SPARSITY:
+            raise ValueError(f"sparsity must be between 0 and {MAX_SPARSITY} (0–95%); got {s!r}")
+        _choice("method", self.method, ("magnitude", "wanda"))
+        _choice("pattern", self.pattern, tuple(PATTERNS))
+        _choice("scope", self.scope, ("layer", "global"))
+        if self.scope == "global" and self.method != "magnitude":
+            raise ValueError("scope='global' ranks weights across layers and applies to magnitude pruning only; "
+                             "Wanda compares weights within each output row — use scope='layer'")
+
+    @property
+    def effective_sparsity(self) -> float:
+        nm = PATTERNS[self.pattern]
+        return self.sparsity if nm is None else nm[0] / nm[1]
+
+
+def _choice(field: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        options = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{field} must be one of {options}; got {value!r}")
+
+
+def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask removing exactly the k lowest scores of each row (a 2-D tensor) or of the whole 1-D tensor."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return keep
+    index = torch.topk(scores, k, dim=-1, largest=False).indices
+    return keep.scatter_(-1, index, False)
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Remove round(sparsity·n) lowest-scored weights, per output row (Wanda) or over the whole layer."""
+    if per_row:
+        return _lowest_k_mask(scores, round(sparsity * scores.shape[1]))
+    return _lowest_k_mask(scores.reshape(-1), round(sparsity * scores.numel())).reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M pattern: in every M consecutive inputs of a row, the N lowest scores are removed."""
+    out_features, in_features = scores.shape
+    if in_features % m:
+        raise ValueError(f"the {n}:{m} pattern needs in_features divisible by {m}; a layer has {in_features}")
+    groups = scores.reshape(out_features, in_features // m, m)
+    return _lowest_k_mask(groups, n).reshape(out_features, in_features)
+
+
+def scores(w: torch.Tensor, config: PruningConfig, input_sq_norm: torch.Tensor | None) -> torch.Tensor:
+    """Importance of each weight: |W| (magnitude) or |W|·‖X_j‖₂ (Wanda; needs the inputs' squared norms)."""
+    if config.method == "wanda" and input_sq_norm is not None:
+        return w.abs() * input_sq_norm.sqrt().to(w.dtype)[None, :]
+    return w.abs()
+
+
+def layer_mask(w: torch.Tensor, config: PruningConfig, input_sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep-mask of one ``[out, in]`` matrix for the config (scope='layer')."""
+    s = scores(w, config, input_sq_norm)
+    nm = PATTERNS[config.pattern]
+    if nm is not None:
+        return nm_mask(s, *nm)
+    return unstructured_mask(s, config.sparsity, per_row=config.method == "wanda")
+
+
+def global_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Magnitude pruning across layers: one threshold on |W| over every chosen weight."""
+    flat = torch.cat([w.abs().reshape(-1) for w in weights.values()])
+    k = round(sparsity * flat.numel())
+    if k == 0:
+        return {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+    threshold = torch.kthvalue(flat, k).values
+    return {name: w.abs() > threshold for name, w in weights.items()}

@@ -1,0 +1,277 @@
+"""Weight quantization: the config, a real integer representation, RTN, GPTQ, the fp16/bf16 cast and the int8 kernel.
+
+Integer settings (2–8 bits) store uint8 codes with per-tensor, per-channel or per-group scales and zero-points
+(``QuantizedWeight``) and write the de-quantized weights back into the model ("fake quantization"), so every
+architecture runs unchanged and the codes can be bit-packed. The asymmetric grid is the seed's min-max formula
+
+    x_q = round((x − x_min) / (x_max − x_min) · (q_max − q_min) + q_min),   q_min = 0, q_max = 2^bits − 1
+
+and the symmetric grid is absmax: x_q = round(x / s), s = max|x| / (2^(bits−1) − 1).
+
+GPTQ is written here, not imported, because it is the point of the project: the Hessian H = 2XXᵀ of each
+layer's calibration inputs, damping, lazy batches of 128 columns updated with the upper Cholesky factor of H⁻¹,
+group scales computed as the columns are reached, optional act-order (with act-order the group grids are fixed
+from the unquantized weights first, so groups stay contiguous in the original column order).
+Layers are not processed block by block: one calibration pass through the (possibly pruned) float copy
+collects every layer's H at once, so each layer is fitted to float inputs. That costs one forward pass; the
+GPTQ paper's sequential variant (inputs from the already-quantized earlier blocks) costs one per block.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+INTEGER_BITS = (2, 3, 4, 5, 6, 8)
+ALLOWED_BITS = INTEGER_BITS + (16,)
+GROUP_SIZES = (32, 64, 128)
+_LAZY_BLOCK = 128  # GPTQ columns per lazy batch (a multiple of every group size)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    bits: int = 4                 # 2,3,4,5,6,8 integer codes; 16 = half-precision cast (dtype16)
+    granularity: str = "group"    # "tensor" | "channel" | "group"
+    group_size: int = 128         # 32 | 64 | 128 (used when granularity == "group")
+    symmetric: bool = False       # False = the seed's asymmetric min-max; True = absmax
+    method: str = "rtn"           # "rtn" | "gptq" (GPTQ needs calibration token ids)
+    damp: float = 0.01            # GPTQ Hessian damping, fraction of the mean diagonal
+    act_order: bool = False       # GPTQ: quantize columns in order of decreasing Hessian diagonal
+    int8_kernel: bool = True      # bits == 8: run torch dynamic int8 (a real kernel) for evaluation/latency
+    dtype16: str = "bf16"         # "bf16" | "fp16" for bits == 16
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of 2, 3, 4, 5, 6, 8 or 16 (16 = half-precision cast); got {self.bits!r}")
+        _choice("granularity", self.granularity, ("tensor", "channel", "group"))
+        if self.granularity == "group" and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be 32, 64 or 128 for per-group quantization; got {self.group_size!r}")
+        _choice("method", self.method, ("rtn", "gptq"))
+        _choice("dtype16", self.dtype16, ("bf16", "fp16"))
+        if not isinstance(self.damp, (int, float)) or not 0 < self.damp <= 1:
+            raise ValueError(f"damp (GPTQ Hessian damping) must be in (0, 1], typically 0.01; got {self.damp!r}")
+
+    @property
+    def is_integer(self) -> bool:
+        return self.bits in INTEGER_BITS
+
+
+def _choice(field: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        options = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{field} must be one of {options}; got {value!r}")
+
+
+def _expand(t: torch.Tensor, group_size: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-group values [out, n_groups] -> one value per weight [out, in] (per-tensor [1, 1] broadcasts)."""
+    if group_size == -1:
+        return t.expand(shape)
+    return t.repeat_interleave(group_size, dim=1)[:, : shape[1]]
+
+
+@dataclass
+class QuantizedWeight:
+    """A real quantized representation of one ``[out, in]`` matrix; ``dequantize()`` is the truth.
+
+    Weight ≈ (codes − zeros) · scales, group by group along the input dimension. ``mask`` (optional, bool
+    [out, in]) marks weights kept by pruning: pruned weights de-quantize to exactly 0.
+    """
+
+    codes: torch.Tensor           # uint8 [out, in], values in [0, 2**bits - 1]
+    scales: torch.Tensor          # float32 [out, n_groups]; per-tensor [1, 1]
+    zeros: torch.Tensor           # float32 [out, n_groups], zero-point in code units (symmetric: 2**(bits-1))
+    bits: int
+    group_size: int               # in_features for per-channel, -1 for per-tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        scales = _expand(self.scales, self.group_size, self.shape)
+        zeros = _expand(self.zeros, self.group_size, self.shape)
+        w = (self.codes.to(torch.float32) - zeros) * scales
+        return w if self.mask is None else w * self.mask
+
+
+def _group_size(config: QuantizationConfig, in_features: int) -> int:
+    return {"tensor": -1, "channel": in_features, "group": config.group_size}[config.granularity]
+
+
+def _qmax(bits: int) -> int:
+    return 2 ** bits - 1
+
+
+def _grid(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of x [rows, cols], in code units: x ≈ (code − zero) · scale."""
+    if symmetric:
+        half = 2 ** (bits - 1)
+        absmax = x.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(absmax > 0, absmax / (half - 1), torch.ones_like(absmax))
+        return scale, torch.full_like(scale, float(half))
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant row: any span reproduces it
+    scale = span / _qmax(bits)
+    return scale, -lo / scale
+
+
+def _seed_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The seed's min-max formula, literally, row by row (q_min = 0)."""
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return torch.round((x - lo) / span * (_qmax(bits) - 0) + 0).clamp_(0, _qmax(bits))
+
+
+def codes_on_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round x to the nearest code of a fixed grid (used by GPTQ, re-quantization and the STE)."""
+    return torch.round(x / scale + zero).clamp_(0, _qmax(bits))
+
+
+def _column_groups(in_features: int, group_size: int) -> list[slice]:
+    step = in_features if group_size == -1 else group_size
+    return [slice(s, min(s + step, in_features)) for s in range(0, in_features, step)]
+
+
+def quantize_tensor(w: torch.Tensor, config: QuantizationConfig) -> QuantizedWeight:
+    """Round-to-nearest quantization of an ``[out, in]`` matrix with the config's bits, grid and granularity."""
+    if not config.is_integer:
+        raise ValueError(f"quantize_tensor makes integer codes (2–8 bits); bits={config.bits} is a dtype cast")
+    w = w.detach().to(torch.float32)
+    group_size = _group_size(config, w.shape[1])
+    rows = w.reshape(1, -1) if group_size == -1 else w
+    codes, scales, zeros = [], [], []
+    for cols in _column_groups(rows.shape[1], -1 if group_size == -1 else group_size):
+        x = rows[:, cols]
+        scale, zero = _grid(x, config.bits, config.symmetric)
+        code = codes_on_grid(x, scale, zero, config.bits) if config.symmetric else _seed_codes(x, config.bits)
+        codes.append(code), scales.append(scale), zeros.append(zero)
+    return QuantizedWeight(torch.cat(codes, 1).reshape(w.shape).to(torch.uint8), torch.cat(scales, 1),
+                           torch.cat(zeros, 1), config.bits, group_size)
+
+
+def requantize(w: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+    """Codes of w on the fixed grid (scales, zeros) of ``like`` — how trained weights return to integers."""
+    scales = _expand(like.scales, like.group_size, tuple(w.shape))
+    zeros = _expand(like.zeros, like.group_size, tuple(w.shape))
+    codes = codes_on_grid(w.detach().to(torch.float32), scales, zeros, like.bits).to(torch.uint8)
+    return QuantizedWeight(codes, like.scales, like.zeros, like.bits, like.group_size, like.mask)
+
+
+def fake_quantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """w rounded onto a fixed grid and de-quantized, in w's dtype and device (the forward of the STE)."""
+    scales = _expand(scales, group_size, tuple(w.shape))
+    zeros = _expand(zeros, group_size, tuple(w.shape))
+    return (codes_on_grid(w.float(), scales, zeros, bits) - zeros).mul_(scales).to(w.dtype)
+
+
+def _cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); more damping if H is not positive definite."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = h.diagonal().mean().clamp_min(1e-8)
+    for attempt in range(6):
+        factor, info = torch.linalg.cholesky_ex(h + eye * (damp * 10 ** attempt * mean_diag))
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            return torch.linalg.cholesky(inverse, upper=True)
+    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping; use more calibration text")
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationConfig,
+                  mask: torch.Tensor | None = None) -> QuantizedWeight:
+    """GPTQ on one ``[out, in]`` matrix given H = 2XXᵀ/n of its inputs; pruned weights (mask False) stay 0.
+
+    Each column is rounded on its grid, and the rounding error, divided by the Cholesky diagonal, is pushed
+    onto the not-yet-quantized columns (exact within a lazy batch, one matrix product for the rest).
+    """
+    w = w.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float32).clone()
+    out_features, in_features = w.shape
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0  # inputs never active carry no error signal; their columns are plain RTN
+    group_size = _group_size(config, in_features)
+    keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool).clone()
+    perm = torch.argsort(h.diagonal(), descending=True) if config.act_order else torch.arange(in_features)
+    lazy = config.granularity == "group" and not config.act_order
+    grid_col = None if lazy else _FixedGrids(w, config, group_size)
+    w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
+    hinv = _cholesky_of_inverse(h, config.damp)
+    codes = torch.zeros_like(w)
+    scales, zeros = {}, {}
+    for b0 in range(0, in_features, _LAZY_BLOCK):
+        b1 = min(b0 + _LAZY_BLOCK, in_features)
+        block, errors = w[:, b0:b1].clone(), torch.zeros(out_features, b1 - b0, dtype=w.dtype)
+        for i in range(b1 - b0):
+            col = b0 + i
+            scale, zero = _lazy_grid(block, i, col, group_size, config, scales, zeros) if lazy else grid_col(perm[col])
+            code = codes_on_grid(block[:, i:i + 1], scale, zero, config.bits)
+            q = (code - zero) * scale * keep[:, col:col + 1]
+            codes[:, col] = code[:, 0]
+            err = (block[:, i] - q[:, 0]) / hinv[col, col]
+            block[:, i:] -= err[:, None] * hinv[col, col:b1][None, :]
+            errors[:, i] = err
+        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
+    inverse = torch.argsort(perm)
+    codes = codes[:, inverse]
+    if not lazy:
+        scale_t, zero_t = grid_col.tables
+    else:
+        order = sorted(scales)
+        scale_t, zero_t = torch.cat([scales[g] for g in order], 1), torch.cat([zeros[g] for g in order], 1)
+    return QuantizedWeight(codes.to(torch.uint8), scale_t.to(torch.float32), zero_t.to(torch.float32),
+                           config.bits, group_size, None if mask is None else mask.to(torch.bool))
+
+
+def _lazy_grid(block, i, col, group_size, config, scales, zeros):
+    group = col // group_size
+    if group not in scales:  # first column of a group: its grid comes from the already-updated weights
+        scales[group], zeros[group] = _grid(block[:, i:i + group_size], config.bits, config.symmetric)
+    return scales[group], zeros[group]
+
+
+class _FixedGrids:
+    """Grids computed once from the unquantized matrix: per-tensor, per-channel, or per-group with act-order."""
+
+    def __init__(self, w: torch.Tensor, config: QuantizationConfig, group_size: int):
+        self.group_size = group_size
+        rows = w.reshape(1, -1) if group_size == -1 else w
+        parts = [_grid(rows[:, c], config.bits, config.symmetric) for c in _column_groups(rows.shape[1], group_size)]
+        self.tables = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
+
+    def __call__(self, original_col: torch.Tensor):
+        if self.group_size == -1:
+            return self.tables[0], self.tables[1]
+        g = int(original_col) // self.group_size
+        return self.tables[0][:, g:g + 1], self.tables[1][:, g:g + 1]
+
+
+# ---- whole-model transforms (used by compress.py) ----------------------------------------------------------
+
+def cast_half_(model: nn.Module, dtype16: str) -> None:
+    """bits=16: cast the whole model, so the forward really runs in half precision (real bf16/fp16 kernels)."""
+    model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype16])
+
+
+def half_round_trip(w: torch.Tensor, dtype16: str) -> torch.Tensor:
+    """The value w takes after a cast to bf16/fp16 (the 16-bit 'fake quantization' used while distilling)."""
+    return w.to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype16]).to(w.dtype)
+
+
+def to_int8_kernel_(model: nn.Module, names) -> None:
+    """Run the named layers with torch's dynamic int8 kernel (int8 weights per channel, activations per batch).
+
+    torch.ao.quantization is deprecated but present in torch 2.13 and, on CPU, far faster than fp32 for
+    linear layers; its deprecation warnings are silenced here only. Conv1D layers become nn.Linear first.
+    """
+    from .layers import conv1d_to_linear_
+
+    names = list(names)
+    conv1d_to_linear_(model, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
+

@@ -1,0 +1,351 @@
+"""Streamlit helpers shared by the pages: session defaults, the model sidebar, cached loading, progress, safe text.
+
+Heavy objects (models) live in ``st.cache_resource`` and are never mutated: compress() works on a copy.
+Per-person results (the trail of runs, the current report) live in ``st.session_state`` only, so two
+browser sessions never see each other's work. Results are written to session state only once a run is
+complete; a rerun that interrupts a run (a slider moved, Stop pressed) leaves the previous state intact.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import streamlit as st
+
+from lmcompress_core import plots
+from lmcompress_core.compress import CompressionConfig
+from lmcompress_core.distill import DistillationConfig
+from lmcompress_core.prune import PruningConfig
+from lmcompress_core.quantize import QuantizationConfig
+
+HUB, LOCAL, UPLOAD = "Hugging Face id…", "Local folder…", "Upload an archive…"
+MAX_TRAIL = 200           # runs kept per session (the trail chart and the JSON export)
+RESULT_CACHE_SIZE = 64    # finished reports shared by identical requests across sessions
+PROMPT_SHOWN_CHARS = 600  # a very long prompt is shown by its end (the part the models continue)
+DEFAULT_PROMPT = "To be, or not to be, that is the question:"
+
+SESSION_DEFAULTS = {
+    "model_name": None,   # resolved on first run: ?model=… query parameter, else the default if ready, else tiny
+    "trail": [],          # finished Report dicts, oldest first
+    "current": None,      # the Report dict shown on Explore / Report / Presentation
+    "stop_requested": False,
+    "settings": {},       # Explore's slider values, kept across page switches
+}
+
+BITS = [2, 3, 4, 5, 6, 8, 16]
+WIDGETS = {  # widget key -> default; values survive page switches through st.session_state["settings"]
+    "bits": 4, "sparsity": 0, "temperature": 2.0, "kd": False, "steps": 20,
+    "granularity": "group", "group_size": 128, "symmetric": False, "method": "rtn",
+    "prune_method": "magnitude", "pattern": "unstructured", "alpha": 0.5, "eval_tokens": 512,
+    "new_tokens": 32, "latency_runs": 5, "int8_kernel": True, "prompt": DEFAULT_PROMPT,
+}
+
+
+def build_config(s: dict) -> CompressionConfig:
+    """Widgets -> CompressionConfig; the config classes validate and raise ValueError with a message."""
+    q = QuantizationConfig(bits=s["bits"], granularity=s["granularity"], group_size=s["group_size"],
+                           symmetric=s["symmetric"], method=s["method"], int8_kernel=s["int8_kernel"])
+    prune = s["sparsity"] > 0 or s["pattern"] != "unstructured"
+    p = PruningConfig(sparsity=s["sparsity"] / 100, method=s["prune_method"], pattern=s["pattern"]) if prune else None
+    d = DistillationConfig(temperature=s["temperature"], alpha=s["alpha"], steps=int(s["steps"])) if s["kd"] else None
+    return CompressionConfig(quantization=q, pruning=p, distillation=d)
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=])")
+
+
+def init_session() -> None:
+    for key, value in SESSION_DEFAULTS.items():
+        if key not in st.session_state:
+            st.session_state[key] = value.copy() if isinstance(value, (list, dict)) else value
+    if st.session_state["model_name"] is None:
+        st.session_state["model_name"] = _initial_model()
+
+
+def _initial_model() -> str:
+    wanted = st.query_params.get("model")
+    if wanted:
+        return str(wanted)
+    ready = {m["name"] for m in model_list() if m.get("available")}
+    return "default" if "default" in ready else "tiny"
+
+
+# ---------------------------------------------------------------- text shown as text
+
+def md_escape(text: object) -> str:
+    """Backslash-escape markdown (and HTML) so st.markdown/st.error show ``text`` literally."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+def show_text(text: object, muted: bool = False) -> None:
+    """Show text from a person or a model as plain text: escaped HTML, no markdown processing."""
+    style = " style='color:#555'" if muted else ""
+    st.html(f"<div{style}>{html.escape(str(text))}</div>")
+
+
+def error(message: str, detail: object = "") -> None:
+    st.error(message + (f": {md_escape(detail)}" if detail != "" else ""))
+
+
+# ---------------------------------------------------------------- models
+
+@st.cache_data(ttl=60, show_spinner=False)
+def model_list() -> list[dict]:
+    from lmcompress_core.models import list_models
+
+    return list_models()
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _load(name: str):
+    # A ModelError is not cached: the next attempt (after fixing the path, say) tries again.
+    from lmcompress_core.models import load_model
+
+    return load_model(name)
+
+
+def current_model():
+    """Draw the model sidebar; the LoadedModel chosen there, or None after a clear message (the app stays usable)."""
+    from lmcompress_core.models import ModelError
+
+    model_sidebar()
+    name = st.session_state.get("model_name")
+    if not name:
+        st.info("Choose a model in the sidebar.")
+        return None
+    try:
+        with st.spinner(f"Loading {md_escape(name)}…"):
+            loaded = _load(name)
+        model_card(loaded.card)
+        return loaded
+    except ModelError as exc:
+        error(f"Cannot load model '{md_escape(name)}'", exc)
+    except (OSError, ValueError, RuntimeError) as exc:
+        error(f"Cannot load model '{md_escape(name)}' ({type(exc).__name__})", exc)
+    st.caption("Pick another model in the sidebar; everything else keeps working.")
+    return None
+
+
+def model_card(card) -> None:
+    """The loaded model's card in the sidebar; every field shown as plain text (cards can hold anything)."""
+    with st.sidebar.expander("Model card"):
+        for label, value in (("name", card.name), ("source", card.source), ("license", card.license),
+                             ("parameters", f"{card.params:,}" if card.params else "unknown"),
+                             ("", card.description), ("", card.notes)):
+            if value:
+                show_text(f"{label}: {value}" if label else value)
+
+
+def _model_label(models: dict[str, dict]) -> Callable[[str], str]:
+    def label(option: str) -> str:
+        info = models.get(option)
+        if info is None:
+            return option
+        params = f" · {info['params'] / 1e6:.1f}M" if info.get("params") else ""
+        missing = "needs download" if info.get("source") == "hub" else "missing"
+        ready = "" if info.get("available") else f" · {missing}"
+        return f"{option}{params}{ready}"
+    return label
+
+
+def model_sidebar() -> None:
+    """Model picker: default / tiny / hub presets, a hub id, a local folder, an uploaded archive."""
+    models = {m["name"]: m for m in model_list()}
+    options = list(models) + [HUB, LOCAL, UPLOAD]
+    current = st.session_state["model_name"]
+    index = options.index(current) if current in options else options.index(_custom_kind(current))
+    with st.sidebar:
+        st.header("Model")
+        choice = st.selectbox("Model", options, index=index, format_func=_model_label(models),
+                              key="model_choice", label_visibility="collapsed")
+        name = _custom_name(choice, current) if choice in (HUB, LOCAL, UPLOAD) else choice
+        if name and name != current:
+            st.session_state["model_name"] = name
+        info = models.get(choice)
+        if info and not info.get("available"):
+            st.warning(md_escape(info.get("status") or "needs download, offline"))
+        if info and info.get("description"):
+            show_text(info["description"], muted=True)
+
+
+def _custom_kind(name: str | None) -> str:
+    if name and name.startswith(str(Path(tempfile.gettempdir()) / "lmcompress-upload-")):
+        return UPLOAD
+    return LOCAL if name and (name.startswith(("/", ".", "~")) or "\\" in name) else HUB
+
+
+def _custom_name(choice: str, current: str | None) -> str | None:
+    previous = current if current and _custom_kind(current) == choice else ""
+    if choice == UPLOAD:
+        return _uploaded_model(previous)
+    key = "hub_id" if choice == HUB else "local_folder"
+    if key not in st.session_state:
+        st.session_state[key] = previous
+    if choice == HUB:
+        return st.text_input("Hugging Face id", key=key, placeholder="HuggingFaceTB/SmolLM2-135M").strip()
+    return st.text_input("Folder with config.json + safetensors", key=key).strip()
+
+
+def _uploaded_model(previous: str) -> str | None:
+    upload = st.file_uploader("Model archive (.zip, .tar, .tar.gz)", type=["zip", "tar", "gz", "tgz"])
+    if upload is None:
+        return previous or None
+    extracted = st.session_state.setdefault("uploads", {})
+    if upload.file_id in extracted:
+        return extracted[upload.file_id]
+    from lmcompress_core.archive import ArchiveError, extract_model_archive
+
+    # The upload is untrusted: archive.py checks every member before writing anything into a temp folder.
+    with tempfile.NamedTemporaryFile(prefix="lmcompress-archive-", suffix=".bin") as raw:
+        raw.write(upload.getbuffer())
+        raw.flush()
+        try:
+            folder = str(extract_model_archive(raw.name))
+        except (ArchiveError, OSError) as exc:
+            error("The archive was rejected", exc)
+            return previous or None
+    extracted[upload.file_id] = folder
+    return folder
+
+
+# ---------------------------------------------------------------- results
+
+@st.cache_resource
+def _result_store() -> tuple[OrderedDict, threading.Lock]:
+    """Finished reports keyed by request; shared across sessions (identical requests give identical reports)."""
+    return OrderedDict(), threading.Lock()
+
+
+def cached_result(key: str) -> dict | None:
+    store, lock = _result_store()
+    with lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+    return None
+
+
+def store_result(key: str, report: dict) -> None:
+    store, lock = _result_store()
+    with lock:
+        store[key] = report
+        while len(store) > RESULT_CACHE_SIZE:
+            store.popitem(last=False)
+
+
+def record_run(report: dict, key: str) -> None:
+    """Make a finished report current; append it to this session's trail unless it is the last one again."""
+    if st.session_state.get("last_key") != key:
+        st.session_state["trail"] = (list(st.session_state["trail"]) + [report])[-MAX_TRAIL:]
+        st.session_state["last_key"] = key
+    st.session_state["current"] = report
+
+
+def trail_json() -> str:
+    return json.dumps({"format": "lmcompress-trail", "version": 1, "runs": st.session_state["trail"]}, indent=1)
+
+
+def import_trail(raw: bytes) -> int:
+    """Append runs from an exported JSON history; raises ValueError with a message for a bad file."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not a JSON file ({exc})") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise ValueError("no 'runs' list in this file — export it from the Report page")
+    runs = [r for r in runs if isinstance(r.get("size"), dict) or isinstance(r.get("perplexity"), dict)]
+    st.session_state["trail"] = (list(st.session_state["trail"]) + runs)[-MAX_TRAIL:]
+    if runs and st.session_state["current"] is None:
+        st.session_state["current"] = runs[-1]
+    return len(runs)
+
+
+# ---------------------------------------------------------------- progress and cancellation
+
+def request_stop() -> None:
+    st.session_state["stop_requested"] = True
+
+
+def should_stop() -> bool:
+    return bool(st.session_state.get("stop_requested"))
+
+
+def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
+    """A core Progress callback driving an st.progress bar (and an optional hook for partial results)."""
+    def callback(progress) -> None:
+        total = max(int(progress.total or 0), 1)
+        fraction = min(max(progress.step / total, 0.0), 1.0)
+        bar.progress(fraction, text=f"{progress.stage}: {progress.message}"[:120])
+        if on_metrics is not None:
+            on_metrics(progress)
+    return callback
+
+
+def needs_calibration(config) -> bool:
+    """GPTQ, Wanda and distillation read calibration text; evaluate() picks it, so those run in one call."""
+    q, p = config.quantization, config.pruning
+    return (config.distillation is not None or (q is not None and q.method == "gptq")
+            or (p is not None and p.method == "wanda"))
+
+
+def evaluate_live(loaded, config, bar, on_size: Callable[[dict], None], **evaluate_kwargs) -> dict:
+    """Compress and measure with progress; the size (cheap) is handed to ``on_size`` before the slow stages.
+
+    Returns the finished report as a plain dict. Raises compress.Cancelled when Stop was pressed.
+    """
+    from dataclasses import asdict
+
+    from lmcompress_core import measure
+    from lmcompress_core.compress import compress
+
+    callback = progress_callback(bar)
+    kwargs = dict(evaluate_kwargs, callback=callback, should_stop=should_stop)
+    if needs_calibration(config):
+        return measure.evaluate(loaded, config, **kwargs).to_dict()
+    compressed = compress(loaded.model, config, callback=callback, should_stop=should_stop)
+    on_size({"size": asdict(measure.measure_size(compressed, loaded.model))})
+    return measure.evaluate(loaded, config, compressed=compressed, **kwargs).to_dict()
+
+
+def figure(fig, caption: str = "", key: str | None = None) -> None:
+    st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
+    if caption:
+        st.caption(md_escape(caption))
+
+
+def generations(gen: dict | None) -> None:
+    """Greedy continuations side by side with the first divergence highlighted; all text escaped."""
+    from lmcompress_core.report_html import generation_pair_html
+
+    if not gen:
+        return
+    base, comp = generation_pair_html(gen)
+    prompt = gen.get("prompt") or ""
+    shown = prompt if len(prompt) <= PROMPT_SHOWN_CHARS else "…" + prompt[-PROMPT_SHOWN_CHARS:]
+    st.html(f"<div><b>Prompt:</b> <span style='white-space:pre-wrap'>{html.escape(shown)}</span></div>")
+    if gen.get("notice"):
+        st.info(md_escape(gen["notice"]))
+    left, right = st.columns(2)
+    box = ("<div style='white-space:pre-wrap;overflow-wrap:anywhere;background:#f4f6f8;padding:.8em;"
+           "border-radius:6px'>{}</div>")
+    with left:
+        st.markdown("**Original**")
+        st.html(box.format(base))
+    with right:
+        st.markdown("**Compressed**")
+        st.html(box.format(comp))
+    if gen.get("first_divergence") is None:
+        st.caption("Greedy outputs are identical.")
+    else:
+        st.caption(f"Highlighted from the first token where the greedy outputs differ (token {gen['first_divergence']}).")
+
+
+def config_label(config: dict | None) -> str:
+    return plots.config_label(config)

@@ -1,0 +1,92 @@
+"""Distillation: what the temperature does to the teacher's targets, and a live knowledge-distillation run."""
+import streamlit as st
+
+from lmcompress_core import measure, plots
+from lmcompress_core.compress import Cancelled, CompressionConfig
+from lmcompress_core.distill import DistillationConfig, next_token_distribution
+from pages import common
+from pages.common import WIDGETS, build_config
+
+st.title("Distillation")
+loaded = common.current_model()
+if loaded is None:
+    st.stop()
+settings = {**WIDGETS, **st.session_state["settings"]}
+
+st.subheader("Temperature softens the teacher")
+left, right = st.columns([1, 2])
+with left:
+    prompt = st.text_input("Prompt", value=settings["prompt"], max_chars=2000, key="kd_prompt")
+    temperature = st.slider("Temperature T", 0.5, 10.0, value=float(settings["temperature"]), step=0.5,
+                            key="kd_temperature")
+    top_k = st.slider("Top-k tokens shown", 3, 20, 10, key="kd_topk")
+with right:
+    if not prompt.strip():
+        st.warning("The prompt is empty: type a few words to see the teacher's next-token distribution.")
+    else:
+        try:
+            at_one = next_token_distribution(loaded.model, loaded.tokenizer, prompt, 1.0, top_k)
+            at_t = next_token_distribution(loaded.model, loaded.tokenizer, prompt, temperature, top_k)
+        except ValueError as exc:
+            common.error("Cannot compute the distribution", exc)
+            st.stop()
+        common.figure(plots.topk_figure(at_one, at_t, temperature),
+                      "softmax(z / T) of the original model's logits for the token after the prompt. "
+                      "T > 1 spreads probability over the runner-up tokens: the 'dark knowledge' a student learns.")
+
+st.subheader("Run knowledge distillation")
+c1, c2, c3, c4 = st.columns(4)
+mode = c1.radio("Student", ["recovery", "student"], key="kd_mode",
+                format_func=lambda m: "compressed copy (recovery)" if m == "recovery" else "smaller model (fewer layers)")
+steps = c2.number_input("Steps", 1, 500, value=max(1, int(settings["steps"])), step=10, key="kd_steps")
+alpha = c3.slider("α (KD weight)", 0.0, 1.0, float(settings["alpha"]), 0.05, key="kd_alpha")
+keep_every = c4.selectbox("Keep every k-th layer", [2, 3, 4], key="kd_keep", disabled=mode != "student")
+try:
+    base_config = build_config({**settings, "kd": False})
+    config = CompressionConfig(
+        quantization=base_config.quantization if mode == "recovery" else None,
+        pruning=base_config.pruning if mode == "recovery" else None,
+        distillation=DistillationConfig(temperature=temperature, alpha=alpha, steps=int(steps), mode=mode,
+                                        keep_every=keep_every))
+except ValueError as exc:
+    common.error("Invalid setting", exc)
+    st.stop()
+st.caption(f"Configuration: {common.md_escape(plots.config_label(config.to_dict()))} "
+           "(quantization and pruning come from the Explore sliders).")
+
+if st.button("Run distillation", type="primary"):
+    st.session_state["stop_requested"] = False
+    st.button("Stop", on_click=common.request_stop)
+    bar, curve = st.progress(0.0, text="starting"), st.empty()
+    history: list[dict] = []
+
+    def on_progress(progress) -> None:
+        if progress.stage == "distill" and "loss" in progress.metrics:
+            history.append(progress.metrics)
+            curve.plotly_chart(plots.loss_curve_figure(history), width="stretch")
+
+    try:
+        report = measure.evaluate(loaded, config, eval_tokens=256, prompt=prompt if prompt.strip() else None,
+                                  generation=bool(prompt.strip()), latency=False,
+                                  callback=common.progress_callback(bar, on_progress), should_stop=common.should_stop)
+    except Cancelled:
+        st.info("Distillation stopped; nothing from this run is kept.")
+    except ValueError as exc:
+        common.error("Cannot run distillation", exc)
+    else:
+        st.session_state["kd_result"] = report.to_dict()
+    bar.empty()
+    curve.empty()
+
+result = st.session_state.get("kd_result")
+if result is not None:
+    st.markdown(f"**{common.md_escape(plots.config_label(result['config']))}** on {common.md_escape(result['model'])}")
+    left, right = st.columns(2)
+    with left:
+        common.figure(plots.loss_curve_figure(result.get("history") or []),
+                      "KD loss = α·T²·KL(teacher_T ‖ student_T) + (1−α)·cross-entropy, per optimiser step; "
+                      "perplexity on held-out calibration batches.")
+    with right:
+        common.figure(plots.perplexity_figure(result), plots.report_how(result).get("perplexity", ""))
+    st.markdown("**Before (original) and after (distilled student)**")
+    common.generations(result.get("generation"))

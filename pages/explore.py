@@ -1,0 +1,130 @@
+"""Explore (home): sliders for bit-width, sparsity and distillation -> one CompressionConfig -> live charts."""
+import json
+
+import streamlit as st
+
+from lmcompress_core import plots
+from lmcompress_core.compress import Cancelled, CompressionConfig
+from pages import common
+from pages.common import BITS, WIDGETS, build_config
+
+
+def restore_widgets() -> None:
+    saved = st.session_state["settings"]
+    for key, default in WIDGETS.items():
+        if key not in st.session_state:
+            st.session_state[key] = saved.get(key, default)
+
+
+def controls() -> None:
+    left, middle, right = st.columns(3)
+    with left:
+        st.select_slider("Bit-width", options=BITS, key="bits",
+                         format_func=lambda b: f"{b} (bf16)" if b == 16 else str(b),
+                         help="Integer codes per weight (2–8); 16 = half-precision cast.")
+    with middle:
+        st.slider("Sparsity (%)", 0, 95, step=5, key="sparsity",
+                  help="Share of weights removed from the linear layers (N:M patterns fix it at 50%).")
+    with right:
+        st.slider("Distillation temperature", 0.5, 10.0, step=0.5, key="temperature")
+        a, b = st.columns(2)
+        a.toggle("Recovery distillation", key="kd", help="Fine-tune the compressed copy against the original.")
+        b.number_input("Steps", 0, 500, step=10, key="steps", disabled=not st.session_state["kd"])
+    with st.expander("Advanced"):
+        c1, c2, c3, c4 = st.columns(4)
+        c1.selectbox("Granularity", ["group", "channel", "tensor"], key="granularity")
+        c1.selectbox("Group size", [32, 64, 128], key="group_size")
+        c2.toggle("Symmetric (absmax)", key="symmetric")
+        c2.radio("Quantizer", ["rtn", "gptq"], key="method", format_func=str.upper, horizontal=True)
+        c2.toggle("8-bit: real int8 kernel", key="int8_kernel",
+                  help="At 8 bits run torch's dynamic int8 matmuls (activations quantized too) "
+                       "instead of simulating the 8-bit weights in fp32.")
+        c3.radio("Pruning method", ["magnitude", "wanda"], key="prune_method", horizontal=True)
+        c3.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="pattern")
+        c4.slider("α (KD weight)", 0.0, 1.0, step=0.05, key="alpha")
+        c4.select_slider("Evaluation tokens", [128, 256, 512, 1024, 2048], key="eval_tokens")
+        c4.select_slider("Generated tokens", [8, 16, 32, 64], key="new_tokens")
+        c4.select_slider("Timed runs (median)", [1, 3, 5, 10], key="latency_runs")
+    st.text_area("Prompt for the side-by-side generations", key="prompt", height=80, max_chars=20_000)
+    st.session_state["settings"] = {k: st.session_state[k] for k in WIDGETS}
+
+
+def show_report(report: dict, slots: dict) -> None:
+    how = plots.report_how(report)
+    with slots["size"].container():
+        common.figure(plots.size_figure(report), how.get("size", ""))
+    with slots["latency"].container():
+        common.figure(plots.latency_figure(report), how.get("latency", ""))
+    ppl_how = " ".join(how.get(k, "") for k in ("perplexity", "kl_to_base", "top1_agreement") if how.get(k))
+    with slots["perplexity"].container():
+        common.figure(plots.perplexity_figure(report), ppl_how)
+
+
+def run(loaded, config: CompressionConfig, s: dict, slots: dict) -> dict | None:
+    prompt = s["prompt"] if s["prompt"].strip() else None
+    measure_args = {"eval_tokens": s["eval_tokens"], "new_tokens": s["new_tokens"],
+                    "latency_runs": s["latency_runs"], "prompt": prompt, "generation": prompt is not None}
+    key = json.dumps([loaded.name, config.key(), measure_args], sort_keys=True)
+    report = common.cached_result(key)
+    if report is None and st.session_state.get("stop_requested") and st.session_state.get("pending_key") == key:
+        st.info("Stopped. Move a slider or press Run to compute this configuration.")
+        st.button("Run", on_click=lambda: st.session_state.update(stop_requested=False))
+        return None
+    st.session_state["stop_requested"] = False
+    if report is None:
+        st.session_state["pending_key"] = key
+        st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
+        bar = st.progress(0.0, text="starting")
+        try:
+            report = common.evaluate_live(
+                loaded, config, bar,
+                lambda partial: slots["size"].plotly_chart(plots.size_figure(partial), width="stretch"),
+                **measure_args)
+        except Cancelled:
+            st.info("Stopped; the previous results are kept.")
+            return None
+        except ValueError as exc:
+            common.error("Cannot run this configuration", exc)
+            return None
+        bar.empty()
+        common.store_result(key, report)
+    common.record_run(report, key)
+    return report
+
+
+st.title("Explore")
+st.caption("Move a slider: the model is compressed (a copy; the original is never touched) and measured again.")
+loaded = common.current_model()
+if loaded is None:
+    st.stop()
+restore_widgets()
+controls()
+settings = st.session_state["settings"]
+if not settings["prompt"].strip():
+    st.warning("The prompt is empty: type some text for the models to continue. Generations are skipped.")
+try:
+    config = build_config(settings)
+except ValueError as exc:
+    common.error("Invalid setting", exc)
+    st.stop()
+
+st.subheader(plots.config_label(config.to_dict()))
+cols = st.columns(3)
+slots = {name: col.empty() for name, col in zip(("size", "latency", "perplexity"), cols)}
+report = run(loaded, config, settings, slots)
+if report is None:
+    report = st.session_state.get("current")
+if report is not None:
+    show_report(report, slots)
+    gen_col, trail_col = st.columns([3, 2])
+    with gen_col:
+        st.subheader("Generations")
+        common.generations(report.get("generation"))
+        if plots.report_how(report).get("generation"):
+            st.caption(common.md_escape(plots.report_how(report)["generation"]))
+    with trail_col:
+        trail = [r for r in st.session_state["trail"] if r.get("model") == loaded.name]
+        current = next((i for i, r in enumerate(trail) if r is report), None)
+        common.figure(plots.trail_figure(trail, current=current),
+                      f"Each point is one configuration tried on {loaded.name} in this session "
+                      "(packed size, perplexity ± stderr); the dotted line joins the ones nothing beats.")

@@ -1,0 +1,168 @@
+"""Real-browser end-to-end test: `streamlit run app.py` driven by Debian's chromium through playwright.
+
+Opens Explore on the tiny model, moves the bit-width slider with the keyboard, waits for the charts and
+the generations to change, visits every page (screenshots of each under a temp folder, or under
+$LMCOMPRESS_E2E_SCREENSHOTS), downloads the HTML report. Never downloads a browser build.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WAIT_MS = 180_000      # generous: 2 shared CPU cores, a cold server imports torch and loads the model
+MODEL = os.environ.get("LMCOMPRESS_APP_TEST_MODEL", "tiny")
+PAGES = ["Trade-offs", "Distillation", "Learn", "Report"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("streamlit did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (make browser)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("LMCOMPRESS_E2E_SCREENSHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1600, "height": 2400}, accept_downloads=True)
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_idle(page) -> None:
+    """Streamlit shows a 'Running…' status widget while the script runs; wait until it is gone."""
+    page.wait_for_timeout(500)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=WAIT_MS)
+
+
+def chart_title(page, prefix: str) -> str:
+    titles = page.locator(".js-plotly-plot .gtitle").all_text_contents()
+    return next(t for t in titles if t.startswith(prefix))
+
+
+def generations_text(page) -> str:
+    return " | ".join(page.locator("[data-testid='stHtml']").all_inner_texts())
+
+
+def assert_no_exception(page) -> None:
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def run_sweep_and_sensitivity(page) -> None:
+    page.get_by_role("button", name="Run sweep").click()
+    page.locator(".js-plotly-plot .gtitle", has_text="Size vs perplexity").wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    page.get_by_role("button", name="Compute sensitivity").click()
+    page.locator(".js-plotly-plot .gtitle", has_text="Per-layer sensitivity").wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+
+
+def test_explore_slider_updates_charts_and_generations_then_every_page(server, page, shots):
+    page.goto(f"{server}/?model={MODEL}", timeout=WAIT_MS)
+    page.get_by_text("Generations").first.wait_for(timeout=WAIT_MS)
+    page.locator(".js-plotly-plot").nth(3).wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    assert_no_exception(page)
+    before_title, before_text = chart_title(page, "Perplexity"), generations_text(page)
+    page.screenshot(path=str(shots / "explore-4bit.png"), full_page=True)
+
+    thumb = page.locator("[data-testid='stSlider']", has_text="Bit-width").get_by_role("slider")
+    thumb.focus()
+    thumb.press("ArrowLeft")
+    thumb.press("ArrowLeft")     # 4 -> 3 -> 2 bits
+    page.get_by_role("heading", name="2-bit").wait_for(timeout=WAIT_MS)
+    page.wait_for_function(
+        "t => [...document.querySelectorAll('.js-plotly-plot .gtitle')].some(e => e.textContent.startsWith("
+        "'Perplexity') && e.textContent !== t)", arg=before_title, timeout=WAIT_MS)
+    wait_idle(page)
+    assert_no_exception(page)
+    assert chart_title(page, "Perplexity") != before_title
+    assert generations_text(page) != before_text
+    page.screenshot(path=str(shots / "explore-2bit.png"), full_page=True)
+
+    for name in PAGES:
+        page.get_by_role("link", name=name).first.click()
+        page.get_by_role("heading", name=name).first.wait_for(timeout=WAIT_MS)
+        wait_idle(page)
+        if name == "Trade-offs":
+            run_sweep_and_sensitivity(page)
+        assert_no_exception(page)
+        page.screenshot(path=str(shots / f"{name.lower()}.png"), full_page=True)
+
+    with page.expect_download(timeout=WAIT_MS) as download:
+        page.get_by_role("button", name="Download the HTML report").click()
+    report = Path(download.value.path()).read_text(encoding="utf-8")
+    assert "<h2>Charts</h2>" in report and "2-bit" in report
+
+    page.get_by_role("link", name="Presentation mode").click()
+    page.locator("[data-testid='stMetric']").first.wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    assert_no_exception(page)
+    assert page.locator("[data-testid='stSlider']").count() == 0
+    page.screenshot(path=str(shots / "presentation.png"), full_page=True)
+    print(f"screenshots in {shots}")

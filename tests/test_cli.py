@@ -1,0 +1,105 @@
+"""The command line: JSON reports, the packed output folder, one-line errors with exit status 2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from lmcompress_core.cli import config_from_args, build_parser, main
+from lmcompress_core import data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models of width 64 run fastest on one thread, and OpenMP threads thrash on a busy shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A tiny GPT-2 with its own BPE tokenizer saved as a local model folder (offline, seconds)."""
+    folder = tmp_path_factory.mktemp("local-model")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([data.load_text("web")[:20000]], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=256, vocab_size=len(tokenizer),
+                        bos_token_id=1, eos_token_id=1)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_evaluate_json_has_the_promised_keys(model_folder, capsys):
+    rc = main(["evaluate", "--model", model_folder, "--bits", "4", "--sparsity", "0.5", "--eval-tokens", "128",
+               "--context", "64", "--new-tokens", "6", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    assert {"model", "config", "size", "latency", "perplexity", "base_perplexity", "kl_to_base",
+            "top1_agreement", "generation", "how"} <= set(report)
+    assert {"theoretical_bytes", "packed_bytes", "runtime_bytes"} <= set(report["size"])
+    assert {"prefill_ms", "decode_tokens_per_s", "kernel"} <= set(report["latency"])
+    assert {"value", "stderr", "tokens", "context", "stride"} <= set(report["perplexity"])
+    assert {"prompt", "base", "compressed", "first_divergence"} <= set(report["generation"])
+    assert report["config"]["quantization"]["bits"] == 4 and report["config"]["pruning"]["sparsity"] == 0.5
+    assert "simulated" in report["latency"]["kernel"] and report["size"]["simulated"] is True
+    assert report["perplexity"]["tokens"] == 126 and report["perplexity"]["stderr"] > 0
+    assert "perplexity" in captured.err  # the progress bar went to stderr
+
+
+def test_compress_writes_a_loadable_packed_folder(model_folder, tmp_path, capsys):
+    out = tmp_path / "packed"
+    rc = main(["compress", "--model", model_folder, "--bits", "4", "--group-size", "0", "--method", "gptq",
+               "--sparsity", "0.5", "--prune-method", "wanda", "--out", str(out), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["packed_bytes"] == sum(f.stat().st_size for f in out.iterdir())
+    meta = json.loads((out / "compression.json").read_text())
+    assert meta["compression"]["quantization"]["granularity"] == "channel"
+    assert all(layer["sparse"] for layer in meta["layers"].values())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["evaluate", "--bits", "7"], "bits must be one of"),
+    (["evaluate", "--sparsity", "1.0"], "sparsity"),
+    (["evaluate", "--bits", "4", "--group-size", "100"], "group_size"),
+    (["evaluate", "--bogus"], "unrecognized arguments"),
+    (["evaluate", "--bits", "four"], "invalid int value"),
+    (["evaluate", "--model", "/no/such/folder"], "no such model folder"),
+    (["compress", "--bits", "4"], "--out"),
+    ([], "required"),
+])
+def test_errors_are_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_group_size_zero_means_per_channel():
+    args = build_parser().parse_args(["evaluate", "--bits", "3", "--group-size", "0", "--symmetric",
+                                      "--temperature", "4", "--distill-steps", "5", "--alpha", "0.7"])
+    config = config_from_args(args)
+    assert config.quantization.granularity == "channel" and config.quantization.symmetric
+    assert config.pruning is None
+    assert (config.distillation.temperature, config.distillation.steps, config.distillation.alpha) == (4, 5, 0.7)
+
+
+def test_python_dash_m_entry_point_errors_without_traceback():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "lmcompress_core", "evaluate", "--bits", "7"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert "error: bits must be one of" in result.stderr and "Traceback" not in result.stderr

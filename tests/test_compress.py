@@ -1,0 +1,285 @@
+"""compress(): every architecture and every kind of config, the base model untouched, masks and codes kept."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmcompress_core.compress import (_HANDLERS, Cancelled, CompressedModel, CompressionConfig, Progress,
+                                      compress)
+from lmcompress_core.distill import DistillationConfig
+from lmcompress_core.layers import weight_matrix
+from lmcompress_core.prune import PruningConfig
+from lmcompress_core.quantize import QuantizationConfig
+
+torch.set_num_threads(2)
+
+KD = dict(steps=3, batch_size=2, seq_len=32)
+KINDS = {
+    "rtn-4-group32": CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)),
+    "gptq-3-channel": CompressionConfig(quantization=QuantizationConfig(bits=3, granularity="channel", method="gptq")),
+    "gptq-4-actorder": CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32, method="gptq",
+                                                                         act_order=True)),
+    "int8-kernel": CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel")),
+    "bf16": CompressionConfig(quantization=QuantizationConfig(bits=16)),
+    "fp16": CompressionConfig(quantization=QuantizationConfig(bits=16, dtype16="fp16")),
+    "magnitude-50": CompressionConfig(pruning=PruningConfig(sparsity=0.5)),
+    "magnitude-global-70": CompressionConfig(pruning=PruningConfig(sparsity=0.7, scope="global")),
+    "wanda-2:4": CompressionConfig(pruning=PruningConfig(method="wanda", pattern="2:4")),
+    "recovery": CompressionConfig(pruning=PruningConfig(sparsity=0.5),
+                                  quantization=QuantizationConfig(bits=4, group_size=32),
+                                  distillation=DistillationConfig(**KD)),
+    "student": CompressionConfig(distillation=DistillationConfig(mode="student", **KD)),
+    "everything-int8": CompressionConfig(pruning=PruningConfig(sparsity=0.3, method="wanda"),
+                                         quantization=QuantizationConfig(bits=8, method="gptq"),
+                                         distillation=DistillationConfig(**KD)),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    from lmcompress_core.models import tiny_random_model
+
+    return tiny_random_model("gpt2").model
+
+
+def calibration(model, n=8, seq_len=48, seed=0):
+    return torch.randint(model.config.vocab_size, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def dense_weight(module) -> torch.Tensor:
+    """[out, in] float weight of a float module or of torch's DynamicQuantizedLinear (whose weight() is int8)."""
+    return module.weight().dequantize().float() if callable(module.weight) else weight_matrix(module)
+
+
+def assert_masks_and_codes_hold(cm: CompressedModel):
+    layers = dict(cm.model.named_modules())
+    for name, mask in cm.masks.items():
+        assert torch.all(dense_weight(layers[name])[~mask] == 0), f"pruned weights of {name} came back"
+    for name, qw in cm.quantized.items():
+        assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) < 2 ** qw.bits
+        if not callable(getattr(layers[name], "weight", None)):  # simulated path: the weight IS the de-quantized codes
+            assert torch.allclose(weight_matrix(layers[name]), qw.dequantize(), atol=1e-6)
+
+
+def test_every_architecture_prunes_quantizes_and_distills(random_arch):
+    model = random_arch.model
+    before = snapshot(model)
+    config = CompressionConfig(pruning=PruningConfig(sparsity=0.5, method="wanda"),
+                               quantization=QuantizationConfig(bits=4, group_size=32, method="gptq"),
+                               distillation=DistillationConfig(**KD))
+    cm = compress(model, config, calibration=calibration(model))
+    assert_same_state(model, before)
+    assert cm.model is not model and len(cm.masks) == len(cm.quantized) >= 8
+    assert_masks_and_codes_hold(cm)
+    for name, mask in cm.masks.items():
+        assert abs((~mask).float().mean().item() - 0.5) <= 0.005
+    assert [row["step"] for row in cm.history] == [0, 1, 2, 3]
+    assert all(math.isfinite(row["loss"]) for row in cm.history) and "ppl" in cm.history[-1]
+    logits = cm.model(input_ids=calibration(model, 2)).logits
+    assert torch.isfinite(logits).all()
+    assert cm.kernel == "fp32 dense — quantization simulated + dense zeros — no sparse kernel"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_base_model_is_never_mutated(gpt2, kind):
+    before = snapshot(gpt2)
+    cm = compress(gpt2, KINDS[kind], calibration=calibration(gpt2))
+    assert_same_state(gpt2, before)
+    assert all(isinstance(m, Conv1D) for n, m in gpt2.named_modules() if n.endswith("c_attn"))
+    assert_masks_and_codes_hold(cm)
+    assert torch.isfinite(cm.model(input_ids=calibration(gpt2, 1)).logits.float()).all()
+
+
+@pytest.mark.parametrize("kind, kernel", [
+    ("rtn-4-group32", "fp32 dense — quantization simulated"),
+    ("int8-kernel", "int8 (real, torch dynamic)"),
+    ("bf16", "bf16"), ("fp16", "fp16"),
+    ("magnitude-50", "fp32 dense + dense zeros — no sparse kernel"),
+    ("student", "fp32 dense"),
+    ("everything-int8", "int8 (real, torch dynamic) + dense zeros — no sparse kernel"),
+])
+def test_kernel_says_what_really_runs(gpt2, kind, kernel):
+    assert compress(gpt2, KINDS[kind], calibration=calibration(gpt2)).kernel == kernel
+
+
+def test_zero_sparsity_is_bit_identical(random_arch):
+    model = random_arch.model
+    cm = compress(model, CompressionConfig(pruning=PruningConfig(sparsity=0.0)))
+    assert cm.masks == {}
+    assert_same_state(cm.model, snapshot(model))
+
+
+def test_int8_kernel_runs_real_int8_and_stays_close(gpt2):
+    ids = calibration(gpt2, 2)
+    simulated = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel",
+                                                                                 int8_kernel=False)))
+    real = compress(gpt2, KINDS["int8-kernel"])
+    names = set(real.quantized)
+    kinds = {n: type(m).__module__ for n, m in real.model.named_modules() if n in names}
+    assert set(kinds.values()) == {"torch.ao.nn.quantized.dynamic.modules.linear"} and len(kinds) == 8
+    assert isinstance(real.model.lm_head, nn.Linear)  # excluded layers stay float
+    a, b = simulated.model(input_ids=ids).logits, real.model(input_ids=ids).logits
+    assert (a - b).norm() / a.norm() < 0.02
+
+
+def test_half_precision_casts_the_copy(gpt2):
+    cm = compress(gpt2, KINDS["bf16"])
+    assert {p.dtype for p in cm.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in gpt2.parameters()} == {torch.float32}
+    assert cm.quantized == {}
+
+
+def test_embeddings_and_head_stay_float_unless_asked(random_arch):
+    model = random_arch.model
+    head = model.get_output_embeddings().weight.detach().clone()
+    cm = compress(model, KINDS["rtn-4-group32"])
+    assert torch.equal(cm.model.get_output_embeddings().weight, head)
+    assert not any("embed" in n or "wte" in n or "lm_head" in n for n in cm.quantized)
+    everything = compress(model, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32),
+                                                   include_embeddings=True))
+    assert any(isinstance(m, nn.Embedding) for n, m in everything.model.named_modules() if n in everything.quantized)
+    assert not torch.equal(everything.model.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_include_patterns_choose_layers(gpt2):
+    cm = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32), include=(r"mlp",)))
+    assert cm.quantized and all(".mlp." in n for n in cm.quantized)
+
+
+def test_progress_reaches_every_stage_in_order_and_cancel_stops(gpt2):
+    seen = []
+    compress(gpt2, KINDS["recovery"], calibration=calibration(gpt2), callback=seen.append)
+    stages = [p.stage for p in seen]
+    assert all(isinstance(p, Progress) for p in seen)
+    order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    assert order == ["prune", "quantize", "distill", "done"]
+    distill = [p for p in seen if p.stage == "distill"]
+    assert distill[-1].step == distill[-1].total == 3 and "loss" in distill[-1].metrics
+
+    before, calls = snapshot(gpt2), []
+    with pytest.raises(Cancelled):
+        compress(gpt2, KINDS["recovery"], calibration=calibration(gpt2),
+                 should_stop=lambda: calls.append(1) or len(calls) > 20)
+    assert_same_state(gpt2, before)
+
+
+def test_methods_that_need_text_say_so(gpt2):
+    for config in (KINDS["gptq-3-channel"], KINDS["wanda-2:4"], KINDS["student"]):
+        with pytest.raises(ValueError, match="calibration"):
+            compress(gpt2, config)
+
+
+def test_student_mode_keeps_every_other_block_and_its_masks(random_arch):
+    model = random_arch.model
+    config = CompressionConfig(pruning=PruningConfig(sparsity=0.5), distillation=DistillationConfig(mode="student", **KD))
+    cm = compress(model, config, calibration=calibration(model))
+    assert cm.model.config.num_hidden_layers == 1 and model.config.num_hidden_layers == 2
+    assert len(cm.masks) == len(compress(model, CompressionConfig(pruning=PruningConfig(0.5))).masks) // 2
+    assert_masks_and_codes_hold(cm)
+    out = cm.model.generate(calibration(model, 1, 8), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+
+
+def test_config_round_trips_and_keys_are_stable():
+    config = KINDS["recovery"]
+    again = CompressionConfig.from_dict(config.to_dict())
+    assert again == config and again.key() == config.key()
+    assert config.key() != KINDS["student"].key()
+    assert CompressionConfig(include=["mlp"]).include == ("mlp",)
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: CompressionConfig.from_dict({"bits": 4}), "unknown compression setting"),
+    (lambda: CompressionConfig.from_dict({"quantization": {"bits": 7}}), "bits must be one of"),
+    (lambda: CompressionConfig.from_dict({"pruning": {"sparsity": 1.0}}), "every weight"),
+    (lambda: CompressionConfig.from_dict({"distillation": {"temperature": 0}}), "temperature"),
+    (lambda: CompressionConfig.from_dict({"distillation": {"steps": -1}}), "steps"),
+    (lambda: CompressionConfig.from_dict({"quantization": {"bitz": 4}}), "unknown QuantizationConfig"),
+    (lambda: CompressionConfig(quantization={"bits": 4}), "QuantizationConfig or None"),
+    (lambda: CompressionConfig(include=("(",)), "not a valid regular expression"),
+])
+def test_bad_settings_are_refused_before_anything_runs(build, words):
+    with pytest.raises(ValueError, match=words):
+        build()
+
+
+def test_handlers_are_looked_up_by_config_type():
+    assert set(_HANDLERS) == {QuantizationConfig, PruningConfig, DistillationConfig}
+
+
+# ---- quality on the trained tiny model (assets/models/tiny) --------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tiny_loaded):
+    """The trained tiny model, 2048 held-out tokens as 8 windows of 256, and 16 calibration rows of training text."""
+    from lmcompress_core.data import calibration_batches, load_text, token_ids
+
+    tokenizer = tiny_loaded.tokenizer
+    heldout = token_ids(tokenizer, load_text("tiny-heldout"))[:2048].reshape(8, 256)
+    calib = calibration_batches(tokenizer, load_text("tiny-train"), n_samples=16, seq_len=256)
+    return tiny_loaded.model, heldout, calib
+
+
+@torch.no_grad()
+def perplexity(model, windows):
+    """exp(mean next-token cross-entropy) over independent windows (a local helper, not measure.perplexity)."""
+    logits = model(input_ids=windows).logits[:, :-1].float()
+    return math.exp(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)))
+
+
+def quantized_ppl(tiny, **kwargs):
+    model, heldout, calib = tiny
+    return perplexity(compress(model, CompressionConfig(quantization=QuantizationConfig(**kwargs)),
+                               calibration=calib).model, heldout)
+
+
+def test_tiny_perplexity_rises_as_bits_fall_and_8_bit_is_within_1_percent(tiny):
+    model, heldout, _ = tiny
+    base = perplexity(model, heldout)
+    by_bits = [quantized_ppl(tiny, bits=b) for b in (8, 4, 3, 2)]
+    assert by_bits == sorted(by_bits), by_bits
+    assert by_bits[0] <= 1.01 * base  # the int8 kernel, activations quantized too
+    assert quantized_ppl(tiny, bits=8, int8_kernel=False) <= 1.01 * base
+    assert by_bits[-1] > 1.5 * base  # 2 bits really hurts: the comparison above is not vacuous
+
+
+def test_tiny_gptq_beats_rtn_at_3_bits(tiny):
+    for granularity in ("channel", "group"):
+        rtn = quantized_ppl(tiny, bits=3, granularity=granularity)
+        gptq = quantized_ppl(tiny, bits=3, granularity=granularity, method="gptq")
+        assert gptq < rtn, (granularity, gptq, rtn)
+
+
+def test_tiny_wanda_is_at_or_below_magnitude_at_half_sparsity(tiny):
+    model, heldout, calib = tiny
+    ppl = {method: perplexity(compress(model, CompressionConfig(pruning=PruningConfig(0.5, method=method)),
+                                       calibration=calib).model, heldout) for method in ("magnitude", "wanda")}
+    assert ppl["wanda"] <= ppl["magnitude"], ppl
+
+
+def test_tiny_recovery_distillation_wins_back_10_percent_after_pruning(tiny):
+    model, heldout, calib = tiny
+    before = snapshot(model)
+    pruning = PruningConfig(0.5)
+    pruned = perplexity(compress(model, CompressionConfig(pruning=pruning)).model, heldout)
+    recovered = compress(model, CompressionConfig(pruning=pruning, distillation=DistillationConfig(
+        steps=RECOVERY_STEPS, lr=1e-3, batch_size=4, seq_len=128, temperature=1.0, alpha=0.5)), calibration=calib)
+    assert_masks_and_codes_hold(recovered)
+    assert all(abs((~m).float().mean().item() - 0.5) <= 0.005 for m in recovered.masks.values())
+    assert perplexity(recovered.model, heldout) <= 0.9 * pruned
+    assert_same_state(model, before)
+
+
+RECOVERY_STEPS = 40

@@ -1,0 +1,61 @@
+"""learn.py: the Learn page's numbers on real layers — levels, errors, masks, and the two classic mistakes."""
+import pytest
+import torch
+from torch import nn
+
+from lmcompress_core import learn
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+
+
+def test_levels_are_the_minmax_grid(model):
+    layer = learn.pick_layer(model)
+    assert layer.name == "0" and layer.weight.shape == (32, 64)
+    for bits in (2, 3, 4):
+        weights, levels = learn.histogram_data(layer.weight, bits)
+        assert len(levels) <= 2 ** bits and len(levels) >= 2 ** bits - 1
+        assert min(levels) == pytest.approx(float(layer.weight.min()), abs=1e-6)
+        steps = torch.tensor(sorted(levels)).diff()
+        params = learn.minmax_parameters(layer.weight, bits)
+        assert torch.allclose(steps.min(), torch.tensor(params["scale"]), rtol=1e-3)
+    assert len(weights) == 32 * 64
+
+
+def test_error_falls_with_bits(model):
+    bits, errors = learn.error_vs_bits(learn.pick_layer(model).weight)
+    assert bits[-1] == 16 and errors == sorted(errors, reverse=True)
+    assert errors[0] > 100 * errors[bits.index(8)]
+
+
+def test_masks_unstructured_and_two_of_four(model):
+    masks = learn.pruning_masks(learn.pick_layer(model).weight, size=16)
+    unstructured = torch.tensor(masks["unstructured 50%"])
+    nm = torch.tensor(masks["2:4 semi-structured"])
+    assert unstructured.shape == (16, 16) and unstructured.sum() == 128
+    assert (nm.reshape(16, 4, 4).sum(-1) == 2).all()
+
+
+def test_the_two_classic_mistakes_change_nothing(model):
+    before = model[0].weight.detach().clone()
+    demo = learn.mistakes_demo(model, "0", bits=3, sparsity=0.5)
+    assert demo["quantize_mistake"] == 0.0 and demo["prune_mistake"] == 0.0
+    assert demo["quantize_correct"] > 0.5 and demo["prune_correct"] == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(model[0].weight, before)       # the demo works on copies
+
+
+def test_kd_temperature_table_softens():
+    rows = learn.kd_temperature_table(torch.tensor([4.0, 2.0, 0.0, -1.0]))
+    entropies = [r["entropy (nats)"] for r in rows]
+    assert entropies == sorted(entropies) and rows[-1]["T² gradient factor"] == 64.0
+
+
+def test_on_the_tiny_model(tiny_loaded):
+    names = learn.layer_names(tiny_loaded.model)
+    layer = learn.pick_layer(tiny_loaded.model, names[-1])
+    assert layer.name == names[-1]
+    logits = learn.next_token_logits(tiny_loaded.model, tiny_loaded.tokenizer, "ROMEO:")
+    assert logits.shape[-1] == tiny_loaded.model.config.vocab_size

@@ -1,0 +1,272 @@
+"""Measurements: perplexity against a slow reference, KL/top-1, size three ways, packed format, latency, generation."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lmcompress_core import measure
+from lmcompress_core.compress import KERNEL_INT8, CompressionConfig, compress
+from lmcompress_core.measure_quality import first_divergence, score_tokens, windows
+from lmcompress_core.packing import load_compressed, pack_model, save_compressed
+from lmcompress_core.prune import PruningConfig
+from lmcompress_core.quantize import QuantizationConfig
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. However little known the feelings or views of such a man may be. ") * 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models of width 64 run fastest on one thread, and OpenMP threads thrash on a busy shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def _gpt2(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=len(tokenizer))
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    return _gpt2(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, vocab_size=len(tokenizer),
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer):
+    return torch.tensor(tokenizer(TEXT).input_ids[:97])
+
+
+# ---------------------------------------------------------------- perplexity
+def _reference_nll(model, ids, context, stride):
+    """Independent slow reference: one forward per scored token over exactly the context its window gives it."""
+    n, nll = ids.numel(), {}
+    begin = 0
+    while begin < n - 1:
+        end = min(begin + context, n)
+        for t in range(begin + 1, end):
+            if t in nll:
+                continue
+            with torch.no_grad():
+                logits = model(input_ids=ids[begin:t][None]).logits[0, -1].double()
+            nll[t] = -torch.log_softmax(logits, -1)[ids[t]].item()
+        if end == n:
+            break
+        begin += stride
+    return torch.tensor([nll[t] for t in sorted(nll)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("context,stride", [(32, 32), (32, 12), (128, 128)])
+def test_perplexity_matches_slow_reference(gpt2, ids, context, stride):
+    report, kl, top1 = measure.perplexity(gpt2, ids, context=context, stride=stride, max_tokens=96)
+    ref = _reference_nll(gpt2, ids, context, stride)
+    assert report.tokens == ref.numel()
+    assert report.value == pytest.approx(math.exp(ref.mean().item()), rel=1e-4)
+    se = ref.std().item() / math.sqrt(ref.numel())
+    assert report.stderr == pytest.approx(report.value * se, rel=1e-3)
+    assert report.stderr > 0 and kl is None and top1 is None
+    assert (report.context, report.stride) == (context, stride)
+
+
+def test_windows_score_each_token_once():
+    seen = []
+    for begin, end, first in windows(100, 32, 12):
+        assert begin < first < end <= begin + 32
+        seen += list(range(first, end))
+    assert seen == list(range(1, 100))
+
+
+def test_kl_zero_and_top1_one_against_itself(gpt2, ids):
+    report, kl, top1 = measure.perplexity(gpt2, ids, context=32, stride=32, max_tokens=96, base_model=gpt2)
+    assert kl == pytest.approx(0.0, abs=1e-6) and top1 == 1.0
+    assert report.tokens == 93  # 97 tokens, 3 windows of 32: the first token of each window has no context
+
+
+def test_kl_positive_for_a_different_model(gpt2, tokenizer, ids):
+    scores = score_tokens(_gpt2(tokenizer, seed=5), ids, 32, 32, 96, base_model=gpt2)
+    assert scores.kl_to_base > 0.01 and 0 <= scores.top1_agreement < 1
+    assert torch.equal(scores.base_nll, score_tokens(gpt2, ids, 32, 32, 96).nll)
+
+
+# ---------------------------------------------------------------- size and packed format
+def test_size_three_ways_and_packed_ratio(llama):
+    cm = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel")))
+    size = measure.measure_size(cm, llama)
+    assert size.layers_packed_bytes <= 0.30 * size.layers_fp32_bytes
+    assert size.simulated and "simulated" in size.note and size.runtime_bytes == size.base_bytes
+    assert size.theoretical_bytes < size.packed_bytes < size.base_bytes
+    both = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
+                                             pruning=PruningConfig(sparsity=0.5)))
+    assert measure.measure_size(both, llama).packed_bytes < size.packed_bytes
+
+
+@pytest.mark.parametrize("config", [
+    CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)),
+    CompressionConfig(quantization=QuantizationConfig(bits=3, granularity="channel", symmetric=True),
+                      pruning=PruningConfig(sparsity=0.5)),
+    CompressionConfig(pruning=PruningConfig(sparsity=0.9)),
+    CompressionConfig(quantization=QuantizationConfig(bits=16), pruning=PruningConfig(sparsity=0.5, pattern="2:4")),
+    CompressionConfig(quantization=QuantizationConfig(bits=8)),
+], ids=["4bit-g32", "3bit-sym-pruned", "pruned90", "bf16-2:4", "int8"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_reload_gives_identical_logits(request, arch, config, ids, tmp_path):
+    base = request.getfixturevalue(arch)
+    cm = compress(base, config)
+    written = save_compressed(cm, base, tmp_path)
+    assert written == sum(f.stat().st_size for f in tmp_path.iterdir())
+    reloaded = load_compressed(tmp_path, base)
+    with torch.no_grad():
+        expected, got = cm.model(ids[None]).logits, reloaded(ids[None]).logits
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert json.loads((tmp_path / "compression.json").read_text())["kernel"] == cm.kernel
+
+
+def test_sparse_layers_store_only_kept_codes(llama):
+    cm = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
+                                           pruning=PruningConfig(sparsity=0.5)))
+    tensors, meta = pack_model(cm, llama)
+    name, layer = next(iter(meta["layers"].items()))
+    assert layer["sparse"] == "bitmask" and layer["nnz"] == int(cm.masks[name].sum())
+    assert tensors[f"{name}.weight.codes"].numel() == math.ceil(layer["nnz"] * 4 / 8)
+
+
+def test_kernel_labels_and_int8_runtime_bytes(gpt2):
+    int8 = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=8)))
+    assert int8.kernel == KERNEL_INT8 and "int8 (real" in int8.kernel
+    size = measure.measure_size(int8, gpt2)
+    assert not size.simulated and size.runtime_bytes < size.base_bytes
+    four = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=4)))
+    assert "simulated" in four.kernel
+
+
+# ---------------------------------------------------------------- latency and generation
+def test_latency_report(gpt2, tokenizer):
+    lat = measure.measure_latency(gpt2, tokenizer, "fp32 dense", prompt_tokens=16, new_tokens=4, runs=5)
+    assert lat.prefill_ms > 0 and lat.decode_tokens_per_s > 0 and lat.runs == 5
+    assert lat.threads == torch.get_num_threads() and lat.prompt_tokens == 16
+    assert lat.bandwidth_gb_s > 0.1 and lat.roofline_tokens_per_s > 0
+
+
+def test_generation_side_by_side(gpt2, tokenizer):
+    other = copy.deepcopy(gpt2)  # a different head: greedy choices change
+    torch.manual_seed(0)
+    other.lm_head.weight = torch.nn.Parameter(torch.randn_like(gpt2.lm_head.weight))
+    same = measure.generate_side_by_side(gpt2, gpt2, tokenizer, "a single man", new_tokens=8, seed=1)
+    assert same.first_divergence is None and same.base == same.compressed
+    assert same.sampled_base == same.sampled_compressed and len(same.compressed_logprobs) == 8
+    assert all(lp <= 0 for lp in same.compressed_logprobs)
+    diff = measure.generate_side_by_side(gpt2, other, tokenizer, "a single man", new_tokens=8, seed=1)
+    assert diff.first_divergence is not None and diff.base == same.base
+
+
+def test_generation_prompt_checks(gpt2, tokenizer):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        measure.generate_side_by_side(gpt2, gpt2, tokenizer, "  \n", new_tokens=4)
+    long = measure.generate_side_by_side(gpt2, gpt2, tokenizer, TEXT * 3, new_tokens=4)
+    assert "truncated" in long.notice and long.prompt_tokens == 124
+
+
+def test_first_divergence():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_student_distillation_reloads_with_fewer_layers(llama, ids, tmp_path):
+    from lmcompress_core.distill import DistillationConfig
+
+    calibration = ids[:64].repeat(4, 1)
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32),
+                               distillation=DistillationConfig(steps=2, mode="student", seq_len=32, batch_size=2))
+    cm = compress(llama, config, calibration=calibration)
+    save_compressed(cm, llama, tmp_path)
+    reloaded = load_compressed(tmp_path, llama)
+    assert reloaded.config.num_hidden_layers == 1
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids[None]).logits, cm.model(ids[None]).logits)
+    size = measure.measure_size(cm, llama)
+    assert not size.simulated and size.runtime_bytes < size.base_bytes
+
+
+# ---------------------------------------------------------------- evaluate -> Report
+@pytest.fixture
+def loaded(gpt2, tokenizer):
+    from lmcompress_core.models import LoadedModel, ModelCard
+
+    measure.clear_caches()
+    card = ModelCard("test-gpt2", "local", "random test model", "n/a", None, "")
+    return LoadedModel(name="test-gpt2", model=gpt2, tokenizer=tokenizer, card=card)
+
+
+FAST = dict(eval_tokens=96, context=32, stride=32, new_tokens=4, latency_runs=5, prompt_tokens=8, decode_tokens=2,
+            text=TEXT)
+
+
+def test_evaluate_report_stages_and_json(loaded):
+    seen = []
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
+                               pruning=PruningConfig(sparsity=0.5))
+    report = measure.evaluate(loaded, config, callback=seen.append, prompt="a single man", **FAST)
+    stages = [p.stage for p in seen if p.stage in ("compress", "size", "latency", "generate", "perplexity")]
+    assert list(dict.fromkeys(stages)) == ["compress", "size", "latency", "generate", "perplexity"]
+    assert "done" not in {p.stage for p in seen}
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["perplexity"]["tokens"] == 93 and data["perplexity"]["text"] == "pasted text"
+    assert data["kl_to_base"] > 0 and 0 < data["top1_agreement"] <= 1
+    assert data["base_perplexity"] > 0 and data["size"]["packed_bytes"] < data["size"]["base_bytes"]
+    assert {"size", "latency", "roofline", "perplexity", "kl_to_base", "top1_agreement", "generation"} <= set(
+        data["how"])
+    assert "simulated" in data["how"]["size"] and f"{torch.get_num_threads()} thread" in data["how"]["latency"]
+
+
+def test_evaluate_is_cached_and_uncompressed_model_agrees_with_base(loaded):
+    config = CompressionConfig()
+    first = measure.evaluate(loaded, config, **FAST)
+    assert first.kl_to_base == pytest.approx(0, abs=1e-6) and first.top1_agreement == 1.0
+    assert first.perplexity.value == pytest.approx(first.base_perplexity, rel=1e-6)
+    again = measure.evaluate(loaded, config, **FAST)
+    assert again.timings == {"cached": True} and again.perplexity == first.perplexity
+    assert measure.cached_report(loaded, config, **FAST).perplexity == first.perplexity
+    other_prompt = measure.evaluate(loaded, config, **{**FAST, "prompt": "in want"})
+    assert other_prompt.timings["perplexity"] == "cached"
+    assert measure.cached_report(loaded, config, **{**FAST, "seed": 9}) is None
+
+
+def test_evaluate_can_be_cancelled(loaded):
+    from lmcompress_core.compress import Cancelled
+
+    with pytest.raises(Cancelled):
+        measure.evaluate(loaded, CompressionConfig(), should_stop=lambda: True, **FAST)
+
+
+def test_evaluate_a_given_compressed_model(loaded):
+    cm = compress(loaded.model, CompressionConfig(quantization=QuantizationConfig(bits=8)))
+    report = measure.evaluate(loaded, None, compressed=cm, **{**FAST, "generation": False})
+    assert "compress" not in report.timings and report.generation is None
+    assert report.config == cm.config.to_dict() and report.latency.kernel == KERNEL_INT8

@@ -1,0 +1,288 @@
+"""One AppTest per page on the tiny model, plus the UI robustness cases of issue 7.
+
+Numbers are read back from the plotly figure JSON the page sends, so "moving a slider changes the
+plotted data in the right direction" is checked on what a person would see.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+MODEL = os.environ.get("LMCOMPRESS_APP_TEST_MODEL", "tiny")
+TIMEOUT = 180
+
+
+def app(model: str = MODEL, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["model"] = model
+    at.session_state["settings"] = {"eval_tokens": 128, "new_tokens": 8, "latency_runs": 1, **state}
+    return at
+
+
+def figures(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def figure_titled(at: AppTest, prefix: str) -> dict:
+    for fig in figures(at):
+        title = fig["layout"].get("title", {}).get("text", "")
+        if title.startswith(prefix):
+            return fig
+    raise AssertionError(f"no figure titled {prefix!r} in {[f['layout'].get('title') for f in figures(at)]}")
+
+
+def choose_model(at: AppTest, name: str) -> None:
+    """Pick a sidebar option by its name (the options shown carry ' · params · needs download' suffixes)."""
+    box = at.selectbox(key="model_choice")
+    box.select_index(next(i for i, label in enumerate(box.options) if label.split(" · ")[0] == name)).run()
+
+
+def no_exceptions(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def html_text(at: AppTest) -> str:
+    return "\n".join(h.proto.body for h in at.get("html"))
+
+
+@pytest.fixture(scope="module")
+def explore():
+    # Per-tensor min-max: on the small tiny model, group-wise 2-bit codes cost little, so the effect of
+    # the bit-width is clearest with one scale per matrix.
+    at = app(granularity="tensor").run()
+    no_exceptions(at)
+    return at
+
+
+# ---------------------------------------------------------------- Explore
+
+def test_explore_shows_size_latency_perplexity_trail_and_generations(explore):
+    titles = [f["layout"]["title"]["text"] for f in figures(explore)]
+    assert titles[0] == "Model size" and titles[1].startswith("Latency<br>") and titles[2].startswith("Perplexity")
+    assert titles[3].startswith("Trail")
+    assert "Original" in [m.value.strip("*") for m in explore.markdown]
+    assert any("how" in c.value or "median" in c.value.lower() for c in explore.caption)
+
+
+def test_bit_width_slider_moves_perplexity_and_size_the_right_way(explore):
+    explore.select_slider(key="bits").set_value(8).run()
+    no_exceptions(explore)
+    ppl8 = figure_titled(explore, "Perplexity")["data"][0]["y"][1]
+    packed8 = figure_titled(explore, "Model size")["data"][0]["y"][2]
+    explore.select_slider(key="bits").set_value(2).run()
+    no_exceptions(explore)
+    ppl2 = figure_titled(explore, "Perplexity")["data"][0]["y"][1]
+    packed2 = figure_titled(explore, "Model size")["data"][0]["y"][2]
+    assert ppl2 > ppl8 * 1.05, (ppl2, ppl8)
+    assert packed2 < packed8
+    kl = [float(r["kl_to_base"]) for r in explore.session_state["trail"][-2:]]
+    assert kl[1] > 10 * kl[0]
+    trail = figure_titled(explore, "Trail")
+    runs = [t for t in trail["data"] if t["name"] == "runs"][0]
+    assert len(runs["y"]) >= 3 and runs["y"][-1] == pytest.approx(ppl2)
+
+
+def test_sparsity_slider_raises_perplexity(explore):
+    explore.select_slider(key="bits").set_value(8).run()
+    base = figure_titled(explore, "Perplexity")["data"][0]["y"][1]
+    explore.slider(key="sparsity").set_value(80).run()
+    no_exceptions(explore)
+    assert figure_titled(explore, "Perplexity")["data"][0]["y"][1] > base
+    explore.slider(key="sparsity").set_value(0).run()
+
+
+def test_html_and_markdown_in_the_prompt_are_shown_as_text(explore):
+    explore.text_area(key="prompt").input("<script>alert('x')</script> **bold** [link](http://e.x)").run()
+    no_exceptions(explore)
+    body = html_text(explore)
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; **bold** [link](http://e.x)" in body
+    assert "<script>" not in body
+
+
+def test_empty_prompt_warns_and_still_measures(explore):
+    explore.text_area(key="prompt").input("   ").run()
+    no_exceptions(explore)
+    assert any("prompt is empty" in w.value for w in explore.warning)
+    assert figure_titled(explore, "Perplexity")
+
+
+def test_very_long_prompt_is_truncated_with_a_notice(explore):
+    explore.text_area(key="prompt").input("All the world's a stage. " * 120).run()
+    no_exceptions(explore)
+    assert any("truncated" in i.value for i in explore.info)
+    explore.text_area(key="prompt").input("ROMEO:").run()
+
+
+def test_stop_keeps_the_previous_results(explore, monkeypatch):
+    from lmcompress_core import compress
+
+    before = list(explore.session_state["trail"])
+
+    def cancelled(*args, **kwargs):
+        raise compress.Cancelled("stopped")
+
+    monkeypatch.setattr(compress, "compress", cancelled)
+    monkeypatch.setattr("lmcompress_core.measure.evaluate", cancelled)
+    explore.select_slider(key="bits").set_value(5).run()
+    no_exceptions(explore)
+    assert any("Stopped" in i.value for i in explore.info)
+    assert explore.session_state["trail"] == before     # nothing half-written
+    assert figure_titled(explore, "Perplexity")        # the previous report is still drawn
+
+
+def test_invalid_model_id_gives_a_clear_message_and_the_app_stays_usable():
+    at = app(model="no-such-org/../model").run()
+    no_exceptions(at)
+    assert at.error and "no-such-org/../model" in at.error[0].value.replace("\\", "")
+    choose_model(at, MODEL)
+    no_exceptions(at)
+    assert not at.error and figure_titled(at, "Perplexity")
+
+
+def test_two_sessions_share_the_model_but_not_results():
+    from pages import common
+
+    one = app().run()
+    model = common._load(MODEL).model
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    one.select_slider(key="bits").set_value(2).run()
+    two = app().run()
+    no_exceptions(one)
+    no_exceptions(two)
+    assert common._load(MODEL).model is model                       # loaded once per process
+    assert all((model.state_dict()[k] == v).all() for k, v in weights.items())   # never mutated
+    assert len(one.session_state["trail"]) == 2 and len(two.session_state["trail"]) == 1
+    assert two.session_state["current"]["config"]["quantization"]["bits"] == 4
+
+
+def test_uploaded_archive_with_a_path_escape_is_rejected(tmp_path):
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("../escape.txt", "outside")
+    at = app().run()
+    choose_model(at, "Upload an archive…")
+    at.sidebar.get("file_uploader")[0].set_value(("model.zip", buffer.getvalue(), "application/zip")).run()
+    no_exceptions(at)
+    assert any("archive was rejected" in e.value for e in at.error)
+    assert figure_titled(at, "Perplexity")      # the previous model's results are still there
+
+
+def test_streamlit_config_is_hardened_for_a_shared_server():
+    import tomllib
+
+    config = tomllib.loads((Path(APP).parent / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["showErrorDetails"] == "type"
+    assert config["client"]["toolbarMode"] == "viewer"
+    assert 0 < config["server"]["maxUploadSize"] <= 1000
+    assert config["server"]["enableXsrfProtection"] is True
+    assert config["browser"]["gatherUsageStats"] is False
+
+
+# ---------------------------------------------------------------- other pages
+
+def test_tradeoffs_sweep_table_pareto_and_sensitivity():
+    at = app().run()
+    at.switch_page("pages/tradeoffs.py").run()
+    no_exceptions(at)
+    at.multiselect[0].set_value([2, 8])
+    at.multiselect[1].set_value([0])
+    at.button[0].click().run()    # the form's submit button
+    no_exceptions(at)
+    table = at.dataframe[0].value
+    assert sorted(table["bits"]) == [2, 8]
+    assert table.set_index("bits").loc[2, "perplexity"] > table.set_index("bits").loc[8, "perplexity"]
+    assert figure_titled(at, "Size vs perplexity") and figure_titled(at, "Latency vs perplexity")
+    assert at.get("download_button")
+    [b for b in at.button if b.label == "Compute sensitivity"][0].click().run()
+    no_exceptions(at)
+    heat = figure_titled(at, "Per-layer sensitivity")
+    assert heat["data"][0]["type"] == "heatmap" and len(heat["data"][0]["x"]) == 4
+
+
+def test_distillation_temperature_flattens_and_kd_runs():
+    at = app(steps=2).run()
+    at.switch_page("pages/distillation.py").run()
+    no_exceptions(at)
+    at.slider(key="kd_temperature").set_value(8.0).run()
+    bars = figure_titled(at, "Teacher's next-token")["data"]
+    assert max(bars[1]["y"]) < max(bars[0]["y"])          # T = 8 is flatter than T = 1
+    at.number_input(key="kd_steps").set_value(2)
+    [b for b in at.button if b.label == "Run distillation"][0].click().run()
+    no_exceptions(at)
+    curve = figure_titled(at, "Distillation: loss")
+    assert [p for p in curve["data"][0]["x"]] == [0, 1, 2]
+    assert "Original" in [m.value.strip("*") for m in at.markdown]
+
+
+def test_learn_shows_levels_errors_masks_and_the_two_mistakes():
+    at = app().run()
+    at.switch_page("pages/learn.py").run()
+    no_exceptions(at)
+    hist = figure_titled(at, at.selectbox(key="learn_layer").value)
+    assert len(hist["layout"]["shapes"]) == 8                       # 3 bits: 2**3 levels drawn
+    at.select_slider(key="learn_bits").set_value(2).run()
+    assert len(figure_titled(at, at.selectbox(key="learn_layer").value)["layout"]["shapes"]) == 4
+    errors = figure_titled(at, "Quantization error")["data"][0]["y"]
+    assert errors == sorted(errors, reverse=True)
+    assert len(at.code) == 4 and len(at.latex) >= 3
+    assert any("weights changed: 0%" in m.value for m in at.markdown)
+
+
+def test_report_page_exports_and_imports_the_runs_history():
+    at = app().run()
+    exported = {"format": "lmcompress-trail", "version": 1, "runs": list(at.session_state["trail"])}
+    at.switch_page("pages/report.py").run()
+    no_exceptions(at)
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any("HTML report" in label for label in labels) and any("JSON" in label for label in labels)
+
+    fresh = app().run()         # "after a server restart": a new session
+    fresh.switch_page("pages/report.py").run()
+    fresh.file_uploader(key="history_upload").set_value(
+        ("runs.json", json.dumps(exported).encode(), "application/json")).run()
+    no_exceptions(fresh)
+    assert len(fresh.session_state["trail"]) == 2
+
+
+def test_report_import_rejects_a_bad_file():
+    at = app().run()
+    at.switch_page("pages/report.py").run()
+    at.file_uploader(key="history_upload").set_value(("x.json", b"{not json", "application/json")).run()
+    no_exceptions(at)
+    assert at.error and "cannot be imported" in at.error[0].value
+
+
+def test_presentation_mode_has_large_results_and_no_controls():
+    at = app().run()
+    at.switch_page("pages/present.py").run()
+    no_exceptions(at)
+    assert [m.label for m in at.metric] == ["Packed size", "Perplexity", "Decode"]
+    assert not at.slider and not at.select_slider and not at.selectbox and not at.button
+    assert len(figures(at)) == 4
+
+
+def test_model_card_text_and_messages_are_never_markup():
+    def script():
+        from types import SimpleNamespace
+
+        from pages import common
+
+        card = SimpleNamespace(name="<img src=x onerror=alert(1)>", source="local", license="**MIT**",
+                               params=None, description="# Heading <script>x()</script>", notes="")
+        common.model_card(card)
+        common.error("Cannot load model", "[click](javascript:alert(1)) <b>bold</b>")
+
+    at = AppTest.from_function(script, default_timeout=TIMEOUT)
+    at.run()
+    no_exceptions(at)
+    body = html_text(at)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in body and "<img" not in body
+    assert "# Heading &lt;script&gt;x()&lt;/script&gt;" in body and "license: **MIT**" in body
+    assert at.error[0].value.endswith(r"\[click\]\(javascript\:alert\(1\)\) \<b\>bold\</b\>")

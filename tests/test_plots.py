@@ -1,0 +1,120 @@
+"""plots.py: every builder returns a figure whose data carries the numbers it was given."""
+import pandas as pd
+import pytest
+
+from lmcompress_core import plots
+
+
+def fake_report(bits=4, ppl=12.0, packed=2_000_000, model="tiny"):
+    return {
+        "model": model,
+        "config": {"quantization": {"bits": bits, "granularity": "group", "group_size": 128,
+                                    "symmetric": False, "method": "rtn"},
+                   "pruning": {"sparsity": 0.5, "method": "magnitude", "pattern": "unstructured"}},
+        "size": {"theoretical_bytes": packed * 0.9, "packed_bytes": packed, "runtime_bytes": 8_000_000,
+                 "base_bytes": 8_000_000, "simulated": True, "note": "fake"},
+        "latency": {"prefill_ms": 5.0, "decode_tokens_per_s": 300.0, "kernel": "fp32 dense — quantization simulated",
+                    "threads": 2, "prompt_tokens": 64, "new_tokens": 16, "runs": 5,
+                    "roofline_tokens_per_s": 900.0, "bandwidth_gb_s": 10.0},
+        "perplexity": {"value": ppl, "stderr": 0.3, "tokens": 512, "context": 256, "stride": 256,
+                       "text": "tiny-heldout"},
+        "base_perplexity": {"value": 10.0, "stderr": 0.25, "tokens": 512, "context": 256, "stride": 256,
+                            "text": "tiny-heldout"},
+        "kl_to_base": 0.05, "top1_agreement": 0.9,
+        "generation": {"prompt": "To be", "base": "To be or not", "compressed": "To be or nope",
+                       "first_divergence": 3},
+        "timings": {},
+    }
+
+
+def test_config_label_names_every_method():
+    label = plots.config_label(fake_report()["config"])
+    assert "4-bit" in label and "g128" in label and "RTN" in label and "50% magnitude" in label
+    assert plots.config_label({}) == "fp32 (uncompressed)"
+    assert plots.config_label({"quantization": {"bits": 16, "dtype16": "fp16"}}) == "fp16"
+    assert "2:4" in plots.config_label({"pruning": {"sparsity": 0.5, "pattern": "2:4", "method": "wanda"}})
+
+
+def test_size_figure_plots_bytes_in_mb_against_base():
+    fig = plots.size_figure(fake_report(packed=2_000_000))
+    bar = fig.data[0]
+    assert list(bar.x) == ["base fp32", "theoretical", "packed", "runtime"]
+    assert bar.y[0] == pytest.approx(8.0) and bar.y[2] == pytest.approx(2.0)
+    assert "simulated" in plots.size_how(fake_report())
+
+
+def test_latency_figure_carries_kernel_label_and_roofline():
+    fig = plots.latency_figure(fake_report())
+    assert "quantization simulated" in fig.layout.title.text
+    assert fig.data[1].y[0] == pytest.approx(300.0)
+    assert "roofline 900" in fig.data[1].text[0]
+    assert "2 CPU" in plots.latency_how(fake_report())
+
+
+def test_perplexity_figure_has_error_bars_kl_and_top1():
+    fig = plots.perplexity_figure(fake_report(ppl=14.0))
+    assert list(fig.data[0].y) == [10.0, 14.0]
+    assert list(fig.data[0].error_y.array) == [0.25, 0.3]
+    assert "KL 0.050" in fig.layout.title.text and "top-1 90%" in fig.layout.title.text
+
+
+def test_base_perplexity_as_plain_float_is_accepted():
+    report = fake_report()
+    report["base_perplexity"] = 9.5
+    assert plots.perplexity_figure(report).data[0].y[0] == 9.5
+
+
+def test_report_how_prefers_the_reports_own_text():
+    report = fake_report()
+    report["how"] = {"size": "counted by hand"}
+    how = plots.report_how(report)
+    assert how["size"] == "counted by hand" and "tokens" in how["perplexity"]
+
+
+def test_trail_figure_draws_every_run_and_the_frontier():
+    trail = [fake_report(bits=2, ppl=30.0, packed=1_000_000), fake_report(bits=8, ppl=10.1, packed=4_000_000),
+             fake_report(bits=4, ppl=40.0, packed=3_000_000)]
+    fig = plots.trail_figure(trail, current=1)
+    runs = [t for t in fig.data if t.name == "runs"][0]
+    assert list(runs.y) == [30.0, 10.1, 40.0]
+    frontier = [t for t in fig.data if t.name == "frontier"][0]
+    assert list(frontier.x) == [1.0, 4.0]   # the 4-bit run is dominated
+    assert "2-bit" in runs.customdata[0][1]
+
+
+def test_empty_trail_gives_an_empty_figure():
+    assert len(plots.trail_figure([]).data) == 0
+
+
+def test_pareto_figure_separates_frontier_from_dominated():
+    df = pd.DataFrame({"size_mb": [1, 2, 3], "perplexity": [5.0, 4.0, 6.0], "label": ["a", "b", "c"]})
+    fig = plots.pareto_figure(df, "size_mb", "perplexity", "t", "MB", "ppl")
+    front = [t for t in fig.data if t.name == "Pareto frontier"][0]
+    assert list(front.customdata[:, 0]) == ["a", "b"]
+
+
+def test_sensitivity_heatmap_is_layers_by_bits():
+    df = pd.DataFrame({"layer": ["l0", "l0", "l1", "l1"], "bits": [2, 4, 2, 4],
+                       "rel_mse": [0.1, 0.01, 0.2, 0.02], "sqnr_db": [10.0, 20.0, 7.0, 17.0]})
+    fig = plots.sensitivity_heatmap(df)
+    assert list(fig.data[0].x) == ["2-bit", "4-bit"] and list(fig.data[0].y) == ["l0", "l1"]
+    assert fig.data[0].z[1][0] == 7.0
+
+
+def test_topk_figure_groups_both_temperatures():
+    fig = plots.topk_figure([("a", 0.8), ("b", 0.2)], [("a", 0.6), ("c", 0.1)], 3.0)
+    assert [t.name for t in fig.data] == ["T = 1", "T = 3"]
+    assert list(fig.data[1].y) == [0.6, 0.0, 0.1]
+    spaced = plots.topk_figure([(" the", 0.5), ("\n", 0.2)], [(" the", 0.4)], 2.0)
+    assert list(spaced.data[0].x) == ["␣the", "↵"]
+
+
+def test_loss_curve_and_learn_figures():
+    fig = plots.loss_curve_figure([{"step": 0, "loss": 2.0, "ppl": 9.0}, {"step": 1, "loss": 1.5}])
+    assert list(fig.data[0].y) == [2.0, 1.5] and list(fig.data[1].y) == [9.0]
+    hist = plots.weight_histogram_figure([0.1, -0.2, 0.3], [-0.2, 0.0, 0.3], 2, "layer")
+    assert len(hist.layout.shapes) == 3
+    err = plots.quant_error_figure([2, 4, 8], [0.1, 0.01, 0.0001], chosen=4)
+    assert err.data[1].x[0] == 4
+    masks = plots.mask_figure({"unstructured": [[True, False]], "2:4": [[False, True]]})
+    assert len(masks.data) == 2 and list(masks.data[1].z[0]) == [0, 1]

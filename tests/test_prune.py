@@ -1,0 +1,81 @@
+"""Pruning: validation messages, achieved sparsity within ±0.5%, exact N:M patterns, Wanda's metric."""
+import pytest
+import torch
+
+from lmcompress_core.prune import PruningConfig, global_masks, layer_mask, nm_mask
+
+torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"sparsity": 1.0}, "would remove every weight"),
+    ({"sparsity": 1}, "would remove every weight"),
+    ({"sparsity": 1.5}, "would remove every weight"),
+    ({"sparsity": -0.1}, "between 0 and 0.95"),
+    ({"sparsity": 0.97}, "between 0 and 0.95"),
+    ({"sparsity": float("nan")}, "must be a number"),
+    ({"sparsity": "half"}, "must be a number"),
+    ({"method": "random"}, "method must be one of"),
+    ({"pattern": "1:4"}, "pattern must be one of"),
+    ({"scope": "model"}, "scope must be one of"),
+    ({"method": "wanda", "scope": "global"}, "magnitude pruning only"),
+])
+def test_bad_config_is_refused_with_a_message(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        PruningConfig(**kwargs)
+
+
+def test_nm_patterns_fix_the_sparsity():
+    assert PruningConfig(sparsity=0.1, pattern="2:4").effective_sparsity == 0.5
+    assert PruningConfig(sparsity=0.3).effective_sparsity == 0.3
+
+
+def _weights(seed=0, shape=(96, 200)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.73, 0.95])
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_achieved_sparsity_is_within_half_a_percent(sparsity, method):
+    w = _weights()
+    norms = torch.rand(200, generator=torch.Generator().manual_seed(1)) + 0.1
+    mask = layer_mask(w, PruningConfig(sparsity=sparsity, method=method), norms)
+    assert abs((~mask).float().mean().item() - sparsity) <= 0.005
+
+
+def test_magnitude_removes_the_smallest_weights():
+    w = _weights()
+    mask = layer_mask(w, PruningConfig(sparsity=0.5))
+    assert w[~mask].abs().max() <= w[mask].abs().min()
+
+
+def test_global_scope_hits_the_target_over_all_layers_not_each():
+    weights = {"small": _weights(1) * 0.1, "large": _weights(2)}
+    masks = global_masks(weights, 0.5)
+    removed = sum((~m).sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert abs(removed - 0.5) <= 0.005
+    assert (~masks["small"]).float().mean() > 0.8  # the small layer takes most of the cut
+    assert (~masks["large"]).float().mean() < 0.2
+
+
+@pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ("4:8", 4, 8)])
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_nm_pattern_is_exact(pattern, n, m, method):
+    w = _weights(shape=(32, 128))
+    mask = layer_mask(w, PruningConfig(pattern=pattern, method=method), torch.rand(128) + 0.1)
+    per_group = mask.reshape(32, 128 // m, m).sum(dim=-1)
+    assert torch.all(per_group == m - n)
+
+
+def test_nm_refuses_widths_it_cannot_tile():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        nm_mask(torch.rand(4, 6), 2, 4)
+
+
+def test_wanda_keeps_weights_on_loud_inputs_and_ranks_per_row():
+    w = _weights(3, shape=(16, 64))
+    norms = torch.ones(64)
+    norms[:4] = 1e6  # four input features with enormous activations
+    mask = layer_mask(w, PruningConfig(sparsity=0.5, method="wanda"), norms)
+    assert mask[:, :4].all()
+    assert torch.all(mask.sum(dim=1) == 32)  # every output row loses exactly half

@@ -1,0 +1,129 @@
+"""Quantization: config validation, the seed's formula against a reference, SQNR floors, GPTQ beats RTN."""
+import numpy as np
+import pytest
+import torch
+
+from lmcompress_core.quantize import (QuantizationConfig, QuantizedWeight, gptq_quantize, quantize_tensor,
+                                      requantize)
+
+torch.set_num_threads(2)
+
+
+def sqnr_db(w: torch.Tensor, approx: torch.Tensor) -> float:
+    return 10 * torch.log10(w.pow(2).mean() / (w - approx).pow(2).mean()).item()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"bits": 7}, "bits must be one of 2, 3, 4, 5, 6, 8 or 16"),
+    ({"bits": 1}, "bits must be one of"),
+    ({"bits": 32}, "bits must be one of"),
+    ({"bits": True}, "bits must be one of"),
+    ({"granularity": "row"}, "granularity must be one of"),
+    ({"group_size": 100}, "group_size must be 32, 64 or 128"),
+    ({"method": "awq"}, "method must be one of"),
+    ({"damp": 0}, "damp"),
+    ({"dtype16": "fp8"}, "dtype16 must be one of"),
+])
+def test_bad_config_is_refused_with_a_message(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        QuantizationConfig(**kwargs)
+
+
+def test_group_size_is_free_when_not_grouping():
+    assert QuantizationConfig(granularity="channel", group_size=100).group_size == 100
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_seed_formula_matches_an_independent_reference(bits):
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(bits))
+    qw = quantize_tensor(w, QuantizationConfig(bits=bits, granularity="group", group_size=32))
+    x = w.numpy().astype(np.float32)
+    q_min, q_max = np.float32(0), np.float32(2 ** bits - 1)
+    for g in range(3):
+        block = x[:, g * 32:(g + 1) * 32]
+        for r in range(16):
+            lo, hi = block[r].min(), block[r].max()
+            ref = np.round((block[r] - lo) / (hi - lo) * (q_max - q_min) + q_min)
+            np.testing.assert_array_equal(qw.codes[r, g * 32:(g + 1) * 32].numpy(), ref.astype(np.uint8))
+            dequant = lo + ref * (hi - lo) / (q_max - q_min)
+            np.testing.assert_allclose(qw.dequantize()[r, g * 32:(g + 1) * 32].numpy(), dequant, atol=1e-6)
+
+
+# Floors calibrated to what min-max RTN achieves on N(0, 1) rows of 1024 (torchao's 44 − (8 − b)·6.02 dB rule
+# shifted down: a 1024-wide row spans about ±3.3σ, costing ~2 dB at 8 bits and a little more at 2 bits).
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("symmetric, floor_at_8", [(False, 39.5), (True, 36.5)])
+def test_per_channel_sqnr_floor(bits, symmetric, floor_at_8):
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    qw = quantize_tensor(w, QuantizationConfig(bits=bits, granularity="channel", symmetric=symmetric))
+    assert sqnr_db(w, qw.dequantize()) >= floor_at_8 - (8 - bits) * 6.02
+
+
+def test_finer_granularity_is_more_accurate():
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(1))
+    errors = [sqnr_db(w, quantize_tensor(w, QuantizationConfig(bits=4, **kw)).dequantize())
+              for kw in ({"granularity": "tensor"}, {"granularity": "channel"}, {"group_size": 128}, {"group_size": 32})]
+    assert errors == sorted(errors)
+
+
+@pytest.mark.parametrize("granularity, group_size, scale_shape", [
+    ("tensor", 128, (1, 1)), ("channel", 128, (24, 1)), ("group", 64, (24, 4)), ("group", 128, (24, 2))])
+def test_representation_shapes_and_codes(granularity, group_size, scale_shape):
+    w = torch.randn(24, 256)
+    qw = quantize_tensor(w, QuantizationConfig(bits=3, granularity=granularity, group_size=group_size))
+    assert qw.codes.dtype == torch.uint8 and qw.codes.shape == (24, 256)
+    assert int(qw.codes.max()) <= 7
+    assert tuple(qw.scales.shape) == scale_shape == tuple(qw.zeros.shape)
+    assert qw.group_size == {"tensor": -1, "channel": 256, "group": group_size}[granularity]
+
+
+def test_symmetric_zero_is_exact_and_mask_zeroes():
+    w = torch.randn(8, 64)
+    w[:, ::2] = 0
+    qw = quantize_tensor(w, QuantizationConfig(bits=4, granularity="channel", symmetric=True))
+    assert torch.all(qw.dequantize()[:, ::2] == 0)
+    asym = quantize_tensor(w, QuantizationConfig(bits=4, granularity="channel"))
+    asym.mask = w != 0
+    assert torch.all(asym.dequantize()[:, ::2] == 0)
+
+
+def test_requantize_is_identity_on_the_grid():
+    w = torch.randn(32, 128)
+    qw = quantize_tensor(w, QuantizationConfig(bits=3, group_size=32))
+    assert torch.equal(requantize(qw.dequantize(), qw).codes, qw.codes)
+
+
+def _correlated_layer(seed=0, out_features=64, in_features=128, tokens=2048):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(in_features, in_features, generator=g) / in_features ** 0.5
+    x = torch.randn(tokens, in_features, generator=g) @ mixing + 0.1 * torch.randn(tokens, in_features, generator=g)
+    x[:, :8] *= 10  # a few outlier features, as real LLM activations have
+    w = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
+    return w, x, 2 * x.t() @ x / tokens
+
+
+def _output_error(w, approx, x):
+    return ((x @ (w - approx).t()) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"granularity": "channel"}, {"group_size": 32}, {"group_size": 64, "act_order": True},
+    {"granularity": "channel", "act_order": True}, {"granularity": "tensor"}, {"group_size": 32, "symmetric": True}])
+def test_gptq_output_error_is_lower_than_rtn(kwargs):
+    w, x, h = _correlated_layer()
+    cfg = QuantizationConfig(bits=3, method="gptq", **kwargs)
+    rtn = _output_error(w, quantize_tensor(w, cfg).dequantize(), x)
+    gptq = gptq_quantize(w, h, cfg)
+    assert gptq.codes.dtype == torch.uint8 and int(gptq.codes.max()) <= 7
+    assert _output_error(w, gptq.dequantize(), x) < 0.5 * rtn
+
+
+def test_gptq_codes_reproduce_its_weights_and_keep_pruned_zeros():
+    w, x, h = _correlated_layer(seed=1)
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    qw = gptq_quantize(w * mask, h, QuantizationConfig(bits=4, group_size=32, method="gptq"), mask)
+    approx = qw.dequantize()
+    assert torch.all(approx[~mask] == 0)
+    assert isinstance(qw, QuantizedWeight) and tuple(qw.scales.shape) == (64, 4)
+    rtn = quantize_tensor(w * mask, QuantizationConfig(bits=4, group_size=32)).dequantize() * mask
+    assert _output_error(w * mask, approx, x) < _output_error(w * mask, rtn, x)
