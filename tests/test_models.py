@@ -244,3 +244,35 @@ def test_default_model_loads_and_answers():
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = loaded.model.generate(ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1]:])
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """The default-model cache in tmp_path, with the slow GGUF de-quantization replaced by a tiny llama."""
+    monkeypatch.setenv("LMCOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "gguf_path", lambda: tmp_path / "fake.gguf")
+
+    def fake_load(source):
+        loaded = tiny_random_model("llama")
+        return loaded.model, loaded.tokenizer
+
+    monkeypatch.setattr(models, "_load_gguf", fake_load)
+    return tmp_path / "cache"
+
+
+def test_default_cache_is_rebuilt_when_damaged(fake_gguf):
+    folder = models.prepare_default()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    loaded = load_model("default")
+    assert loaded.card.source == "embedded" and weights.stat().st_size > 1000
+
+
+def test_interrupted_conversion_leaves_nothing(fake_gguf, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", boom)
+    with pytest.raises(ModelError, match="disk full"):
+        models.prepare_default()
+    assert list(fake_gguf.iterdir()) == []
