@@ -183,5 +183,6 @@ def kd_temperature_table(logits: torch.Tensor, temperatures=(1.0, 2.0, 4.0, 8.0)
 
 
 __all__ = ["LayerView", "pick_layer", "layer_names", "minmax_parameters", "histogram_data", "error_vs_bits",
-           "pruning_masks", "mistakes_demo", "kd_temperature_table", "next_token_logits", "MISTAKE_QUANTIZE", "CORRECT_QUANTIZE",
+           "pruning_masks", "mistakes_demo", "kd_temperature_table", "next_token_logits",
+           "MISTAKE_QUANTIZE", "CORRECT_QUANTIZE",
            "MISTAKE_PRUNE", "CORRECT_PRUNE"]

@@ -101,7 +101,8 @@ def size_how(report: Any) -> str:
     sim = " Quantization is simulated in fp32 at run time, so runtime RAM stays near the base." \
         if size.get("simulated") else ""
     return ("Theoretical = bits × weights + scales/zeros; packed = bytes really written by "
-            f"packing.save_compressed; runtime = parameter and buffer bytes of the model in memory.{sim} {note}").strip()
+            "packing.save_compressed; runtime = parameter and buffer bytes of the model in memory."
+            f"{sim} {note}").strip()
 
 
 def latency_figure(report: Any) -> go.Figure:
@@ -110,14 +111,14 @@ def latency_figure(report: Any) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill ms ↓", "decode tokens/s ↑"),
                         horizontal_spacing=0.2)
     fig.add_trace(go.Bar(x=["prefill"], y=[lat.get("prefill_ms") or 0], marker_color=COMPRESSED_COLOR,
-                         text=[f"{lat.get('prefill_ms') or 0:.1f} ms"], textposition="auto",
+                         text=[f"{lat.get('prefill_ms') or 0:.1f} ms"], textposition="inside", textangle=0,
                          name="prefill"), row=1, col=1)
     decode = lat.get("decode_tokens_per_s") or 0
     roof = lat.get("roofline_tokens_per_s")
     # The memory roofline is written on the bar, not drawn: on a tiny model it is 100x the measured speed.
     label = f"{decode:.1f} tok/s" + (f"<br>roofline {roof:,.0f}" if roof else "")
     fig.add_trace(go.Bar(x=["decode"], y=[decode], marker_color=COMPRESSED_COLOR, text=[label],
-                         textposition="auto", name="decode"), row=1, col=2)
+                         textposition="inside", textangle=0, name="decode"), row=1, col=2)
     kernel = lat.get("kernel") or "unknown kernel"
     fig = _layout(fig, f"Latency<br><sup>{kernel}</sup>")
     fig.update_layout(margin={"t": 90})
@@ -311,7 +312,7 @@ def weight_histogram_figure(weights: Sequence[float], levels: Sequence[float], b
     shown_levels = list(levels) if len(levels) <= 64 else []
     for level in shown_levels:
         fig.add_vline(x=float(level), line={"color": COMPRESSED_COLOR, "width": 1.5})
-    title = f"{layer}: weights and the {2 ** bits if bits < 16 else 'fp16'} levels of {bits}-bit min-max"
+    title = f"{layer}: {2 ** bits if bits < 16 else 'fp16'} levels ({bits}-bit)"
     if not shown_levels:
         title += " (too many levels to draw)"
     fig.update_xaxes(title_text="weight value")

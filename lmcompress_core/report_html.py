@@ -163,7 +163,8 @@ def build_report(report: Any, trail: Sequence[Any] = (), title: str = "LM Compre
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
-             f"<p class='muted'>Generated {_dt.datetime.now().isoformat(timespec='seconds')} by LM Compression Lab.</p>"]
+             f"<p class='muted'>Generated {_dt.datetime.now().isoformat(timespec='seconds')} "
+             "by LM Compression Lab.</p>"]
     if notes:
         parts.append(f"<p>{html.escape(notes)}</p>")
     first = True

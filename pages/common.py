@@ -344,7 +344,8 @@ def generations(gen: dict | None) -> None:
     if gen.get("first_divergence") is None:
         st.caption("Greedy outputs are identical.")
     else:
-        st.caption(f"Highlighted from the first token where the greedy outputs differ (token {gen['first_divergence']}).")
+        st.caption("Highlighted from the first token where the greedy outputs differ "
+                   f"(token {gen['first_divergence']}).")
 
 
 def config_label(config: dict | None) -> str:

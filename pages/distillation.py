@@ -37,7 +37,7 @@ with right:
 st.subheader("Run knowledge distillation")
 c1, c2, c3, c4 = st.columns(4)
 mode = c1.radio("Student", ["recovery", "student"], key="kd_mode",
-                format_func=lambda m: "compressed copy (recovery)" if m == "recovery" else "smaller model (fewer layers)")
+                format_func={"recovery": "compressed copy (recovery)", "student": "smaller model (fewer layers)"}.get)
 steps = c2.number_input("Steps", 1, 500, value=max(1, int(settings["steps"])), step=10, key="kd_steps")
 alpha = c3.slider("α (KD weight)", 0.0, 1.0, float(settings["alpha"]), 0.05, key="kd_alpha")
 keep_every = c4.selectbox("Keep every k-th layer", [2, 3, 4], key="kd_keep", disabled=mode != "student")

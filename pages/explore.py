@@ -73,8 +73,10 @@ def run(loaded, config: CompressionConfig, s: dict, slots: dict) -> dict | None:
     st.session_state["stop_requested"] = False
     if report is None:
         st.session_state["pending_key"] = key
-        st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
-        bar = st.progress(0.0, text="starting")
+        running = st.empty()
+        with running.container():
+            st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
+            bar = st.progress(0.0, text="starting")
         try:
             report = common.evaluate_live(
                 loaded, config, bar,
@@ -86,7 +88,7 @@ def run(loaded, config: CompressionConfig, s: dict, slots: dict) -> dict | None:
         except ValueError as exc:
             common.error("Cannot run this configuration", exc)
             return None
-        bar.empty()
+        running.empty()
         common.store_result(key, report)
     common.record_run(report, key)
     return report

@@ -11,7 +11,8 @@ if loaded is None:
 
 st.header("1 · Quantization: min-max onto 2ᵇ levels")
 st.latex(r"s = \frac{\max W - \min W}{2^b - 1},\quad z = \operatorname{round}\!\left(-\frac{\min W}{s}\right),"
-         r"\quad q = \operatorname{clamp}\!\left(\operatorname{round}\!\left(\frac{W}{s}\right) + z,\ 0,\ 2^b - 1\right),"
+         r"\quad q = \operatorname{clamp}\!\left(\operatorname{round}\!\left(\frac{W}{s}\right) + z,"
+         r"\ 0,\ 2^b - 1\right),"
          r"\quad \hat W = s\,(q - z)")
 names = learn.layer_names(loaded.model)
 c1, c2 = st.columns([2, 1])
@@ -25,7 +26,7 @@ weights, levels = learn.histogram_data(layer.weight, bits)
 left, right = st.columns(2)
 with left:
     common.figure(plots.weight_histogram_figure(weights, levels, bits, layer.name),
-                  f"{len(weights):,} weights sampled from {layer.name} {tuple(layer.weight.shape)}; red lines = the "
+                  f"{len(weights):,} weights sampled from {layer.name} {tuple(layer.weight.shape)}; orange lines = the "
                   "distinct values after one per-tensor min-max round trip (the engine's quantize_tensor).")
 with right:
     bits_list, errors = learn.error_vs_bits(layer.weight)
@@ -56,13 +57,15 @@ st.markdown("Both snippets below run without an error — and one of each pair d
 demo = learn.mistakes_demo(loaded.model, layer.name, bits=bits, sparsity=0.5)
 left, right = st.columns(2)
 with left:
-    st.markdown(f"❌ **Quantized values never written back** — weights changed: {demo['quantize_mistake']:.0%}")
+    st.markdown(":material/close: **Quantized values never written back** — "
+                f"weights changed: {demo['quantize_mistake']:.0%}")
     st.code(learn.MISTAKE_QUANTIZE, language="python")
-    st.markdown(f"❌ **A pruning line that changes nothing** — weights changed: {demo['prune_mistake']:.0%}")
+    st.markdown(":material/close: **A pruning line that changes nothing** — "
+                f"weights changed: {demo['prune_mistake']:.0%}")
     st.code(learn.MISTAKE_PRUNE, language="python")
 with right:
-    st.markdown(f"✅ **Written back** — weights changed: {demo['quantize_correct']:.0%}")
+    st.markdown(f":material/check: **Written back** — weights changed: {demo['quantize_correct']:.0%}")
     st.code(learn.CORRECT_QUANTIZE, language="python")
-    st.markdown(f"✅ **Assigned in place** — weights changed: {demo['prune_correct']:.0%}")
+    st.markdown(f":material/check: **Assigned in place** — weights changed: {demo['prune_correct']:.0%}")
     st.code(learn.CORRECT_PRUNE, language="python")
 st.caption("Measure, don't assume: a size or perplexity that did not move after 'compression' is the tell.")

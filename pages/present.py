@@ -16,6 +16,9 @@ html, body, [data-testid="stMarkdownContainer"] p {font-size: 26px !important;}
 </style>""")
 
 
+QUIET = {"delta_color": "off", "delta_arrow": "off", "border": True}  # deltas are context, not changes
+
+
 def big(fig):
     fig.update_layout(font={"size": 22}, height=520, title_font={"size": 26})
     return fig
@@ -33,10 +36,10 @@ else:
     base_bytes = size.get("base_bytes") or 0
     m1.metric("Packed size", f"{(size.get('packed_bytes') or 0) / plots.MB:.1f} MB",
               f"{(size.get('packed_bytes') or 0) / base_bytes:.0%} of base" if base_bytes else None,
-              delta_color="off", delta_arrow="off", border=True)
+              **QUIET)
     m2.metric("Perplexity", f"{ppl.get('value') or 0:.2f}",
-              f"base {report.get('base_perplexity') or 0:.2f}", delta_color="off", delta_arrow="off", border=True)
-    m3.metric("Decode", f"{lat.get('decode_tokens_per_s') or 0:.0f} tok/s", lat.get("kernel"), delta_color="off", delta_arrow="off", border=True)
+              f"base {report.get('base_perplexity') or 0:.2f}", **QUIET)
+    m3.metric("Decode", f"{lat.get('decode_tokens_per_s') or 0:.0f} tok/s", lat.get("kernel"), **QUIET)
     charts = [plots.size_figure(report), plots.perplexity_figure(report), plots.latency_figure(report),
               plots.trail_figure(st.session_state["trail"], current=len(st.session_state["trail"]) - 1)]
     for row in (charts[:2], charts[2:]):
