@@ -6,7 +6,8 @@ The loss is Hinton et al.'s, with the T² factor that keeps the soft term's grad
 
 Recovery mode trains the compressed copy against the original model; compress.py attaches a parametrization
 to every compressed weight so the forward always sees the quantized, masked weight while gradients reach the
-float "latent" weight straight through (STE) — masks and quantization survive training. Student mode first
+float "latent" weight straight through (STE) — masks and quantization survive training; only the compressed
+layers are trained (``distill_`` itself trains whatever requires grad). Student mode first
 keeps every k-th decoder block of the copy (DistilBERT-style). Training runs on CUDA when present; the model is
 left in eval mode throughout (no dropout) so a few steps are deterministic for a seed.
 """

@@ -174,7 +174,7 @@ def _cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
     for attempt in range(6):
         factor, info = torch.linalg.cholesky_ex(h + eye * (damp * 10 ** attempt * mean_diag))
         if info == 0:
-            inverse = torch.cholesky_inverse(factor)
+            inverse = torch.cholesky_solve(eye, factor)  # torch.cholesky_inverse is ~25x slower on CPU
             return torch.linalg.cholesky(inverse, upper=True)
     raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping; use more calibration text")
 

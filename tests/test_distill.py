@@ -91,14 +91,14 @@ def test_training_is_seeded_bounded_and_moves_toward_the_teacher(random_arch):
 
     teacher, student = _teacher_student(random_arch)
     ids = torch.randint(teacher.config.vocab_size, (6, 40), generator=torch.Generator().manual_seed(0))
-    config = DistillationConfig(steps=8, lr=1e-3, batch_size=2, seq_len=32, alpha=1.0, temperature=1.0)
+    config = DistillationConfig(steps=16, lr=3e-4, batch_size=2, seq_len=32, alpha=1.0, temperature=1.0)
     before = _kl_to_teacher(student, teacher, ids[5:])
     first = distill_(copy.deepcopy(student), teacher, config, ids[:5], ids[5:])
     second = distill_(student, teacher, config, ids[:5], ids[5:])
     assert [r["loss"] for r in first] == [r["loss"] for r in second]
     assert len(first) == config.steps + 1 and all(math.isfinite(r["loss"]) for r in first)
     assert "ppl" in first[0] and "ppl" in first[-1]
-    assert _kl_to_teacher(student, teacher, ids[5:]) < 0.85 * before  # measured 0.42–0.74
+    assert _kl_to_teacher(student, teacher, ids[5:]) < 0.9 * before  # measured 0.23–0.82
 
 
 def test_cancel_is_checked_every_step(random_arch):

@@ -127,3 +127,23 @@ def test_gptq_codes_reproduce_its_weights_and_keep_pruned_zeros():
     assert isinstance(qw, QuantizedWeight) and tuple(qw.scales.shape) == (64, 4)
     rtn = quantize_tensor(w * mask, QuantizationConfig(bits=4, group_size=32)).dequantize() * mask
     assert _output_error(w * mask, approx, x) < _output_error(w * mask, rtn, x)
+
+
+def test_gptq_cuts_the_output_error_of_every_layer_of_the_trained_tiny_model(tiny_loaded):
+    from lmcompress_core.data import calibration_batches, load_text
+    from lmcompress_core.layers import input_statistics, linear_layers, weight_matrix
+
+    calib = calibration_batches(tiny_loaded.tokenizer, load_text("tiny-train"), n_samples=8, seq_len=256)
+    layers = linear_layers(tiny_loaded.model)
+    hessians = input_statistics(tiny_loaded.model, layers, calib, hessian=True).hessian
+    cfg = QuantizationConfig(bits=3, method="gptq")
+    ratios = []
+    for name, module in layers.items():
+        w, h = weight_matrix(module), hessians[name]
+
+        def error(approx):  # tr(ΔW H ΔWᵀ) = 2/n · ‖X ΔWᵀ‖², the layer's output error on calibration inputs
+            d = w - approx
+            return torch.einsum("oi,ij,oj->", d, h, d).item()
+
+        ratios.append(error(gptq_quantize(w, h, cfg).dequantize()) / error(quantize_tensor(w, cfg).dequantize()))
+    assert max(ratios) < 0.6 and sorted(ratios)[len(ratios) // 2] < 0.25  # measured: max 0.30, median 0.11
