@@ -248,20 +248,22 @@ class _Stages:
         self.callback, self.should_stop = callback, should_stop
         self.timings: dict[str, float] = {}
 
-    def check(self, stage: str, step: int = 0, total: int = 1, message: str = "") -> None:
+    def check(self, stage: str, step: int = 0, total: int = 1, message: str = "",
+              metrics: dict | None = None) -> None:
         from lmcompress_core.compress import Cancelled, Progress
 
         if self.should_stop is not None and self.should_stop():
             raise Cancelled(f"stopped during {stage}")
         if self.callback is not None:
-            self.callback(Progress(stage, step, total, message))
+            self.callback(Progress(stage, step, total, message, metrics or {}))
 
     def run(self, stage: str, message: str, fn):
+        """Run one stage; its finished result travels in the closing Progress's metrics[stage] (partial results)."""
         self.check(stage, 0, 1, message)
         start = time.perf_counter()
         result = fn()
         self.timings[stage] = round(time.perf_counter() - start, 3)
-        self.check(stage, 1, 1, "done")
+        self.check(stage, 1, 1, "done", {stage: result})
         return result
 
 

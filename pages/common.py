@@ -288,13 +288,6 @@ def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
     return callback
 
 
-def needs_calibration(config) -> bool:
-    """GPTQ, Wanda and distillation read calibration text; evaluate() picks it, so those run in one call."""
-    q, p = config.quantization, config.pruning
-    return (config.distillation is not None or (q is not None and q.method == "gptq")
-            or (p is not None and p.method == "wanda"))
-
-
 def evaluate_live(loaded, config, bar, on_size: Callable[[dict], None], **evaluate_kwargs) -> dict:
     """Compress and measure with progress; the size (cheap) is handed to ``on_size`` before the slow stages.
 
@@ -303,15 +296,13 @@ def evaluate_live(loaded, config, bar, on_size: Callable[[dict], None], **evalua
     from dataclasses import asdict
 
     from lmcompress_core import measure
-    from lmcompress_core.compress import compress
 
-    callback = progress_callback(bar)
-    kwargs = dict(evaluate_kwargs, callback=callback, should_stop=should_stop)
-    if needs_calibration(config):
-        return measure.evaluate(loaded, config, **kwargs).to_dict()
-    compressed = compress(loaded.model, config, callback=callback, should_stop=should_stop)
-    on_size({"size": asdict(measure.measure_size(compressed, loaded.model))})
-    return measure.evaluate(loaded, config, compressed=compressed, **kwargs).to_dict()
+    def partial(progress) -> None:
+        if "size" in progress.metrics:
+            on_size({"size": asdict(progress.metrics["size"])})
+
+    callback = progress_callback(bar, on_metrics=partial)
+    return measure.evaluate(loaded, config, callback=callback, should_stop=should_stop, **evaluate_kwargs).to_dict()
 
 
 def figure(fig, caption: str = "", key: str | None = None) -> None:
