@@ -261,7 +261,7 @@ def _tiny_card() -> ModelCard:
         name="tiny-shakespeare", source="project",
         description="A tiny Llama-style model trained from scratch by this project on Shakespeare "
                     "(python -m lmcompress_core.train_tiny).",
-        license="public-domain training text; weights under this repository's licence", params=None,
+        license="public-domain training text; weights Apache-2.0 (this repository)", params=None,
         notes="Fast enough for teaching, distillation and tests; it writes pseudo-Shakespeare, not sense." + ppl)
 
 

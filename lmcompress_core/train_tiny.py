@@ -160,7 +160,7 @@ make the app fast for teaching, distillation and tests; it is not a useful langu
   Public domain. Cleaned text: `assets/texts/tiny-train.txt.gz` ({train_tokens:,} tokens).
 - **Held out, never trained on**: Macbeth and Twelfth Night (`assets/texts/tiny-heldout.txt`,
   {heldout_tokens:,} tokens). The tokenizer was also trained on the training split only.
-- **Licence**: weights and tokenizer released under the same terms as this repository; the training
+- **Licence**: weights and tokenizer released under Apache-2.0, like this repository; the training
   text is public domain.
 - **Command**: `{command}` (seeded; bf16 autocast, weights stored in float32). It took
   {train_minutes:.1f} min ({tokens_per_s:,.0f} tokens/s) on 2 CPU cores shared with other jobs; an idle
