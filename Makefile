@@ -27,9 +27,14 @@ run: setup
 test: setup browser
 	$(PY) -m pytest -q
 
+# Peers (torchao, optimum-quanto) go into their own folder with --no-deps, so the app's torch stays 2.13.0 CPU.
 bench: setup
-	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m pip install -q --no-deps --target .venv/bench-peers -r requirements-bench.txt
 	$(PY) -m bench
+
+# N concurrent browser sessions against `streamlit run` on 127.0.0.1 (not part of `make test`).
+loadtest: setup browser
+	$(PY) -m bench.loadtest
 
 clean:
 	rm -rf .venv .pytest_cache
