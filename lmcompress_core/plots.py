@@ -105,20 +105,31 @@ def size_how(report: Any) -> str:
             f"{sim} {note}").strip()
 
 
+def _speed_bar(fig: go.Figure, name: str, color: str, values: tuple[float, float], labels: tuple[str, str]) -> None:
+    """One model's prefill and decode bars (left and right panels)."""
+    for col, (value, label) in enumerate(zip(values, labels), start=1):
+        fig.add_trace(go.Bar(x=[name], y=[value], marker_color=color, text=[label], textposition="inside",
+                             textangle=0, name=name, showlegend=False), row=1, col=col)
+
+
 def latency_figure(report: Any) -> go.Figure:
-    """Two panels: prefill time (ms, lower is better) and decode throughput (tokens/s, higher is better)."""
-    lat = _section(report, "latency")
+    """Prefill time (ms, lower is better) and decode throughput (tokens/s, higher is better), base beside
+    compressed when the base was timed with the same protocol; the ratio to the base is written on the bar."""
+    lat, base = _section(report, "latency"), _section(report, "base_latency")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill ms ↓", "decode tokens/s ↑"),
                         horizontal_spacing=0.2)
-    fig.add_trace(go.Bar(x=["prefill"], y=[lat.get("prefill_ms") or 0], marker_color=COMPRESSED_COLOR,
-                         text=[f"{lat.get('prefill_ms') or 0:.1f} ms"], textposition="inside", textangle=0,
-                         name="prefill"), row=1, col=1)
-    decode = lat.get("decode_tokens_per_s") or 0
+    prefill, decode = lat.get("prefill_ms") or 0, lat.get("decode_tokens_per_s") or 0
+    if base:
+        base_prefill, base_decode = base.get("prefill_ms") or 0, base.get("decode_tokens_per_s") or 0
+        _speed_bar(fig, "base", BASE_COLOR, (base_prefill, base_decode),
+                   (f"{base_prefill:.1f} ms", f"{base_decode:.1f} tok/s"))
     roof = lat.get("roofline_tokens_per_s")
     # The memory roofline is written on the bar, not drawn: on a tiny model it is 100x the measured speed.
-    label = f"{decode:.1f} tok/s" + (f"<br>roofline {roof:,.0f}" if roof else "")
-    fig.add_trace(go.Bar(x=["decode"], y=[decode], marker_color=COMPRESSED_COLOR, text=[label],
-                         textposition="inside", textangle=0, name="decode"), row=1, col=2)
+    labels = [f"{prefill:.1f} ms", f"{decode:.1f} tok/s" + (f"<br>roofline {roof:,.0f}" if roof else "")]
+    if base and base_prefill and base_decode:
+        labels[0] += f"<br>×{base_prefill / prefill:.2f} speed" if prefill else ""
+        labels[1] += f"<br>×{decode / base_decode:.2f} speed"
+    _speed_bar(fig, "compressed", COMPRESSED_COLOR, (prefill, decode), tuple(labels))
     kernel = lat.get("kernel") or "unknown kernel"
     fig = _layout(fig, f"Latency<br><sup>{kernel}</sup>")
     fig.update_layout(margin={"t": 90})
@@ -130,7 +141,9 @@ def latency_how(report: Any) -> str:
     return (f"Median of {lat.get('runs', '?')} timed runs after a warm-up on {lat.get('threads', '?')} CPU "
             f"thread(s): prefill of {lat.get('prompt_tokens', '?')} prompt tokens, then "
             f"{lat.get('new_tokens', '?')} greedy decode steps. Kernel: {lat.get('kernel', '?')}."
-            + (" Roofline = weight bytes ÷ measured memory bandwidth." if lat.get("roofline_tokens_per_s") else ""))
+            + (" Roofline = weight bytes ÷ measured memory bandwidth." if lat.get("roofline_tokens_per_s") else "")
+            + (" The base model was timed with the same protocol in this server process; ×N = speed relative "
+               "to it." if _section(report, "base_latency") else ""))
 
 
 def perplexity_figure(report: Any) -> go.Figure:

@@ -43,6 +43,17 @@ def test_size_figure_plots_bytes_in_mb_against_base():
     assert "simulated" in plots.size_how(fake_report())
 
 
+def test_latency_figure_puts_the_base_beside_the_compressed_model_with_the_speed_ratio():
+    report = fake_report()
+    report["latency"].update(kernel="int8 (real, torch dynamic)", prefill_ms=2.5, decode_tokens_per_s=600.0)
+    report["base_latency"] = {"prefill_ms": 5.0, "decode_tokens_per_s": 300.0, "kernel": "float32 dense (base)"}
+    fig = plots.latency_figure(report)
+    bars = {(trace.x[0], trace.xaxis): (trace.y[0], trace.text[0]) for trace in fig.data}
+    assert bars[("base", "x")][0] == 5.0 and bars[("compressed", "x")][0] == 2.5
+    assert "×2.00 speed" in bars[("compressed", "x")][1] and "×2.00 speed" in bars[("compressed", "x2")][1]
+    assert "same protocol" in plots.latency_how(report)
+
+
 def test_latency_figure_carries_kernel_label_and_roofline():
     fig = plots.latency_figure(fake_report())
     assert "quantization simulated" in fig.layout.title.text

@@ -166,3 +166,17 @@ def test_explore_slider_updates_charts_and_generations_then_every_page(server, p
     assert page.locator("[data-testid='stSlider']").count() == 0
     page.screenshot(path=str(shots / "presentation.png"), full_page=True)
     print(f"screenshots in {shots}")
+
+
+@pytest.mark.slow
+def test_embedded_default_model_generates_in_the_browser(server, page, shots):
+    """The front door's promise: offline, the embedded SmolLM2 serves a generation in a real browser."""
+    page.goto(f"{server}/?model=default", timeout=WAIT_MS)
+    page.get_by_text("SmolLM2").first.wait_for(timeout=WAIT_MS)
+    page.get_by_text("Generations").first.wait_for(timeout=WAIT_MS)
+    page.locator(".js-plotly-plot").nth(3).wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    assert_no_exception(page)
+    original, compressed = page.locator("[data-testid='stHtml']").all_inner_texts()[-2:]  # the side-by-side boxes
+    assert len(original.split()) >= 5 and len(compressed.split()) >= 5, (original, compressed)
+    page.screenshot(path=str(shots / "explore-default.png"), full_page=True)
