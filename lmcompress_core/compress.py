@@ -126,6 +126,7 @@ class _Run:
     quantized: dict = field(default_factory=dict)
     half: str | None = None                   # "bf16" | "fp16" once a 16-bit cast is due
     int8: bool = False
+    int8_detail: str = ""                     # e.g. "; SmoothQuant α=0.75; 27 of 210 layers kept fp32"
     history: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -318,16 +319,38 @@ def _attach_constraints(run: _Run) -> list[nn.Module]:
 
 def _finish(run: _Run) -> None:
     if run.int8:
-        run.report("finish", 0, 1, "converting 8-bit layers to torch's int8 kernel")
-        names = [n for n, m in run.layers().items() if not isinstance(m, nn.Embedding) and n in run.quantized]
-        to_int8_kernel_(run.model, names)
+        _finish_int8(run)
     if run.half is not None:
         cast_half_(run.model, run.half)
 
 
+def _finish_int8(run: _Run) -> None:
+    """Convert the 8-bit layers to torch's int8 kernel, smoothed and checked on calibration text when there is some."""
+    run.report("finish", 0, 1, "converting 8-bit layers to torch's int8 kernel")
+    cfg = run.config.quantization
+    names = [n for n, m in run.layers().items() if not isinstance(m, nn.Embedding) and n in run.quantized]
+    run.notes.append("int8 kernel: weights are int8 per output channel; activations are quantized to int8 per "
+                     "tensor at run time (one scale per batch), so an outlier input channel costs every other "
+                     "channel resolution")
+    if run.calibration is None:
+        to_int8_kernel_(run.model, names)
+        run.notes.append("int8 kernel: no calibration text, so SmoothQuant smoothing and the per-layer SQNR check "
+                         "were skipped")
+        return
+    kept = to_int8_kernel_(run.model, names, run.calibration, cfg.smooth_alpha, cfg.int8_sqnr_floor_db, run.check)
+    run.int8_detail = (f"; SmoothQuant α={cfg.smooth_alpha:g}" if cfg.smooth_alpha > 0 else "") + \
+        f"; {len(kept)} of {len(names)} layers kept fp32"
+    if cfg.smooth_alpha > 0:
+        run.notes.append(f"int8 kernel: SmoothQuant (α={cfg.smooth_alpha:g}) divides each layer's inputs by "
+                         "per-channel factors from calibration text and multiplies the weight columns by them")
+    if kept:
+        run.notes.append(f"int8 kernel: {len(kept)} layer(s) below {cfg.int8_sqnr_floor_db:g} dB int8 output SQNR on "
+                         f"calibration text run in fp32 (their weights stay 8-bit fake-quantized): {', '.join(kept)}")
+
+
 def _kernel(run: _Run) -> str:
     if run.int8:
-        kernel = KERNEL_INT8
+        kernel = KERNEL_INT8[:-1] + run.int8_detail + ")"
     elif run.half is not None:
         kernel = run.half
     elif run.quantized:

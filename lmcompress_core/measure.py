@@ -63,6 +63,7 @@ class Report:
     timings: dict = field(default_factory=dict)   # seconds per stage
     base_perplexity_stderr: float | None = None
     kernel: str = ""
+    base_latency: LatencyReport | None = None      # the base model under the same protocol, for side-by-side ratios
     history: list = field(default_factory=list)   # distillation curve from the CompressedModel
     notes: list = field(default_factory=list)     # the engine's plain-text remarks (e.g. layers GPTQ ran as RTN)
 
@@ -71,7 +72,7 @@ class Report:
         plain = ("model", "config", "base_perplexity", "base_perplexity_stderr", "kl_to_base", "top1_agreement",
                  "timings", "kernel", "history", "notes")
         data = {f: getattr(self, f) for f in plain}
-        for name in ("size", "latency", "perplexity", "generation"):
+        for name in ("size", "latency", "base_latency", "perplexity", "generation"):
             value = getattr(self, name)
             data[name] = asdict(value) if value is not None else None
         data["how"] = how_labels(self)
@@ -180,12 +181,27 @@ def how_labels(report: Report) -> dict[str, str]:
 # ---------------------------------------------------------------- evaluate
 _PPL_CACHE: OrderedDict = OrderedDict()
 _REPORT_CACHE: OrderedDict = OrderedDict()
+_BASE_LATENCY_CACHE: OrderedDict = OrderedDict()   # the base model is timed once per process and protocol
 _CACHE_LOCK = threading.Lock()
 
 
 def clear_caches() -> None:
     _PPL_CACHE.clear()
     _REPORT_CACHE.clear()
+    _BASE_LATENCY_CACHE.clear()
+
+
+def base_latency(loaded, prompt_tokens: int, decode_tokens: int, runs: int) -> LatencyReport:
+    """The uncompressed model timed with the same protocol (cached per process: it never changes)."""
+    key = (loaded.name, prompt_tokens, decode_tokens, runs, torch.get_num_threads())
+    cached = _cache_get(_BASE_LATENCY_CACHE, key)
+    if cached is None:
+        dtype = next(loaded.model.parameters()).dtype
+        cached = measure_latency(loaded.model, loaded.tokenizer, f"{str(dtype).removeprefix('torch.')} dense (base)",
+                                 prompt_tokens, decode_tokens, runs, bytes_per_token=runtime_bytes(loaded.model),
+                                 bytes_basis="base runtime bytes: every weight read once per token")
+        _cache_put(_BASE_LATENCY_CACHE, key, cached)
+    return cached
 
 
 def _cache_get(cache: OrderedDict, key):
@@ -216,15 +232,17 @@ def evaluation_text(loaded, text: str | None = None) -> tuple[str, str, str]:
 
 def calibration_for(loaded, config, eval_tokens: int = 2048, text: str | None = None,
                     n_samples: int = 16, seq_len: int = 256) -> torch.Tensor | None:
-    """Calibration token ids [n_samples, seq_len] for GPTQ/Wanda/distillation; None when the config needs none.
+    """Calibration token ids [n_samples, seq_len] for GPTQ, Wanda, distillation and the int8 kernel (None: not needed).
 
     The tiny model calibrates on its training text; other models on the part of their evaluation text after
     the ``eval_tokens`` that perplexity scores, so calibration never sees the scored tokens.
     """
     from lmcompress_core import data
 
+    q = config.quantization
     needs = (config.distillation is not None
-             or (config.quantization is not None and config.quantization.method == "gptq")
+             or (q is not None and q.method == "gptq")
+             or (q is not None and q.bits == 8 and q.int8_kernel)  # SmoothQuant + SQNR check of the int8 kernel
              or (config.pruning is not None and config.pruning.method == "wanda"))
     if not needs:
         return None
@@ -303,8 +321,10 @@ def evaluate(loaded, config, eval_tokens: int = 2048, context: int = 256, stride
             callback=inner, should_stop=should_stop))
     cm, base = compressed, loaded.model
     size = stages.run("size", "counting bytes (writing the packed file)", lambda: measure_size(cm, base))
-    lat = None
+    lat = base_lat = None
     if latency:
+        base_lat = stages.run("base latency", "timing the base model (once per process)",
+                              lambda: base_latency(loaded, prompt_tokens, decode_tokens, latency_runs))
         lat = stages.run("latency", "timing prefill and decode", lambda: measure_latency(
             cm.model, loaded.tokenizer, cm.kernel, prompt_tokens, decode_tokens, latency_runs,
             bytes_per_token=size.packed_bytes,
@@ -326,6 +346,7 @@ def evaluate(loaded, config, eval_tokens: int = 2048, context: int = 256, stride
     report = Report(model=loaded.name, config=config.to_dict(), size=size, latency=lat, perplexity=ppl[0],
                     base_perplexity=ppl[1].value, kl_to_base=ppl[2], top1_agreement=ppl[3], generation=gen,
                     timings=stages.timings, base_perplexity_stderr=ppl[1].stderr, kernel=cm.kernel,
+                    base_latency=base_lat,
                     history=list(getattr(cm, "history", []) or []), notes=list(getattr(cm, "notes", []) or []))
     if use_cache:
         _cache_put(_REPORT_CACHE, report_key, copy.deepcopy(report))

@@ -104,11 +104,12 @@ def test_base_model_is_never_mutated(gpt2, kind):
 
 @pytest.mark.parametrize("kind, kernel", [
     ("rtn-4-group32", "fp32 dense — quantization simulated"),
-    ("int8-kernel", "int8 (real, torch dynamic)"),
+    ("int8-kernel", "int8 (real, torch dynamic; SmoothQuant α=0.75; 0 of 8 layers kept fp32)"),
     ("bf16", "bf16"), ("fp16", "fp16"),
     ("magnitude-50", "fp32 dense + dense zeros — no sparse kernel"),
     ("student", "fp32 dense"),
-    ("everything-int8", "int8 (real, torch dynamic) + dense zeros — no sparse kernel"),
+    ("everything-int8", "int8 (real, torch dynamic; SmoothQuant α=0.75; 0 of 8 layers kept fp32)"
+                        " + dense zeros — no sparse kernel"),
 ])
 def test_kernel_says_what_really_runs(gpt2, kind, kernel):
     assert compress(gpt2, KINDS[kind], calibration=calibration(gpt2)).kernel == kernel
@@ -283,3 +284,17 @@ def test_tiny_recovery_distillation_wins_back_10_percent_after_pruning(tiny):
     assert_masks_and_codes_hold(recovered)
     assert perplexity(recovered.model, heldout) <= 0.9 * pruned
     assert_same_state(model, before)
+
+
+def test_int8_notes_say_how_activations_are_quantized_and_whether_smoothing_ran(gpt2, tmp_path):
+    from lmcompress_core.packing import load_compressed, save_compressed
+
+    plain = compress(gpt2, KINDS["int8-kernel"])
+    assert plain.kernel == "int8 (real, torch dynamic)" and any("skipped" in n for n in plain.notes)
+    smoothed = compress(gpt2, KINDS["int8-kernel"], calibration=calibration(gpt2))
+    assert any("per tensor at run time" in n for n in smoothed.notes)
+    assert any("SmoothQuant" in n for n in smoothed.notes) and not any("skipped" in n for n in smoothed.notes)
+    save_compressed(smoothed, gpt2, tmp_path)  # the packed codes are the fake-quantized, unsmoothed weights
+    ids = calibration(gpt2, 1)
+    a, b = smoothed.model(input_ids=ids).logits, load_compressed(tmp_path, gpt2)(input_ids=ids).logits
+    assert (a - b).norm() / a.norm() < 0.05

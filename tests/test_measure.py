@@ -243,6 +243,9 @@ def test_evaluate_report_stages_and_json(loaded):
     assert {"size", "latency", "roofline", "perplexity", "kl_to_base", "top1_agreement", "generation"} <= set(
         data["how"])
     assert "simulated" in data["how"]["size"] and f"{torch.get_num_threads()} thread" in data["how"]["latency"]
+    base = data["base_latency"]   # the base model timed with the same protocol, beside the compressed one
+    assert base["kernel"] == "float32 dense (base)" and base["prompt_tokens"] == data["latency"]["prompt_tokens"]
+    assert base["prefill_ms"] > 0 and base["decode_tokens_per_s"] > 0
 
 
 def test_evaluate_is_cached_and_uncompressed_model_agrees_with_base(loaded):
