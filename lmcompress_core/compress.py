@@ -19,10 +19,11 @@ from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
 from .distill import DistillationConfig, distill_, keep_every_kth_block_
+from .int8_kernel import to_int8_kernel_
 from .layers import DEFAULT_EXCLUDE, input_statistics, linear_layers, set_weight_matrix_, weight_matrix
 from .prune import PruningConfig, global_masks, layer_mask
 from .quantize import (QuantizationConfig, QuantizedWeight, cast_half_, fake_quantize, gptq_quantize,
-                       half_round_trip, quantize_tensor, requantize, to_int8_kernel_)
+                       half_round_trip, quantize_tensor, requantize)
 
 KERNEL_SIMULATED = "fp32 dense — quantization simulated"
 KERNEL_INT8 = "int8 (real, torch dynamic)"

@@ -8,6 +8,8 @@ count of the files written here, not an estimate. The format:
 * pruned layers: only the kept weights (or kept codes) plus the keep-mask in a real sparse format,
   a bitmask (1 bit per weight) or row-compressed column indices (bit-packed), the smaller per layer;
 * every other tensor (embeddings, norms, biases, layers left float) stored as it is, tied tensors once;
+* int8-kernel layers smoothed with SmoothQuant: their fp32 smoothing factors s, ``<name>.int8_smoothing_factors``,
+  so the reloaded layer multiplies the same de-quantized weights by the same s before its own int8 rounding;
 * ``compression.json`` holds the layout, the model config and the compression config.
 
 ``load_compressed`` rebuilds a model whose outputs are identical to the compressed model's.
@@ -24,7 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "lmcompress-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2 adds int8 smoothing factors and layers run as nn.Linear; 1 is still read
+_READABLE_VERSIONS = (1, 2)
+SMOOTHING_SUFFIX = ".int8_smoothing_factors"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "compression.json"
 
@@ -215,6 +219,7 @@ def pack_model(cm, base_model=None) -> tuple[dict[str, torch.Tensor], dict]:
         qweight = cm.quantized.get(name)
         mask = cm.masks.get(name, getattr(qweight, "mask", None))
         parts, meta = pack_layer(name, weight, qweight, mask)
+        parts.update(_smoothing_tensors(name, module, meta))
         tensors.update(parts)
         layers[name] = meta
     dense, tied = _dense_tensors(cm.model, skip={f"{n}.weight" for n in layers})
@@ -225,6 +230,8 @@ def pack_model(cm, base_model=None) -> tuple[dict[str, torch.Tensor], dict]:
         "compression": cm.config.to_dict(),
         "kernel": cm.kernel,
         "int8_layers": sorted(n for n in layers if is_dynamic_int8(modules[n])),
+        # GPT-2's Conv1D layers become nn.Linear on the int8 path, also those the SQNR floor kept fp32
+        "linear_layers": sorted(n for n in layers if isinstance(modules[n], torch.nn.Linear)),
         "layers": layers, "tied": tied,
         # non-persistent buffers (rotary tables) are rebuilt by the architecture; their dtype follows a cast
         "buffer_dtypes": {n: str(b.dtype).replace("torch.", "") for n, b in cm.model.named_buffers()},
@@ -232,6 +239,18 @@ def pack_model(cm, base_model=None) -> tuple[dict[str, torch.Tensor], dict]:
         "same_architecture_as_base": base_model is not None and _same_architecture(cm.model, base_model),
     }
     return tensors, meta
+
+
+def _smoothing_tensors(name: str, module, meta: dict) -> dict[str, torch.Tensor]:
+    """A SmoothQuant-smoothed int8 layer's factors s (fp32, one per input channel), counted in the layer's bytes."""
+    from lmcompress_core.int8_kernel import SmoothedInt8Linear
+
+    if not isinstance(module, SmoothedInt8Linear):
+        return {}
+    smooth = module.smooth.contiguous()
+    meta["smoothing_factors"] = name + SMOOTHING_SUFFIX
+    meta["bytes"] += smooth.numel() * smooth.element_size()
+    return {name + SMOOTHING_SUFFIX: smooth}
 
 
 def _dense_tensors(model, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -287,13 +306,13 @@ def load_compressed(folder, base_model) -> torch.nn.Module:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{folder} is not a packed compressed model: {exc}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in _READABLE_VERSIONS:
         raise ValueError(f"{folder} holds an unknown format ({meta.get('format')} v{meta.get('version')})")
     tensors = load_file(str(folder / WEIGHTS_FILE))
     model = _skeleton(meta["model_config"], base_model)
     layer_parts = {f"{n}.weight." for n in meta["layers"]}
     for key, value in tensors.items():
-        if not key.startswith(tuple(layer_parts)):
+        if not key.startswith(tuple(layer_parts)) and not key.endswith(SMOOTHING_SUFFIX):
             _set_tensor(model, key, value)
     for alias, target in meta["tied"].items():
         _set_tensor(model, alias, model.get_parameter(target) if _is_param(model, target) else
@@ -308,11 +327,19 @@ def load_compressed(folder, base_model) -> torch.nn.Module:
         if buffer is not None and buffer.is_floating_point():
             _set_tensor(model, name, buffer.to(getattr(torch, dtype)))
     model.eval()
-    if meta["int8_layers"]:
-        from lmcompress_core.quantize import to_int8_kernel_
-
-        to_int8_kernel_(model, meta["int8_layers"])
+    _rebuild_int8_(model, meta, tensors)
     return model
+
+
+def _rebuild_int8_(model, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The int8-kernel layers from their de-quantized weights, smoothed by their stored factors when they were."""
+    from lmcompress_core.int8_kernel import int8_linear
+    from lmcompress_core.layers import conv1d_to_linear_
+
+    conv1d_to_linear_(model, sorted(set(meta["int8_layers"]) | set(meta.get("linear_layers", []))))
+    for name in meta["int8_layers"]:
+        key = meta["layers"][name].get("smoothing_factors")
+        model.set_submodule(name, int8_linear(model.get_submodule(name), None if key is None else tensors[key]))
 
 
 def _skeleton(config_dict: dict, base_model):

@@ -1,4 +1,5 @@
 """Bit-packing round trips, exact byte counts, sparse mask encodings, and the packed format on compressed models."""
+import json
 import math
 
 import pytest
@@ -53,3 +54,53 @@ def test_mask_encodings_round_trip_and_pick_the_smaller(density):
         assert fmt == "bitmask" and sizes["bitmask"] == 48 * 300 // 8
     if density == 0.02:
         assert fmt == "index"
+
+
+# ---- the int8 kernel path: smoothed layers and layers the SQNR floor kept fp32 reload exactly -------------
+
+@pytest.fixture(scope="module")
+def int8_models():
+    from lmcompress_core.models import tiny_random_model
+
+    return {arch: tiny_random_model(arch).model for arch in ("gpt2", "llama")}
+
+
+# 0 dB: every layer smoothed int8; 35 dB: a mix (measured: 3 of 8 gpt2, 4 of 14 llama layers kept fp32); 60: all fp32
+@pytest.mark.parametrize("floor", [0.0, 35.0, 60.0])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_smoothed_int8_model_reloads_with_identical_logits(int8_models, arch, floor, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmcompress_core.compress import CompressionConfig, compress
+    from lmcompress_core.int8_kernel import SmoothedInt8Linear
+    from lmcompress_core.packing import SMOOTHING_SUFFIX, WEIGHTS_FILE, load_compressed, save_compressed
+    from lmcompress_core.quantize import QuantizationConfig
+
+    base = int8_models[arch]
+    ids = torch.randint(base.config.vocab_size, (8, 48), generator=torch.Generator().manual_seed(0))
+    config = QuantizationConfig(bits=8, granularity="channel", int8_sqnr_floor_db=floor)
+    cm = compress(base, CompressionConfig(quantization=config), calibration=ids)
+    written = save_compressed(cm, base, tmp_path)
+    assert written == sum(f.stat().st_size for f in tmp_path.iterdir())
+    reloaded = load_compressed(tmp_path, base)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids[:2]).logits, cm.model(input_ids=ids[:2]).logits)
+
+    saved, layers = dict(cm.model.named_modules()), json.loads((tmp_path / "compression.json").read_text())["layers"]
+    smoothed = [n for n in cm.quantized if isinstance(saved[n], SmoothedInt8Linear)]
+    kept_float = [n for n in cm.quantized if isinstance(saved[n], torch.nn.Linear)]
+    assert len(smoothed) + len(kept_float) == len(cm.quantized)
+    assert {0.0: not kept_float, 35.0: smoothed and kept_float, 60.0: not smoothed}[floor]
+    stored = load_file(str(tmp_path / WEIGHTS_FILE))
+    for name in smoothed:  # the factors are real bytes in the file, counted in the layer's packed bytes
+        key, again = name + SMOOTHING_SUFFIX, reloaded.get_submodule(name)
+        assert layers[name]["smoothing_factors"] == key and stored[key].dtype == torch.float32
+        assert layers[name]["bytes"] == sum(t.numel() * t.element_size() for k, t in stored.items()
+                                            if k.startswith(name + ".weight.") or k == key)
+        assert isinstance(again, SmoothedInt8Linear) and torch.equal(again.smooth, saved[name].smooth)
+        assert torch.equal(again.weight().int_repr(), saved[name].weight().int_repr())
+    for name in kept_float:  # the same float weights (the 8-bit de-quantized codes), as nn.Linear again
+        again = reloaded.get_submodule(name)
+        assert type(again) is torch.nn.Linear and SMOOTHING_SUFFIX not in str(layers[name])
+        assert torch.equal(again.weight, saved[name].weight)
+        assert torch.equal(again.weight, cm.quantized[name].dequantize())
