@@ -118,6 +118,8 @@ if report is None:
     report = st.session_state.get("current")
 if report is not None:
     show_report(report, slots)
+    for note in report.get("notes") or []:   # the engine's remarks: layers kept fp32, smoothing, GPTQ fallbacks
+        st.caption(common.md_escape(note))
     gen_col, trail_col = st.columns([3, 2])
     with gen_col:
         st.subheader("Generations")
