@@ -3,6 +3,7 @@
     python -m bench                      # the full run behind `make bench` (SmolLM2 + tiny, ~20 min on 2 cores)
     python -m bench --smoke              # the harness at tiny scale, written to /tmp/lmcompress-bench-smoke
     python -m bench --only speed,quality # re-run some sections, merged into the existing results.json
+    python -m bench --render             # rewrite results.md from results.json (no measuring)
 
 A section that fails is recorded with its error and the others still run; the exit status is 1 then.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 import traceback
@@ -36,11 +38,14 @@ def _parse(argv):
     parser.add_argument("--smoke", action="store_true", help="tiny scale, tiny model only, quick")
     parser.add_argument("--only", default="", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json / results.md")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite results.md (and the targets) from the existing results.json")
     return parser.parse_args(argv)
 
 
 def _run_section(name: str, ctx: Context) -> dict:
-    print(f"[bench] {name} ...", flush=True)
+    busy = os.getloadavg()[0]
+    print(f"[bench] {name} ... (load average {busy:.2f})", flush=True)
     start = time.perf_counter()
     try:
         result = SECTIONS[name](ctx)
@@ -48,6 +53,7 @@ def _run_section(name: str, ctx: Context) -> dict:
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}"}
     result["wall_s"] = time.perf_counter() - start
+    result["load_average_at_start"] = round(busy, 2)   # timings beside other work are flagged in results.md
     print(f"[bench] {name} done in {result['wall_s']:.1f} s", flush=True)
     return result
 
@@ -67,21 +73,28 @@ def main(argv=None) -> int:
     scale = SMOKE if args.smoke else FULL
     out = args.out or (Path("/tmp/lmcompress-bench-smoke") if args.smoke else HERE)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        if not (out / "results.json").exists():
+            print(f"error: no {out / 'results.json'} to render; run `python -m bench` first", file=sys.stderr)
+            return 2
+        results = _load_previous(out / "results.json")
+        report.finish(results, out)
+        print(report.headline_table(results))
+        return 0
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     results = _load_previous(out / "results.json") if args.only else {}
-    results.update({"schema": 1, "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results.update({"schema": 1, "generated": now,
                     "scale": scale.to_dict(), "machine": machine(), "versions": versions()})
     sections = results.setdefault("sections", {})
     ctx = Context(scale)
-    start = time.perf_counter()
     for name in names:
         sections[name] = _run_section(name, ctx)
         report.finish(results, out)  # write after every section: an interrupted run keeps what it measured
-    results["total_wall_s"] = time.perf_counter() - start
     report.finish(results, out)
     print(report.headline_table(results))
     print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'}")

@@ -98,7 +98,7 @@ def machine() -> dict:
         "isa": [f for f in interesting if f in flags],
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],   # of this invocation
     }
 
 

@@ -23,7 +23,9 @@ def app_evaluate_kwargs() -> dict:
     """What pages/explore.py passes to evaluate at its defaults (read from the app, so the two stay in step)."""
     from pages.common import DEFAULT_PROMPT, WIDGETS
 
-    return {"eval_tokens": WIDGETS["eval_tokens"], "prompt": DEFAULT_PROMPT, "generation": True}
+    kwargs = {"eval_tokens": WIDGETS["eval_tokens"], "prompt": DEFAULT_PROMPT, "generation": True}
+    kwargs.update({k: WIDGETS[k] for k in ("new_tokens", "latency_runs") if k in WIDGETS})
+    return kwargs
 
 
 def _config(bits: int):

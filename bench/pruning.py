@@ -40,5 +40,5 @@ def run(ctx) -> dict:
         "headline": {"ppl_wanda50_over_magnitude50": ppl("wanda", "unstructured") / ppl("magnitude", "unstructured")},
         "extra": {"ppl_wanda24_over_magnitude24": ppl("wanda", "2:4") / ppl("magnitude", "2:4")},
         "base_perplexity": ctx.base_perplexity(name), "rows": rows,
-        "eval_tokens": int(ctx.eval_ids(name).numel()), "seconds": time.perf_counter() - start,
+        "eval_tokens": int(ctx.eval_ids(name).numel()), "model": name, "seconds": time.perf_counter() - start,
     }

@@ -12,6 +12,8 @@ import copy
 import statistics
 import time
 
+import torch
+
 from bench import peers
 from bench.common import median_time, timed
 
@@ -92,6 +94,64 @@ def _peer_rows(ctx, runs: int) -> list[dict]:
     return rows
 
 
+def _dense(weight):
+    """A peer's weight tensor subclass as the float matrix its forward uses."""
+    return (weight.dequantize() if hasattr(weight, "dequantize") else weight).detach().float()
+
+
+def weight_error_vs_torchao(ctx) -> dict | None:
+    """Per-layer relative weight error ‖Ŵ−W‖²/‖W‖² of ours and torchao at int4 g64 asym: is ours a finer grid?"""
+    from lmcompress_core.compress import CompressionConfig, compress
+    from lmcompress_core.quantize import QuantizationConfig
+
+    method = next((m for m in peers.peer_methods() if m.name == "torchao int4 g64 asym"), None)
+    if method is None or peers.available().get("torchao"):
+        return None
+    base = ctx.loaded(ctx.main_model).model
+    ours = dict(compress(base, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=64))).model
+                .named_modules())
+    theirs = dict(peers.quantize_with_peer(base, method)[0].named_modules())
+    ratios, ours_total, theirs_total = [], 0.0, 0.0
+    for name, module in base.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "lm_head" in name:
+            continue
+        w = module.weight.detach().float()
+        norm = float((w ** 2).sum())
+        e_ours = float(((ours[name].weight.detach().float() - w) ** 2).sum()) / norm
+        e_theirs = float(((_dense(theirs[name].weight) - w) ** 2).sum()) / norm
+        ratios.append(e_ours / e_theirs if e_theirs else 1.0)
+        ours_total, theirs_total = ours_total + e_ours, theirs_total + e_theirs
+    return {"layers": len(ratios), "ours_lower_in": sum(r < 1 for r in ratios),
+            "mean_rel_mse_ours": ours_total / len(ratios), "mean_rel_mse_torchao": theirs_total / len(ratios)}
+
+
+def integer_zero_grid(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Diagnostic only (not the project's quantizer): min-max groups whose range is widened to include 0 and
+    whose zero-point is rounded to an integer code, so 0 is exactly on the grid (torchao's asymmetric rule)."""
+    out = torch.empty_like(w)
+    for start in range(0, w.shape[1], group_size):
+        x = w[:, start:start + group_size]
+        lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-12)
+        zero = torch.round(-lo / scale)
+        out[:, start:start + group_size] = (torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
+    return out
+
+
+def zero_on_grid_check(ctx) -> dict:
+    """Perplexity of our min-max groups of 64 with 0 put on the grid (integer zero-point), at 4 and 3 bits."""
+    base = ctx.loaded(ctx.main_model).model
+    out = {}
+    for bits in (4, 3):
+        model = copy.deepcopy(base)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.weight.data = integer_zero_grid(module.weight.data.float(), bits, 64)
+        out[f"int{bits}_g64"] = ctx.perplexity(model, ctx.main_model)
+        del model
+    return out
+
+
 def _ppl(rows, name):
     for row in rows:
         if row["name"] == name and row.get("perplexity") is not None:
@@ -131,7 +191,16 @@ def run(ctx) -> dict:
         "ppl_gptq3_channel_over_rtn3_channel": _ratio(_ppl(rows, "ours GPTQ int3 per-channel"),
                                                       _ppl(rows, "ours RTN int3 per-channel")),
     }
-    return {"headline": headline, "extra": extra, "base_perplexity": base_ppl, "rows": rows,
+    try:
+        weight_error = weight_error_vs_torchao(ctx)
+    except Exception as exc:  # a diagnostic, never a reason to lose the table
+        weight_error = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        zero_check = zero_on_grid_check(ctx)
+    except Exception as exc:
+        zero_check = {"error": f"{type(exc).__name__}: {exc}"}
+    return {"headline": headline, "extra": extra, "weight_error_int4_g64": weight_error,
+            "integer_zero_point_ppl": zero_check, "base_perplexity": base_ppl, "rows": rows,
             "eval_tokens": int(ctx.eval_ids(ctx.main_model).numel()), "context": ctx.scale.context,
             "calibration": f"{ctx.scale.calibration_samples} x {ctx.scale.context} tokens",
-            "deepcopy_s": copy_s, "seconds": time.perf_counter() - start}
+            "deepcopy_s": copy_s, "model": ctx.main_model, "seconds": time.perf_counter() - start}

@@ -27,8 +27,21 @@ def collect_headline(results: dict) -> dict:
     return headline
 
 
+def busy_sections(results: dict) -> dict[str, float]:
+    """Sections that started while other processes loaded the CPU (load average above half the cores)."""
+    cores = (results.get("machine") or {}).get("cores") or 1
+    return {name: s["load_average_at_start"] for name, s in results.get("sections", {}).items()
+            if (s.get("load_average_at_start") or 0) > 0.5 * cores}
+
+
 def finish(results: dict, out: Path) -> None:
     results["headline"] = collect_headline(results)
+    # Sum of the sections, so a run merged from `--only` re-runs still reports what a whole run costs.
+    results["total_wall_s"] = sum((sec.get("wall_s") or 0) for sec in results.get("sections", {}).values())
+    busy = busy_sections(results)
+    results["warning"] = ("timings of these sections were taken beside other work and are pessimistic "
+                          "(load average at their start): " + ", ".join(f"{k} {v:.1f}" for k, v in busy.items())
+                          ) if busy else None
     results["targets"] = targets.check(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out / "results.md").write_text(markdown(results))
@@ -91,6 +104,8 @@ def markdown(results: dict) -> str:
     from bench import sections_md
 
     lines = ["# LM Compression Lab — benchmark results", ""]
+    if results.get("warning"):
+        lines += [f"> **Warning**: {results['warning']}.", ""]
     lines += _machine(results) + _headline(results) + _targets(results)
     lines += sections_md.all_sections(results.get("sections", {}))
     return "\n".join(lines) + "\n"

@@ -4,6 +4,13 @@ from __future__ import annotations
 from bench.report import _f, _table
 
 
+MODEL_NAMES = {"default": "SmolLM2-135M-Instruct", "tiny": "the tiny model"}
+
+
+def _name(s: dict) -> str:
+    return MODEL_NAMES.get(s.get("model"), str(s.get("model")))
+
+
 def _interactivity(s: dict) -> list[str]:
     out = ["Time from a configuration change to a complete Report (compress + size + perplexity + latency + "
            "generation) through `lmcompress_core.measure.evaluate`, median of the runs. *Cold*: the first "
@@ -18,13 +25,15 @@ def _interactivity(s: dict) -> list[str]:
     for name, m in s.get("models", {}).items():
         stages = m.get("stages_s") or {}
         if stages:
-            out += [f"Stages of one change ({name}): " + ", ".join(f"{k} {_f(v, 2)} s" for k, v in stages.items()), ""]
+            listed = ", ".join(f"{k} {_f(v, 2)} s" for k, v in stages.items())
+            out += [f"Stages of one change ({name}): {listed}", ""]
     return out
 
 
 def _speed(s: dict) -> list[str]:
-    out = [f"`measure_latency`: {s.get('prompt_tokens')}-token prompt, {s.get('new_tokens')} greedy tokens with KV "
-           f"cache, batch 1; variants interleaved over {s.get('rounds')} rounds of {s.get('runs_per_round')} runs, "
+    out = [f"{_name(s)}, `measure_latency`: {s.get('prompt_tokens')}-token prompt, "
+           f"{s.get('new_tokens')} greedy tokens with KV cache, batch 1; variants interleaved over "
+           f"{s.get('rounds')} rounds of {s.get('runs_per_round')} runs, "
            "median of round medians. Roofline = measured copy bandwidth / runtime bytes per decoded token.", ""]
     rows = []
     for name, r in s.get("rows", {}).items():
@@ -36,7 +45,8 @@ def _speed(s: dict) -> list[str]:
 
 
 def _quality(s: dict) -> list[str]:
-    out = [f"Perplexity of SmolLM2 on {s.get('eval_tokens')} tokens (fp32 baseline {_f(s.get('base_perplexity'))}); "
+    out = [f"Perplexity of {_name(s)} on {s.get('eval_tokens')} tokens "
+           f"(fp32 baseline {_f(s.get('base_perplexity'))}); "
            f"GPTQ calibration {s.get('calibration')}. Quantization time is the library's own call; ours includes "
            f"a deep copy of the model ({_f(s.get('deepcopy_s'), 2)} s). GPTQ is timed once (it is slow and "
            "deterministic); all other rows are medians.", ""]
@@ -47,14 +57,27 @@ def _quality(s: dict) -> list[str]:
     out += _table(["method", "bits", "group", "scheme", "perplexity", "x fp32", "quantize s", "error"], rows)
     extra = s.get("extra") or {}
     if extra:
-        out += ["Other like-for-like ratios (ours / theirs): " + ", ".join(f"`{k}` {_f(v)}" for k, v in extra.items()), ""]
+        pairs = ", ".join(f"`{k}` {_f(v)}" for k, v in extra.items())
+        out += [f"Other like-for-like ratios (ours / theirs): {pairs}", ""]
+    werr = s.get("weight_error_int4_g64") or {}
+    if werr.get("layers"):
+        out += [f"Weight error at int4 g64 asym, ‖Ŵ−W‖²/‖W‖² averaged over {werr['layers']} layers: ours "
+                f"{werr['mean_rel_mse_ours']:.5f}, torchao {werr['mean_rel_mse_torchao']:.5f}; ours is lower in "
+                f"{werr['ours_lower_in']} of {werr['layers']} layers.", ""]
+    zero = s.get("integer_zero_point_ppl") or {}
+    if "int4_g64" in zero:
+        out += ["Diagnostic (bench-side, not the project's quantizer): the same min-max groups of 64 with the range "
+                "widened to include 0 and the zero-point rounded to an integer, so 0 is on the grid — perplexity "
+                f"{_f(zero['int4_g64'])} at int4 and {_f(zero.get('int3_g64'))} at int3.", ""]
     return out
 
 
 def _pruning(s: dict) -> list[str]:
-    out = [f"50% of every linear layer's weights (embeddings and LM head kept), perplexity on "
-           f"{s.get('eval_tokens')} tokens; fp32 baseline {_f(s.get('base_perplexity'))}.", ""]
-    rows = [[r["method"], r["pattern"], r.get("perplexity"), r.get("prune_s"), r.get("kernel")] for r in s.get("rows", [])]
+    out = [f"{_name(s)}: 50% of every linear layer's weights "
+           f"(embeddings and LM head kept), perplexity on {s.get('eval_tokens')} tokens; "
+           f"fp32 baseline {_f(s.get('base_perplexity'))}.", ""]
+    rows = [[r["method"], r["pattern"], r.get("perplexity"), r.get("prune_s"), r.get("kernel")]
+            for r in s.get("rows", [])]
     out += _table(["method", "pattern", "perplexity", "prune s", "kernel"], rows)
     extra = s.get("extra") or {}
     return out + ([", ".join(f"`{k}` {_f(v)}" for k, v in extra.items()), ""] if extra else [])
@@ -70,7 +93,7 @@ def _distillation(s: dict) -> list[str]:
 
 
 def _throughput(s: dict) -> list[str]:
-    out = [f"Perplexity evaluation of {s.get('model')} in {s.get('context')}-token windows, median of the runs. "
+    out = [f"Perplexity evaluation of {_name(s)} in {s.get('context')}-token windows, median of the runs. "
            "FLOPs counted from the shapes (2 per linear weight per token + attention); the peak is the best "
            "`torch.mm` of square 512/1024/2048 matrices in the same dtype and threads.", ""]
     rows = []

@@ -62,5 +62,6 @@ def run(ctx) -> dict:
                      "int8_speedup_decode": rows["int8"]["decode_speedup"],
                      "bf16_speedup_decode": rows["bf16"]["decode_speedup"]},
         "rows": rows, "prompt_tokens": ctx.scale.prompt_tokens, "new_tokens": ctx.scale.new_tokens,
-        "runs_per_round": ctx.scale.runs, "rounds": ROUNDS, "seconds": time.perf_counter() - start,
+        "runs_per_round": ctx.scale.runs, "rounds": ROUNDS, "model": ctx.main_model,
+        "seconds": time.perf_counter() - start,
     }

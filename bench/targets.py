@@ -32,9 +32,24 @@ def _fmt(x, digits=2):
 
 
 def _why_peer(results: dict) -> str:
-    return ("Ours and the peer round to the same grid in principle (asymmetric min-max, groups of 128); a gap "
-            "of more than 1% means a different scale/zero-point rule (e.g. rounding of the zero-point, clamping "
-            "of the range) — align the grid with the peer's quant_primitives to close it.")
+    quality = _get(results, "sections", "quality", default={}) or {}
+    werr = quality.get("weight_error_int4_g64") or {}
+    zero = quality.get("integer_zero_point_ppl") or {}
+    rows = {r.get("name"): r.get("perplexity") for r in quality.get("rows", [])}
+    evidence = ""
+    if werr.get("layers") and "int4_g64" in zero:
+        evidence = (f" Our weights are closer to the originals (‖Ŵ−W‖²/‖W‖² {werr['mean_rel_mse_ours']:.5f} against "
+                    f"torchao's {werr['mean_rel_mse_torchao']:.5f}, lower in {werr['ours_lower_in']} of "
+                    f"{werr['layers']} layers), yet perplexity is higher: the seed's min-max rule keeps a "
+                    "fractional zero-point, so 0 is not on the grid and the many near-zero weights of a group all "
+                    "round the same way — a coherent error that adds up along each dot product. Putting 0 on the "
+                    f"grid (range widened to include 0, integer zero-point) gives {_fmt(zero['int4_g64'])} at int4 "
+                    f"g64 (ours {_fmt(rows.get('ours RTN int4 g64 asym'))}, torchao "
+                    f"{_fmt(rows.get('torchao int4 g64 asym'))}) and {_fmt(zero.get('int3_g64'))} at int3 "
+                    f"(ours {_fmt(rows.get('ours RTN int3 g64 asym'))}, torchao {_fmt(rows.get('torchao int3 g64 asym'))}).")
+    return ("Same bits and group size, different grid." + evidence + " Closing it: round the zero-point to an "
+            "integer code with 0 inside the range (an option of QuantizationConfig, the seed's rule kept for "
+            "teaching).")
 
 
 def _why_gptq(results: dict) -> str:
@@ -53,36 +68,53 @@ def _why_wanda(results: dict) -> str:
 def _why_int8(results: dict) -> str:
     rows = _get(results, "sections", "speed", "rows", default={})
     fp32, int8 = rows.get("fp32", {}), rows.get("int8", {})
-    roof = int8.get("roofline_speedup")
-    return (f"fp32 decodes at {_fmt(fp32.get('decode_tokens_per_s'), 1)} tok/s against a roofline of "
-            f"{_fmt(fp32.get('roofline_tokens_per_s'), 1)} tok/s and int8 at {_fmt(int8.get('decode_tokens_per_s'), 1)} "
-            f"against {_fmt(int8.get('roofline_tokens_per_s'), 1)} (roofline ratio {_fmt(roof)}x: fewer weight bytes "
-            "per token, but the embeddings/LM head stay fp32). At batch 1 a 135M model is not purely "
-            "memory-bound on CPU: each of ~210 linear calls per token pays dynamic activation quantization and "
-            "Python/dispatch overhead, which int8 does not shrink. Closing it needs fused int8 GEMV kernels "
-            "(weight-only int8 with fp32 activations), quantizing the tied LM head too, and compiling the decode "
-            "step (torch.compile) to remove per-op overhead.")
+    int8_row = next((r for r in _get(results, "sections", "quality", "rows", default=[])
+                     if r.get("name", "").startswith("ours int8 real kernel")), {})
+    quality = (f" The same dynamic-int8 path costs perplexity: {_fmt(int8_row.get('ppl_over_fp32'))}x fp32 "
+               "(activations are quantized too, per tensor, and SmolLM2 has outlier channels)."
+               if int8_row.get("ppl_over_fp32") else "")
+    return (f"Even at the memory roofline int8 could only reach {_fmt(int8.get('roofline_speedup'))}x: the tied "
+            "embedding/LM head (28M weights) stays fp32 and is read for every token. Measured, fp32 decodes at "
+            f"{_fmt(fp32.get('decode_tokens_per_s'), 1)} tok/s ({_fmt(fp32.get('decode_fraction_of_roofline'))} of "
+            f"its roofline) and int8 at {_fmt(int8.get('decode_tokens_per_s'), 1)} "
+            f"({_fmt(int8.get('decode_fraction_of_roofline'))} of its roofline): at batch 1 each of the ~210 linear "
+            "calls per token also pays activation quantization and Python/dispatch overhead, which int8 does not "
+            "shrink." + quality + " Closing it needs the LM head in int8 too, a weight-only int8 kernel with fp32 "
+            "activations (quality), and a compiled decode step (torch.compile / static KV cache) to cut the "
+            "per-op overhead.")
 
 
 def _why_eval(results: dict) -> str:
     thr = _get(results, "sections", "throughput", default={})
     return (f"Evaluation runs one {thr.get('context')}-token window per forward at batch 1: the matmuls are "
             f"{thr.get('context')} x hidden, smaller than the {thr.get('peak_shape')}-square shape that set the peak, "
-            "and softmax, RMSNorm, rotary embeddings and the float32 log-softmax over the 49k vocabulary are not "
+            "and softmax, RMSNorm, rotary embeddings and the float32 log-softmax over the vocabulary are not "
             "matmul FLOPs. Batching several windows per forward and fusing the log-softmax with the NLL gather "
             "would close most of the gap.")
 
 
+REMEDIES = {  # what would shorten each stage of a Report, by stage name in Report.timings
+    "latency": "time 1 run while a slider moves and the full median on release",
+    "generate": "generate after the charts are drawn, fewer tokens while dragging, and cache the base "
+                "model's greedy and sampled continuations (they do not change with the configuration)",
+    "perplexity": "score fewer tokens while dragging and cache the base model's token losses "
+                  "(recomputed at every change today)",
+    "compress": "reuse the previous quantized layers when only pruning changes",
+    "size": "count packed bytes without writing the file",
+}
+
+
 def _why_interactive(model: str, limit: float):
     def why(results: dict) -> str:
-        stages = _get(results, "sections", "interactivity", "models", model, "stages_s", default={}) or {}
-        top = sorted(stages.items(), key=lambda kv: -(kv[1] or 0))[:3]
-        parts = ", ".join(f"{k} {v:.2f} s" for k, v in top if v is not None)
-        first_chart = _get(results, "sections", "interactivity", "models", model, "first_chart_s")
-        return (f"Slowest stages of a full Report: {parts or 'n/a'}; the first chart (size) is ready after "
-                f"{_fmt(first_chart)} s. Perplexity over the evaluation tokens and the latency runs dominate; "
-                f"fewer evaluation tokens while a slider moves (full count on release), caching the base "
-                f"model's perplexity, and the faster int8/bf16 kernels would bring it under {limit:g} s.")
+        entry = _get(results, "sections", "interactivity", "models", model, default={}) or {}
+        stages = {k: v for k, v in (entry.get("stages_s") or {}).items() if v}
+        top = sorted(stages.items(), key=lambda kv: -kv[1])[:3]
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in top)
+        fixes = "; ".join(f"{k}: {REMEDIES[k]}" for k, _ in top if k in REMEDIES)
+        return (f"A full Report after a change spends {parts or 'n/a'} (of {_fmt(entry.get('change_s'))} s); "
+                f"the first chart (size) is ready after {_fmt(entry.get('first_chart_s'))} s and a return to a "
+                f"configuration already computed takes {_fmt(entry.get('cached_s'), 4)} s. To get under "
+                f"{limit:g} s — {fixes}.")
     return why
 
 
