@@ -7,34 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmcompress_core.cli import config_from_args, build_parser, main
 from lmcompress_core import data
+from conftest import byte_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models of width 64 run fastest on one thread, and OpenMP threads thrash on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A tiny GPT-2 with its own BPE tokenizer saved as a local model folder (offline, seconds)."""
     folder = tmp_path_factory.mktemp("local-model")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([data.load_text("web")[:20000]], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    tokenizer = byte_bpe_tokenizer(data.load_text("web")[:20000], vocab_size=320)
     torch.manual_seed(0)
     config = GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=256, vocab_size=len(tokenizer),
                         bos_token_id=1, eos_token_id=1)

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from conftest import byte_bpe_tokenizer
 
 from lmcompress_core import measure
 from lmcompress_core.compress import KERNEL_INT8, CompressionConfig, compress
@@ -20,22 +21,13 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models of width 64 run fastest on one thread, and OpenMP threads thrash on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    return byte_bpe_tokenizer(TEXT, vocab_size=300)
 
 
 def _gpt2(tokenizer, seed=0):
