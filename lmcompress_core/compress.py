@@ -11,7 +11,7 @@ import copy
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -22,8 +22,8 @@ from .distill import DistillationConfig, distill_, keep_every_kth_block_
 from .int8_kernel import to_int8_kernel_
 from .layers import DEFAULT_EXCLUDE, input_statistics, linear_layers, set_weight_matrix_, weight_matrix
 from .prune import PruningConfig, global_masks, layer_mask
-from .quantize import (QuantizationConfig, QuantizedWeight, cast_half_, fake_quantize, gptq_quantize,
-                       half_round_trip, quantize_tensor, requantize)
+from .quantize import (QuantizationConfig, QuantizedWeight, cast_half_, fake_quantize, half_round_trip,
+                       quantize_weight, requantize)
 
 KERNEL_SIMULATED = "fp32 dense — quantization simulated"
 KERNEL_INT8 = "int8 (real, torch dynamic)"
@@ -216,11 +216,11 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
     stats = run.input_statistics(layers, hessian=True) if cfg.method == "gptq" else None
     for i, (name, m) in enumerate(layers.items()):
         w, mask = weight_matrix(m), run.masks.get(name)
-        if stats is not None and name in stats.hessian:
-            qw = gptq_quantize(w, stats.hessian.pop(name), cfg, mask)
-        else:
-            qw = quantize_tensor(w, cfg)
-            qw.mask = mask
+        hessian = stats.hessian.pop(name, None) if stats is not None else None
+        layer_cfg = cfg.for_layer(name)
+        if layer_cfg.method == "gptq" and hessian is None:
+            layer_cfg = replace(layer_cfg, method="rtn")  # no calibration inputs (embeddings): noted below
+        qw = quantize_weight(w, layer_cfg, hessian, mask)
         set_weight_matrix_(m, qw.dequantize())
         run.quantized[name] = qw
         run.report("quantize", i + 1, len(layers), name)

@@ -75,6 +75,10 @@ class QuantizationConfig:
     def is_integer(self) -> bool:
         return self.bits in INTEGER_BITS
 
+    def for_layer(self, name: str) -> "QuantizationConfig | None":
+        """The setting one layer gets (per-layer overrides hook in here); None = the layer stays float."""
+        return self
+
 
 def _choice(field: str, value, allowed: tuple) -> None:
     if value not in allowed:
@@ -168,6 +172,21 @@ def quantize_tensor(w: torch.Tensor, config: QuantizationConfig) -> QuantizedWei
         codes.append(code), scales.append(scale), zeros.append(zero)
     return QuantizedWeight(torch.cat(codes, 1).reshape(w.shape).to(torch.uint8), torch.cat(scales, 1),
                            torch.cat(zeros, 1), config.bits, group_size)
+
+
+def quantize_weight(w: torch.Tensor, config: QuantizationConfig, hessian: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None) -> QuantizedWeight:
+    """The quantizer ``config.method`` names, on one ``[out, in]`` matrix; pruned weights (mask False) stay 0.
+
+    GPTQ needs the layer's Hessian; the caller decides (and says) what runs when it has none.
+    """
+    if config.method == "gptq":
+        if hessian is None:
+            raise ValueError("GPTQ needs the layer's calibration Hessian; none was collected for this layer")
+        return gptq_quantize(w, hessian, config, mask)
+    qw = quantize_tensor(w, config)
+    qw.mask = None if mask is None else mask.to(torch.bool)
+    return qw
 
 
 def requantize(w: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
