@@ -1,10 +1,12 @@
 """`python -m bench`: run every benchmark section and write bench/results.json and bench/results.md.
 
-    python -m bench                      # the full run behind `make bench` (SmolLM2 + tiny, ~20 min on 2 cores)
+    python -m bench                      # the full run behind `make bench`: writes bench/results.json and .md
     python -m bench --smoke              # the harness at tiny scale, written to /tmp/lmcompress-bench-smoke
-    python -m bench --only speed,quality # re-run some sections, merged into the existing results.json
-    python -m bench --render             # rewrite results.md from results.json (no measuring)
+    python -m bench --only speed --out /tmp/x   # some sections, to another folder (marked partial)
+    python -m bench --render             # rewrite results.md and README's table from results.json (no measuring)
 
+The committed results are one whole run of the committed code: nothing is merged into them, `--only` never
+writes into bench/, and each section's result must carry exactly the keys its module declares (KEYS).
 A section that fails is recorded with its error and the others still run; the exit status is 1 then.
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ def _run_section(name: str, ctx: Context) -> dict:
     start = time.perf_counter()
     try:
         result = SECTIONS[name](ctx)
+        check_keys(name, result)
     except Exception as exc:  # record and go on: one broken section must not hide the others
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}"}
@@ -58,13 +61,11 @@ def _run_section(name: str, ctx: Context) -> dict:
     return result
 
 
-def _load_previous(path: Path) -> dict:
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return {}
-    return {}
+def check_keys(name: str, result: dict) -> None:
+    """A section returns exactly the keys its module declares, so results.json's shape is the code's."""
+    declared = set(sys.modules[SECTIONS[name].__module__].KEYS)
+    if set(result) != declared:
+        raise ValueError(f"section {name} returned keys {sorted(result)}; its module declares {sorted(declared)}")
 
 
 def main(argv=None) -> int:
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
         if not (out / "results.json").exists():
             print(f"error: no {out / 'results.json'} to render; run `python -m bench` first", file=sys.stderr)
             return 2
-        results = _load_previous(out / "results.json")
-        report.finish(results, out)
+        results = json.loads((out / "results.json").read_text())
+        report.render(results, out)
         print(report.headline_table(results))
         return 0
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SECTIONS)
@@ -86,11 +87,14 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    results = _load_previous(out / "results.json") if args.only else {}
+    if args.only and out.resolve() == HERE.resolve():
+        print("error: --only measures part of a run; write it elsewhere with --out (bench/results.* are one "
+              "whole run)", file=sys.stderr)
+        return 2
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    results.update({"schema": 1, "generated": now,
-                    "scale": scale.to_dict(), "machine": machine(), "versions": versions()})
-    sections = results.setdefault("sections", {})
+    results = {"schema": 2, "generated": now, "partial": bool(args.only), "scale": scale.to_dict(),
+               "machine": machine(), "versions": versions(), "sections": {}}
+    sections = results["sections"]
     ctx = Context(scale)
     for name in names:
         sections[name] = _run_section(name, ctx)

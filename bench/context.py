@@ -1,6 +1,6 @@
 """What every benchmark section shares: loaded models, the evaluation tokens, calibration batches, perplexity.
 
-All perplexities in bench/ come from `lmcompress_core.measure.perplexity` on the same token ids, so ours and
+All perplexities in bench/ come from `lmcompress_core.measure_quality.perplexity` on the same token ids, so ours and
 the peers' numbers differ only by the model. The evaluation text is split in two halves by characters:
 the first half is evaluated, calibration windows (GPTQ, Wanda, distillation) are drawn from the second
 (the tiny model calibrates on its training text, as `measure.evaluate` does), so no method sees the tokens
@@ -63,7 +63,7 @@ class Context:
 
     def perplexity(self, model, name: str) -> float:
         """Perplexity of `model` on the model family's evaluation tokens (non-overlapping windows)."""
-        from lmcompress_core.measure import perplexity
+        from lmcompress_core.measure_quality import perplexity
 
         ids = self.eval_ids(name)
         with torch.inference_mode():

@@ -1,7 +1,7 @@
 """Interactivity: seconds from a configuration change to a complete Report, as the Explore page computes it.
 
-The Report comes from `lmcompress_core.measure.evaluate` with the Explore page's arguments at its defaults
-(`app_evaluate_kwargs`: evaluation tokens, prompt, generations on).
+The Report comes from `lmcompress_core.measure.evaluate` with the protocol the Explore page uses at its
+defaults (`app_protocol`, built by the page's own `protocol_from_settings`).
 Per model:
   cold       first Report of the process: model load + first evaluate (lazy imports, allocator warm-up)
   change     the model is loaded; the slider moves to a bit-width not seen before (median of distinct moves)
@@ -16,16 +16,20 @@ import time
 
 from bench.common import timed
 
+# what run() returns, key for key (bench/__main__.py checks it)
+KEYS = (
+    "headline", "models", "protocol", "seconds",
+)
+
+
 MOVES = (2, 3, 4, 5, 6, 8)   # bit-widths visited by the slider; the first is the cold run
 
 
-def app_evaluate_kwargs() -> dict:
-    """What pages/explore.py passes to evaluate at its defaults (read from the app, so the two stay in step)."""
-    from pages.common import DEFAULT_PROMPT, WIDGETS
+def app_protocol():
+    """The EvalProtocol pages/explore.py measures with at its default settings (the page's own function)."""
+    from pages.common import WIDGETS, protocol_from_settings
 
-    kwargs = {"eval_tokens": WIDGETS["eval_tokens"], "prompt": DEFAULT_PROMPT, "generation": True}
-    kwargs.update({k: WIDGETS[k] for k in ("new_tokens", "latency_runs") if k in WIDGETS})
-    return kwargs
+    return protocol_from_settings(WIDGETS)
 
 
 def _config(bits: int):
@@ -35,7 +39,7 @@ def _config(bits: int):
     return CompressionConfig(quantization=QuantizationConfig(bits=bits, group_size=128))
 
 
-def _one_report(loaded, bits: int, kwargs: dict) -> dict:
+def _one_report(loaded, bits: int, protocol) -> dict:
     """Seconds to a complete Report and to the size result (the first chart), plus the stage timings."""
     from lmcompress_core.measure import evaluate
 
@@ -46,20 +50,20 @@ def _one_report(loaded, bits: int, kwargs: dict) -> dict:
         if progress.stage == "size" and progress.step == progress.total and "size" not in marks:
             marks["size"] = time.perf_counter() - start
 
-    report = evaluate(loaded, _config(bits), callback=callback, **kwargs)
+    report = evaluate(loaded, _config(bits), protocol, callback=callback)
     total = time.perf_counter() - start
     return {"bits": bits, "total_s": total, "first_chart_s": marks.get("size"), "stages_s": dict(report.timings),
             "eval_tokens": report.perplexity.tokens if report.perplexity else None}
 
 
-def _model(ctx, name: str, runs: int, kwargs: dict) -> dict:
-    from lmcompress_core.measure import clear_caches
+def _model(ctx, name: str, runs: int, protocol) -> dict:
+    from lmcompress_core.measure import clear_cache
 
-    clear_caches()
+    clear_cache()
     loaded, load_s = timed(lambda: ctx.loaded(name))
-    cold = _one_report(loaded, MOVES[0], kwargs)
-    changes = [_one_report(loaded, bits, kwargs) for bits in MOVES[1: 1 + runs]]
-    cached = [_one_report(loaded, bits, kwargs)["total_s"] for bits in MOVES[1: 1 + runs]]
+    cold = _one_report(loaded, MOVES[0], protocol)
+    changes = [_one_report(loaded, bits, protocol) for bits in MOVES[1: 1 + runs]]
+    cached = [_one_report(loaded, bits, protocol)["total_s"] for bits in MOVES[1: 1 + runs]]
     typical = sorted(changes, key=lambda c: c["total_s"])[len(changes) // 2]
     return {
         "load_s": load_s, "cold_s": load_s + cold["total_s"], "cold_evaluate_s": cold["total_s"],
@@ -76,8 +80,8 @@ def run(ctx) -> dict:
     start = time.perf_counter()
     names = ["tiny", "default"] if ctx.scale.include_default else ["tiny"]
     runs = max(5, ctx.scale.runs)
-    kwargs = app_evaluate_kwargs()
-    models = {name: _model(ctx, name, runs, kwargs) for name in names}
+    protocol = app_protocol()
+    models = {name: _model(ctx, name, runs, protocol) for name in names}
     headline = {f"interactive_s_{name}": m["change_s"] for name, m in models.items()}
-    return {"headline": headline, "models": models, "evaluate_kwargs": kwargs,
+    return {"headline": headline, "models": models, "protocol": protocol.to_dict(),
             "seconds": time.perf_counter() - start}

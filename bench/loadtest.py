@@ -201,6 +201,7 @@ def reference_reports(sessions: list[Session]) -> dict:
     """In-process Reports for the sessions' final configurations, computed as the page computes them."""
     from lmcompress_core.measure import evaluate
     from lmcompress_core.models import load_model
+    from pages.common import protocol_from_settings
 
     _, prompt, widgets, build_config = app_model()
     loaded = load_model("tiny")
@@ -209,8 +210,7 @@ def reference_reports(sessions: list[Session]) -> dict:
         label = expected_label(s)
         if label not in out:
             config = build_config(expected_settings(s))
-            out[label] = evaluate(loaded, config, eval_tokens=widgets["eval_tokens"], prompt=prompt,
-                                  generation=True).to_dict()
+            out[label] = evaluate(loaded, config, protocol_from_settings({**widgets, "prompt": prompt})).to_dict()
     return out
 
 

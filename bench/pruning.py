@@ -10,6 +10,12 @@ import time
 from bench.common import timed
 
 
+# what run() returns, key for key (bench/__main__.py checks it)
+KEYS = (
+    "headline", "extra", "base_perplexity", "rows", "eval_tokens", "model", "seconds",
+)
+
+
 def _config(method: str, pattern: str):
     from lmcompress_core.compress import CompressionConfig
     from lmcompress_core.prune import PruningConfig

@@ -18,6 +18,13 @@ from bench import peers
 from bench.common import median_time, timed
 
 
+# what run() returns, key for key (bench/__main__.py checks it)
+KEYS = (
+    "headline", "extra", "weight_error_int4_g64", "integer_zero_point_ppl", "base_perplexity", "rows",
+    "eval_tokens", "context", "calibration", "deepcopy_s", "model", "seconds",
+)
+
+
 def our_configs() -> list[tuple[str, object]]:
     """(row label, CompressionConfig) for our quantizers."""
     from lmcompress_core.compress import CompressionConfig

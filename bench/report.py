@@ -4,15 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import targets
+from bench import readme, targets
 
+# Keys the issues ask a full run for (tests check the committed run has them); sections may add more.
 HEADLINE_KEYS = ["interactive_s_tiny", "interactive_s_default", "int8_speedup_prefill", "int8_speedup_decode",
-                 "bf16_speedup_decode", "ppl_ratio_rtn4_vs_torchao", "ppl_ratio_rtn4_vs_quanto",
-                 "ppl_gptq3_over_rtn3", "ppl_wanda50_over_magnitude50", "kd_recovery_by_temperature",
-                 "eval_fraction_of_matmul_peak"]
+                 "bf16_speedup_decode", "ppl_gptq3_over_rtn3", "ppl_wanda50_over_magnitude50",
+                 "kd_recovered_fraction_by_temperature", "eval_fraction_of_matmul_peak"]
 
 
-def _f(x, digits=3):
+def fmt(x, digits=3):
     if x is None:
         return "—"
     if isinstance(x, float):
@@ -21,9 +21,10 @@ def _f(x, digits=3):
 
 
 def collect_headline(results: dict) -> dict:
+    """Every section's headline values, as the sections wrote them (None for a required key nobody measured)."""
     headline = {key: None for key in HEADLINE_KEYS}
     for section in results.get("sections", {}).values():
-        headline.update({k: v for k, v in (section.get("headline") or {}).items() if k in headline})
+        headline.update(section.get("headline") or {})
     return headline
 
 
@@ -35,30 +36,60 @@ def busy_sections(results: dict) -> dict[str, float]:
 
 
 def finish(results: dict, out: Path) -> None:
+    """Derive the headline, warning and targets of a run in progress, then write results.json and results.md."""
     results["headline"] = collect_headline(results)
-    # Sum of the sections, so a run merged from `--only` re-runs still reports what a whole run costs.
     results["total_wall_s"] = sum((sec.get("wall_s") or 0) for sec in results.get("sections", {}).values())
-    busy = busy_sections(results)
-    results["warning"] = ("timings of these sections were taken beside other work and are pessimistic "
-                          "(load average at their start): " + ", ".join(f"{k} {v:.1f}" for k, v in busy.items())
-                          ) if busy else None
+    results["warning"] = warning(results)
     results["targets"] = targets.check(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    render(results, out)
+
+
+def render(results: dict, out: Path) -> None:
+    """results.md (and, for the committed run, README's benchmark table) from a run's results; nothing measured."""
     (out / "results.md").write_text(markdown(results))
+    if out.resolve() == Path(__file__).resolve().parent and not results.get("partial"):
+        readme.write(results)
+
+
+def warning(results: dict) -> str | None:
+    """What a reader must know before trusting the numbers: failed or missing sections, timings under load."""
+    from bench.__main__ import SECTIONS
+
+    sections = results.get("sections", {})
+    parts = []
+    failed = [name for name, s in sections.items() if "error" in s]
+    missing = [name for name in SECTIONS if name not in sections]
+    if failed:
+        parts.append("these sections failed and their numbers are missing: " + ", ".join(failed))
+    if missing:
+        parts.append("these sections were not run: " + ", ".join(missing))
+    busy = busy_sections(results)
+    if busy:
+        parts.append("timings of these sections were taken beside other work and are pessimistic (load average at "
+                     "their start): " + ", ".join(f"{k} {v:.1f}" for k, v in busy.items()))
+    return "; ".join(parts) or None
+
+
+def format_value(value) -> str:
+    """A headline value as text: numbers to 3 decimals, {mean, std} as mean ± std, dicts as key: value pairs."""
+    if isinstance(value, dict) and set(value) == {"mean", "std"}:
+        return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {format_value(v)}" for k, v in value.items())
+    return fmt(value)
 
 
 def headline_table(results: dict) -> str:
-    lines = ["key                              value"]
+    lines = ["key                                      value"]
     for key, value in results.get("headline", {}).items():
-        if isinstance(value, dict):
-            value = ", ".join(f"T={k}: {v:.2f}" for k, v in value.items())
-        lines.append(f"{key:<32} {_f(value)}")
+        lines.append(f"{key:<40} {format_value(value)}")
     return "\n".join(lines)
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def md_table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return out + [""]
 
 
@@ -66,7 +97,7 @@ def _machine(results: dict) -> list[str]:
     m, v, s = results.get("machine", {}), results.get("versions", {}), results.get("scale", {})
     return [
         f"Generated {results.get('generated')} by `make bench` (`python -m bench`) in "
-        f"{_f(results.get('total_wall_s'), 0)} s.", "",
+        f"{fmt(results.get('total_wall_s'), 0)} s.", "",
         f"**Machine**: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads, "
         f"{m.get('memory_gib')} GiB RAM, ISA {', '.join(m.get('isa', []))}; load average at start "
         f"{m.get('load_average_at_start')}. {m.get('platform')}, Python {m.get('python')}.", "",
@@ -83,8 +114,8 @@ def _targets(results: dict) -> list[str]:
     rows = []
     for t in results.get("targets", []):
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
-        rows.append([t["key"], _f(t["value"]), t["target"], verdict])
-    out = ["## Targets", ""] + _table(["key", "value", "target", "verdict"], rows)
+        rows.append([t["key"], fmt(t["value"]), t["target"], verdict])
+    out = ["## Targets", ""] + md_table(["key", "value", "target", "verdict"], rows)
     for t in results.get("targets", []):
         if t["note"]:
             out += [f"- **{t['key']}** — {t['note']}"]
@@ -92,12 +123,8 @@ def _targets(results: dict) -> list[str]:
 
 
 def _headline(results: dict) -> list[str]:
-    rows = []
-    for key, value in results.get("headline", {}).items():
-        if isinstance(value, dict):
-            value = ", ".join(f"T={k}: {v:.2f}" for k, v in value.items())
-        rows.append([f"`{key}`", value])
-    return ["## Headline", ""] + _table(["key", "value"], rows)
+    rows = [[f"`{key}`", format_value(value)] for key, value in results.get("headline", {}).items()]
+    return ["## Headline", ""] + md_table(["key", "value"], rows)
 
 
 def markdown(results: dict) -> str:

@@ -1,7 +1,7 @@
 """One markdown block per bench section for results.md (tables from the measured rows, nothing recomputed)."""
 from __future__ import annotations
 
-from bench.report import _f, _table
+from bench.report import fmt, md_table
 
 
 MODEL_NAMES = {"default": "SmolLM2-135M-Instruct", "tiny": "the tiny model"}
@@ -21,11 +21,11 @@ def _interactivity(s: dict) -> list[str]:
     for name, m in s.get("models", {}).items():
         rows.append([name, m.get("eval_tokens"), m.get("load_s"), m.get("cold_s"), m.get("change_s"),
                      m.get("cached_s"), m.get("first_chart_s")])
-    out += _table(["model", "eval tokens", "load s", "cold s", "change s", "cached s", "first chart s"], rows)
+    out += md_table(["model", "eval tokens", "load s", "cold s", "change s", "cached s", "first chart s"], rows)
     for name, m in s.get("models", {}).items():
         stages = m.get("stages_s") or {}
         if stages:
-            listed = ", ".join(f"{k} {_f(v, 2)} s" for k, v in stages.items())
+            listed = ", ".join(f"{k} {fmt(v, 2)} s" for k, v in stages.items())
             out += [f"Stages of one change ({name}): {listed}", ""]
     return out
 
@@ -40,24 +40,24 @@ def _speed(s: dict) -> list[str]:
         rows.append([name, r.get("kernel"), r.get("prefill_ms"), r.get("prefill_speedup"),
                      r.get("decode_tokens_per_s"), r.get("decode_speedup"), r.get("roofline_tokens_per_s"),
                      r.get("roofline_speedup"), r.get("decode_fraction_of_roofline")])
-    return out + _table(["variant", "kernel", "prefill ms", "prefill x fp32", "decode tok/s", "decode x fp32",
+    return out + md_table(["variant", "kernel", "prefill ms", "prefill x fp32", "decode tok/s", "decode x fp32",
                          "roofline tok/s", "roofline x fp32", "decode / roofline"], rows)
 
 
 def _quality(s: dict) -> list[str]:
     out = [f"Perplexity of {_name(s)} on {s.get('eval_tokens')} tokens "
-           f"(fp32 baseline {_f(s.get('base_perplexity'))}); "
+           f"(fp32 baseline {fmt(s.get('base_perplexity'))}); "
            f"GPTQ calibration {s.get('calibration')}. Quantization time is the library's own call; ours includes "
-           f"a deep copy of the model ({_f(s.get('deepcopy_s'), 2)} s). GPTQ is timed once (it is slow and "
+           f"a deep copy of the model ({fmt(s.get('deepcopy_s'), 2)} s). GPTQ is timed once (it is slow and "
            "deterministic); all other rows are medians.", ""]
     rows = []
     for r in s.get("rows", []):
         rows.append([r["name"], r.get("bits"), r.get("group_size"), "sym" if r.get("symmetric") else "asym",
                      r.get("perplexity"), r.get("ppl_over_fp32"), r.get("quantize_s"), r.get("error", "")])
-    out += _table(["method", "bits", "group", "scheme", "perplexity", "x fp32", "quantize s", "error"], rows)
+    out += md_table(["method", "bits", "group", "scheme", "perplexity", "x fp32", "quantize s", "error"], rows)
     extra = s.get("extra") or {}
     if extra:
-        pairs = ", ".join(f"`{k}` {_f(v)}" for k, v in extra.items())
+        pairs = ", ".join(f"`{k}` {fmt(v)}" for k, v in extra.items())
         out += [f"Other like-for-like ratios (ours / theirs): {pairs}", ""]
     werr = s.get("weight_error_int4_g64") or {}
     if werr.get("layers"):
@@ -68,28 +68,29 @@ def _quality(s: dict) -> list[str]:
     if "int4_g64" in zero:
         out += ["Diagnostic (bench-side, not the project's quantizer): the same min-max groups of 64 with the range "
                 "widened to include 0 and the zero-point rounded to an integer, so 0 is on the grid — perplexity "
-                f"{_f(zero['int4_g64'])} at int4 and {_f(zero.get('int3_g64'))} at int3.", ""]
+                f"{fmt(zero['int4_g64'])} at int4 and {fmt(zero.get('int3_g64'))} at int3.", ""]
     return out
 
 
 def _pruning(s: dict) -> list[str]:
     out = [f"{_name(s)}: 50% of every linear layer's weights "
            f"(embeddings and LM head kept), perplexity on {s.get('eval_tokens')} tokens; "
-           f"fp32 baseline {_f(s.get('base_perplexity'))}.", ""]
+           f"fp32 baseline {fmt(s.get('base_perplexity'))}.", ""]
     rows = [[r["method"], r["pattern"], r.get("perplexity"), r.get("prune_s"), r.get("kernel")]
             for r in s.get("rows", [])]
-    out += _table(["method", "pattern", "perplexity", "prune s", "kernel"], rows)
+    out += md_table(["method", "pattern", "perplexity", "prune s", "kernel"], rows)
     extra = s.get("extra") or {}
-    return out + ([", ".join(f"`{k}` {_f(v)}" for k, v in extra.items()), ""] if extra else [])
+    return out + ([", ".join(f"`{k}` {fmt(v)}" for k, v in extra.items()), ""] if extra else [])
 
 
 def _distillation(s: dict) -> list[str]:
-    out = [f"Tiny model, 50% magnitude pruning, then {s.get('steps')} recovery KD steps per temperature; "
-           f"perplexity on {s.get('eval_tokens')} held-out tokens. Unpruned {_f(s.get('base_perplexity'))}, "
-           f"pruned without KD {_f(s.get('pruned_perplexity'))}.", ""]
-    rows = [[r["temperature"], r.get("perplexity"), r.get("recovered_fraction"), r.get("train_s")]
+    out = [f"Tiny model, 50% magnitude pruning, then {s.get('steps')} recovery KD steps per temperature and seed "
+           f"(seeds {s.get('seeds')}); perplexity on {s.get('eval_tokens')} held-out tokens. Unpruned "
+           f"{fmt(s.get('base_perplexity'))}, pruned without KD {fmt(s.get('pruned_perplexity'))}. Recovered fraction = "
+           "(pruned − after) / (pruned − unpruned): 1 = all of the loss won back, negative = KD made it worse.", ""]
+    rows = [[r["temperature"], r.get("seed"), r.get("perplexity"), r.get("recovered_fraction"), r.get("train_s")]
             for r in s.get("rows", [])]
-    return out + _table(["T", "perplexity", "share of pruning loss recovered", "train s"], rows)
+    return out + md_table(["T", "seed", "perplexity", "recovered fraction", "train s"], rows)
 
 
 def _throughput(s: dict) -> list[str]:
@@ -102,7 +103,7 @@ def _throughput(s: dict) -> list[str]:
         if r:
             rows.append([dtype, r.get("tokens"), r.get("tokens_per_s"), r.get("achieved_gflops"),
                          r.get("peak_gflops"), r.get("peak_shape"), r.get("fraction_of_peak")])
-    return out + _table(["dtype", "tokens", "tokens/s", "achieved GFLOP/s", "matmul peak GFLOP/s", "peak n",
+    return out + md_table(["dtype", "tokens", "tokens/s", "achieved GFLOP/s", "matmul peak GFLOP/s", "peak n",
                          "fraction of peak"], rows)
 
 
@@ -127,5 +128,5 @@ def all_sections(sections: dict) -> list[str]:
             out += [f"This section failed: `{s['error']}`", ""]
             continue
         out += render(s)
-        out += [f"Section wall time {_f(s.get('wall_s'), 1)} s.", ""]
+        out += [f"Section wall time {fmt(s.get('wall_s'), 1)} s.", ""]
     return out

@@ -10,6 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 
+# what run() returns, key for key (bench/__main__.py checks it)
+KEYS = (
+    "headline", "rows", "prompt_tokens", "new_tokens", "runs_per_round", "rounds", "model", "seconds",
+)
+
+
 ROUNDS = 3
 
 

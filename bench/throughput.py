@@ -16,6 +16,10 @@ from bench.common import median_time
 PEAK_SHAPES = (512, 1024, 2048)
 
 
+# what run() returns, key for key (bench/__main__.py checks it)
+KEYS = ("headline", "fp32", "bf16", "context", "peak_shape", "model", "seconds")
+
+
 def matmul_peak_flops(dtype: torch.dtype, runs: int = 5) -> dict:
     """Best median FLOP/s of `torch.mm` over PEAK_SHAPES in `dtype`."""
     best = {"flops": 0.0, "n": None}

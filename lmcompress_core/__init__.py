@@ -1,4 +1,16 @@
 """LM Compression Lab engine: load causal LMs, compress them (quantize, prune, distill) and measure honestly.
 
-This package never imports streamlit; the app in app.py and pages/ is a thin layer over it.
+This package never imports streamlit; the app in app.py and pages/ is a thin layer over it. The names below are
+its public API; everything else is an implementation detail of its modules.
 """
+from lmcompress_core.compress import Cancelled, CompressedModel, CompressionConfig, Progress, compress
+from lmcompress_core.distill import DistillationConfig
+from lmcompress_core.measure import Report, cached_report, clear_cache, evaluate
+from lmcompress_core.models import LoadedModel, ModelError, list_models, load_model
+from lmcompress_core.protocol import EvalProtocol, calibration_for
+from lmcompress_core.prune import PruningConfig
+from lmcompress_core.quantize import QuantizationConfig
+
+__all__ = ["Cancelled", "CompressedModel", "CompressionConfig", "DistillationConfig", "EvalProtocol", "LoadedModel",
+           "ModelError", "Progress", "PruningConfig", "QuantizationConfig", "Report", "cached_report",
+           "calibration_for", "clear_cache", "compress", "evaluate", "list_models", "load_model"]

@@ -136,9 +136,9 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_compress(args) -> int:
     from lmcompress_core.compress import compress
-    from lmcompress_core.measure import calibration_for
     from lmcompress_core.models import load_model
     from lmcompress_core.packing import save_compressed
+    from lmcompress_core.protocol import calibration_for
 
     config = config_from_args(args)
     loaded = load_model(args.model)
@@ -155,12 +155,14 @@ def _cmd_compress(args) -> int:
 def _cmd_evaluate(args) -> int:
     from lmcompress_core.measure import evaluate
     from lmcompress_core.models import load_model
+    from lmcompress_core.protocol import EvalProtocol
 
     config = config_from_args(args)
+    protocol = EvalProtocol(eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or args.context,
+                            prompt=args.prompt, new_tokens=args.new_tokens, seed=args.seed,
+                            latency=not args.no_latency, generation=not args.no_generation)
     loaded = load_model(args.model)
-    report = evaluate(loaded, config, eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or
-                      args.context, prompt=args.prompt, new_tokens=args.new_tokens, seed=args.seed,
-                      latency=not args.no_latency, generation=not args.no_generation, callback=ProgressBar())
+    report = evaluate(loaded, config, protocol, callback=ProgressBar())
     data = report.to_dict()
     print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else _summary(data))
     return 0
@@ -176,9 +178,11 @@ def _summary(data: dict) -> str:
              f"(base {data['base_perplexity']:.3f}); KL to base {data['kl_to_base']:.4f} nats; "
              f"top-1 agreement {data['top1_agreement']:.1%}"]
     if lat:
+        speed = data.get("speed") or {}
         lines.append(f"latency: prefill {lat['prefill_ms']:.1f} ms ({lat['prompt_tokens']} tokens), decode "
                      f"{lat['decode_tokens_per_s']:.1f} tok/s (roofline ≤ {lat['roofline_tokens_per_s'] or 0:.0f}), "
-                     f"{lat['threads']} threads")
+                     f"{lat['threads']} threads; against the base (timed alternately): prefill "
+                     f"{speed.get('prefill_text', '?')}, decode {speed.get('decode_text', '?')}")
     if gen:
         lines += [f"prompt: {gen['prompt']!r}", f"  base:       {gen['base']!r}",
                   f"  compressed: {gen['compressed']!r}  (first divergence: {gen['first_divergence']})"]

@@ -1,14 +1,13 @@
 """Honest measurements of a compressed model and the one call that produces them all: ``evaluate`` -> ``Report``.
 
 Size is counted three ways (theoretical, packed on disk, runtime in memory); latency, perplexity, KL to the
-base and generations live in measure_speed.py and measure_quality.py and are re-exported here. Every figure
-in a Report comes with a plain-language ``how`` label saying how it was obtained.
+base and generations live in measure_speed.py and measure_quality.py. What is measured, on which text and with
+how many runs is one ``EvalProtocol`` (protocol.py), which is also the key of the one result cache. Every
+figure in a Report comes with a plain-language ``how`` label, written here and nowhere else.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import inspect
 import math
 import tempfile
 import threading
@@ -19,18 +18,14 @@ from typing import Callable
 
 import torch
 
-from lmcompress_core.measure_quality import (GenerationReport, PerplexityReport, generate_side_by_side,
-                                             perplexity, score_tokens)
-from lmcompress_core.measure_speed import LatencyReport, measure_latency, memory_bandwidth_gb_s, runtime_bytes
+from lmcompress_core.measure_quality import GenerationReport, PerplexityReport, generate_side_by_side, score_tokens
+from lmcompress_core.measure_speed import LatencyReport, SpeedRatio, measure_latency_pair, runtime_bytes
 from lmcompress_core.packing import pack_model, write_packed
+from lmcompress_core.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
 
-__all__ = ["SizeReport", "LatencyReport", "PerplexityReport", "GenerationReport", "Report", "measure_size",
-           "measure_latency", "perplexity", "generate_side_by_side", "evaluate", "runtime_bytes",
-           "memory_bandwidth_gb_s", "clear_caches", "calibration_for", "evaluation_text", "cached_report"]
+__all__ = ["SizeReport", "Report", "measure_size", "evaluate", "cached_report", "clear_cache", "how_labels"]
 
 SCALE_BITS = 16  # theoretical size: a scale and a zero-point per group at 16 bits each (the usual fp16 storage)
-DEFAULT_PROMPTS = {"tiny": "ROMEO:\nWhat light through yonder"}
-DEFAULT_PROMPT = "The most important thing to know about the weather is"
 CACHE_SIZE = 64
 
 
@@ -53,6 +48,7 @@ class SizeReport:
 class Report:
     model: str
     config: dict
+    protocol: dict                                 # EvalProtocol.to_dict(): how everything below was measured
     size: SizeReport | None
     latency: LatencyReport | None
     perplexity: PerplexityReport | None
@@ -63,16 +59,17 @@ class Report:
     timings: dict = field(default_factory=dict)   # seconds per stage
     base_perplexity_stderr: float | None = None
     kernel: str = ""
-    base_latency: LatencyReport | None = None      # the base model under the same protocol, for side-by-side ratios
+    base_latency: LatencyReport | None = None      # the base model timed alternately with the compressed one
+    speed: SpeedRatio | None = None                # compressed vs base from those alternating runs
     history: list = field(default_factory=list)   # distillation curve from the CompressedModel
     notes: list = field(default_factory=list)     # the engine's plain-text remarks (e.g. layers GPTQ ran as RTN)
 
     def to_dict(self) -> dict:
         """Plain JSON-safe dict (NaN/inf become None) with a ``how`` label for every figure."""
-        plain = ("model", "config", "base_perplexity", "base_perplexity_stderr", "kl_to_base", "top1_agreement",
-                 "timings", "kernel", "history", "notes")
+        plain = ("model", "config", "protocol", "base_perplexity", "base_perplexity_stderr", "kl_to_base",
+                 "top1_agreement", "timings", "kernel", "history", "notes")
         data = {f: getattr(self, f) for f in plain}
-        for name in ("size", "latency", "base_latency", "perplexity", "generation"):
+        for name in ("size", "latency", "base_latency", "speed", "perplexity", "generation"):
             value = getattr(self, name)
             data[name] = asdict(value) if value is not None else None
         data["how"] = how_labels(self)
@@ -93,6 +90,7 @@ def _jsonable(value):
     return str(value)
 
 
+# ---------------------------------------------------------------- size
 # ---------------------------------------------------------------- size
 def measure_size(cm, base_model) -> SizeReport:
     """Size three ways; the packed figure is the byte count of the format really written to a temporary folder."""
@@ -136,127 +134,105 @@ def _size_note(runtime: int, base: int, kernel: str, simulated: bool) -> str:
 
 # ---------------------------------------------------------------- how each number was obtained
 def how_labels(report: Report) -> dict[str, str]:
+    """The caption of every figure: the only place the app, the HTML report and the CLI get them from."""
     how = {}
     if report.size is not None:
-        s = report.size
-        how["theoretical_bytes"] = (
-            "Σ weights × bits + a 16-bit scale and zero-point per group; pruned layers count their kept weights plus "
-            "the smaller sparse mask; every other tensor at its dtype")
-        how["packed_bytes"] = (
-            "bytes of the safetensors + JSON files save_compressed writes: codes bit-packed, scales/zeros as "
-            f"{'/'.join(s.scale_dtypes) or 'n/a'} (fp16 only when lossless), pruned layers as a bitmask or "
-            "bit-packed column indices (the smaller per layer) with only kept weights, other tensors as they are")
-        how["runtime_bytes"] = ("bytes of parameters and buffers the running model holds (torch int8 weights at "
-                                "1 byte each)" + (f"; {s.note}" if s.note else ""))
-        how["size"] = "; ".join(f"{k.replace('_bytes', '')}: {how[k]}" for k in
-                                ("theoretical_bytes", "packed_bytes", "runtime_bytes"))
+        how.update(_how_size(report.size))
     if report.latency is not None:
-        lat = report.latency
-        how["latency"] = (
-            f"median of {lat.runs} timed runs after {lat.warmup} warm-up on {lat.device} with {lat.threads} "
-            f"thread(s): prefill = one forward pass over {lat.prompt_tokens} fixed prompt tokens; decode = "
-            f"{lat.new_tokens} greedy steps with the KV cache; kernel: {lat.kernel}")
-        if lat.roofline_tokens_per_s:
-            how["roofline"] = (
-                f"upper bound on decode speed = measured copy bandwidth {lat.bandwidth_gb_s:.1f} GB/s ÷ "
-                f"{lat.bytes_per_token:,} bytes read per token ({lat.bytes_basis})")
+        how.update(_how_latency(report))
     if report.perplexity is not None:
-        p = report.perplexity
-        how["perplexity"] = (
-            f"exp(mean next-token NLL) over {p.tokens} tokens of '{p.text}', windows of {p.context} tokens every "
-            f"{p.stride} (each token scored once); ± = standard error of the mean NLL carried through exp, "
-            "tokens treated as independent")
-        how["base_perplexity"] = "the uncompressed base model on the same tokens, in the same pass"
-        how["kl_to_base"] = "mean over the same tokens of KL(p_base ‖ p_compressed), in nats"
-        how["top1_agreement"] = "share of the same tokens where both models' most likely next token is the same"
+        how.update(_how_perplexity(report.perplexity))
     if report.generation is not None:
         g = report.generation
         how["generation"] = (
-            f"greedy continuation and a sampled one (temperature 0.8, top-k 40, seed {g.seed}, same for both "
-            "models); first divergence = index of the first greedy token that differs; log-probs are the "
-            "compressed model's for each token it chose" + (f"; {g.notice}" if g.notice else ""))
+            f"greedy continuations of both models from the same prompt, {g.prompt_tokens} prompt tokens; the "
+            "highlight starts at the first greedy token that differs" + (f"; {g.notice}" if g.notice else ""))
     return how
 
 
-# ---------------------------------------------------------------- evaluate
-_PPL_CACHE: OrderedDict = OrderedDict()
-_REPORT_CACHE: OrderedDict = OrderedDict()
-_BASE_LATENCY_CACHE: OrderedDict = OrderedDict()   # the base model is timed once per process and protocol
-_CACHE_LOCK = threading.Lock()
+def _how_size(s: SizeReport) -> dict[str, str]:
+    how = {
+        "theoretical_bytes": "Σ weights × bits + a 16-bit scale and zero-point per group; pruned layers count their "
+                             "kept weights plus the smaller sparse mask; every other tensor at its dtype",
+        "packed_bytes": "bytes of the safetensors + JSON files save_compressed writes: codes bit-packed, scales/zeros "
+                        f"as {'/'.join(s.scale_dtypes) or 'n/a'} (fp16 only when lossless), pruned layers as a bitmask "
+                        "or bit-packed column indices (the smaller per layer) with only kept weights, other tensors "
+                        "as they are",
+        "runtime_bytes": "bytes of parameters and buffers the running model holds" + (f"; {s.note}" if s.note else ""),
+    }
+    how["size"] = "; ".join(f"{k.replace('_bytes', '')}: {how[k]}" for k in tuple(how))
+    return how
 
 
-def clear_caches() -> None:
-    _PPL_CACHE.clear()
-    _REPORT_CACHE.clear()
-    _BASE_LATENCY_CACHE.clear()
+def _how_latency(report: Report) -> dict[str, str]:
+    lat = report.latency
+    how = {"latency": (
+        f"median of {lat.runs} timed runs after {lat.warmup} warm-up on {lat.device} with {lat.threads} thread(s), "
+        "the base and the compressed model timed alternately in the same call: prefill = one forward pass over "
+        f"{lat.prompt_tokens} fixed prompt tokens; decode = {lat.new_tokens} greedy steps with the KV cache; "
+        f"kernel: {lat.kernel}. ×N = median over rounds of base time ÷ compressed time; ≈ 1× when the rounds "
+        "disagree (inside the noise) or when the model only simulates its compression")}
+    if lat.roofline_tokens_per_s:
+        how["roofline"] = (
+            f"upper bound on decode speed = measured copy bandwidth {lat.bandwidth_gb_s:.1f} GB/s ÷ "
+            f"{lat.bytes_per_token:,} bytes read per token ({lat.bytes_basis})")
+    return how
 
 
-def base_latency(loaded, prompt_tokens: int, decode_tokens: int, runs: int) -> LatencyReport:
-    """The uncompressed model timed with the same protocol (cached per process: it never changes)."""
-    key = (loaded.name, prompt_tokens, decode_tokens, runs, torch.get_num_threads())
-    cached = _cache_get(_BASE_LATENCY_CACHE, key)
-    if cached is None:
-        dtype = next(loaded.model.parameters()).dtype
-        cached = measure_latency(loaded.model, loaded.tokenizer, f"{str(dtype).removeprefix('torch.')} dense (base)",
-                                 prompt_tokens, decode_tokens, runs, bytes_per_token=runtime_bytes(loaded.model),
-                                 bytes_basis="base runtime bytes: every weight read once per token")
-        _cache_put(_BASE_LATENCY_CACHE, key, cached)
-    return cached
+def _how_perplexity(p: PerplexityReport) -> dict[str, str]:
+    return {
+        "perplexity": (
+            f"exp(mean next-token NLL) over {p.tokens} tokens of '{p.text}', windows of {p.context} tokens every "
+            f"{p.stride}: each token is scored once, except that a window's first token is not scored when it "
+            "would have no context (the standard sliding-window recipe); ± = standard error of the mean NLL "
+            "carried through exp, tokens treated as independent"),
+        "base_perplexity": "the uncompressed base model on the same tokens, in the same pass",
+        "kl_to_base": "mean over the same tokens of KL(p_base ‖ p_compressed), in nats",
+        "top1_agreement": "share of the same tokens where both models' most likely next token is the same",
+    }
 
 
-def _cache_get(cache: OrderedDict, key):
-    with _CACHE_LOCK:  # app sessions run in threads of one process
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-    return None
+# ---------------------------------------------------------------- the result cache
+class _Cache:
+    """One in-process LRU of finished results, keyed by (what, model, config key, protocol key).
 
-
-def _cache_put(cache: OrderedDict, key, value) -> None:
-    with _CACHE_LOCK:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > CACHE_SIZE:
-            cache.popitem(last=False)
-
-
-def evaluation_text(loaded, text: str | None = None) -> tuple[str, str, str]:
-    """(label, body, hash) of the text a model is scored on: a data.py text name, raw text, or the default."""
-    from lmcompress_core import data
-
-    name = text or data.default_text_for(loaded.name)
-    body = data.load_text(name) if name in data.text_names() else text
-    label = name if name in data.text_names() else "pasted text"
-    return label, body, hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
-
-
-def calibration_for(loaded, config, eval_tokens: int = 2048, text: str | None = None,
-                    n_samples: int = 16, seq_len: int = 256) -> torch.Tensor | None:
-    """Calibration token ids [n_samples, seq_len] for GPTQ, Wanda, distillation and the int8 kernel (None: not needed).
-
-    The tiny model calibrates on its training text; other models on the part of their evaluation text after
-    the ``eval_tokens`` that perplexity scores, so calibration never sees the scored tokens.
+    App sessions run in threads of one process: identical requests give identical results, so they share it.
     """
-    from lmcompress_core import data
 
-    q = config.quantization
-    needs = (config.distillation is not None
-             or (q is not None and q.method == "gptq")
-             or (q is not None and q.bits == 8 and q.int8_kernel)  # SmoothQuant + SQNR check of the int8 kernel
-             or (config.pruning is not None and config.pruning.method == "wanda"))
-    if not needs:
+    def __init__(self, size: int):
+        self.size, self.lock, self.items = size, threading.Lock(), OrderedDict()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
         return None
-    if loaded.name == "tiny" and text is None:
-        return data.calibration_batches(loaded.tokenizer, data.load_text("tiny-train"), n_samples, seq_len)
-    ids = data.token_ids(loaded.tokenizer, evaluation_text(loaded, text)[1])
-    if ids.numel() == 0:
-        raise ValueError("the evaluation text gives no tokens, so there is nothing to calibrate on: paste some text")
-    unscored = ids[eval_tokens + 1:]
-    ids = unscored if unscored.numel() > seq_len else ids  # a short pasted text: calibrate on all of it
-    if ids.numel() <= seq_len:
-        ids = ids.repeat(seq_len // max(ids.numel(), 1) + 2)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=torch.Generator().manual_seed(0))
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+_CACHE = _Cache(CACHE_SIZE)
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _keys(loaded, config, protocol: EvalProtocol, text_hash: str) -> tuple[tuple, tuple]:
+    """(report key, perplexity key): perplexity depends on the text and windows only, not on prompts or timing."""
+    ppl_protocol = EvalProtocol(eval_tokens=protocol.eval_tokens, context=protocol.context, stride=protocol.stride)
+    return (("report", loaded.name, config.key(), protocol.key(text_hash)),
+            ("perplexity", loaded.name, config.key(), ppl_protocol.key(text_hash)))
 
 
 class _Stages:
@@ -285,97 +261,94 @@ class _Stages:
         return result
 
 
-def evaluate(loaded, config, eval_tokens: int = 2048, context: int = 256, stride: int = 256,
-             prompt: str | None = None, new_tokens: int = 32, seed: int = 0, text: str | None = None,
-             latency: bool = True, generation: bool = True, latency_runs: int = 5, prompt_tokens: int = 64,
-             decode_tokens: int = 16, compressed=None, calibration: torch.Tensor | None = None,
-             callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-             use_cache: bool = True) -> Report:
-    """Compress ``loaded.model`` with ``config`` (unless ``compressed`` is given) and measure everything.
+# ---------------------------------------------------------------- evaluate
+def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed=None,
+             calibration: torch.Tensor | None = None, callback: Callable | None = None,
+             should_stop: Callable[[], bool] | None = None, use_cache: bool = True) -> Report:
+    """Compress ``loaded.model`` with ``config`` (unless ``compressed`` is given) and measure it by ``protocol``.
 
     Stages, cheap first: compress, size, latency, generate, perplexity; ``callback`` gets a compress.Progress
-    at the start and end of each (and per window during perplexity; the engine's own stages pass through
-    while compressing). ``text`` is a text name from data.py or raw text (default: the model's evaluation text).
-    ``compressed`` (a CompressedModel from compress) skips compression; its config is the one reported. Reports are cached per process by (model, config key,
-    text hash, evaluation parameters), so returning to an earlier configuration is instant.
+    at the start and end of each (and per window during perplexity; the engine's own stages pass through while
+    compressing). ``compressed`` (a CompressedModel) skips compression; its config is the one reported.
+    Reports are cached per (model, config, protocol), so returning to an earlier configuration is instant.
     """
-    from lmcompress_core.compress import compress
-
+    protocol = protocol or EvalProtocol()
     config = compressed.config if compressed is not None else config
-    text_label, text_body, text_hash = evaluation_text(loaded, text)
-    report_key = (loaded.name, config.key(), text_hash, eval_tokens, context, stride, prompt, new_tokens, seed,
-                  latency, generation, latency_runs, prompt_tokens, decode_tokens)
-    cached = _cache_get(_REPORT_CACHE, report_key) if use_cache else None
+    text_label, text_body, text_hash = evaluation_text(loaded.name, protocol.text)
+    report_key, ppl_key = _keys(loaded, config, protocol, text_hash)
+    cached = _CACHE.get(report_key) if use_cache else None
     if cached is not None:
-        report = copy.deepcopy(cached)
-        report.timings = {"cached": True}
-        return report
+        return _from_cache(cached)
     stages = _Stages(callback, should_stop)
-    if compressed is None:
-        calib = calibration if calibration is not None else calibration_for(loaded, config, eval_tokens, text)
-        # the engine's own stages (calibrate, prune, quantize, distill, finish) pass through; its final
-        # "done" is dropped so a listener never sees "done" before size, latency and perplexity
-        inner = None if callback is None else (lambda p: None if p.stage == "done" else callback(p))
-        compressed = stages.run("compress", "compressing", lambda: compress(
-            loaded.model, config, calibration=calib, tokenizer=loaded.tokenizer,
-            callback=inner, should_stop=should_stop))
-    cm, base = compressed, loaded.model
-    size = stages.run("size", "counting bytes (writing the packed file)", lambda: measure_size(cm, base))
-    lat = base_lat = None
-    if latency:
-        base_lat = stages.run("base latency", "timing the base model (once per process)",
-                              lambda: base_latency(loaded, prompt_tokens, decode_tokens, latency_runs))
-        lat = stages.run("latency", "timing prefill and decode", lambda: measure_latency(
-            cm.model, loaded.tokenizer, cm.kernel, prompt_tokens, decode_tokens, latency_runs,
-            bytes_per_token=size.packed_bytes,
-            bytes_basis="packed size: every byte of the packed file read once per token, as a kernel "
-                        "reading packed weights would"))
+    cm = compressed if compressed is not None else _compress(loaded, config, protocol, calibration, stages)
+    size = stages.run("size", "counting bytes (writing the packed file)", lambda: measure_size(cm, loaded.model))
+    lat = base_lat = speed = None
+    if protocol.latency:
+        base_lat, lat, speed = stages.run("latency", "timing the base and the compressed model, alternately",
+                                          lambda: _latency(loaded, cm, size, protocol))
     gen = None
-    if generation:
+    if protocol.generation:
         gen = stages.run("generate", "generating side by side", lambda: generate_side_by_side(
-            base, cm.model, loaded.tokenizer, prompt or DEFAULT_PROMPTS.get(loaded.name, DEFAULT_PROMPT),
-            new_tokens, seed))
-    ppl_key = (loaded.name, config.key(), text_hash, eval_tokens, context, stride)
-    ppl = _cache_get(_PPL_CACHE, ppl_key) if use_cache else None
+            loaded.model, cm.model, loaded.tokenizer, prompt_for(loaded.name, protocol), protocol.new_tokens,
+            protocol.seed))
+    ppl = _CACHE.get(ppl_key) if use_cache else None
     if ppl is None:
-        ppl = stages.run("perplexity", f"scoring up to {eval_tokens} tokens", lambda: _perplexities(
-            cm.model, base, loaded.tokenizer, text_body, text_label, eval_tokens, context, stride, stages))
-        _cache_put(_PPL_CACHE, ppl_key, ppl)
+        ppl = stages.run("perplexity", f"scoring up to {protocol.eval_tokens} tokens", lambda: _perplexities(
+            cm.model, loaded, text_body, text_label, protocol, stages))
+        _CACHE.put(ppl_key, ppl)
     else:
         stages.timings["perplexity"] = "cached"
-    report = Report(model=loaded.name, config=config.to_dict(), size=size, latency=lat, perplexity=ppl[0],
-                    base_perplexity=ppl[1].value, kl_to_base=ppl[2], top1_agreement=ppl[3], generation=gen,
-                    timings=stages.timings, base_perplexity_stderr=ppl[1].stderr, kernel=cm.kernel,
-                    base_latency=base_lat,
-                    history=list(getattr(cm, "history", []) or []), notes=list(getattr(cm, "notes", []) or []))
+    report = Report(model=loaded.name, config=config.to_dict(), protocol=protocol.to_dict(), size=size, latency=lat,
+                    perplexity=ppl[0], base_perplexity=ppl[1].value, kl_to_base=ppl[2], top1_agreement=ppl[3],
+                    generation=gen, timings=stages.timings, base_perplexity_stderr=ppl[1].stderr, kernel=cm.kernel,
+                    base_latency=base_lat, speed=speed, history=list(cm.history or []), notes=list(cm.notes or []))
     if use_cache:
-        _cache_put(_REPORT_CACHE, report_key, copy.deepcopy(report))
+        _CACHE.put(report_key, copy.deepcopy(report))
     return report
 
 
-def cached_report(loaded, config, **evaluate_kwargs) -> Report | None:
+def cached_report(loaded, config, protocol: EvalProtocol | None = None) -> Report | None:
     """The Report ``evaluate`` would return from its cache for these arguments, or None (nothing is computed)."""
-    bound = inspect.signature(evaluate).bind(loaded, config, **evaluate_kwargs)
-    bound.apply_defaults()
-    args = bound.arguments
-    if not args["use_cache"]:
-        return None
-    key = (loaded.name, config.key(), evaluation_text(loaded, args["text"])[2]) + tuple(
-        args[name] for name in ("eval_tokens", "context", "stride", "prompt", "new_tokens", "seed", "latency",
-                                "generation", "latency_runs", "prompt_tokens", "decode_tokens"))
-    cached = _cache_get(_REPORT_CACHE, key)
-    if cached is None:
-        return None
+    protocol = protocol or EvalProtocol()
+    report_key, _ = _keys(loaded, config, protocol, evaluation_text(loaded.name, protocol.text)[2])
+    cached = _CACHE.get(report_key)
+    return None if cached is None else _from_cache(cached)
+
+
+def _from_cache(cached: Report) -> Report:
     report = copy.deepcopy(cached)
     report.timings = {"cached": True}
     return report
 
 
-def _perplexities(model, base, tokenizer, text_body, text_label, eval_tokens, context, stride, stages):
+def _compress(loaded, config, protocol, calibration, stages):
+    from lmcompress_core.compress import compress
+
+    calib = calibration if calibration is not None else calibration_for(loaded, config, protocol)
+    # the engine's own stages (calibrate, prune, quantize, distill, finish) pass through; its final "done" is
+    # dropped so a listener never sees "done" before size, latency and perplexity
+    inner = None if stages.callback is None else (lambda p: None if p.stage == "done" else stages.callback(p))
+    return stages.run("compress", "compressing", lambda: compress(
+        loaded.model, config, calibration=calib, callback=inner, should_stop=stages.should_stop))
+
+
+def _latency(loaded, cm, size: SizeReport, protocol: EvalProtocol):
+    base_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    return measure_latency_pair(
+        loaded.model, cm.model, loaded.tokenizer, (f"{base_dtype} dense (base)", cm.kernel),
+        protocol.prompt_tokens, protocol.decode_tokens, protocol.latency_runs,
+        bytes_per_token=(runtime_bytes(loaded.model), size.packed_bytes),
+        bytes_basis=("base runtime bytes: every weight read once per token",
+                     "packed size: every byte of the packed file read once per token, as a kernel reading packed "
+                     "weights would"),
+        simulated=size.simulated)
+
+
+def _perplexities(model, loaded, text_body, text_label, protocol: EvalProtocol, stages):
     from lmcompress_core import data
 
-    ids = data.token_ids(tokenizer, text_body)
-    scores = score_tokens(model, ids, context, stride, eval_tokens, base_model=base,
+    ids = data.token_ids(loaded.tokenizer, text_body)
+    scores = score_tokens(model, ids, protocol.context, protocol.stride, protocol.eval_tokens, base_model=loaded.model,
                           check=lambda i, n: stages.check("perplexity", i, n, f"window {i} of {n}"))
     return (scores.report(text=text_label), scores.report(scores.base_nll, text=text_label),
             scores.kl_to_base, scores.top1_agreement)

@@ -2,8 +2,10 @@
 
 Protocol (stated in every report): the token sequence is cut to ``max_tokens + 1`` tokens and read in windows of
 ``context`` tokens starting every ``stride`` tokens (Hugging Face's sliding-window recipe); each token is scored
-once, in the first window that predicts it with at least one token of context. Perplexity = exp(mean NLL); its
-± is the standard error of the mean NLL (tokens treated as independent) carried through exp (delta method).
+at most once, in the first window that predicts it with at least one token of context — so with stride == context
+the first token of every window after the first is not scored (the standard recipe; ``tokens`` counts the scored
+ones). Perplexity = exp(mean NLL); its ± is the standard error of the mean NLL (tokens treated as independent)
+carried through exp (delta method).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ class TokenScores:
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    device = _device(model)
+    device = model_device(model)
     return model(input_ids=ids.view(1, -1).to(device), use_cache=False).logits[0].float().cpu()
 
 
@@ -75,7 +77,7 @@ def continue_with_cache(model, out, token_ids: torch.Tensor):
     return model(input_ids=token_ids, use_cache=True, **{name: cache})
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -149,7 +151,7 @@ def max_positions(model) -> int | None:
 def decode(model, prompt_ids: torch.Tensor, new_tokens: int, sample: bool = False, seed: int = 0,
            stop_at: int | None = None) -> tuple[list[int], list[float]]:
     """Continue ``prompt_ids`` with a KV cache: (token ids, log-prob of each under the untempered distribution)."""
-    device = _device(model)
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     out = model(input_ids=prompt_ids.view(1, -1).to(device), use_cache=True)
     tokens, logprobs = [], []

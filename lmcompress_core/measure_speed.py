@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from lmcompress_core.measure_quality import _device, continue_with_cache, max_positions
+from lmcompress_core.measure_quality import continue_with_cache, max_positions, model_device
 
 
 @dataclass
@@ -31,6 +31,25 @@ class LatencyReport:
     bytes_basis: str = ""          # which byte count the roofline divides by
     device: str = "cpu"
     warmup: int = 1
+    prefill_ms_runs: list | None = None         # every timed run, in order (the median is taken over these)
+    decode_tokens_per_s_runs: list | None = None
+
+
+@dataclass
+class SpeedRatio:
+    """Compressed against base, from runs taken alternately in one call (round i of each model back to back).
+
+    ``*_ratio`` is the median over rounds of (base time / compressed time); ``*_range`` the lowest and highest
+    round. ``*_text`` is what a chart may print: "≈ 1×" when the rounds disagree on the sign of the change (the
+    difference is inside the measured noise) or when nothing runs faster by construction (simulated).
+    """
+    prefill_ratio: float
+    decode_ratio: float
+    prefill_range: tuple[float, float]
+    decode_range: tuple[float, float]
+    prefill_text: str
+    decode_text: str
+    rounds: int
 
 
 def _sync(device: torch.device) -> None:
@@ -115,19 +134,67 @@ def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_
 
     ``bytes_per_token`` (default: the model's runtime bytes) is what one decode step must read from memory.
     """
-    if runs < 1 or new_tokens < 1 or prompt_tokens < 1:
-        raise ValueError("runs, new_tokens and prompt_tokens must all be at least 1")
-    device = _device(model)
+    _check_runs(runs, new_tokens, prompt_tokens)
+    device = model_device(model)
     ids = _prompt(model, tokenizer, prompt_tokens, new_tokens).to(device)
     timings = [_one_run(model, ids, new_tokens, device) for _ in range(warmup + runs)][warmup:]
+    return _latency_report(model, ids, kernel, new_tokens, timings, warmup, bytes_per_token, bytes_basis)
+
+
+def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], prompt_tokens: int = 64,
+                         new_tokens: int = 16, runs: int = 5, warmup: int = 1, bytes_per_token=(None, None),
+                         bytes_basis=("", ""), simulated: bool = False) -> tuple[LatencyReport, LatencyReport, SpeedRatio]:
+    """Time the base and the compressed model alternately (base, compressed, base, ...) on the same prompt.
+
+    Interleaving puts both under the same load, so their ratio is not a comparison of two moments. Returns the
+    two reports and their SpeedRatio; ``simulated`` (nothing really runs faster) pins the printed ratio to ≈ 1×.
+    """
+    _check_runs(runs, new_tokens, prompt_tokens)
+    ids = _prompt(model, tokenizer, prompt_tokens, new_tokens)
+    pairs = []
+    for _ in range(warmup + runs):
+        pairs.append((_one_run(base, ids.to(model_device(base)), new_tokens, model_device(base)),
+                      _one_run(model, ids.to(model_device(model)), new_tokens, model_device(model))))
+    pairs = pairs[warmup:]
+    reports = [_latency_report(m, ids, kernel, new_tokens, [p[i] for p in pairs], warmup, nbytes, basis)
+               for i, (m, kernel, nbytes, basis) in enumerate(zip((base, model), kernels, bytes_per_token, bytes_basis))]
+    return reports[0], reports[1], speed_ratio(pairs, simulated)
+
+
+def speed_ratio(pairs: list, simulated: bool) -> SpeedRatio:
+    """SpeedRatio from [((base prefill s, base decode s), (comp prefill s, comp decode s)), ...]."""
+    prefill = [b[0] / c[0] for b, c in pairs]
+    decode = [b[1] / c[1] for b, c in pairs]
+    return SpeedRatio(statistics.median(prefill), statistics.median(decode), (min(prefill), max(prefill)),
+                      (min(decode), max(decode)), ratio_text(prefill, simulated), ratio_text(decode, simulated),
+                      len(pairs))
+
+
+def ratio_text(ratios: list[float], simulated: bool) -> str:
+    """"×2.31" when every round agrees on faster (or slower); "≈ 1×" inside the noise or when simulated."""
+    if simulated:
+        return "≈ 1× (simulated: nothing runs faster)"
+    if min(ratios) <= 1.0 <= max(ratios):
+        return "≈ 1× (within the noise of the runs)"
+    return f"×{statistics.median(ratios):.2f}"
+
+
+def _check_runs(runs: int, new_tokens: int, prompt_tokens: int) -> None:
+    if runs < 1 or new_tokens < 1 or prompt_tokens < 1:
+        raise ValueError("runs, new_tokens and prompt_tokens must all be at least 1")
+
+
+def _latency_report(model, ids, kernel, new_tokens, timings, warmup, bytes_per_token, bytes_basis) -> LatencyReport:
     prefill = statistics.median(t[0] for t in timings)
     decode = statistics.median(t[1] for t in timings)
     if bytes_per_token is None:
         bytes_per_token, bytes_basis = runtime_bytes(model), "runtime bytes of the running model"
+    device = model_device(model)
     bandwidth = memory_bandwidth_gb_s(str(device) if device.type == "cuda" else "cpu")
     return LatencyReport(
         prefill_ms=prefill * 1000, decode_tokens_per_s=new_tokens / decode, kernel=kernel,
-        threads=torch.get_num_threads(), prompt_tokens=int(ids.shape[1]), new_tokens=new_tokens, runs=runs,
+        threads=torch.get_num_threads(), prompt_tokens=int(ids.shape[1]), new_tokens=new_tokens, runs=len(timings),
         roofline_tokens_per_s=bandwidth * 1e9 / bytes_per_token if bytes_per_token else None,
         bandwidth_gb_s=bandwidth, bytes_per_token=bytes_per_token, bytes_basis=bytes_basis,
-        device=str(device), warmup=warmup)
+        device=str(device), warmup=warmup, prefill_ms_runs=[t[0] * 1000 for t in timings],
+        decode_tokens_per_s_runs=[new_tokens / t[1] for t in timings])

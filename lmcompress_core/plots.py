@@ -95,16 +95,6 @@ def size_figure(report: Any) -> go.Figure:
     return _layout(fig, "Model size")
 
 
-def size_how(report: Any) -> str:
-    size = _section(report, "size")
-    note = size.get("note") or ""
-    sim = " Quantization is simulated in fp32 at run time, so runtime RAM stays near the base." \
-        if size.get("simulated") else ""
-    return ("Theoretical = bits × weights + scales/zeros; packed = bytes really written by "
-            "packing.save_compressed; runtime = parameter and buffer bytes of the model in memory."
-            f"{sim} {note}").strip()
-
-
 def _speed_bar(fig: go.Figure, name: str, color: str, values: tuple[float, float], labels: tuple[str, str]) -> None:
     """One model's prefill and decode bars (left and right panels)."""
     for col, (value, label) in enumerate(zip(values, labels), start=1):
@@ -114,8 +104,8 @@ def _speed_bar(fig: go.Figure, name: str, color: str, values: tuple[float, float
 
 def latency_figure(report: Any) -> go.Figure:
     """Prefill time (ms, lower is better) and decode throughput (tokens/s, higher is better), base beside
-    compressed when the base was timed with the same protocol; the ratio to the base is written on the bar."""
-    lat, base = _section(report, "latency"), _section(report, "base_latency")
+    compressed (timed alternately in one call); the speed ratio the measurement supports is written on the bar."""
+    lat, base, speed = _section(report, "latency"), _section(report, "base_latency"), _section(report, "speed")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill ms ↓", "decode tokens/s ↑"),
                         horizontal_spacing=0.2)
     prefill, decode = lat.get("prefill_ms") or 0, lat.get("decode_tokens_per_s") or 0
@@ -126,9 +116,9 @@ def latency_figure(report: Any) -> go.Figure:
     roof = lat.get("roofline_tokens_per_s")
     # The memory roofline is written on the bar, not drawn: on a tiny model it is 100x the measured speed.
     labels = [f"{prefill:.1f} ms", f"{decode:.1f} tok/s" + (f"<br>roofline {roof:,.0f}" if roof else "")]
-    if base and base_prefill and base_decode:
-        labels[0] += f"<br>×{base_prefill / prefill:.2f} speed" if prefill else ""
-        labels[1] += f"<br>×{decode / base_decode:.2f} speed"
+    if speed:
+        labels[0] += f"<br>{short_ratio(speed.get('prefill_text'))}"
+        labels[1] += f"<br>{short_ratio(speed.get('decode_text'))}"
     _speed_bar(fig, "compressed", COMPRESSED_COLOR, (prefill, decode), tuple(labels))
     kernel = lat.get("kernel") or "unknown kernel"
     fig = _layout(fig, f"Latency<br><sup>{kernel}</sup>")
@@ -136,14 +126,9 @@ def latency_figure(report: Any) -> go.Figure:
     return fig
 
 
-def latency_how(report: Any) -> str:
-    lat = _section(report, "latency")
-    return (f"Median of {lat.get('runs', '?')} timed runs after a warm-up on {lat.get('threads', '?')} CPU "
-            f"thread(s): prefill of {lat.get('prompt_tokens', '?')} prompt tokens, then "
-            f"{lat.get('new_tokens', '?')} greedy decode steps. Kernel: {lat.get('kernel', '?')}."
-            + (" Roofline = weight bytes ÷ measured memory bandwidth." if lat.get("roofline_tokens_per_s") else "")
-            + (" The base model was timed with the same protocol in this server process; ×N = speed relative "
-               "to it." if _section(report, "base_latency") else ""))
+def short_ratio(text: str | None) -> str:
+    """'≈ 1× (within the noise of the runs)' -> '≈ 1×' on a bar (the caption says why)."""
+    return (text or "").split(" (")[0]
 
 
 def perplexity_figure(report: Any) -> go.Figure:
@@ -166,20 +151,20 @@ def perplexity_figure(report: Any) -> go.Figure:
     return _layout(fig, "Perplexity" + (" — " + ", ".join(extras) if extras else ""))
 
 
-def perplexity_how(report: Any) -> str:
-    ppl = _section(report, "perplexity")
-    return (f"exp(mean next-token loss) over {ppl.get('tokens', '?')} tokens of '{ppl.get('text', '?')}' in windows "
-            f"of {ppl.get('context', '?')} (stride {ppl.get('stride', '?')}); ± is the standard error over tokens. "
-            "KL(base‖compressed) and top-1 agreement are averaged over the same tokens.")
-
-
 def report_how(report: Any) -> dict[str, str]:
-    """Captions per figure; a Report that carries its own ``how`` wins over the generic text."""
+    """Captions per figure, as measure.how_labels wrote them into the Report (the one place they come from).
+
+    A perplexity caption also carries KL and top-1 agreement; an imported run without captions gets none.
+    """
     own = as_dict(report).get("how") or {}
-    generic = {"size": size_how(report), "latency": latency_how(report), "perplexity": perplexity_how(report)}
-    if isinstance(own, Mapping):
-        generic.update({k: v for k, v in own.items() if v})
-    return generic
+    how = {k: v for k, v in own.items() if v} if isinstance(own, Mapping) else {}
+    extra = "; ".join(f"{label}: {how[k]}" for k, label in (("kl_to_base", "KL"), ("top1_agreement", "top-1"))
+                      if how.get(k))
+    if how.get("perplexity") and extra:
+        how["perplexity"] = f"{how['perplexity']}. {extra}."
+    if how.get("latency") and how.get("roofline"):
+        how["latency"] = f"{how['latency']}. Roofline: {how['roofline']}."
+    return how
 
 
 def pareto_mask(xs: Sequence[float], ys: Sequence[float]) -> list[bool]:
@@ -217,9 +202,12 @@ def trail_figure(trail: Iterable[Any], current: int | None = None) -> go.Figure:
         xs = [p["size_mb"] for p in points]
         ys = [p["perplexity"] for p in points]
         frontier = sorted((x, y) for x, y, keep in zip(xs, ys, pareto_mask(xs, ys)) if keep)
-        fig.add_trace(go.Scatter(x=[f[0] for f in frontier], y=[f[1] for f in frontier], mode="lines",
-                                 line={"color": ACCENT_COLOR, "dash": "dot"}, name="frontier",
-                                 hoverinfo="skip"))
+        # open rings as well as the dotted line: a frontier of one point has no line to see
+        fig.add_trace(go.Scatter(x=[f[0] for f in frontier], y=[f[1] for f in frontier], mode="lines+markers",
+                                 line={"color": ACCENT_COLOR, "dash": "dot", "width": 3},
+                                 marker={"size": 22, "symbol": "circle-open", "color": ACCENT_COLOR,
+                                         "line": {"width": 3}},
+                                 name="frontier", hoverinfo="skip"))
         colors = [COMPRESSED_COLOR if current is not None and p["run"] - 1 == current else BASE_COLOR
                   for p in points]
         fig.add_trace(go.Scatter(

@@ -11,8 +11,6 @@ import html
 import json
 import re
 import tempfile
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,11 +59,49 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=])")
 
 
 def init_session() -> None:
+    fresh = "settings" not in st.session_state
     for key, value in SESSION_DEFAULTS.items():
         if key not in st.session_state:
             st.session_state[key] = value.copy() if isinstance(value, (list, dict)) else value
     if st.session_state["model_name"] is None:
         st.session_state["model_name"] = _initial_model()
+    if fresh:  # a reload or a shared link: the URL carries the settings
+        settings, ignored = settings_from_query(dict(st.query_params))
+        st.session_state["settings"] = {**settings, **st.session_state["settings"]}
+        st.session_state["ignored_query"] = ignored
+
+
+MAX_URL_PROMPT = 500   # longer prompts stay out of the URL (a link still reproduces the compression setting)
+
+
+def settings_to_query(settings: dict) -> dict[str, str]:
+    """Explore's settings that differ from the defaults, as URL query parameters."""
+    out = {}
+    for key, default in WIDGETS.items():
+        value = settings.get(key, default)
+        if value == default or (key == "prompt" and len(str(value)) > MAX_URL_PROMPT):
+            continue
+        out[key] = ("1" if value else "0") if isinstance(default, bool) else str(value)
+    return out
+
+
+def settings_from_query(params: dict) -> tuple[dict, list[str]]:
+    """(settings, names ignored) from URL query parameters; a value of the wrong type is ignored, not guessed."""
+    settings, ignored = {}, []
+    for key, raw in params.items():
+        if key not in WIDGETS:
+            continue
+        default = WIDGETS[key]
+        try:
+            if isinstance(default, bool):
+                if raw not in ("0", "1"):
+                    raise ValueError(raw)
+                settings[key] = raw == "1"
+            else:
+                settings[key] = type(default)(raw)
+        except (TypeError, ValueError):
+            ignored.append(key)
+    return settings, ignored
 
 
 def _initial_model() -> str:
@@ -216,34 +252,28 @@ def _uploaded_model(previous: str) -> str | None:
 
 # ---------------------------------------------------------------- results
 
-@st.cache_resource
-def _result_store() -> tuple[OrderedDict, threading.Lock]:
-    """Finished reports keyed by request; shared across sessions (identical requests give identical reports)."""
-    return OrderedDict(), threading.Lock()
+def protocol(precise: bool = False):
+    """The one measurement protocol of this session, from Explore's settings, shared by every page."""
+    return protocol_from_settings({**WIDGETS, **st.session_state.get("settings", {})}, precise)
 
 
-def cached_result(key: str) -> dict | None:
-    store, lock = _result_store()
-    with lock:
-        if key in store:
-            store.move_to_end(key)
-            return store[key]
-    return None
+def protocol_from_settings(s: dict, precise: bool = False):
+    """Explore's widget values -> EvalProtocol (the benchmarks call this too, so they measure what the app does)."""
+    from lmcompress_core.protocol import EvalProtocol
 
-
-def store_result(key: str, report: dict) -> None:
-    store, lock = _result_store()
-    with lock:
-        store[key] = report
-        while len(store) > RESULT_CACHE_SIZE:
-            store.popitem(last=False)
+    prompt = s["prompt"] if str(s["prompt"]).strip() else None
+    kind = EvalProtocol.precise if precise else EvalProtocol.explore
+    changes = {"prompt": prompt, "generation": prompt is not None, "new_tokens": s["new_tokens"]}
+    if not precise:
+        changes.update(eval_tokens=s["eval_tokens"], latency_runs=s["latency_runs"])
+    return kind(**changes)
 
 
 def record_run(report: dict, key: str) -> None:
-    """Make a finished report current; append it to this session's trail unless it is the last one again."""
-    if st.session_state.get("last_key") != key:
-        st.session_state["trail"] = (list(st.session_state["trail"]) + [report])[-MAX_TRAIL:]
-        st.session_state["last_key"] = key
+    """Make a finished report current; in this session's trail a configuration tried again is one point, moved last."""
+    report = {**report, "run_key": key}
+    trail = [r for r in st.session_state["trail"] if r.get("run_key") != key]
+    st.session_state["trail"] = (trail + [report])[-MAX_TRAIL:]
     st.session_state["current"] = report
 
 
@@ -288,7 +318,7 @@ def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
     return callback
 
 
-def evaluate_live(loaded, config, bar, on_size: Callable[[dict], None], **evaluate_kwargs) -> dict:
+def evaluate_live(loaded, config, protocol, bar, on_size: Callable[[dict], None]) -> dict:
     """Compress and measure with progress; the size (cheap) is handed to ``on_size`` before the slow stages.
 
     Returns the finished report as a plain dict. Raises compress.Cancelled when Stop was pressed.
@@ -302,7 +332,7 @@ def evaluate_live(loaded, config, bar, on_size: Callable[[dict], None], **evalua
             on_size({"size": asdict(progress.metrics["size"])})
 
     callback = progress_callback(bar, on_metrics=partial)
-    return measure.evaluate(loaded, config, callback=callback, should_stop=should_stop, **evaluate_kwargs).to_dict()
+    return measure.evaluate(loaded, config, protocol, callback=callback, should_stop=should_stop).to_dict()
 
 
 def figure(fig, caption: str = "", key: str | None = None) -> None:

@@ -1,4 +1,6 @@
 """Distillation: what the temperature does to the teacher's targets, and a live knowledge-distillation run."""
+from dataclasses import replace
+
 import streamlit as st
 
 from lmcompress_core import measure, plots
@@ -66,9 +68,10 @@ if st.button("Run distillation", type="primary"):
             curve.plotly_chart(plots.loss_curve_figure(history), width="stretch")
 
     try:
-        report = measure.evaluate(loaded, config, eval_tokens=256, prompt=prompt if prompt.strip() else None,
-                                  generation=bool(prompt.strip()), latency=False,
-                                  callback=common.progress_callback(bar, on_progress), should_stop=common.should_stop)
+        protocol = replace(common.protocol(), prompt=prompt if prompt.strip() else None,
+                           generation=bool(prompt.strip()), latency=False)
+        report = measure.evaluate(loaded, config, protocol, callback=common.progress_callback(bar, on_progress),
+                                  should_stop=common.should_stop)
     except Cancelled:
         st.info("Distillation stopped; nothing from this run is kept.")
     except ValueError as exc:

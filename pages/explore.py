@@ -47,6 +47,9 @@ def controls() -> None:
         c4.select_slider("Timed runs (median)", [1, 3, 5, 10], key="latency_runs")
     st.text_area("Prompt for the side-by-side generations", key="prompt", height=80, max_chars=20_000)
     st.session_state["settings"] = {k: st.session_state[k] for k in WIDGETS}
+    query = {"model": st.session_state["model_name"], **common.settings_to_query(st.session_state["settings"])}
+    if dict(st.query_params) != query:   # the URL reproduces this configuration (reload, shared link)
+        st.query_params.from_dict(query)
 
 
 def show_report(report: dict, slots: dict) -> None:
@@ -55,23 +58,23 @@ def show_report(report: dict, slots: dict) -> None:
         common.figure(plots.size_figure(report), how.get("size", ""))
     with slots["latency"].container():
         common.figure(plots.latency_figure(report), how.get("latency", ""))
-    ppl_how = " ".join(how.get(k, "") for k in ("perplexity", "kl_to_base", "top1_agreement") if how.get(k))
     with slots["perplexity"].container():
-        common.figure(plots.perplexity_figure(report), ppl_how)
+        common.figure(plots.perplexity_figure(report), how.get("perplexity", ""))
 
 
-def run(loaded, config: CompressionConfig, s: dict, slots: dict) -> dict | None:
-    prompt = s["prompt"] if s["prompt"].strip() else None
-    measure_args = {"eval_tokens": s["eval_tokens"], "new_tokens": s["new_tokens"],
-                    "latency_runs": s["latency_runs"], "prompt": prompt, "generation": prompt is not None}
-    key = json.dumps([loaded.name, config.key(), measure_args], sort_keys=True)
-    report = common.cached_result(key)
-    if report is None and st.session_state.get("stop_requested") and st.session_state.get("pending_key") == key:
+def run(loaded, config: CompressionConfig, protocol, slots: dict) -> dict | None:
+    from lmcompress_core import measure
+
+    key = json.dumps([loaded.name, config.key(), protocol.to_dict()], sort_keys=True)
+    cached = measure.cached_report(loaded, config, protocol)
+    if cached is None and st.session_state.get("stop_requested") and st.session_state.get("pending_key") == key:
         st.info("Stopped. Move a slider or press Run to compute this configuration.")
         st.button("Run", on_click=lambda: st.session_state.update(stop_requested=False))
         return None
     st.session_state["stop_requested"] = False
-    if report is None:
+    if cached is not None:
+        report = cached.to_dict()
+    else:
         st.session_state["pending_key"] = key
         running = st.empty()
         with running.container():
@@ -79,9 +82,8 @@ def run(loaded, config: CompressionConfig, s: dict, slots: dict) -> dict | None:
             bar = st.progress(0.0, text="starting")
         try:
             report = common.evaluate_live(
-                loaded, config, bar,
-                lambda partial: slots["size"].plotly_chart(plots.size_figure(partial), width="stretch"),
-                **measure_args)
+                loaded, config, protocol, bar,
+                lambda partial: slots["size"].plotly_chart(plots.size_figure(partial), width="stretch"))
         except Cancelled:
             st.info("Stopped; the previous results are kept.")
             return None
@@ -89,9 +91,8 @@ def run(loaded, config: CompressionConfig, s: dict, slots: dict) -> dict | None:
             common.error("Cannot run this configuration", exc)
             return None
         running.empty()
-        common.store_result(key, report)
     common.record_run(report, key)
-    return report
+    return st.session_state["current"]
 
 
 st.title("Explore")
@@ -100,6 +101,9 @@ loaded = common.current_model()
 if loaded is None:
     st.stop()
 restore_widgets()
+if st.session_state.get("ignored_query"):
+    st.warning("Ignored link parameter(s) with a value of the wrong kind: "
+               + common.md_escape(", ".join(st.session_state.pop("ignored_query"))))
 controls()
 settings = st.session_state["settings"]
 if not settings["prompt"].strip():
@@ -111,9 +115,14 @@ except ValueError as exc:
     st.stop()
 
 st.subheader(plots.config_label(config.to_dict()))
+precise = st.toggle("Measure precisely", key="precise",
+                    help="The full protocol (2048 tokens scored, 5 timed runs) instead of the lighter one used "
+                         "while exploring.")
+protocol = common.protocol(precise=precise)
+st.caption(f"Protocol: {common.md_escape(protocol.describe())}.")
 cols = st.columns(3)
 slots = {name: col.empty() for name, col in zip(("size", "latency", "perplexity"), cols)}
-report = run(loaded, config, settings, slots)
+report = run(loaded, config, protocol, slots)
 if report is None:
     report = st.session_state.get("current")
 if report is not None:

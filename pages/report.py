@@ -43,5 +43,9 @@ with right:
             st.session_state["imported_files"] = imported + [upload.file_id]
             st.success(f"Imported {count} run(s).")
             st.rerun()
-if trail:
-    common.figure(plots.trail_figure(trail, current=len(trail) - 1), "Every run of this session.")
+for model in dict.fromkeys(r.get("model") for r in trail):   # one chart per model: sizes differ by 30×
+    runs = [r for r in trail if r.get("model") == model]
+    current_index = next((i for i, r in enumerate(runs) if current and r.get("run_key") == current.get("run_key")),
+                         None)
+    common.figure(plots.trail_figure(runs, current=current_index),
+                  f"Every configuration tried on {model} in this session (a setting tried twice is one point).")

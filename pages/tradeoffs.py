@@ -1,8 +1,11 @@
 """Trade-offs: sweep a grid of configurations, Pareto frontiers, the table as CSV, per-layer sensitivity."""
+from dataclasses import replace
+
 import streamlit as st
 
 from lmcompress_core import plots, sweep
 from lmcompress_core.compress import Cancelled
+from lmcompress_core.protocol import calibration_for
 from lmcompress_core.sensitivity import layer_sensitivity
 from pages import common
 from pages.common import WIDGETS, build_config
@@ -31,9 +34,9 @@ if submitted:
     st.session_state["stop_requested"] = False
     bar = st.progress(0.0, text=f"{len(configs)} configurations")
     try:
+        protocol = replace(common.protocol(), eval_tokens=eval_tokens, generation=False)
         table = sweep.run_sweep(loaded, configs, callback=common.progress_callback(bar),
-                                should_stop=common.should_stop, eval_tokens=eval_tokens,
-                                generation=False, latency_runs=3)
+                                should_stop=common.should_stop, protocol=protocol)
     except Cancelled as exc:
         st.info(f"Sweep stopped ({exc}); the previous table is kept.")
     else:
@@ -71,7 +74,9 @@ st.caption(f"Other settings from Explore: {common.md_escape(plots.config_label(e
 if st.button("Compute sensitivity"):
     try:
         with st.spinner("Quantizing each layer at each bit-width…"):
-            frame = layer_sensitivity(loaded.model, explore_config, bits_list=tuple(sens_bits or [4]))
+            calibration = calibration_for(loaded, explore_config, common.protocol())
+            frame = layer_sensitivity(loaded.model, explore_config, bits_list=tuple(sens_bits or [4]),
+                                      calibration=calibration)
     except ValueError as exc:
         common.error("Cannot compute sensitivity", exc)
     else:

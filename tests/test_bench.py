@@ -1,10 +1,12 @@
 """The bench harness without running a benchmark: targets, report writing, the committed results' schema."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench import loadtest, report, targets
+from bench import loadtest, readme, report, targets
+from bench.__main__ import SECTIONS
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results.json"
 
@@ -14,7 +16,8 @@ def _results(**headline):
 
 
 def test_targets_met_missed_and_unmeasured():
-    rows = {r["key"]: r for r in targets.check(_results(int8_speedup_decode=3.5, eval_fraction_of_matmul_peak=0.2))}
+    rows = {r["key"]: r for r in targets.check(_results(int8_speedup_decode=3.5,
+                                                        eval_fraction_of_matmul_peak=0.2))}
     assert rows["int8_speedup_decode"]["met"] is True
     assert rows["eval_fraction_of_matmul_peak"]["met"] is False
     assert "Missed: 0.20 against 0.5: 60% short" in rows["eval_fraction_of_matmul_peak"]["note"]
@@ -33,14 +36,18 @@ def test_target_thresholds(key, value, met):
 
 def test_markdown_renders_a_partial_run(tmp_path):
     results = _results()
+    by_t = {"1": {"mean": -0.5, "std": 0.1}, "2": {"mean": 0.25, "std": None}}
     results["sections"] = {"speed": {"error": "RuntimeError: boom"},
-                           "distillation": {"headline": {"kd_recovery_by_temperature": {"1": 30.0, "2": 29.0}},
-                                            "rows": [{"temperature": 1, "perplexity": 30.0}], "steps": 5}}
+                           "distillation": {"headline": {"kd_recovered_fraction_by_temperature": by_t},
+                                            "rows": [{"temperature": 1, "seed": 0, "perplexity": 30.0}], "steps": 5}}
     report.finish(results, tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "This section failed: `RuntimeError: boom`" in text
-    assert "T=1: 30.00, T=2: 29.00" in text
-    assert json.loads((tmp_path / "results.json").read_text())["headline"]["kd_recovery_by_temperature"]["2"] == 29.0
+    assert "1: -0.500 ± 0.100, 2: 0.250 ± —" in text
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["headline"]["kd_recovered_fraction_by_temperature"]["2"]["mean"] == 0.25
+    # a run with a failed or missing section never says "no warning"
+    assert "speed" in written["warning"] and "quality" in written["warning"]
 
 
 def test_loadtest_moves_stay_in_range():
@@ -52,10 +59,49 @@ def test_loadtest_moves_stay_in_range():
     assert loadtest._numbers(["12.5 MB<br>48%", "3 run(s)"]) == [12.5, 48.0, 3.0]
 
 
-@pytest.mark.skipif(not RESULTS.exists(), reason="bench/results.json is written by `make bench`")
-def test_committed_results_have_every_issue_key():
-    results = json.loads(RESULTS.read_text())
-    assert set(report.HEADLINE_KEYS) <= set(results["headline"])
+def committed() -> dict:
+    return json.loads(RESULTS.read_text())
+
+
+def test_committed_results_are_one_whole_run_of_every_section():
+    results = committed()
+    assert results["schema"] == 2 and results["partial"] is False
+    assert set(results["sections"]) == set(SECTIONS), "every section, from one run"
+    for name, section in results["sections"].items():
+        assert "error" not in section, f"{name} failed in the committed run: {section.get('error')}"
+        declared = set(sys.modules[SECTIONS[name].__module__].KEYS)
+        assert set(section) == declared | {"wall_s", "load_average_at_start"}, name
     assert results["machine"]["cpu"] and results["versions"]["torch"]
-    assert set(results["headline"]["kd_recovery_by_temperature"]) == {"1", "2", "4", "8"}
+
+
+def test_committed_headline_is_the_sections_values():
+    results = committed()
+    assert set(report.HEADLINE_KEYS) <= set(results["headline"])
+    for section in results["sections"].values():
+        for key, value in (section.get("headline") or {}).items():
+            assert results["headline"][key] == value, key
     assert all(t["met"] in (True, False) for t in results["targets"]), "every target measured"
+    assert results["warning"] == report.warning(results)
+
+
+def test_committed_recovered_fractions_come_from_the_rows():
+    section = committed()["sections"]["distillation"]
+    for temperature, summary in section["headline"]["kd_recovered_fraction_by_temperature"].items():
+        rows = [r for r in section["rows"] if str(r["temperature"]) == temperature]
+        assert len(rows) == len(section["seeds"]) >= 3
+        for r in rows:
+            gap = section["pruned_perplexity"] - section["base_perplexity"]
+            assert r["recovered_fraction"] == pytest.approx((section["pruned_perplexity"] - r["perplexity"]) / gap)
+        assert summary["mean"] == pytest.approx(sum(r["recovered_fraction"] for r in rows) / len(rows))
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    text = readme.README.read_text()
+    assert readme.current(text) == readme.block(committed()), "run `python -m bench --render`"
+
+
+def test_section_keys_are_checked(tmp_path):
+    from bench.__main__ import check_keys
+
+    with pytest.raises(ValueError, match="declares"):
+        check_keys("distillation", {"headline": {}})

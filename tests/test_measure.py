@@ -1,5 +1,6 @@
 """Measurements: perplexity against a slow reference, KL/top-1, size three ways, packed format, latency, generation."""
 import copy
+from dataclasses import replace
 import json
 import math
 
@@ -11,7 +12,9 @@ from conftest import byte_bpe_tokenizer
 
 from lmcompress_core import measure
 from lmcompress_core.compress import KERNEL_INT8, CompressionConfig, compress
-from lmcompress_core.measure_quality import first_divergence, score_tokens, windows
+from lmcompress_core.measure_quality import first_divergence, perplexity, score_tokens, windows
+from lmcompress_core.measure_speed import measure_latency, ratio_text
+from lmcompress_core.protocol import EvalProtocol
 from lmcompress_core.packing import load_compressed, pack_model, save_compressed
 from lmcompress_core.prune import PruningConfig
 from lmcompress_core.quantize import QuantizationConfig
@@ -76,7 +79,7 @@ def _reference_nll(model, ids, context, stride):
 
 @pytest.mark.parametrize("context,stride", [(32, 32), (32, 12), (128, 128)])
 def test_perplexity_matches_slow_reference(gpt2, ids, context, stride):
-    report, kl, top1 = measure.perplexity(gpt2, ids, context=context, stride=stride, max_tokens=96)
+    report, kl, top1 = perplexity(gpt2, ids, context=context, stride=stride, max_tokens=96)
     ref = _reference_nll(gpt2, ids, context, stride)
     assert report.tokens == ref.numel()
     assert report.value == pytest.approx(math.exp(ref.mean().item()), rel=1e-4)
@@ -95,7 +98,7 @@ def test_windows_score_each_token_once():
 
 
 def test_kl_zero_and_top1_one_against_itself(gpt2, ids):
-    report, kl, top1 = measure.perplexity(gpt2, ids, context=32, stride=32, max_tokens=96, base_model=gpt2)
+    report, kl, top1 = perplexity(gpt2, ids, context=32, stride=32, max_tokens=96, base_model=gpt2)
     assert kl == pytest.approx(0.0, abs=1e-6) and top1 == 1.0
     assert report.tokens == 93  # 97 tokens, 3 windows of 32: the first token of each window has no context
 
@@ -159,7 +162,7 @@ def test_kernel_labels_and_int8_runtime_bytes(gpt2):
 
 # ---------------------------------------------------------------- latency and generation
 def test_latency_report(gpt2, tokenizer):
-    lat = measure.measure_latency(gpt2, tokenizer, "fp32 dense", prompt_tokens=16, new_tokens=4, runs=5)
+    lat = measure_latency(gpt2, tokenizer, "fp32 dense", prompt_tokens=16, new_tokens=4, runs=5)
     assert lat.prefill_ms > 0 and lat.decode_tokens_per_s > 0 and lat.runs == 5
     assert lat.threads == torch.get_num_threads() and lat.prompt_tokens == 16
     assert lat.bandwidth_gb_s > 0.1 and lat.roofline_tokens_per_s > 0
@@ -211,20 +214,20 @@ def test_student_distillation_reloads_with_fewer_layers(llama, ids, tmp_path):
 def loaded(gpt2, tokenizer):
     from lmcompress_core.models import LoadedModel, ModelCard
 
-    measure.clear_caches()
+    measure.clear_cache()
     card = ModelCard("test-gpt2", "local", "random test model", "n/a", None, "")
     return LoadedModel(name="test-gpt2", model=gpt2, tokenizer=tokenizer, card=card)
 
 
-FAST = dict(eval_tokens=96, context=32, stride=32, new_tokens=4, latency_runs=5, prompt_tokens=8, decode_tokens=2,
-            text=TEXT)
+FAST = EvalProtocol(eval_tokens=96, context=32, stride=32, new_tokens=4, latency_runs=5, prompt_tokens=8,
+                    decode_tokens=2, text=TEXT)
 
 
 def test_evaluate_report_stages_and_json(loaded):
     seen = []
     config = CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
                                pruning=PruningConfig(sparsity=0.5))
-    report = measure.evaluate(loaded, config, callback=seen.append, prompt="a single man", **FAST)
+    report = measure.evaluate(loaded, config, replace(FAST, prompt="a single man"), callback=seen.append)
     stages = [p.stage for p in seen if p.stage in ("compress", "size", "latency", "generate", "perplexity")]
     assert list(dict.fromkeys(stages)) == ["compress", "size", "latency", "generate", "perplexity"]
     assert "done" not in {p.stage for p in seen}
@@ -235,33 +238,55 @@ def test_evaluate_report_stages_and_json(loaded):
     assert {"size", "latency", "roofline", "perplexity", "kl_to_base", "top1_agreement", "generation"} <= set(
         data["how"])
     assert "simulated" in data["how"]["size"] and f"{torch.get_num_threads()} thread" in data["how"]["latency"]
-    base = data["base_latency"]   # the base model timed with the same protocol, beside the compressed one
+    base = data["base_latency"]   # the base model timed alternately with the compressed one
     assert base["kernel"] == "float32 dense (base)" and base["prompt_tokens"] == data["latency"]["prompt_tokens"]
-    assert base["prefill_ms"] > 0 and base["decode_tokens_per_s"] > 0
+    assert base["prefill_ms"] > 0 and base["decode_tokens_per_s"] > 0 and len(base["prefill_ms_runs"]) == 5
+    # simulated quantization and dense zeros: no speedup is claimed, whatever the noise says
+    assert data["speed"]["decode_text"].startswith("≈ 1×") and data["speed"]["prefill_text"].startswith("≈ 1×")
+    assert data["protocol"] == FAST.to_dict() | {"prompt": "a single man"}
 
 
 def test_evaluate_is_cached_and_uncompressed_model_agrees_with_base(loaded):
     config = CompressionConfig()
-    first = measure.evaluate(loaded, config, **FAST)
+    first = measure.evaluate(loaded, config, FAST)
     assert first.kl_to_base == pytest.approx(0, abs=1e-6) and first.top1_agreement == 1.0
     assert first.perplexity.value == pytest.approx(first.base_perplexity, rel=1e-6)
-    again = measure.evaluate(loaded, config, **FAST)
+    again = measure.evaluate(loaded, config, FAST)
     assert again.timings == {"cached": True} and again.perplexity == first.perplexity
-    assert measure.cached_report(loaded, config, **FAST).perplexity == first.perplexity
-    other_prompt = measure.evaluate(loaded, config, **{**FAST, "prompt": "in want"})
+    assert measure.cached_report(loaded, config, FAST).perplexity == first.perplexity
+    other_prompt = measure.evaluate(loaded, config, replace(FAST, prompt="in want"))
     assert other_prompt.timings["perplexity"] == "cached"
-    assert measure.cached_report(loaded, config, **{**FAST, "seed": 9}) is None
+    assert measure.cached_report(loaded, config, replace(FAST, seed=9)) is None
 
 
 def test_evaluate_can_be_cancelled(loaded):
     from lmcompress_core.compress import Cancelled
 
     with pytest.raises(Cancelled):
-        measure.evaluate(loaded, CompressionConfig(), should_stop=lambda: True, **FAST)
+        measure.evaluate(loaded, CompressionConfig(), FAST, should_stop=lambda: True)
 
 
 def test_evaluate_a_given_compressed_model(loaded):
     cm = compress(loaded.model, CompressionConfig(quantization=QuantizationConfig(bits=8)))
-    report = measure.evaluate(loaded, None, compressed=cm, **{**FAST, "generation": False})
+    report = measure.evaluate(loaded, None, replace(FAST, generation=False), compressed=cm)
     assert "compress" not in report.timings and report.generation is None
     assert report.config == cm.config.to_dict() and report.latency.kernel == KERNEL_INT8
+
+
+@pytest.mark.parametrize("ratios, simulated, text", [
+    ([1.9, 2.1, 2.0], False, "×2.00"),
+    ([0.5, 0.6, 0.55], False, "×0.55"),
+    ([0.9, 1.1, 1.05], False, "≈ 1× (within the noise of the runs)"),
+    ([3.0, 3.1, 2.9], True, "≈ 1× (simulated: nothing runs faster)"),
+])
+def test_speed_ratio_text_claims_only_what_every_round_agrees_on(ratios, simulated, text):
+    assert ratio_text(ratios, simulated) == text
+
+
+def test_protocol_validates_and_keys_by_text_hash():
+    with pytest.raises(ValueError, match="stride"):
+        EvalProtocol(context=64, stride=128)
+    with pytest.raises(ValueError, match="eval_tokens"):
+        EvalProtocol(eval_tokens=0)
+    assert EvalProtocol(text="abc").key("h1") != EvalProtocol(text="abc").key("h2")
+    assert EvalProtocol.explore().eval_tokens < EvalProtocol.precise().eval_tokens

@@ -117,14 +117,13 @@ def test_very_long_prompt_is_truncated_with_a_notice(explore):
 
 
 def test_stop_keeps_the_previous_results(explore, monkeypatch):
-    from lmcompress_core import compress
+    from lmcompress_core import Cancelled
 
     before = list(explore.session_state["trail"])
 
     def cancelled(*args, **kwargs):
-        raise compress.Cancelled("stopped")
+        raise Cancelled("stopped")
 
-    monkeypatch.setattr(compress, "compress", cancelled)
     monkeypatch.setattr("lmcompress_core.measure.evaluate", cancelled)
     explore.select_slider(key="bits").set_value(5).run()
     no_exceptions(explore)
@@ -286,3 +285,24 @@ def test_model_card_text_and_messages_are_never_markup():
     assert "&lt;img src=x onerror=alert(1)&gt;" in body and "<img" not in body
     assert "# Heading &lt;script&gt;x()&lt;/script&gt;" in body and "license: **MIT**" in body
     assert at.error[0].value.endswith(r"\[click\]\(javascript\:alert\(1\)\) \<b\>bold\</b\>")
+
+
+def test_settings_round_trip_through_the_url_and_bad_values_are_named():
+    from pages.common import WIDGETS, settings_from_query, settings_to_query
+
+    settings = {**WIDGETS, "bits": 3, "kd": True, "temperature": 4.0, "prompt": "Hello"}
+    query = settings_to_query(settings)
+    assert query == {"bits": "3", "kd": "1", "temperature": "4.0", "prompt": "Hello"}   # defaults stay out
+    restored, ignored = settings_from_query({**query, "sparsity": "lots", "symmetric": "maybe", "other": "x"})
+    assert restored == {"bits": 3, "kd": True, "temperature": 4.0, "prompt": "Hello"}
+    assert ignored == ["sparsity", "symmetric"]
+
+
+def test_a_link_reproduces_a_configuration():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update({"model": MODEL, "bits": "8", "eval_tokens": "128", "new_tokens": "8",
+                            "latency_runs": "1", "granularity": "tensor"})
+    at.run()
+    no_exceptions(at)
+    assert at.select_slider(key="bits").value == 8
+    assert at.subheader[0].value.startswith("8-bit")

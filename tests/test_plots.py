@@ -40,18 +40,18 @@ def test_size_figure_plots_bytes_in_mb_against_base():
     bar = fig.data[0]
     assert list(bar.x) == ["base fp32", "theoretical", "packed", "runtime"]
     assert bar.y[0] == pytest.approx(8.0) and bar.y[2] == pytest.approx(2.0)
-    assert "simulated" in plots.size_how(fake_report())
 
 
 def test_latency_figure_puts_the_base_beside_the_compressed_model_with_the_speed_ratio():
     report = fake_report()
     report["latency"].update(kernel="int8 (real, torch dynamic)", prefill_ms=2.5, decode_tokens_per_s=600.0)
     report["base_latency"] = {"prefill_ms": 5.0, "decode_tokens_per_s": 300.0, "kernel": "float32 dense (base)"}
+    report["speed"] = {"prefill_text": "×2.00", "decode_text": "≈ 1× (within the noise of the runs)"}
     fig = plots.latency_figure(report)
     bars = {(trace.x[0], trace.xaxis): (trace.y[0], trace.text[0]) for trace in fig.data}
     assert bars[("base", "x")][0] == 5.0 and bars[("compressed", "x")][0] == 2.5
-    assert "×2.00 speed" in bars[("compressed", "x")][1] and "×2.00 speed" in bars[("compressed", "x2")][1]
-    assert "same protocol" in plots.latency_how(report)
+    # the ratio printed is the one the measurement supports (from the alternating runs), never recomputed here
+    assert bars[("compressed", "x")][1].endswith("×2.00") and bars[("compressed", "x2")][1].endswith("≈ 1×")
 
 
 def test_latency_figure_carries_kernel_label_and_roofline():
@@ -59,7 +59,6 @@ def test_latency_figure_carries_kernel_label_and_roofline():
     assert "quantization simulated" in fig.layout.title.text
     assert fig.data[1].y[0] == pytest.approx(300.0)
     assert "roofline 900" in fig.data[1].text[0]
-    assert "2 CPU" in plots.latency_how(fake_report())
 
 
 def test_perplexity_figure_has_error_bars_kl_and_top1():
@@ -75,11 +74,13 @@ def test_base_perplexity_as_plain_float_is_accepted():
     assert plots.perplexity_figure(report).data[0].y[0] == 9.5
 
 
-def test_report_how_prefers_the_reports_own_text():
+def test_report_how_is_the_reports_own_text_only():
     report = fake_report()
-    report["how"] = {"size": "counted by hand"}
+    report["how"] = {"size": "counted by hand", "perplexity": "over 512 tokens", "kl_to_base": "mean KL"}
     how = plots.report_how(report)
-    assert how["size"] == "counted by hand" and "tokens" in how["perplexity"]
+    assert how["size"] == "counted by hand" and how["perplexity"].startswith("over 512 tokens") and "mean KL" in how[
+        "perplexity"]
+    assert plots.report_how(fake_report()) == {}   # an imported run without captions gets none, not made-up ones
 
 
 def test_trail_figure_draws_every_run_and_the_frontier():

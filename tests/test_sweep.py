@@ -61,8 +61,10 @@ def test_run_sweep_stops_when_asked():
 
 
 def test_real_sweep_on_the_tiny_model(tiny_loaded):
-    table = sweep.run_sweep(tiny_loaded, sweep.grid((2, 8), (0.0,)), eval_tokens=128, generation=False,
-                            latency_runs=1)
+    from lmcompress_core.protocol import EvalProtocol
+
+    table = sweep.run_sweep(tiny_loaded, sweep.grid((2, 8), (0.0,)),
+                            protocol=EvalProtocol(eval_tokens=128, generation=False, latency_runs=1))
     by_bits = table.set_index("bits")
     assert by_bits.loc[2, "perplexity"] > by_bits.loc[8, "perplexity"]
     assert by_bits.loc[2, "size_mb"] < by_bits.loc[8, "size_mb"]
