@@ -1,9 +1,18 @@
 """LM Compression Lab: `streamlit run app.py`. Navigation over pages/ and the session defaults."""
+from pathlib import Path
+
 import streamlit as st
 
 from pages import common
 
-st.set_page_config(page_title="LM Compression Lab", page_icon=":material/compress:", layout="wide")
+# The tab icon is a file the app serves itself: a material-icon favicon is fetched from a web font host.
+ICON = Path(__file__).resolve().parent / "assets" / "icon.png"
+st.set_page_config(page_title="LM Compression Lab", page_icon=str(ICON), layout="wide")
+# Streamlit's own Stop (top right) halts the script wherever it is and can leave a page half-drawn; each page's
+# Stop button cancels cleanly and says what was kept, so it is the only one shown. A previous result shown
+# while a new one computes is dimmed (its containers are keyed "previous-…").
+st.html("<style>[data-testid='stStatusWidget'] button {display: none !important;}"
+        "[class*='st-key-previous-'] {opacity: 0.45; filter: grayscale(0.7);}</style>")
 common.init_session()
 
 PAGES = [

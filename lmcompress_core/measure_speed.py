@@ -143,7 +143,8 @@ def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_
 
 def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], prompt_tokens: int = 64,
                          new_tokens: int = 16, runs: int = 5, warmup: int = 1, bytes_per_token=(None, None),
-                         bytes_basis=("", ""), simulated: bool = False) -> tuple[LatencyReport, LatencyReport, SpeedRatio]:
+                         bytes_basis=("", ""),
+                         simulated: bool = False) -> tuple[LatencyReport, LatencyReport, SpeedRatio]:
     """Time the base and the compressed model alternately (base, compressed, base, ...) on the same prompt.
 
     Interleaving puts both under the same load, so their ratio is not a comparison of two moments. Returns the
@@ -156,8 +157,9 @@ def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], promp
         pairs.append((_one_run(base, ids.to(model_device(base)), new_tokens, model_device(base)),
                       _one_run(model, ids.to(model_device(model)), new_tokens, model_device(model))))
     pairs = pairs[warmup:]
+    models = zip((base, model), kernels, bytes_per_token, bytes_basis)
     reports = [_latency_report(m, ids, kernel, new_tokens, [p[i] for p in pairs], warmup, nbytes, basis)
-               for i, (m, kernel, nbytes, basis) in enumerate(zip((base, model), kernels, bytes_per_token, bytes_basis))]
+               for i, (m, kernel, nbytes, basis) in enumerate(models)]
     return reports[0], reports[1], speed_ratio(pairs, simulated)
 
 

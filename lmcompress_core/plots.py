@@ -73,6 +73,37 @@ def config_label(config: Mapping | None) -> str:
     return " · ".join(parts) if parts else "fp32 (uncompressed)"
 
 
+_METHOD_WORDS = {"rtn": "round-to-nearest", "gptq": "GPTQ (error-compensating)", "hqq": "HQQ (optimised grid)"}
+
+
+def describe_config(config: Mapping | None) -> str:
+    """The same setting in plain words for a heading: '4-bit, groups of 128, round-to-nearest · 50% of weights
+    removed (magnitude)'; config_label gives the compact notation shown on hover."""
+    config = config or {}
+    parts = []
+    q = config.get("quantization")
+    if q:
+        if q.get("bits") == 16:
+            parts.append(f"16-bit floats ({q.get('dtype16', 'bf16')})")
+        else:
+            gran = q.get("granularity", "group")
+            where = {"group": f"groups of {q.get('group_size')}", "channel": "one scale per output channel",
+                     "tensor": "one scale per matrix"}.get(gran, gran)
+            method = _METHOD_WORDS.get(str(q.get("method", "rtn")), str(q.get("method")))
+            parts.append(f"{q.get('bits')}-bit, {where}, {method}")
+    p = config.get("pruning")
+    if p:
+        pattern = p.get("pattern", "unstructured")
+        amount = (f"{pattern} pattern" if pattern != "unstructured"
+                  else f"{round(100 * float(p.get('sparsity', 0)))}% of weights")
+        parts.append(f"{amount} removed ({p.get('method', 'magnitude')})")
+    d = config.get("distillation")
+    if d:
+        who = "a smaller student" if d.get("mode") == "student" else "recovery"
+        parts.append(f"distillation ({who}, temperature {d.get('temperature')}, {d.get('steps')} steps)")
+    return " · ".join(parts) if parts else "uncompressed (fp32)"
+
+
 def _base_ppl(report: Any) -> dict:
     base = as_dict(report).get("base_perplexity")
     if isinstance(base, Mapping):
@@ -165,6 +196,21 @@ def report_how(report: Any) -> dict[str, str]:
     if how.get("latency") and how.get("roofline"):
         how["latency"] = f"{how['latency']}. Roofline: {how['roofline']}."
     return how
+
+
+def stages_perplexity_figure(after: Any, before: Any) -> go.Figure:
+    """Base → before distillation → after distillation, on the same tokens (the before/after Reports share a
+    protocol, so their base perplexities are the same number)."""
+    base, pre, post = _base_ppl(after), _section(before, "perplexity"), _section(after, "perplexity")
+    names = ["base", "before distillation", "after distillation"]
+    values = [base.get("value") or 0, pre.get("value") or 0, post.get("value") or 0]
+    errors = [base.get("stderr") or 0, pre.get("stderr") or 0, post.get("stderr") or 0]
+    fig = go.Figure(go.Bar(x=names, y=values, error_y={"type": "data", "array": errors, "visible": True},
+                           marker_color=[BASE_COLOR, MUTED_COLOR, COMPRESSED_COLOR],
+                           text=[f"{v:.2f}" for v in values], textposition="auto",
+                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    fig.update_yaxes(title_text="perplexity (lower is better)")
+    return _layout(fig, "Perplexity: base, before and after distillation")
 
 
 def pareto_mask(xs: Sequence[float], ys: Sequence[float]) -> list[bool]:

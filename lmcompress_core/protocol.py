@@ -39,7 +39,8 @@ class EvalProtocol:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be a whole number of at least {low}; got {value!r}")
         if self.stride > self.context:
-            raise ValueError(f"stride ({self.stride}) cannot exceed the context ({self.context}): tokens would be skipped")
+            raise ValueError(f"stride ({self.stride}) cannot exceed the context ({self.context}): tokens would be "
+                             "skipped")
 
     @classmethod
     def explore(cls, **changes) -> "EvalProtocol":

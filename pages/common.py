@@ -307,12 +307,24 @@ def should_stop() -> bool:
     return bool(st.session_state.get("stop_requested"))
 
 
+# Where each stage of one evaluation sits on the single progress bar (the engine's own compression stages share
+# the first span); the spans follow the typical share of each stage's time on the default model.
+STAGE_SPANS = {"calibrate": (0.0, 0.35), "prune": (0.0, 0.35), "quantize": (0.0, 0.35), "distill": (0.0, 0.35),
+               "finish": (0.0, 0.35), "compress": (0.0, 0.35), "size": (0.35, 0.4), "latency": (0.4, 0.6),
+               "generate": (0.6, 0.8), "perplexity": (0.8, 1.0)}
+
+
 def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
-    """A core Progress callback driving an st.progress bar (and an optional hook for partial results)."""
+    """A core Progress callback driving ONE st.progress bar across all stages (it never runs backwards), the
+    stage named in its text; ``on_metrics`` is an optional hook for partial results."""
+    shown = [0.0]
+
     def callback(progress) -> None:
         total = max(int(progress.total or 0), 1)
-        fraction = min(max(progress.step / total, 0.0), 1.0)
-        bar.progress(fraction, text=f"{progress.stage}: {progress.message}"[:120])
+        within = min(max(progress.step / total, 0.0), 1.0)
+        low, high = STAGE_SPANS.get(progress.stage, (0.0, 1.0))
+        shown[0] = max(shown[0], low + (high - low) * within)
+        bar.progress(shown[0], text=f"{progress.stage}: {progress.message}"[:120])
         if on_metrics is not None:
             on_metrics(progress)
     return callback
@@ -371,3 +383,12 @@ def generations(gen: dict | None) -> None:
 
 def config_label(config: dict | None) -> str:
     return plots.config_label(config)
+
+
+def describe_config(config: dict | None) -> str:
+    return plots.describe_config(config)
+
+
+def config_heading(config: dict | None) -> None:
+    """A configuration as a plain-language heading; the compact notation (4-bit g128 asym RTN) on hover."""
+    st.subheader(describe_config(config), help=f"In short: {config_label(config)}")

@@ -53,13 +53,25 @@ try:
 except ValueError as exc:
     common.error("Invalid setting", exc)
     st.stop()
-st.caption(f"Configuration: {common.md_escape(plots.config_label(config.to_dict()))} "
-           "(quantization and pruning come from the Explore sliders).")
+source = ("quantization and pruning come from the Explore sliders" if mode == "recovery" else
+          f"the student keeps every {keep_every}-th layer of the uncompressed model; Explore's quantization and "
+          "pruning are not applied in this mode")
+st.caption(f"Configuration: {common.md_escape(common.describe_config(config.to_dict()))} ({source}). "
+           f"Protocol: {common.md_escape(common.protocol().describe())}.")
+# the same run without training: the compressed copy (recovery) or the untrained smaller student
+before_config = replace(config, distillation=replace(config.distillation, steps=0)) if mode == "student" else \
+    replace(config, distillation=None)
 
+if st.session_state.pop("kd_running", False) and common.should_stop():
+    st.info("Distillation stopped; nothing from that run was kept" +
+            (" — the previous result is shown below." if st.session_state.get("kd_result") else "."))
 if st.button("Run distillation", type="primary"):
     st.session_state["stop_requested"] = False
-    st.button("Stop", on_click=common.request_stop)
-    bar, curve = st.progress(0.0, text="starting"), st.empty()
+    st.session_state["kd_running"] = True   # a Stop click reruns the page: this says what was interrupted
+    running = st.empty()
+    with running.container():
+        st.button("Stop", on_click=common.request_stop)
+        bar, curve = st.progress(0.0, text="starting"), st.empty()
     history: list[dict] = []
 
     def on_progress(progress) -> None:
@@ -67,29 +79,34 @@ if st.button("Run distillation", type="primary"):
             history.append(progress.metrics)
             curve.plotly_chart(plots.loss_curve_figure(history), width="stretch")
 
+    protocol = replace(common.protocol(), prompt=prompt if prompt.strip() else None,
+                       generation=bool(prompt.strip()), latency=False)
     try:
-        protocol = replace(common.protocol(), prompt=prompt if prompt.strip() else None,
-                           generation=bool(prompt.strip()), latency=False)
-        report = measure.evaluate(loaded, config, protocol, callback=common.progress_callback(bar, on_progress),
+        callback = common.progress_callback(bar, on_progress)
+        before = measure.evaluate(loaded, before_config, replace(protocol, generation=False), callback=callback,
                                   should_stop=common.should_stop)
+        report = measure.evaluate(loaded, config, protocol, callback=callback, should_stop=common.should_stop)
     except Cancelled:
-        st.info("Distillation stopped; nothing from this run is kept.")
+        st.info("Distillation stopped; nothing from this run was kept.")
     except ValueError as exc:
         common.error("Cannot run distillation", exc)
     else:
-        st.session_state["kd_result"] = report.to_dict()
-    bar.empty()
-    curve.empty()
+        st.session_state["kd_result"] = {**report.to_dict(), "before": before.to_dict()}
+    finally:
+        st.session_state["kd_running"] = False
+        running.empty()
 
 result = st.session_state.get("kd_result")
 if result is not None:
-    st.markdown(f"**{common.md_escape(plots.config_label(result['config']))}** on {common.md_escape(result['model'])}")
+    common.config_heading(result["config"])
     left, right = st.columns(2)
     with left:
         common.figure(plots.loss_curve_figure(result.get("history") or []),
-                      "KD loss = α·T²·KL(teacher_T ‖ student_T) + (1−α)·cross-entropy, per optimiser step; "
-                      "perplexity on held-out calibration batches.")
+                      "KD loss = α·T²·KL(teacher_T ‖ student_T) + (1−α)·cross-entropy, per optimiser step; the "
+                      "dotted perplexity is on held-out calibration windows (a quick check while training), not on "
+                      "the evaluation text of the bar chart.")
     with right:
-        common.figure(plots.perplexity_figure(result), plots.report_how(result).get("perplexity", ""))
-    st.markdown("**Before (original) and after (distilled student)**")
+        common.figure(plots.stages_perplexity_figure(result, result.get("before")),
+                      plots.report_how(result).get("perplexity", ""))
+    st.markdown("**Original and distilled model, same prompt**")
     common.generations(result.get("generation"))

@@ -52,47 +52,72 @@ def controls() -> None:
         st.query_params.from_dict(query)
 
 
-def show_report(report: dict, slots: dict) -> None:
+def show_report(report: dict, slots: dict, previous: bool = False) -> None:
+    """The three charts into their slots; a previous result is drawn dimmed (CSS on the keyed container)."""
     how = plots.report_how(report)
-    with slots["size"].container():
-        common.figure(plots.size_figure(report), how.get("size", ""))
-    with slots["latency"].container():
-        common.figure(plots.latency_figure(report), how.get("latency", ""))
-    with slots["perplexity"].container():
-        common.figure(plots.perplexity_figure(report), how.get("perplexity", ""))
+    for name, build in (("size", plots.size_figure), ("latency", plots.latency_figure),
+                        ("perplexity", plots.perplexity_figure)):
+        key = f"{'previous' if previous else 'result'}-{name}"
+        with slots[name].container(key=key):
+            common.figure(build(report), "" if previous else how.get(name, ""), key=f"chart-{key}")
 
 
-def run(loaded, config: CompressionConfig, protocol, slots: dict) -> dict | None:
+def run(loaded, config: CompressionConfig, protocol, slots: dict, heading) -> dict | None:
+    """The report for this configuration (cached, or computed with progress), or None when stopped/failed.
+
+    While it computes, the previous result stays on screen, dimmed under a "previous result" badge, and the
+    heading says which configuration is being computed; nothing half-done is ever shown as a result.
+    """
     from lmcompress_core import measure
 
     key = json.dumps([loaded.name, config.key(), protocol.to_dict()], sort_keys=True)
     cached = measure.cached_report(loaded, config, protocol)
     if cached is None and st.session_state.get("stop_requested") and st.session_state.get("pending_key") == key:
-        st.info("Stopped. Move a slider or press Run to compute this configuration.")
+        st.info("Stopped: the charts show the previous result. Move a slider or press Run to compute this "
+                "configuration.")
         st.button("Run", on_click=lambda: st.session_state.update(stop_requested=False))
         return None
     st.session_state["stop_requested"] = False
     if cached is not None:
         report = cached.to_dict()
     else:
-        st.session_state["pending_key"] = key
-        running = st.empty()
-        with running.container():
-            st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
-            bar = st.progress(0.0, text="starting")
-        try:
-            report = common.evaluate_live(
-                loaded, config, protocol, bar,
-                lambda partial: slots["size"].plotly_chart(plots.size_figure(partial), width="stretch"))
-        except Cancelled:
-            st.info("Stopped; the previous results are kept.")
+        report = _compute(loaded, config, protocol, slots, heading, key)
+        if report is None:
             return None
-        except ValueError as exc:
-            common.error("Cannot run this configuration", exc)
-            return None
-        running.empty()
     common.record_run(report, key)
     return st.session_state["current"]
+
+
+def _compute(loaded, config, protocol, slots, heading, key) -> dict | None:
+    st.session_state["pending_key"] = key
+    previous = _previous(loaded)
+    with heading.container():
+        st.subheader(f"Computing: {common.describe_config(config.to_dict())}")
+        if previous is not None:
+            st.badge(f"previous result shown: {common.describe_config(previous.get('config'))}", color="gray")
+    if previous is not None:
+        show_report(previous, slots, previous=True)
+    running = st.empty()
+    with running.container():
+        st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
+        bar = st.progress(0.0, text="starting")
+    try:
+        return common.evaluate_live(
+            loaded, config, protocol, bar,
+            lambda partial: slots["size"].plotly_chart(plots.size_figure(partial), width="stretch",
+                                                       key="chart-partial-size"))
+    except Cancelled:
+        st.info("Stopped: the charts show the previous result; nothing from this run was kept.")
+    except ValueError as exc:
+        common.error("Cannot run this configuration", exc)
+    finally:
+        running.empty()   # no Stop button once nothing runs
+    return None
+
+
+def _previous(loaded) -> dict | None:
+    current = st.session_state.get("current")
+    return current if current is not None and current.get("model") == loaded.name else None
 
 
 st.title("Explore")
@@ -114,7 +139,7 @@ except ValueError as exc:
     common.error("Invalid setting", exc)
     st.stop()
 
-st.subheader(plots.config_label(config.to_dict()))
+heading = st.empty()
 precise = st.toggle("Measure precisely", key="precise",
                     help="The full protocol (2048 tokens scored, 5 timed runs) instead of the lighter one used "
                          "while exploring.")
@@ -122,10 +147,10 @@ protocol = common.protocol(precise=precise)
 st.caption(f"Protocol: {common.md_escape(protocol.describe())}.")
 cols = st.columns(3)
 slots = {name: col.empty() for name, col in zip(("size", "latency", "perplexity"), cols)}
-report = run(loaded, config, protocol, slots)
-if report is None:
-    report = st.session_state.get("current")
+report = run(loaded, config, protocol, slots, heading) or _previous(loaded)
 if report is not None:
+    with heading.container():   # the heading always names what the charts show
+        common.config_heading(report.get("config"))
     show_report(report, slots)
     for note in report.get("notes") or []:   # the engine's remarks: layers kept fp32, smoothing, GPTQ fallbacks
         st.caption(common.md_escape(note))
@@ -137,7 +162,9 @@ if report is not None:
             st.caption(common.md_escape(plots.report_how(report)["generation"]))
     with trail_col:
         trail = [r for r in st.session_state["trail"] if r.get("model") == loaded.name]
-        current = next((i for i, r in enumerate(trail) if r is report), None)
+        current = next((i for i, r in enumerate(trail) if r.get("run_key") == report.get("run_key")), None)
         common.figure(plots.trail_figure(trail, current=current),
                       f"Each point is one configuration tried on {loaded.name} in this session "
                       "(packed size, perplexity ± stderr); the dotted line joins the ones nothing beats.")
+else:
+    heading.subheader(common.describe_config(config.to_dict()))
