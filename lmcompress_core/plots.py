@@ -127,10 +127,10 @@ def size_figure(report: Any) -> go.Figure:
 
 
 def _speed_bar(fig: go.Figure, name: str, color: str, values: tuple[float, float], labels: tuple[str, str]) -> None:
-    """One model's prefill and decode bars (left and right panels)."""
+    """One model's prefill and decode bars (left and right panels), labels above the bars at full size."""
     for col, (value, label) in enumerate(zip(values, labels), start=1):
-        fig.add_trace(go.Bar(x=[name], y=[value], marker_color=color, text=[label], textposition="inside",
-                             textangle=0, name=name, showlegend=False), row=1, col=col)
+        fig.add_trace(go.Bar(x=[name], y=[value], marker_color=color, text=[label], textposition="outside",
+                             textangle=0, cliponaxis=False, name=name, showlegend=False), row=1, col=col)
 
 
 def latency_figure(report: Any) -> go.Figure:
@@ -153,7 +153,10 @@ def latency_figure(report: Any) -> go.Figure:
     _speed_bar(fig, "compressed", COMPRESSED_COLOR, (prefill, decode), tuple(labels))
     kernel = lat.get("kernel") or "unknown kernel"
     fig = _layout(fig, f"Latency<br><sup>{kernel}</sup>")
-    fig.update_layout(margin={"t": 90})
+    for col, values in enumerate(((base.get("prefill_ms") or 0, prefill), (base.get("decode_tokens_per_s") or 0,
+                                                                            decode)), start=1):
+        fig.update_yaxes(range=[0, max(values) * 1.6 or 1], row=1, col=col)   # room for the labels above
+    fig.update_layout(margin={"t": 90}, uniformtext={"minsize": 11, "mode": "show"})
     return fig
 
 

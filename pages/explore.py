@@ -62,7 +62,7 @@ def show_report(report: dict, slots: dict, previous: bool = False) -> None:
             common.figure(build(report), "" if previous else how.get(name, ""), key=f"chart-{key}")
 
 
-def run(loaded, config: CompressionConfig, protocol, slots: dict, heading) -> dict | None:
+def run(loaded, config: CompressionConfig, protocol, slots: dict, heading: dict) -> dict | None:
     """The report for this configuration (cached, or computed with progress), or None when stopped/failed.
 
     While it computes, the previous result stays on screen, dimmed under a "previous result" badge, and the
@@ -91,10 +91,10 @@ def run(loaded, config: CompressionConfig, protocol, slots: dict, heading) -> di
 def _compute(loaded, config, protocol, slots, heading, key) -> dict | None:
     st.session_state["pending_key"] = key
     previous = _previous(loaded)
-    with heading.container():
-        st.subheader(f"Computing: {common.describe_config(config.to_dict())}")
-        if previous is not None:
-            st.badge(f"previous result shown: {common.describe_config(previous.get('config'))}", color="gray")
+    heading["title"].subheader(f"Computing: {common.describe_config(config.to_dict())}")
+    if previous is not None:
+        heading["badge"].badge(f"previous result shown: {common.describe_config(previous.get('config'))}",
+                               color="gray")
     if previous is not None:
         show_report(previous, slots, previous=True)
     running = st.empty()
@@ -139,7 +139,7 @@ except ValueError as exc:
     common.error("Invalid setting", exc)
     st.stop()
 
-heading = st.empty()
+heading = {"title": st.empty(), "badge": st.empty()}
 precise = st.toggle("Measure precisely", key="precise",
                     help="The full protocol (2048 tokens scored, 5 timed runs) instead of the lighter one used "
                          "while exploring.")
@@ -149,8 +149,9 @@ cols = st.columns(3)
 slots = {name: col.empty() for name, col in zip(("size", "latency", "perplexity"), cols)}
 report = run(loaded, config, protocol, slots, heading) or _previous(loaded)
 if report is not None:
-    with heading.container():   # the heading always names what the charts show
+    with heading["title"].container():   # the heading always names what the charts show
         common.config_heading(report.get("config"))
+    heading["badge"].empty()
     show_report(report, slots)
     for note in report.get("notes") or []:   # the engine's remarks: layers kept fp32, smoothing, GPTQ fallbacks
         st.caption(common.md_escape(note))
@@ -167,4 +168,4 @@ if report is not None:
                       f"Each point is one configuration tried on {loaded.name} in this session "
                       "(packed size, perplexity ± stderr); the dotted line joins the ones nothing beats.")
 else:
-    heading.subheader(common.describe_config(config.to_dict()))
+    heading["title"].subheader(common.describe_config(config.to_dict()))

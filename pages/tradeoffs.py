@@ -34,7 +34,7 @@ if submitted:
     st.session_state["stop_requested"] = False
     bar = st.progress(0.0, text=f"{len(configs)} configurations")
     try:
-        protocol = replace(common.protocol(), eval_tokens=eval_tokens, generation=False)
+        protocol = replace(common.protocol(), eval_tokens=eval_tokens, generation=False, latency_runs=3)
         table = sweep.run_sweep(loaded, configs, callback=common.progress_callback(bar),
                                 should_stop=common.should_stop, protocol=protocol)
     except Cancelled as exc:

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -122,7 +123,20 @@ def run_sweep_and_sensitivity(page) -> None:
     wait_idle(page)
 
 
+def foreign_hosts(urls: list[str], server: str) -> set[str]:
+    own = urlparse(server).netloc
+    return {urlparse(u).netloc for u in urls if urlparse(u).scheme in ("http", "https", "ws", "wss")} - {own}
+
+
+def truncated(page, selector: str) -> list[str]:
+    """Texts of the elements matching ``selector`` that do not fit their box (scrollWidth > clientWidth)."""
+    return page.eval_on_selector_all(
+        selector, "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.innerText)")
+
+
 def test_explore_slider_updates_charts_and_generations_then_every_page(server, page, shots):
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     page.goto(f"{server}/?model={MODEL}", timeout=WAIT_MS)
     page.get_by_text("Generations").first.wait_for(timeout=WAIT_MS)
     page.locator(".js-plotly-plot").nth(3).wait_for(timeout=WAIT_MS)
@@ -144,6 +158,15 @@ def test_explore_slider_updates_charts_and_generations_then_every_page(server, p
     assert chart_title(page, "Perplexity") != before_title
     assert generations_text(page) != before_text
     page.screenshot(path=str(shots / "explore-2bit.png"), full_page=True)
+    assert not foreign_hosts(requested, server), "the page asked another host for something"
+    assert "bits=2" in page.url
+
+    page.reload()   # the URL carries the settings: a reload (or a shared link) restores them
+    page.get_by_role("heading", name="2-bit").first.wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    assert_no_exception(page)
+    thumb = page.locator("[data-testid='stSlider']", has_text="Bit-width").get_by_role("slider")
+    assert thumb.get_attribute("aria-valuetext") == "2", thumb.evaluate("e => e.outerHTML")
 
     for name in PAGES:
         page.get_by_role("link", name=name).first.click()
@@ -165,6 +188,15 @@ def test_explore_slider_updates_charts_and_generations_then_every_page(server, p
     assert_no_exception(page)
     assert page.locator("[data-testid='stSlider']").count() == 0
     page.screenshot(path=str(shots / "presentation.png"), full_page=True)
+    for width, height in ((1024, 768), (1920, 1080)):   # projector sizes: nothing cut short
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(800)
+        cut = truncated(page, "[data-testid='stMetricValue'] *, [data-testid='stMetricLabel'] *, "
+                              "[data-testid='stMetricDelta'] *, h1")
+        assert not cut, (width, cut)
+        page.screenshot(path=str(shots / f"presentation-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1600, "height": 2400})
+    assert not foreign_hosts(requested, server), "a page asked another host for something"
     print(f"screenshots in {shots}")
 
 
