@@ -101,8 +101,11 @@ def _open(path: Path):
         return archive, _zip_members(archive), lambda m: archive.open(m.name)
     try:
         archive = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise ArchiveError(f"not a zip or tar archive ({exc})") from None
+    except (tarfile.TarError, OSError):
+        # tarfile's own message lists each compression it tried ("method gz: ReadError(...) - method bz2 ..."):
+        # a person needs to know what the file should be, not which decoders failed
+        raise ArchiveError("not a model archive: the file is neither a .zip nor a .tar / .tar.gz / .tar.bz2 / "
+                           ".tar.xz archive") from None
     return archive, _tar_members(archive), lambda m: archive.extractfile(m.name)
 
 

@@ -97,6 +97,8 @@ def check_name(name: str) -> str:
         raise ModelError(f"refused model id {name!r}: '..' path components are not allowed")
     if Path(name).expanduser().is_dir():
         return "local"
+    if Path(name).expanduser().is_file():
+        raise ModelError(f"{name!r} is a file; choose the folder that holds its config.json and *.safetensors")
     if name.startswith(("/", "~", ".", "\\")) or ":" in name or "\\" in name:
         raise ModelError(f"no such model folder {name!r}: check the path (typo?)")
     if not _HUB_ID.match(name):

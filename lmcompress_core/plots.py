@@ -152,12 +152,23 @@ def latency_figure(report: Any) -> go.Figure:
         labels[1] += f"<br>{short_ratio(speed.get('decode_text'))}"
     _speed_bar(fig, "compressed", COMPRESSED_COLOR, (prefill, decode), tuple(labels))
     kernel = lat.get("kernel") or "unknown kernel"
-    fig = _layout(fig, f"Latency<br><sup>{kernel}</sup>")
+    fig = _layout(fig, f"Latency<br><sup>{'<br>'.join(_wrap(kernel, 48))}</sup>")
     for col, values in enumerate(((base.get("prefill_ms") or 0, prefill), (base.get("decode_tokens_per_s") or 0,
                                                                             decode)), start=1):
         fig.update_yaxes(range=[0, max(values) * 1.6 or 1], row=1, col=col)   # room for the labels above
     fig.update_layout(margin={"t": 90}, uniformtext={"minsize": 11, "mode": "show"})
     return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Words of ``text`` in lines of at most ``width`` characters (plotly titles do not wrap themselves)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def short_ratio(text: str | None) -> str:
@@ -182,7 +193,10 @@ def perplexity_figure(report: Any) -> go.Figure:
     if data.get("top1_agreement") is not None:
         extras.append(f"top-1 {data['top1_agreement']:.0%}")
     fig.update_yaxes(title_text="perplexity (lower is better)")
-    return _layout(fig, "Perplexity" + (" — " + ", ".join(extras) if extras else ""))
+    # KL and agreement on their own subtitle line: one long title is cut in a third of a page
+    fig = _layout(fig, "Perplexity" + (f"<br><sup>{', '.join(extras)}</sup>" if extras else ""))
+    fig.update_layout(margin={"t": 80})
+    return fig
 
 
 def report_how(report: Any) -> dict[str, str]:

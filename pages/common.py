@@ -153,7 +153,8 @@ def current_model():
     model_sidebar()
     name = st.session_state.get("model_name")
     if not name:
-        st.info("Choose a model in the sidebar.")
+        st.info("Choose a model in the sidebar: pick one from the list, type a Hugging Face id or a folder, or "
+                "upload an archive.")
         return None
     try:
         with st.spinner(f"Loading {md_escape(name)}…"):
@@ -195,14 +196,15 @@ def model_sidebar() -> None:
     models = {m["name"]: m for m in model_list()}
     options = list(models) + [HUB, LOCAL, UPLOAD]
     current = st.session_state["model_name"]
-    index = options.index(current) if current in options else options.index(_custom_kind(current))
+    kind = _custom_kind(current)
+    index = options.index(current) if current in options else options.index(kind or HUB)
     with st.sidebar:
         st.header("Model")
         choice = st.selectbox("Model", options, index=index, format_func=_model_label(models),
                               key="model_choice", label_visibility="collapsed")
         name = _custom_name(choice, current) if choice in (HUB, LOCAL, UPLOAD) else choice
-        if name and name != current:
-            st.session_state["model_name"] = name
+        if name != current:   # an empty custom field means "no model yet", never the previous one
+            st.session_state["model_name"] = name or ""
         info = models.get(choice)
         if info and not info.get("available"):
             st.warning(md_escape(info.get("status") or "needs download, offline"))
@@ -210,8 +212,11 @@ def model_sidebar() -> None:
             show_text(info["description"], muted=True)
 
 
-def _custom_kind(name: str | None) -> str:
-    if name and name.startswith(str(Path(tempfile.gettempdir()) / "lmcompress-upload-")):
+def _custom_kind(name: str | None) -> str | None:
+    """Which custom choice a model name came from; None for the listed models (default, tiny, presets)."""
+    if not name or name in {m["name"] for m in model_list()}:
+        return None
+    if name.startswith(str(Path(tempfile.gettempdir()) / "lmcompress-upload-")):
         return UPLOAD
     return LOCAL if name and (name.startswith(("/", ".", "~")) or "\\" in name) else HUB
 
@@ -231,7 +236,7 @@ def _custom_name(choice: str, current: str | None) -> str | None:
 def _uploaded_model(previous: str) -> str | None:
     upload = st.file_uploader("Model archive (.zip, .tar, .tar.gz)", type=["zip", "tar", "gz", "tgz"])
     if upload is None:
-        return previous or None
+        return previous or ""
     extracted = st.session_state.setdefault("uploads", {})
     if upload.file_id in extracted:
         return extracted[upload.file_id]
@@ -245,7 +250,7 @@ def _uploaded_model(previous: str) -> str | None:
             folder = str(extract_model_archive(raw.name))
         except (ArchiveError, OSError) as exc:
             error("The archive was rejected", exc)
-            return previous or None
+            return previous or ""
     extracted[upload.file_id] = folder
     return folder
 

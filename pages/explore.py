@@ -157,10 +157,10 @@ if report is not None:
         st.caption(common.md_escape(note))
     gen_col, trail_col = st.columns([3, 2])
     with gen_col:
-        st.subheader("Generations")
-        common.generations(report.get("generation"))
-        if plots.report_how(report).get("generation"):
-            st.caption(common.md_escape(plots.report_how(report)["generation"]))
+        if report.get("generation"):   # an empty prompt skips generations: no empty heading either
+            st.subheader("Generations")
+            common.generations(report["generation"])
+            st.caption(common.md_escape(plots.report_how(report).get("generation", "")))
     with trail_col:
         trail = [r for r in st.session_state["trail"] if r.get("model") == loaded.name]
         current = next((i for i, r in enumerate(trail) if r.get("run_key") == report.get("run_key")), None)

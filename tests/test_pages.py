@@ -169,8 +169,24 @@ def test_uploaded_archive_with_a_path_escape_is_rejected(tmp_path):
     choose_model(at, "Upload an archive…")
     at.sidebar.get("file_uploader")[0].set_value(("model.zip", buffer.getvalue(), "application/zip")).run()
     no_exceptions(at)
-    assert any("archive was rejected" in e.value for e in at.error)
-    assert figure_titled(at, "Perplexity")      # the previous model's results are still there
+    assert any("archive was rejected" in e.value for e in at.sidebar.error)
+    assert not at.main.error and any("Choose a model" in i.value for i in at.info)   # no stale error, no stale model
+    choose_model(at, MODEL)
+    assert figure_titled(at, "Perplexity")      # nothing was lost: the earlier results come back
+
+
+def test_custom_model_choices_start_empty_and_explain_a_file_path(tmp_path):
+    at = app().run()
+    choose_model(at, "Hugging Face id…")
+    no_exceptions(at)
+    assert at.sidebar.text_input(key="hub_id").value == ""      # never pre-filled with the listed model's name
+    assert not at.get("plotly_chart") and any("Choose a model" in i.value for i in at.info)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a folder")
+    choose_model(at, "Local folder…")
+    at.sidebar.text_input(key="local_folder").input(str(weights)).run()
+    no_exceptions(at)
+    assert any("is a file; choose the folder" in e.value for e in at.main.error)
 
 
 def test_streamlit_config_is_hardened_for_a_shared_server():
