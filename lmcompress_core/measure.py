@@ -242,7 +242,7 @@ def calibration_for(loaded, config, eval_tokens: int = 2048, text: str | None = 
     q = config.quantization
     needs = (config.distillation is not None
              or (q is not None and q.method == "gptq")
-             or (q is not None and q.bits == 8 and q.int8_kernel)  # SmoothQuant + SQNR check of the int8 kernel
+             or (q is not None and q.bits == 8 and config.runtime == "dynamic_int8")  # SmoothQuant + SQNR check
              or (config.pruning is not None and config.pruning.method == "wanda"))
     if not needs:
         return None

@@ -108,10 +108,11 @@ def test_kl_positive_for_a_different_model(gpt2, tokenizer, ids):
 
 # ---------------------------------------------------------------- size and packed format
 def test_size_three_ways_and_packed_ratio(llama):
-    cm = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel")))
+    cm = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
+                                           runtime="simulate"))
     size = measure.measure_size(cm, llama)
     assert size.layers_packed_bytes <= 0.30 * size.layers_fp32_bytes
-    assert size.simulated and "simulated" in size.note and size.runtime_bytes == size.base_bytes
+    assert size.simulated and "simulated" in size.note and size.runtime_bytes >= size.base_bytes
     assert size.theoretical_bytes < size.packed_bytes < size.base_bytes
     both = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
                                              pruning=PruningConfig(sparsity=0.5)))
@@ -149,11 +150,11 @@ def test_sparse_layers_store_only_kept_codes(llama):
 
 
 def test_kernel_labels_and_int8_runtime_bytes(gpt2):
-    int8 = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=8)))
-    assert int8.kernel == KERNEL_INT8 and "int8 (real" in int8.kernel
+    int8 = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel")))
+    assert int8.kernel.startswith(KERNEL_INT8) and "(real" in int8.kernel
     size = measure.measure_size(int8, gpt2)
     assert not size.simulated and size.runtime_bytes < size.base_bytes
-    four = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=4)))
+    four = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=4), runtime="simulate"))
     assert "simulated" in four.kernel
 
 
@@ -261,7 +262,8 @@ def test_evaluate_can_be_cancelled(loaded):
 
 
 def test_evaluate_a_given_compressed_model(loaded):
-    cm = compress(loaded.model, CompressionConfig(quantization=QuantizationConfig(bits=8)))
+    cm = compress(loaded.model, CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel")))
     report = measure.evaluate(loaded, None, compressed=cm, **{**FAST, "generation": False})
     assert "compress" not in report.timings and report.generation is None
-    assert report.config == cm.config.to_dict() and report.latency.kernel == KERNEL_INT8
+    assert report.config == cm.config.to_dict() and report.latency.kernel == cm.kernel
+    assert cm.kernel.startswith(KERNEL_INT8)
