@@ -47,7 +47,7 @@ def test_evaluate_json_has_the_promised_keys(model_folder, capsys):
     assert {"value", "stderr", "tokens", "context", "stride"} <= set(report["perplexity"])
     assert {"prompt", "base", "compressed", "first_divergence"} <= set(report["generation"])
     assert report["config"]["quantization"]["bits"] == 4 and report["config"]["pruning"]["sparsity"] == 0.5
-    assert "int4 weight-only (real" in report["latency"]["kernel"] and report["size"]["simulated"] is False
+    assert "bf16 activations" in report["latency"]["kernel"] and report["size"]["simulated"] is False
     assert report["perplexity"]["tokens"] == 126 and report["perplexity"]["stderr"] > 0
     assert "perplexity" in captured.err  # the progress bar went to stderr
 
