@@ -60,7 +60,8 @@ def test_compress_writes_a_loadable_packed_folder(model_folder, tmp_path, capsys
     assert rc == 0 and summary["packed_bytes"] == sum(f.stat().st_size for f in out.iterdir())
     meta = json.loads((out / "compression.json").read_text())
     assert meta["compression"]["quantization"]["granularity"] == "channel"
-    assert all(layer["sparse"] for layer in meta["layers"].values())
+    assert all(layer["sparse"] for name, layer in meta["layers"].items() if name != "lm_head")  # head: int8
+    assert meta["layers"]["lm_head"]["bits"] == 8
 
 
 @pytest.mark.parametrize("argv,message", [
