@@ -1,9 +1,15 @@
-"""Real speedups on SmolLM2: fp32 against bf16 and the real int8 kernel, prefill and decode.
+"""Real speedups on SmolLM2: fp32, bf16, real int4 and int8 weight-only kernels and torch's dynamic int8.
 
-Each variant is timed by `lmcompress_core.measure.measure_latency` (its own warm-up and median of `runs`);
-the three variants are interleaved over `ROUNDS` rounds in this one process and the median of the round
-medians is kept, so a burst of load on the machine hits all of them alike. The roofline estimate
-(weight bytes streamed per decoded token against the measured memory bandwidth) is reported beside each.
+Variants (batch 1, `prompt_tokens` prompt, `new_tokens` greedy steps with the KV cache, the bench's threads):
+fp32 (the base), bf16 (the whole model cast), int4 (4-bit g32 codes on aten int4pack, LM head int8 on int8pack,
+the rest bf16), int8 (8-bit per-channel codes on aten int8pack, LM head int8, the rest bf16) and int8_dynamic
+(torch's dynamic int8 with activations quantized too, calibrated exactly as the app runs it: SmoothQuant and
+the SQNR floor on `measure.calibration_for` windows). Each variant is timed by
+`lmcompress_core.measure.measure_latency` (its own warm-up and median of `runs`); the variants are interleaved
+over `ROUNDS` rounds in this one process and the median of the round medians is kept, so a burst of load on
+the machine hits all of them alike. The roofline (runtime bytes streamed per decoded token against the measured
+memory bandwidth) is reported beside each, and the perplexity of the real int4 model beside the simulated
+4-bit model (same codes, de-quantized fp32, head fp32).
 """
 from __future__ import annotations
 
@@ -19,15 +25,45 @@ KEYS = (
 ROUNDS = 3
 
 
-def _variants(ctx) -> dict:
-    from lmcompress_core.compress import CompressionConfig, compress
+APP_EVAL_TOKENS = 512  # the Explore page's default evaluation tokens: calibration is drawn after them
+
+
+def _configs():
+    from lmcompress_core.compress import CompressionConfig
     from lmcompress_core.quantize import QuantizationConfig
 
+    channel8 = QuantizationConfig(bits=8, granularity="channel")
+    return {"bf16": CompressionConfig(quantization=QuantizationConfig(bits=16, dtype16="bf16")),
+            "int4": CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)),
+            "int8": CompressionConfig(quantization=channel8),
+            "int8_dynamic": CompressionConfig(quantization=channel8, runtime="dynamic_int8")}
+
+
+def _variants(ctx) -> dict:
+    from lmcompress_core.compress import compress
+    from lmcompress_core.measure import calibration_for
+
     base = ctx.loaded(ctx.main_model)
-    bf16 = compress(base.model, CompressionConfig(quantization=QuantizationConfig(bits=16, dtype16="bf16")))
-    int8 = compress(base.model, CompressionConfig(quantization=QuantizationConfig(
-        bits=8, granularity="channel", int8_kernel=True)))
-    return {"fp32": (base.model, "fp32 dense"), "bf16": (bf16.model, bf16.kernel), "int8": (int8.model, int8.kernel)}
+    variants = {"fp32": (base.model, "fp32 dense")}
+    for name, config in _configs().items():
+        calibration = calibration_for(base, config, eval_tokens=APP_EVAL_TOKENS)
+        cm = compress(base.model, config, calibration=calibration, tokenizer=base.tokenizer)
+        variants[name] = (cm.model, cm.kernel)
+    return variants
+
+
+def _perplexities(ctx, variants) -> dict:
+    """Perplexity of the real int4 model and of the simulated 4-bit model with the same codes."""
+    from dataclasses import replace
+
+    from lmcompress_core.compress import compress
+
+    base = ctx.loaded(ctx.main_model)
+    simulated = compress(base.model, replace(_configs()["int4"], runtime="simulate")).model
+    return {"int4_real_ppl": ctx.perplexity(variants["int4"][0], ctx.main_model),
+            "int4_simulated_ppl": ctx.perplexity(simulated, ctx.main_model),
+            "int8_real_ppl": ctx.perplexity(variants["int8"][0], ctx.main_model),
+            "bf16_ppl": ctx.perplexity(variants["bf16"][0], ctx.main_model)}
 
 
 def _measure(ctx, model, kernel):
@@ -39,6 +75,8 @@ def _measure(ctx, model, kernel):
 
 
 def run(ctx) -> dict:
+    from lmcompress_core.measure import runtime_bytes
+
     start = time.perf_counter()
     variants = _variants(ctx)
     samples = {name: [] for name in variants}
@@ -56,6 +94,8 @@ def run(ctx) -> dict:
             "bandwidth_gb_s": last.bandwidth_gb_s,
             "rounds": [{"prefill_ms": r.prefill_ms, "decode_tokens_per_s": r.decode_tokens_per_s} for r in reports],
         }
+    for name, (model, _) in variants.items():
+        rows[name]["runtime_bytes"] = runtime_bytes(model)
     fp32 = rows["fp32"]
     for row in rows.values():
         row["prefill_speedup"] = fp32["prefill_ms"] / row["prefill_ms"]
@@ -63,10 +103,22 @@ def run(ctx) -> dict:
         if row["roofline_tokens_per_s"]:
             row["decode_fraction_of_roofline"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
             row["roofline_speedup"] = row["roofline_tokens_per_s"] / fp32["roofline_tokens_per_s"]
+    quality = _perplexities(ctx, variants)
+    int4, int8 = rows["int4"], rows["int8"]
     return {
-        "headline": {"int8_speedup_prefill": rows["int8"]["prefill_speedup"],
-                     "int8_speedup_decode": rows["int8"]["decode_speedup"],
+        "headline": {"real_int4_decode_speedup": int4["decode_speedup"],
+                     "real_int8_decode_speedup": int8["decode_speedup"],
+                     "int4_over_bf16_decode": int4["decode_tokens_per_s"] / rows["bf16"]["decode_tokens_per_s"],
+                     "int4_decode_fraction_of_roofline": int4.get("decode_fraction_of_roofline"),
+                     "int4_runtime_bytes_fraction": int4["runtime_bytes"] / fp32["runtime_bytes"],
+                     "int4_prefill_over_bf16": rows["bf16"]["prefill_ms"] / int4["prefill_ms"],
+                     "int4_ppl_over_simulated": quality["int4_real_ppl"] / quality["int4_simulated_ppl"],
+                     "int8_ppl_over_bf16": quality["int8_real_ppl"] / quality["bf16_ppl"],
+                     # the keys earlier results used: int8 is now the weight-only kernel
+                     "int8_speedup_prefill": int8["prefill_speedup"], "int8_speedup_decode": int8["decode_speedup"],
+                     "int8_dynamic_speedup_decode": rows["int8_dynamic"]["decode_speedup"],
                      "bf16_speedup_decode": rows["bf16"]["decode_speedup"]},
+        "perplexity": quality,
         "rows": rows, "prompt_tokens": ctx.scale.prompt_tokens, "new_tokens": ctx.scale.new_tokens,
         "runs_per_round": ctx.scale.runs, "rounds": ROUNDS, "model": ctx.main_model,
         "seconds": time.perf_counter() - start,

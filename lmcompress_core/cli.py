@@ -71,7 +71,11 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--method", default="rtn", help="rtn | gptq")
     q.add_argument("--symmetric", action="store_true", help="absmax grid instead of asymmetric min-max")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
-    q.add_argument("--no-int8-kernel", action="store_true", help="8-bit: simulate instead of torch's int8 kernel")
+    q.add_argument("--no-int8-kernel", action="store_true", help="8-bit: simulate in fp32 instead of a real kernel")
+    q.add_argument("--runtime", default="real",
+                   help="real (int4/int8 weight-only kernels, rest bf16) | simulate (fp32) | dynamic_int8 "
+                        "(8-bit: torch dynamic int8, activations quantized too)")
+    q.add_argument("--head", default="int8", help="real runtime: int8 (LM head on the int8 kernel) | float")
     q.add_argument("--dtype16", default="bf16", help="bf16 | fp16 (with --bits 16)")
     p = parser.add_argument_group("pruning")
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights removed, 0..0.95")
@@ -108,7 +112,7 @@ def config_from_args(args: argparse.Namespace):
         distillation = DistillationConfig(temperature=args.temperature, alpha=args.alpha, steps=args.distill_steps,
                                           mode=args.distill_mode, keep_every=args.keep_every)
     return CompressionConfig(quantization=quantization, pruning=pruning, distillation=distillation,
-                             include_embeddings=args.include_embeddings)
+                             include_embeddings=args.include_embeddings, runtime=args.runtime, head=args.head)
 
 
 # ---------------------------------------------------------------- commands

@@ -99,7 +99,7 @@ def measure_size(cm, base_model) -> SizeReport:
         packed = write_packed(tensors, meta, folder)
     layers = meta["layers"].values()
     runtime, base = runtime_bytes(cm.model), runtime_bytes(base_model)
-    simulated = runtime >= base and bool(cm.quantized or cm.masks)  # compressed on paper, not in memory
+    simulated = runtime >= base and bool(cm.layers())  # compressed on paper, not in memory
     formats: dict[str, int] = {}
     for layer in layers:
         if layer.get("sparse"):

@@ -8,6 +8,8 @@ count of the files written here, not an estimate. The format:
 * pruned layers: only the kept weights (or kept codes) plus the keep-mask in a real sparse format,
   a bitmask (1 bit per weight) or row-compressed column indices (bit-packed), the smaller per layer;
 * every other tensor (embeddings, norms, biases, layers left float) stored as it is, tied tensors once;
+* each layer's runtime module (``CompressedLinear``, ``Int4Linear``, ``Int8Linear``, ...), so reloading gives
+  back the same modules on the same kernels; a tied input embedding reading the LM head's int8 table is named;
 * int8-kernel layers smoothed with SmoothQuant: their fp32 smoothing factors s, ``<name>.int8_smoothing_factors``,
   so the reloaded layer multiplies the same de-quantized weights by the same s before its own int8 rounding;
 * ``compression.json`` holds the layout, the model config and the compression config.
@@ -26,8 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "lmcompress-packed"
-FORMAT_VERSION = 2          # 2 adds int8 smoothing factors and layers run as nn.Linear; 1 is still read
-_READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3          # 3: each layer names the runtime module it reloads into (Int4Linear, ...)
+_READABLE_VERSIONS = (3,)
 SMOOTHING_SUFFIX = ".int8_smoothing_factors"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "compression.json"
@@ -174,20 +176,19 @@ def pack_layer(name: str, weight: torch.Tensor | None, qweight=None, mask: torch
     return tensors, meta
 
 
-def unpack_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rebuild the float [out, in] weight of one packed layer."""
+def unpack_layer_parts(name: str, meta: dict, tensors: dict[str, torch.Tensor]):
+    """(QuantizedWeight or None, float weight or None, keep-mask or None) of one packed layer."""
     prefix = f"{name}.weight."
     shape = tuple(meta["shape"])
     mask = None
     if meta.get("sparse"):
         parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         mask = decode_mask(meta["sparse"], parts, shape, meta["nnz"])
-    dtype = getattr(torch, meta["dtype"])
     if meta["kind"] == "pruned":
         values = tensors[prefix + "values"]
         weight = torch.zeros(shape, dtype=values.dtype)
         weight[mask] = values
-        return weight
+        return None, weight, mask
     from lmcompress_core.quantize import QuantizedWeight
 
     numel = math.prod(shape) if mask is None else meta["nnz"]
@@ -196,45 +197,51 @@ def unpack_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> tor
     qw = QuantizedWeight(codes=codes, scales=tensors[prefix + "scales"].to(torch.float32),
                          zeros=tensors[prefix + "zeros"].to(torch.float32),
                          bits=meta["bits"], group_size=meta["group_size"], mask=mask)
-    return qw.dequantize().to(dtype)
+    return qw, None, mask
+
+
+def unpack_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rebuild the float [out, in] weight of one packed layer."""
+    qw, weight, _ = unpack_layer_parts(name, meta, tensors)
+    return weight if qw is None else qw.dequantize().to(getattr(torch, meta["dtype"]))
 
 
 # ---------------------------------------------------------------- whole model
-def is_dynamic_int8(module: torch.nn.Module) -> bool:
-    """A torch dynamic-quantized Linear (its int8 weight lives in packed params, not in parameters())."""
-    return hasattr(module, "_packed_params") and callable(getattr(module, "weight", None))
-
-
 def pack_model(cm, base_model=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors and the metadata of the packed format for a CompressedModel (nothing written)."""
-    from lmcompress_core.layers import weight_matrix
+    """All tensors and the metadata of the packed format for a CompressedModel (nothing written).
 
-    modules = dict(cm.model.named_modules())
+    The compressed layers are read from the modules themselves (``quantized_weight()`` / ``keep_mask()``).
+    """
+    from lmcompress_core.runtime import compressed_layers
+    from lmcompress_core.runtime_kernels import Int8Embedding
+
+    held = compressed_layers(cm.model)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    for name in sorted(set(cm.quantized) | set(cm.masks)):
-        module = modules[name]
-        # weight_matrix gives float32; back to the module's dtype (exact) so a bf16 model stores bf16 values
-        weight = None if is_dynamic_int8(module) else weight_matrix(module).to(module.weight.dtype)
-        qweight = cm.quantized.get(name)
-        mask = cm.masks.get(name, getattr(qweight, "mask", None))
+    for name, module in sorted(held.items()):
+        qweight, mask = module.quantized_weight(), module.keep_mask()
+        weight = None if qweight is not None else module.weight.detach()
         parts, meta = pack_layer(name, weight, qweight, mask)
+        meta["module"] = type(module).__name__
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            meta["dtype"] = str(module.weight.dtype).replace("torch.", "")
         parts.update(_smoothing_tensors(name, module, meta))
         tensors.update(parts)
         layers[name] = meta
-    dense, tied = _dense_tensors(cm.model, skip={f"{n}.weight" for n in layers})
+    names = {id(m): n for n, m in cm.model.named_modules()}
+    tied_embeddings = {n: names[id(m._head[0])] for n, m in cm.model.named_modules() if isinstance(m, Int8Embedding)}
+    skipped = tuple(f"{n}." for n in list(held) + list(tied_embeddings))
+    dense, tied = _dense_tensors(cm.model, skipped, held)
     tensors.update(dense)
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION,
         "model_config": cm.model.config.to_dict(),
         "compression": cm.config.to_dict(),
         "kernel": cm.kernel,
-        "int8_layers": sorted(n for n in layers if is_dynamic_int8(modules[n])),
-        # GPT-2's Conv1D layers become nn.Linear on the int8 path, also those the SQNR floor kept fp32
-        "linear_layers": sorted(n for n in layers if isinstance(modules[n], torch.nn.Linear)),
-        "layers": layers, "tied": tied,
+        "layers": layers, "tied": tied, "tied_embeddings": tied_embeddings,
         # non-persistent buffers (rotary tables) are rebuilt by the architecture; their dtype follows a cast
-        "buffer_dtypes": {n: str(b.dtype).replace("torch.", "") for n, b in cm.model.named_buffers()},
+        "buffer_dtypes": {n: str(b.dtype).replace("torch.", "") for n, b in cm.model.named_buffers()
+                          if not n.startswith(skipped)},
         "dense_bytes": sum(t.numel() * t.element_size() for t in dense.values()),
         "same_architecture_as_base": base_model is not None and _same_architecture(cm.model, base_model),
     }
@@ -245,26 +252,30 @@ def _smoothing_tensors(name: str, module, meta: dict) -> dict[str, torch.Tensor]
     """A SmoothQuant-smoothed int8 layer's factors s (fp32, one per input channel), counted in the layer's bytes."""
     from lmcompress_core.int8_kernel import SmoothedInt8Linear
 
-    if not isinstance(module, SmoothedInt8Linear):
+    if not isinstance(getattr(module, "kernel", None), SmoothedInt8Linear):
         return {}
-    smooth = module.smooth.contiguous()
+    smooth = module.kernel.smooth.contiguous()
     meta["smoothing_factors"] = name + SMOOTHING_SUFFIX
     meta["bytes"] += smooth.numel() * smooth.element_size()
     return {name + SMOOTHING_SUFFIX: smooth}
 
 
-def _dense_tensors(model, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every stored tensor except compressed weights, as it is; tied tensors once (aliases returned)."""
+def _layer_bias(module):
+    bias = getattr(module, "bias", None)
+    if bias is None and hasattr(module, "kernel"):
+        bias = module.kernel.bias()  # torch's dynamic int8 Linear keeps its bias in packed params
+    return bias
+
+
+def _dense_tensors(model, skipped: tuple[str, ...], held: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every stored tensor except compressed weights (their biases included), as it is; tied tensors once."""
     dense: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    int8_prefixes = tuple(f"{n}." for n, m in model.named_modules() if is_dynamic_int8(m))
-    items = [(k, v) for k, v in model.state_dict().items() if not k.startswith(int8_prefixes)]
-    for name, module in model.named_modules():
-        if is_dynamic_int8(module) and module.bias() is not None:
-            items.append((f"{name}.bias", module.bias()))
+    items = [(k, v) for k, v in model.state_dict().items() if not k.startswith(skipped)]
+    items += [(f"{n}.bias", _layer_bias(m)) for n, m in held.items() if _layer_bias(m) is not None]
     for key, value in items:
-        if not isinstance(value, torch.Tensor) or key in skip:
+        if not isinstance(value, torch.Tensor):
             continue
         identity = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), value.dtype)
         if identity in seen:
@@ -298,48 +309,70 @@ def write_packed(tensors: dict[str, torch.Tensor], meta: dict, folder) -> int:
 
 
 def load_compressed(folder, base_model) -> torch.nn.Module:
-    """Rebuild the compressed model from ``folder``; ``base_model`` gives the architecture (never mutated)."""
-    from lmcompress_core.layers import set_weight_matrix_
-
+    """Rebuild the compressed model from ``folder`` into the same runtime modules; ``base_model`` gives the
+    architecture (never mutated)."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{folder} is not a packed compressed model: {exc}") from None
     if meta.get("format") != FORMAT or meta.get("version") not in _READABLE_VERSIONS:
-        raise ValueError(f"{folder} holds an unknown format ({meta.get('format')} v{meta.get('version')})")
+        raise ValueError(f"{folder} holds an unknown format ({meta.get('format')} v{meta.get('version')}); "
+                         f"this version reads v{FORMAT_VERSION}: compress the model again")
     tensors = load_file(str(folder / WEIGHTS_FILE))
     model = _skeleton(meta["model_config"], base_model)
-    layer_parts = {f"{n}.weight." for n in meta["layers"]}
+    layer_parts = tuple(f"{n}.weight." for n in meta["layers"])
     for key, value in tensors.items():
-        if not key.startswith(tuple(layer_parts)) and not key.endswith(SMOOTHING_SUFFIX):
+        if not key.startswith(layer_parts) and not key.endswith(SMOOTHING_SUFFIX):
             _set_tensor(model, key, value)
     for alias, target in meta["tied"].items():
         _set_tensor(model, alias, model.get_parameter(target) if _is_param(model, target) else
                     model.get_buffer(target))
     for name, layer in meta["layers"].items():
-        module = model.get_submodule(name)
-        weight = unpack_layer(name, layer, tensors)
-        set_weight_matrix_(module, weight)
-        module.weight.data = module.weight.data.to(weight.dtype)
+        qw, weight, mask = unpack_layer_parts(name, layer, tensors)
+        smooth = tensors.get(layer.get("smoothing_factors", ""))
+        model.set_submodule(name, _rebuild_layer(layer, model.get_submodule(name), qw, weight, mask, smooth))
+    _rebuild_tied_embeddings_(model, meta.get("tied_embeddings", {}))
     for name, dtype in meta.get("buffer_dtypes", {}).items():
         buffer = model.get_buffer(name)
         if buffer is not None and buffer.is_floating_point():
             _set_tensor(model, name, buffer.to(getattr(torch, dtype)))
-    model.eval()
-    _rebuild_int8_(model, meta, tensors)
-    return model
+    return model.eval()
 
 
-def _rebuild_int8_(model, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """The int8-kernel layers from their de-quantized weights, smoothed by their stored factors when they were."""
-    from lmcompress_core.int8_kernel import int8_linear
-    from lmcompress_core.layers import conv1d_to_linear_
+def _rebuild_layer(layer: dict, old, qw, weight, mask, smooth):
+    """The runtime module a packed layer was saved from, built from its codes (or pruned weight) and bias."""
+    from lmcompress_core import runtime, runtime_kernels
 
-    conv1d_to_linear_(model, sorted(set(meta["int8_layers"]) | set(meta.get("linear_layers", []))))
-    for name in meta["int8_layers"]:
-        key = meta["layers"][name].get("smoothing_factors")
-        model.set_submodule(name, int8_linear(model.get_submodule(name), None if key is None else tensors[key]))
+    kind = layer["module"]
+    if kind in ("Int4Linear", "Int8Linear", "DequantLinear"):
+        return getattr(runtime_kernels, kind)(qw, old.bias)
+    if kind == "ActivationInt8Linear":
+        from lmcompress_core.int8_kernel import int8_linear
+
+        plain = torch.nn.Linear(qw.shape[1], qw.shape[0], bias=old.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(qw.dequantize())
+            if old.bias is not None:
+                plain.bias.copy_(old.bias)
+        return runtime_kernels.ActivationInt8Linear(qw, int8_linear(plain, smooth))
+    module = getattr(runtime, kind).from_layer(old)
+    module.to(getattr(torch, layer["dtype"]))  # before the codes: the fp32 grid must not be cast
+    if qw is not None:
+        module.set_quantized_(qw)
+    else:
+        with torch.no_grad():
+            module.weight.copy_(weight)
+        module.mask_bits = runtime.pack_mask(mask)
+    return module
+
+
+def _rebuild_tied_embeddings_(model, tied: dict[str, str]) -> None:
+    from lmcompress_core.runtime_kernels import Int8Embedding
+
+    for embedding, head in tied.items():
+        old = model.get_submodule(embedding)
+        model.set_submodule(embedding, Int8Embedding(model.get_submodule(head), getattr(old, "padding_idx", None)))
 
 
 def _skeleton(config_dict: dict, base_model):

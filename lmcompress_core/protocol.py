@@ -86,7 +86,7 @@ def needs_calibration(config) -> bool:
     q, p = config.quantization, config.pruning
     return (config.distillation is not None
             or (q is not None and q.method == "gptq")
-            or (q is not None and q.bits == 8 and getattr(q, "int8_kernel", False))
+            or (q is not None and q.bits == 8 and config.runtime == "dynamic_int8")  # SmoothQuant + SQNR check
             or (p is not None and p.method == "wanda"))
 
 

@@ -36,9 +36,13 @@ def controls() -> None:
         c1.selectbox("Group size", [32, 64, 128], key="group_size")
         c2.toggle("Symmetric (absmax)", key="symmetric")
         c2.radio("Quantizer", ["rtn", "gptq"], key="method", format_func=str.upper, horizontal=True)
-        c2.toggle("8-bit: real int8 kernel", key="int8_kernel",
-                  help="At 8 bits run torch's dynamic int8 matmuls (activations quantized too) "
-                       "instead of simulating the 8-bit weights in fp32.")
+        c2.selectbox("Runtime", ["real", "simulate", "dynamic_int8"], key="runtime",
+                     format_func={"real": "real int4/int8 kernels (bf16, LM head int8)",
+                                  "simulate": "simulate in fp32",
+                                  "dynamic_int8": "8-bit: torch dynamic int8 (activations quantized too)"}.get,
+                     help="What runs the integer codes: real weight-only kernels with the rest of the model in "
+                          "bf16, de-quantized fp32 weights (codes, not kernels, decide quality), or torch's "
+                          "dynamic int8 at 8 bits.")
         c3.radio("Pruning method", ["magnitude", "wanda"], key="prune_method", horizontal=True)
         c3.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="pattern")
         c4.slider("α (KD weight)", 0.0, 1.0, step=0.05, key="alpha")

@@ -73,23 +73,25 @@ def test_smoothed_int8_model_reloads_with_identical_logits(int8_models, arch, fl
 
     from lmcompress_core.compress import CompressionConfig, compress
     from lmcompress_core.int8_kernel import SmoothedInt8Linear
+    from lmcompress_core.runtime import CompressedLinear
+    from lmcompress_core.runtime_kernels import ActivationInt8Linear
     from lmcompress_core.packing import SMOOTHING_SUFFIX, WEIGHTS_FILE, load_compressed, save_compressed
     from lmcompress_core.quantize import QuantizationConfig
 
     base = int8_models[arch]
     ids = torch.randint(base.config.vocab_size, (8, 48), generator=torch.Generator().manual_seed(0))
     config = QuantizationConfig(bits=8, granularity="channel", int8_sqnr_floor_db=floor)
-    cm = compress(base, CompressionConfig(quantization=config), calibration=ids)
+    cm = compress(base, CompressionConfig(quantization=config, runtime="dynamic_int8"), calibration=ids)
     written = save_compressed(cm, base, tmp_path)
     assert written == sum(f.stat().st_size for f in tmp_path.iterdir())
     reloaded = load_compressed(tmp_path, base)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids[:2]).logits, cm.model(input_ids=ids[:2]).logits)
 
-    saved, layers = dict(cm.model.named_modules()), json.loads((tmp_path / "compression.json").read_text())["layers"]
-    smoothed = [n for n in cm.quantized if isinstance(saved[n], SmoothedInt8Linear)]
-    kept_float = [n for n in cm.quantized if isinstance(saved[n], torch.nn.Linear)]
-    assert len(smoothed) + len(kept_float) == len(cm.quantized)
+    saved, layers = cm.layers(), json.loads((tmp_path / "compression.json").read_text())["layers"]
+    smoothed = [n for n, m in saved.items() if isinstance(getattr(m, "kernel", None), SmoothedInt8Linear)]
+    kept_float = [n for n, m in saved.items() if isinstance(m, CompressedLinear)]
+    assert len(smoothed) + len(kept_float) == len(saved)
     assert {0.0: not kept_float, 35.0: smoothed and kept_float, 60.0: not smoothed}[floor]
     stored = load_file(str(tmp_path / WEIGHTS_FILE))
     for name in smoothed:  # the factors are real bytes in the file, counted in the layer's packed bytes
@@ -97,10 +99,10 @@ def test_smoothed_int8_model_reloads_with_identical_logits(int8_models, arch, fl
         assert layers[name]["smoothing_factors"] == key and stored[key].dtype == torch.float32
         assert layers[name]["bytes"] == sum(t.numel() * t.element_size() for k, t in stored.items()
                                             if k.startswith(name + ".weight.") or k == key)
-        assert isinstance(again, SmoothedInt8Linear) and torch.equal(again.smooth, saved[name].smooth)
-        assert torch.equal(again.weight().int_repr(), saved[name].weight().int_repr())
-    for name in kept_float:  # the same float weights (the 8-bit de-quantized codes), as nn.Linear again
+        assert isinstance(again, ActivationInt8Linear) and torch.equal(again.kernel.smooth, saved[name].kernel.smooth)
+        assert torch.equal(again.kernel.weight().int_repr(), saved[name].kernel.weight().int_repr())
+    for name in kept_float:  # the same float weights (the 8-bit de-quantized codes) in the simulation module again
         again = reloaded.get_submodule(name)
-        assert type(again) is torch.nn.Linear and SMOOTHING_SUFFIX not in str(layers[name])
+        assert type(again) is CompressedLinear and SMOOTHING_SUFFIX not in str(layers[name])
         assert torch.equal(again.weight, saved[name].weight)
-        assert torch.equal(again.weight, cm.quantized[name].dequantize())
+        assert torch.equal(again.weight, saved[name].quantized_weight().dequantize())

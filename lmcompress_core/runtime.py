@@ -1,0 +1,128 @@
+"""Modules that hold a compressed weight on themselves: the simulation modules the stages work on.
+
+Every compressed module answers two questions, whatever runs inside it, so packing, size measurement and the
+exporters read the model itself (no dictionaries keyed by layer name):
+
+* ``quantized_weight()`` -> the layer's ``QuantizedWeight`` (uint8 codes [out, in], fp32 scales and zeros,
+  bits, group_size, keep-mask) or None when it only was pruned;
+* ``keep_mask()`` -> the bool keep-mask [out, in] of pruning, or None.
+
+``CompressedLinear`` / ``CompressedEmbedding`` are what prune -> quantize -> distill work on: a float weight
+(pruned, or de-quantized from the codes: quantization *simulated* in float) plus the codes and the mask
+(bit-packed, one bit per weight). ``runtime_kernels.py`` holds the modules that run codes on real kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import weight_matrix
+from .packing import pack_codes, unpack_codes
+from .quantize import QuantizedWeight
+
+
+class _HoldsCodes:
+    """Storage shared by the simulation modules: codes, scales, zeros, bits, group size and a bit-packed mask."""
+
+    def is_compressed(self) -> bool:
+        return self.codes is not None or self.mask_bits is not None
+
+    def _init_storage(self, shape: tuple[int, int]) -> None:
+        self.matrix_shape = tuple(shape)
+        self.bits, self.group_size = None, None
+        for name in ("codes", "scales", "zeros", "mask_bits"):
+            self.register_buffer(name, None)
+
+    def keep_mask(self) -> torch.Tensor | None:
+        return unpack_mask(self.mask_bits, self.matrix_shape)
+
+    def quantized_weight(self) -> QuantizedWeight | None:
+        if self.codes is None:
+            return None
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
+
+    @torch.no_grad()
+    def set_mask_(self, mask: torch.Tensor) -> None:
+        """Prune: keep only the weights where mask is True (the float weight's zeros are real zeros)."""
+        self.mask_bits = pack_mask(mask)
+        self.weight.mul_(mask.to(self.weight.dtype))
+
+    @torch.no_grad()
+    def set_quantized_(self, qw: QuantizedWeight) -> None:
+        """Quantize: hold qw's codes and grid, and write its de-quantized matrix into the float weight."""
+        if qw.mask is not None:
+            self.mask_bits = pack_mask(qw.mask)
+        self.codes, self.scales, self.zeros = qw.codes.to(torch.uint8), qw.scales.float(), qw.zeros.float()
+        self.bits, self.group_size = int(qw.bits), int(qw.group_size)
+        self.weight.copy_(qw.dequantize().to(self.weight.dtype))
+
+
+class CompressedLinear(_HoldsCodes, nn.Linear):
+    """nn.Linear whose float weight is pruned and/or de-quantized from the codes it holds (the simulation)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_storage((out_features, in_features))
+
+    @classmethod
+    @torch.no_grad()
+    def from_layer(cls, layer: nn.Module) -> "CompressedLinear":
+        """A copy of an nn.Linear or GPT-2 Conv1D (transposed to [out, in]) in the layer's dtype and device."""
+        if isinstance(layer, CompressedLinear):
+            return layer
+        w = weight_matrix(layer)
+        module = cls(w.shape[1], w.shape[0], bias=layer.bias is not None)
+        module.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        module.weight.copy_(w)
+        if layer.bias is not None:
+            module.bias.copy_(layer.bias.detach())
+        return module
+
+
+class CompressedEmbedding(_HoldsCodes, nn.Embedding):
+    """nn.Embedding (rows = [out, in] matrix) whose table is pruned and/or de-quantized from the codes it holds.
+
+    It keeps the embedding's own Parameter, so an LM head tied to it stays tied.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_storage((self.num_embeddings, self.embedding_dim))
+
+    @classmethod
+    def from_layer(cls, layer: nn.Embedding) -> "CompressedEmbedding":
+        if isinstance(layer, CompressedEmbedding):
+            return layer
+        module = cls(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx, device="meta")
+        module.weight = layer.weight  # the same Parameter object: an LM head tied to it stays tied
+        return module
+
+
+def pack_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A bool keep-mask as one bit per weight (uint8), so holding it costs 1/32 of an fp32 weight."""
+    return None if mask is None else pack_codes(mask.reshape(-1).to(torch.uint8).cpu(), 1).to(mask.device)
+
+
+def unpack_mask(bits: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    if bits is None:
+        return None
+    return unpack_codes(bits.cpu(), 1, shape[0] * shape[1]).view(shape).bool().to(bits.device)
+
+
+def as_compressed_(model: nn.Module, name: str) -> nn.Module:
+    """The named layer as a CompressedLinear / CompressedEmbedding, swapped into ``model`` (Conv1D becomes Linear)."""
+    layer = model.get_submodule(name)
+    if isinstance(layer, (CompressedLinear, CompressedEmbedding)):
+        return layer
+    module = (CompressedEmbedding if isinstance(layer, nn.Embedding) else CompressedLinear).from_layer(layer)
+    model.set_submodule(name, module)
+    return module
+
+
+def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of the model that holds a compressed weight (codes or a keep-mask), by name."""
+    found = {}
+    for name, module in model.named_modules():
+        if callable(getattr(module, "is_compressed", None)) and module.is_compressed():
+            found[name] = module
+    return found

@@ -1,0 +1,338 @@
+"""Modules that run integer codes on real kernels, and the conversion of a compressed model onto them.
+
+* ``Int4Linear``: 2-, 3- and 4-bit codes in torch's 4-bit container (``aten._weight_int4pack_mm_for_cpu``,
+  ``aten._weight_int4pack_mm`` on CUDA), bf16 activations. The kernel computes w = (q − 8)·scale + zero per
+  group of 32/64/128 input columns (checked on small matrices against a float reference: equal within bf16), so
+  our w = (c − z)·s becomes scale = s, zero = (8 − z)·s. Our grid maps onto the largest kernel group dividing
+  both the input width and our group (g128 on 576-wide inputs runs as kernel groups of 64, scales repeated).
+* ``Int8Linear``: 5–8-bit per-channel (or per-tensor) codes on ``aten._weight_int8pack_mm`` (int8 weights, one
+  bf16 scale per output channel, bf16 activations). The int8 weight is c − 2^(bits−1); an asymmetric zero-point
+  is exact through a rank-1 correction: y = int8mm(x, c − o, s) + Σx · (o − z)·s.
+* ``Int8Embedding``: a tied input embedding that gathers rows from its LM head's int8 table (ties stay tied).
+* ``DequantLinear``: what runs when no kernel takes a layer (group-wise 5–8-bit codes, shapes the kernels
+  refuse, masks the container cannot express): uint8 codes de-quantized to bf16 at every call. It is stated.
+* ``ActivationInt8Linear``: torch's dynamic int8 Linear (activations quantized too), the explicit option.
+
+None of them keeps a second copy of the codes next to the kernel's weight: ``quantized_weight()`` recovers them
+from the kernel's own storage (int4: the kernel run on an identity matrix with scale 1 and zero 8 returns the
+raw codes; int8: the int8 weight + 2^(bits−1)). Kernel modules follow device moves but keep their dtypes, so a
+model cast to bf16 never rounds the fp32 scales that packing stores.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .quantize import QuantizedWeight, _expand
+from .runtime import pack_mask, unpack_mask
+
+INT4_KERNEL_GROUPS = (128, 64, 32)   # group sizes the int4pack kernels accept, largest first
+BF16 = torch.bfloat16
+
+
+class _KernelModule(nn.Module):
+    """Base of the kernel modules: always compressed, dtypes fixed, device moves allowed."""
+
+    def is_compressed(self) -> bool:
+        return True
+
+    def keep_mask(self) -> torch.Tensor | None:
+        return unpack_mask(self.mask_bits, self.matrix_shape)
+
+    def _apply(self, fn, recurse=True):
+        # Follow .to(device) but not .to(dtype): a bf16 cast of the model must not round fp32 scales or codes.
+        device = next(iter(self._buffers.values())).device
+        target = fn(torch.empty(0, device=device)).device
+        if target == device:
+            return self
+        before = self.quantized_weight()
+        for name, t in self._buffers.items():
+            if t is not None:
+                self._buffers[name] = t.to(target)
+        self._moved(before, target)
+        return self
+
+    def _moved(self, qw: QuantizedWeight, device: torch.device) -> None:
+        """Re-layout kernel storage for a new device (int4 packing differs between CPU and CUDA)."""
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(BF16)
+
+
+def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t.to(torch.float32).expand(rows, 1).reshape(rows)
+
+
+def _zeros_at_pruned_are_codes(qw: QuantizedWeight, top: int) -> bool:
+    """Pruned weights must de-quantize to 0, so their code must equal an integral zero-point in range."""
+    if qw.mask is None:
+        return True
+    z = _expand(qw.zeros, qw.group_size, qw.shape)[~qw.mask]
+    return bool(((z == z.round()) & (z >= 0) & (z <= top)).all())
+
+
+# ---------------------------------------------------------------- int4
+def int4_kernel_group(qw: QuantizedWeight) -> int | None:
+    out_features, in_features = qw.shape
+    ours = in_features if qw.group_size == -1 else qw.group_size
+    if out_features % 16:
+        return None
+    return next((g for g in INT4_KERNEL_GROUPS if in_features % g == 0 and ours % g == 0), None)
+
+
+def int4_refusal(qw: QuantizedWeight) -> str | None:
+    """Why the int4 kernel cannot run this layer (None: it can)."""
+    if qw.bits > 4:
+        return f"{qw.bits}-bit codes do not fit the 4-bit container"
+    if int4_kernel_group(qw) is None:
+        return (f"shape {qw.shape[0]}×{qw.shape[1]}: the int4 kernel needs outputs in multiples of 16 and inputs "
+                "in whole groups of 32")
+    if not _zeros_at_pruned_are_codes(qw, 2 ** qw.bits - 1):
+        return "pruned weights need an integral zero-point to stay 0 in the 4-bit container"
+    return None
+
+
+def _int4_pack(codes: torch.Tensor) -> torch.Tensor:
+    if codes.device.type == "cuda":
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        tiles = next(t for t in (8, 4, 2, 1) if codes.shape[1] % (t * 16) == 0)
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+
+
+class Int4Linear(_KernelModule):
+    """2–4-bit codes on torch's int4pack weight-only kernel (bf16 activations)."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.matrix_shape, self.bits, self.group_size = qw.shape, int(qw.bits), int(qw.group_size)
+        self.kernel_group = int4_kernel_group(qw)
+        # 2- and 3-bit codes sit in the middle of the container (c + shift), so the kernel's zero term (8 − z)·s
+        # stays as small as the weights and its bf16 rounding does not swamp them (measured: 2-bit per-channel
+        # logits 5.8× the bf16 error without the shift)
+        self.shift = 8 - 2 ** (qw.bits - 1)
+        out_features, in_features = qw.shape
+        codes = self._container_codes(qw)
+        ours = in_features if qw.group_size == -1 else qw.group_size
+        index = torch.arange(in_features // self.kernel_group) * self.kernel_group // ours
+        s = qw.scales.expand(out_features, -1)[:, index.clamp_max(qw.scales.shape[1] - 1)]
+        z = qw.zeros.expand(out_features, -1)[:, index.clamp_max(qw.zeros.shape[1] - 1)] + self.shift
+        self.register_buffer("packed", _int4_pack(codes))
+        self.register_buffer("scales_and_zeros", torch.stack([s.t(), ((8 - z) * s).t()], -1).to(BF16).contiguous())
+        self.register_buffer("scales", qw.scales.float().clone())
+        self.register_buffer("zeros", qw.zeros.float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
+        self.register_buffer("mask_bits", pack_mask(qw.mask))
+
+    def _container_codes(self, qw: QuantizedWeight) -> torch.Tensor:
+        codes = qw.codes.to(torch.int32)
+        if qw.mask is not None:  # pruned weights: the code equal to the (integral) zero-point de-quantizes to 0
+            codes = torch.where(qw.mask, codes, _expand(qw.zeros, qw.group_size, qw.shape).round().to(torch.int32))
+        return codes + self.shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _int4_mm(_flat(x), self.packed, self.kernel_group, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    def int4_codes(self) -> torch.Tensor:
+        """The codes in the kernel's storage: the kernel on an identity matrix, scale 1 and zero 8, returns the container codes."""
+        out_features, in_features = self.matrix_shape
+        device = self.packed.device
+        unit = torch.tensor([1.0, 8.0], dtype=BF16, device=device).expand(in_features // self.kernel_group,
+                                                                           out_features, 2).contiguous()
+        eye = torch.eye(in_features, dtype=BF16, device=device)
+        container = _int4_mm(eye, self.packed, self.kernel_group, unit).t().round().to(torch.int32)
+        return (container - self.shift).to(torch.uint8)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.int4_codes(), self.scales, self.zeros, self.bits, self.group_size,
+                               self.keep_mask())
+
+    def _moved(self, qw, device):
+        self.packed = _int4_pack(self._container_codes(qw).to(device))
+
+
+# ---------------------------------------------------------------- int8
+def int8_refusal(qw: QuantizedWeight) -> str | None:
+    """Why the int8pack kernel cannot run this layer (None: it can)."""
+    if qw.group_size not in (-1, qw.shape[1]):
+        return f"{qw.bits}-bit codes in groups of {qw.group_size}: the int8 kernel has one scale per output channel"
+    if qw.shape[1] % 16:  # measured: int8pack on inputs not a multiple of 16 wide crashes the process (torch 2.13)
+        return f"input width {qw.shape[1]} is not a multiple of 16"
+    if not _zeros_at_pruned_are_codes(qw, 2 ** qw.bits - 1):
+        return "pruned weights need an integral zero-point to stay 0 in int8"
+    return None
+
+
+def _int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cuda":
+        return F.linear(x, weight.to(BF16)) * scales
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
+
+
+class Int8Linear(_KernelModule):
+    """5–8-bit per-channel codes on torch's int8pack weight-only kernel (bf16 activations)."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.matrix_shape, self.bits, self.group_size = qw.shape, int(qw.bits), int(qw.group_size)
+        self.offset = 2 ** (qw.bits - 1)
+        rows = qw.shape[0]
+        codes = qw.codes.to(torch.int16)
+        if qw.mask is not None:
+            codes = torch.where(qw.mask, codes, qw.zeros.expand(rows, 1).round().to(torch.int16))
+        s, z = _per_row(qw.scales, rows), _per_row(qw.zeros, rows)
+        self.register_buffer("weight_int8", (codes - self.offset).to(torch.int8))
+        self.register_buffer("kernel_scales", s.to(BF16))
+        self.register_buffer("correction", (self.offset - z) * s)   # fp32 [out]: the zero-point's rank-1 term
+        self.register_buffer("scales", qw.scales.float().clone())
+        self.register_buffer("zeros", qw.zeros.float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
+        self.register_buffer("mask_bits", pack_mask(qw.mask))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _flat(x)
+        y = _int8_mm(flat, self.weight_int8, self.kernel_scales)
+        y = (y + flat.sum(-1, keepdim=True, dtype=torch.float32) * self.correction).to(BF16)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        codes = (self.weight_int8.to(torch.int16) + self.offset).to(torch.uint8)
+        return QuantizedWeight(codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
+
+
+class Int8Embedding(_KernelModule):
+    """A tied input embedding gathering rows from its LM head's int8 table (one table for both)."""
+
+    def __init__(self, head: Int8Linear, padding_idx: int | None = None):
+        super().__init__()
+        self.matrix_shape, self.offset, self.padding_idx = head.matrix_shape, head.offset, padding_idx
+        self.num_embeddings, self.embedding_dim = head.matrix_shape
+        self.register_buffer("weight_int8", head.weight_int8)  # the same tensors as the head's: held once
+        self.register_buffer("row_scales", _per_row(head.scales, self.num_embeddings))
+        self.register_buffer("row_zeros", _per_row(head.zeros, self.num_embeddings))
+        self.register_buffer("mask_bits", None)
+        self._head = (head,)  # not a submodule: the head is the model's own module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_int8[ids].to(torch.float32) + (self.offset - self.row_zeros[ids])[..., None]
+        return (rows * self.row_scales[ids][..., None]).to(BF16)
+
+    def is_compressed(self) -> bool:
+        return False  # its table is the head's; packing and size count it there
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return self._head[0].quantized_weight()
+
+
+# ---------------------------------------------------------------- fallbacks and the dynamic option
+class DequantLinear(_KernelModule):
+    """uint8 codes de-quantized to bf16 at every call: what runs when no integer kernel takes the layer."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.matrix_shape, self.bits, self.group_size = qw.shape, int(qw.bits), int(qw.group_size)
+        self.register_buffer("codes", qw.codes.to(torch.uint8).clone())
+        self.register_buffer("scales", qw.scales.float().clone())
+        self.register_buffer("zeros", qw.zeros.float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
+        self.register_buffer("mask_bits", pack_mask(qw.mask))
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight().dequantize().to(BF16)
+        return F.linear(x.to(BF16), w, self.bias).to(x.dtype)
+
+
+class ActivationInt8Linear(_KernelModule):
+    """torch's dynamic int8 Linear (``kernel``: int8 weights per channel, activations quantized per batch) plus
+    the codes it was built from (its own int8 rounding of the smoothed weights differs from them)."""
+
+    def __init__(self, qw: QuantizedWeight, kernel: nn.Module):
+        super().__init__()
+        self.matrix_shape, self.bits, self.group_size = qw.shape, int(qw.bits), int(qw.group_size)
+        self.kernel = kernel
+        self.register_buffer("codes", qw.codes.to(torch.uint8).clone())
+        self.register_buffer("scales", qw.scales.float().clone())
+        self.register_buffer("zeros", qw.zeros.float().clone())
+        self.register_buffer("mask_bits", pack_mask(qw.mask))
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x)
+
+
+# ---------------------------------------------------------------- the compressed model onto the kernels
+def kernel_module(qw: QuantizedWeight, bias: torch.Tensor | None) -> tuple[nn.Module, str | None]:
+    """The module that runs ``qw`` on a real kernel, and why it had to fall back (None: it did not)."""
+    if qw.bits <= 4:
+        refusal = int4_refusal(qw)
+        return (Int4Linear(qw, bias), None) if refusal is None else (DequantLinear(qw, bias), refusal)
+    refusal = int8_refusal(qw)
+    return (Int8Linear(qw, bias), None) if refusal is None else (DequantLinear(qw, bias), refusal)
+
+
+def to_kernels_(model: nn.Module) -> dict[str, str]:
+    """Swap every layer holding codes for its kernel module; {name: why it fell back} for the fallbacks."""
+    from .runtime import CompressedLinear
+
+    fallbacks = {}
+    for name, module in list(model.named_modules()):
+        qw = module.quantized_weight() if isinstance(module, CompressedLinear) else None
+        if qw is None:
+            continue
+        runtime, refusal = kernel_module(qw, module.bias)
+        model.set_submodule(name, runtime)
+        if refusal is not None:
+            fallbacks[name] = refusal
+    return fallbacks
+
+
+def quantize_head_(model: nn.Module, quantize) -> str | None:
+    """The LM head on int8pack (per-channel 8-bit codes from ``quantize(w)``), a tied embedding reading the same
+    table. Returns a sentence when the head stays bf16 instead."""
+    from .layers import weight_matrix
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
+        return "LM head kept bf16: it is not a plain float linear layer"
+    qw = quantize(weight_matrix(head))
+    if int8_refusal(qw) is not None:
+        return f"LM head kept bf16: {int8_refusal(qw)}"
+    tied = embedding is not None and embedding.weight is head.weight
+    int8 = Int8Linear(qw, head.bias)
+    names = {id(m): n for n, m in model.named_modules()}
+    model.set_submodule(names[id(head)], int8)
+    if tied:
+        model.set_submodule(names[id(embedding)], Int8Embedding(int8, embedding.padding_idx))
+    return None
+
+
+@torch.no_grad()
+def cast_rest_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every float parameter and buffer outside the kernel modules (norms, embeddings, attention); a
+    simulation module's fp32 scales and zeros stay fp32 (they are its grid, stored exactly by packing)."""
+    for module in model.modules():
+        if isinstance(module, _KernelModule):
+            continue
+        stores = (module._parameters,) if hasattr(module, "is_compressed") else (module._parameters, module._buffers)
+        for store in stores:
+            for name, t in store.items():
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    t.data = t.data.to(dtype)

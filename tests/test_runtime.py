@@ -1,0 +1,135 @@
+"""The runtime modules: real int4/int8 kernels against float references and against the fp32 simulation.
+
+Tolerances come from bf16: the real runtime runs activations, norms and attention in bf16, so its logits may
+differ from the fp32 simulation's by about as much as the whole model cast to bf16 differs from fp32. Measured
+(seq 64): real/simulated ≤ 1.27× that difference (2-bit per-channel on the random llama), ≈ 1.0–1.1× elsewhere;
+the bound is 2×.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lmcompress_core.compress import CompressionConfig, compress
+from lmcompress_core.measure import runtime_bytes
+from lmcompress_core.quantize import QuantizationConfig, quantize_tensor
+from lmcompress_core.runtime_kernels import DequantLinear, Int4Linear, Int8Embedding, Int8Linear, kernel_module
+
+torch.set_num_threads(2)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def random_weight(out_features=48, in_features=128, seed=0):
+    return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits, granularity, group_size", [
+    (4, "group", 32), (4, "group", 128), (3, "channel", 128), (2, "tensor", 128), (4, "group", 64)])
+def test_int4_kernel_matches_the_float_reference_and_returns_its_codes(bits, granularity, group_size):
+    qw = quantize_tensor(random_weight(), QuantizationConfig(bits=bits, granularity=granularity,
+                                                             group_size=group_size))
+    module = Int4Linear(qw, None)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    reference = x @ qw.dequantize().t()
+    assert rel(module(x.to(torch.bfloat16)), reference) < 2 ** -6  # bf16 activations, scales and output
+    back = module.quantized_weight()
+    assert torch.equal(back.codes, qw.codes) and torch.equal(back.scales, qw.scales)
+
+
+def test_group_128_on_576_wide_inputs_runs_as_kernel_groups_of_64():
+    qw = quantize_tensor(random_weight(32, 576), QuantizationConfig(bits=4, group_size=128))
+    module, refusal = kernel_module(qw, None)
+    assert refusal is None and isinstance(module, Int4Linear) and module.kernel_group == 64
+    x = torch.randn(3, 576)
+    assert rel(module(x.to(torch.bfloat16)), x @ qw.dequantize().t()) < 2 ** -6
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, False), (8, True), (5, False), (6, True)])
+def test_int8_kernel_is_exact_with_an_asymmetric_zero_point(bits, symmetric):
+    qw = quantize_tensor(random_weight() + 0.7, QuantizationConfig(bits=bits, granularity="channel",
+                                                                   symmetric=symmetric))
+    bias = torch.randn(48)
+    module = Int8Linear(qw, bias)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(2))
+    assert rel(module(x.to(torch.bfloat16)), x @ qw.dequantize().t() + bias) < 2 ** -6
+    assert torch.equal(module.quantized_weight().codes, qw.codes)
+    assert module.weight_int8.dtype == torch.int8 and not hasattr(module, "codes")  # one copy of the codes
+
+
+def test_layers_no_kernel_takes_fall_back_and_say_why():
+    grouped = quantize_tensor(random_weight(), QuantizationConfig(bits=6, group_size=32))
+    narrow = quantize_tensor(random_weight(40, 48), QuantizationConfig(bits=4, group_size=32))
+    for qw, why in ((grouped, "one scale per output channel"), (narrow, "multiples of 16")):
+        module, refusal = kernel_module(qw, None)
+        assert isinstance(module, DequantLinear) and why in refusal
+        x = torch.randn(2, qw.shape[1])
+        assert rel(module(x), x @ qw.dequantize().t()) < 2 ** -6
+
+
+@pytest.fixture(scope="module")
+def models():
+    from lmcompress_core.models import load_model, tiny_random_model
+
+    return {"tiny": load_model("tiny").model, "llama": tiny_random_model("llama").model}
+
+
+CONFIGS = {
+    "int4-g32": dict(bits=4, group_size=32), "int4-3bit-g128": dict(bits=3, group_size=128),
+    "int4-2bit-channel": dict(bits=2, granularity="channel"), "int8-channel": dict(bits=8, granularity="channel"),
+    "int8-5bit-symmetric": dict(bits=5, granularity="channel", symmetric=True),
+    "dequant-6bit-g32": dict(bits=6, group_size=32),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("name", ["tiny", "llama"])
+def test_real_kernels_give_the_simulation_logits_within_bf16(models, name, kind):
+    model = models[name]
+    ids = torch.randint(model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    quantization = QuantizationConfig(**CONFIGS[kind])
+    simulated = compress(model, CompressionConfig(quantization=quantization, runtime="simulate")).model
+    real = compress(model, CompressionConfig(quantization=quantization, head="float")).model
+    with torch.no_grad():
+        fp32, bf16 = model(ids).logits, copy.deepcopy(model).to(torch.bfloat16)(ids).logits
+        sim, got = simulated(ids).logits, real(ids).logits
+    assert got.dtype == torch.bfloat16
+    assert rel(got, sim) <= 2 * rel(bf16, fp32), (rel(got, sim), rel(bf16, fp32))
+
+
+def test_tied_embedding_reads_the_int8_head_table_and_runtime_bytes_shrink(models):
+    model = models["tiny"]
+    cm = compress(model, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)))
+    head, embedding = cm.model.get_output_embeddings(), cm.model.get_input_embeddings()
+    assert isinstance(head, Int8Linear) and isinstance(embedding, Int8Embedding)
+    assert embedding.weight_int8.data_ptr() == head.weight_int8.data_ptr()  # one table, held once
+    ids = torch.tensor([[1, 5, 9]])
+    rows = head.quantized_weight().dequantize()[ids[0]]
+    assert rel(embedding(ids)[0], rows) < 2 ** -7
+    # 4-bit codes (0.5 B) + a bf16 kernel scale/zero and the fp32 grid per group of 32 (12 B / 32) ≈ 0.875 B of
+    # 4 B per weight, the int8 head ≈ 1 B of 4: the same derivation as SmolLM2's ≤ 35% (measured there: 22.7%)
+    fraction = runtime_bytes(cm.model) / runtime_bytes(model)
+    assert fraction <= 0.35, fraction
+    assert "LM head int8" in cm.kernel and "int4 weight-only (real, aten int4pack, groups of 32)" in cm.kernel
+
+
+def test_head_can_stay_float(models):
+    cm = compress(models["tiny"], CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel"),
+                                                    head="float"))
+    assert type(cm.model.get_output_embeddings()) is nn.Linear and cm.kernel.endswith("LM head bf16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CUDA dispatch of "
+                                                          "Int4Linear / Int8Linear is only checked where one exists")
+def test_cuda_dispatch_gives_the_cpu_result():
+    for config in (QuantizationConfig(bits=4, group_size=32), QuantizationConfig(bits=8, granularity="channel")):
+        qw = quantize_tensor(random_weight(64, 256), config)
+        cpu, _ = kernel_module(qw, None)
+        x = torch.randn(3, 256).to(torch.bfloat16)
+        expected = cpu(x)
+        gpu = copy.deepcopy(cpu).to("cuda")
+        assert rel(gpu(x.cuda()).cpu(), expected) < 2 ** -6
+        assert torch.equal(gpu.quantized_weight().codes.cpu(), qw.codes)
