@@ -41,7 +41,7 @@ def _configs():
 
 def _variants(ctx) -> dict:
     from lmcompress_core.compress import compress
-    from lmcompress_core.measure import calibration_for
+    from lmcompress_core.protocol import calibration_for
 
     base = ctx.loaded(ctx.main_model)
     variants = {"fp32": (base.model, "fp32 dense")}
@@ -67,7 +67,7 @@ def _perplexities(ctx, variants) -> dict:
 
 
 def _measure(ctx, model, kernel):
-    from lmcompress_core.measure import measure_latency
+    from lmcompress_core.measure_speed import measure_latency
 
     return measure_latency(model, ctx.loaded(ctx.main_model).tokenizer, kernel,
                            prompt_tokens=ctx.scale.prompt_tokens, new_tokens=ctx.scale.new_tokens,
@@ -75,7 +75,7 @@ def _measure(ctx, model, kernel):
 
 
 def run(ctx) -> dict:
-    from lmcompress_core.measure import runtime_bytes
+    from lmcompress_core.measure_speed import runtime_bytes
 
     start = time.perf_counter()
     variants = _variants(ctx)

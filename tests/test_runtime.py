@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmcompress_core.compress import CompressionConfig, compress
-from lmcompress_core.measure import runtime_bytes
+from lmcompress_core.measure_speed import runtime_bytes
 from lmcompress_core.quantize import QuantizationConfig, quantize_tensor
 from lmcompress_core.runtime_kernels import DequantLinear, Int4Linear, Int8Embedding, Int8Linear, kernel_module
 
