@@ -25,7 +25,6 @@ KEYS = (
 ROUNDS = 3
 
 
-APP_EVAL_TOKENS = 512  # the Explore page's default evaluation tokens: calibration is drawn after them
 
 
 def _configs():
@@ -41,12 +40,13 @@ def _configs():
 
 def _variants(ctx) -> dict:
     from lmcompress_core.compress import compress
+    from bench.interactivity import app_protocol
     from lmcompress_core.protocol import calibration_for
 
     base = ctx.loaded(ctx.main_model)
     variants = {"fp32": (base.model, "fp32 dense")}
     for name, config in _configs().items():
-        calibration = calibration_for(base, config, eval_tokens=APP_EVAL_TOKENS)
+        calibration = calibration_for(base, config, app_protocol())   # exactly as the app calibrates
         cm = compress(base.model, config, calibration=calibration, tokenizer=base.tokenizer)
         variants[name] = (cm.model, cm.kernel)
     return variants
