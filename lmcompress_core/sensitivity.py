@@ -13,16 +13,23 @@ import torch
 
 from .compress import CompressionConfig, _Run
 from .layers import weight_matrix
+from .models import LoadedModel
 from .prune import global_masks, layer_mask
 from .quantize import QuantizationConfig, gptq_quantize, half_round_trip, quantize_tensor
 
 
 def layer_sensitivity(model, config: CompressionConfig, bits_list=(2, 3, 4, 8),
-                      calibration: torch.Tensor | None = None) -> pd.DataFrame:
+                      calibration: torch.Tensor | None = None, executor=None) -> pd.DataFrame:
     """Rows (layer, bits, rel_mse, sqnr_db) for every chosen layer and bit-width.
 
     ``calibration`` token ids are needed for Wanda and GPTQ; without them those fall back to magnitude / RTN.
+    ``executor`` (execute/; default: this process) with ``remote`` set runs one task per bit-width on its
+    workers; ``model`` must then be the LoadedModel, whose name each worker loads.
     """
+    if executor is not None and executor.remote:
+        return _remote_sensitivity(model, config, bits_list, calibration, executor)
+    if isinstance(model, LoadedModel):
+        model = model.model
     run = _Run(model, model, config, calibration, None, None)
     layers = run.layers()
     needs_inputs = calibration is not None and (
@@ -40,6 +47,27 @@ def layer_sensitivity(model, config: CompressionConfig, bits_list=(2, 3, 4, 8),
                                 None if masks is None else masks[name])
             rows.append({"layer": name, "bits": bits, **_errors(w, approx)})
     return pd.DataFrame(rows, columns=["layer", "bits", "rel_mse", "sqnr_db"])
+
+
+def _remote_sensitivity(loaded, config, bits_list, calibration, executor) -> pd.DataFrame:
+    """One task per bit-width on the executor's workers, rows put back in the in-process order (layer, bits)."""
+    if not hasattr(loaded, "name"):
+        raise ValueError("a remote executor loads the model by name: pass the LoadedModel, not the bare module")
+    ids = None if calibration is None else calibration.tolist()
+    payloads = [{"config": config.to_dict(), "bits": bits, "calibration": ids} for bits in bits_list]
+    rows, failures = [], []
+    for outcome in executor.map(loaded, "sensitivity", payloads):
+        if outcome.ok:
+            rows += outcome.result["rows"]
+        elif not outcome.retrying:
+            failures.append(f"{payloads[outcome.index]['bits']} bits: {outcome.error}")
+    if failures:
+        raise ValueError("sensitivity failed on the workers: " + "; ".join(failures))
+    frame = pd.DataFrame(rows, columns=["layer", "bits", "rel_mse", "sqnr_db"])
+    layer_order = {name: i for i, name in enumerate(dict.fromkeys(frame["layer"]))}
+    bits_order = {bits: i for i, bits in enumerate(bits_list)}
+    order = sorted(range(len(frame)), key=lambda i: (layer_order[frame["layer"][i]], bits_order[frame["bits"][i]]))
+    return frame.iloc[order].reset_index(drop=True)
 
 
 def _masks(weights: dict, config: CompressionConfig, stats) -> dict | None:
