@@ -4,13 +4,15 @@ Every worker declares its resources to Ray: ``cpus_per_task`` CPUs (torch uses t
 ``gpus_per_task`` GPUs and the memory the model needs (``memory_per_worker``: the models.py pre-flight
 for the float32 base plus one compressed copy), so Ray places workers only where they fit. A worker loads
 the model once, by name, and then runs tasks by name (tasks.py) on plain-data payloads; results come
-back in completion order (``ray.wait``). A task whose worker dies (killed, out of memory, node lost) or
+back in completion order (``ray.wait``). Workers stay up between calls of ``map`` on the same model (a
+second sweep does not reload it) until ``release`` or ``close``. A task whose worker dies (killed, out of memory, node lost) or
 that raises is reported and run once more, on a fresh worker if the old one is gone.
 
 Ray is imported only when this executor is used: the serial path and the app work without it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import deque
@@ -31,6 +33,12 @@ def _ray():
     except ImportError:
         raise ValueError("the Ray backend needs the ray package: pip install ray==2.60.0") from None
     return ray
+
+
+def ray_imported() -> bool:
+    import sys
+
+    return "ray" in sys.modules
 
 
 def memory_per_worker(loaded) -> int:
@@ -59,6 +67,11 @@ class ModelWorker:
         return {"pid": os.getpid(), "result": task_function(task)(self.loaded, payload, **options)}
 
 
+@functools.lru_cache(maxsize=1)
+def _actor_class():
+    return _ray().remote(ModelWorker)
+
+
 class RayExecutor:
     name = "ray"
     remote = True
@@ -82,6 +95,7 @@ class RayExecutor:
         self._started = False
         self._workers: list = []
         self._pid_refs: dict = {}
+        self._worker_key = None     # (model name, resources) the current workers were started for
 
     def describe(self) -> str:
         where = f"cluster at {self.address}" if self.address else \
@@ -105,7 +119,9 @@ class RayExecutor:
         self._started = True
 
     def close(self) -> None:
-        """Shut Ray down if this executor started it (a connection made by someone else is left alone)."""
+        """Stop the workers; shut Ray down if this executor started it (someone else's connection stays)."""
+        if ray_imported() and _ray().is_initialized():
+            self.release()
         if self._started:
             _ray().shutdown()
             self._started = False
@@ -142,8 +158,8 @@ class RayExecutor:
         return int(max(1, min(sum(per_node), tasks, self.max_workers or tasks)))
 
     def _spawn(self, model_name: str, resources: dict):
-        ray = _ray()
-        actor = ray.remote(ModelWorker).options(max_restarts=0, max_task_retries=0, **resources)
+        # restarts are ours (a fresh worker and one retry), so a lost task is seen and reported
+        actor = _actor_class().options(max_restarts=0, max_task_retries=0, **resources)
         worker = actor.remote(model_name, self.cpus_per_task)
         self._workers.append(worker)
         self._pid_refs[worker] = worker.pid.remote()
@@ -164,10 +180,9 @@ class RayExecutor:
         task_function(task)  # an unknown name fails here, before any worker starts
         self.start()
         resources = self.task_resources(loaded)
-        idle = [self._spawn(loaded.name, resources) for _ in range(self._worker_count(len(payloads), resources))]
+        idle = self._workers_for(loaded.name, resources, self._worker_count(len(payloads), resources))
+        queue, running = deque((i, 1) for i in range(len(payloads))), {}
         try:
-            self._wait_loaded(idle, loaded.name)
-            queue, running = deque((i, 1) for i in range(len(payloads))), {}
             while queue or running:
                 while queue and idle:
                     worker, (index, attempt) = idle.pop(), queue.popleft()
@@ -185,9 +200,27 @@ class RayExecutor:
                     if outcome.retrying:
                         queue.appendleft((index, attempt + 1))
                     yield outcome
-        finally:
-            for worker in list(self._workers):
+        except BaseException:  # stopped, interrupted or abandoned: busy workers are stopped, idle ones kept
+            for worker, _, _ in running.values():
                 self._retire(worker)
+            raise
+
+    def _workers_for(self, model_name: str, resources: dict, count: int) -> list:
+        """``count`` workers holding ``model_name``: kept from the previous map when they match, else new."""
+        key = (model_name, tuple(sorted(resources.items())))
+        if key != self._worker_key:
+            self.release()
+            self._worker_key = key
+        while len(self._workers) < count:
+            self._spawn(model_name, resources)
+        self._wait_loaded(self._workers, model_name)
+        return list(self._workers[:count])
+
+    def release(self) -> None:
+        """Stop this executor's workers (their CPUs, GPUs and memory go back to Ray); Ray itself keeps running."""
+        for worker in list(self._workers):
+            self._retire(worker)
+        self._worker_key = None
 
     def _wait_loaded(self, workers: list, model_name: str) -> None:
         """Fail fast, with the worker's reason, when the model cannot load on a worker."""
@@ -195,6 +228,7 @@ class RayExecutor:
         try:
             ray.get([self._pid_refs[w] for w in workers])
         except ray.exceptions.RayError as exc:
+            self.release()
             raise ValueError(f"a Ray worker could not load {model_name!r}: {_cause(exc)}") from None
 
     def _collect(self, ref, index: int, attempt: int) -> tuple[Outcome, bool]:
