@@ -201,7 +201,7 @@ def _cmd_sweep(args) -> int:
                                 stride=args.context, latency=not args.no_latency, generation=False,
                                 latency_runs=args.latency_runs)
     finally:
-        getattr(executor, "close", lambda: None)()
+        executor.close()
     failures = table.attrs["failures"]
     for failure in failures:
         print(f"failed: {failure['label']}: {failure['error']}", file=sys.stderr)

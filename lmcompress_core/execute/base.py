@@ -37,3 +37,9 @@ class Executor(Protocol):
     def map(self, loaded, task: str, payloads: Sequence[dict], options: dict | None = None,
             should_stop: Callable[[], bool] | None = None) -> Iterator[Outcome]:
         """Run ``task`` on every payload; yield each attempt's Outcome as it finishes."""
+
+    def release(self) -> None:
+        """Free the workers (and what they reserved); the backend stays up for the next call."""
+
+    def close(self) -> None:
+        """Free the workers and stop the backend if this executor started it."""

@@ -5,8 +5,8 @@ Every worker declares its resources to Ray: ``cpus_per_task`` CPUs (torch uses t
 for the float32 base plus one compressed copy), so Ray places workers only where they fit. A worker loads
 the model once, by name, and then runs tasks by name (tasks.py) on plain-data payloads; results come
 back in completion order (``ray.wait``). Workers stay up between calls of ``map`` on the same model (a
-second sweep does not reload it) until ``release`` or ``close``. A task whose worker dies (killed, out of memory, node lost) or
-that raises is reported and run once more, on a fresh worker if the old one is gone.
+second sweep does not reload it) until ``release`` or ``close``. A task whose worker dies (killed, out of
+memory, node lost) or that raises is reported and run once more, on a fresh worker if the old one is gone.
 
 Ray is imported only when this executor is used: the serial path and the app work without it.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -67,6 +68,30 @@ class ModelWorker:
         return {"pid": os.getpid(), "result": task_function(task)(self.loaded, payload, **options)}
 
 
+def _start_local(**init_kwargs) -> threading.Event:
+    """ray.init in a thread that lives until the returned Event is set.
+
+    A local Ray's own processes (GCS, raylet) die with the *thread* that started them (Linux's parent-death
+    signal follows the thread), so starting it from a Streamlit script run, a thread that ends with the run,
+    would take the cluster down with it."""
+    ray, started, stop, failure = _ray(), threading.Event(), threading.Event(), []
+
+    def keep():
+        try:
+            ray.init(**init_kwargs)
+        except BaseException as exc:  # handed to the caller below
+            failure.append(exc)
+        started.set()
+        stop.wait()
+
+    threading.Thread(target=keep, name="ray-local-keeper", daemon=True).start()
+    started.wait()
+    if failure:
+        stop.set()
+        raise failure[0]
+    return stop
+
+
 @functools.lru_cache(maxsize=1)
 def _actor_class():
     return _ray().remote(ModelWorker)
@@ -96,6 +121,7 @@ class RayExecutor:
         self._workers: list = []
         self._pid_refs: dict = {}
         self._worker_key = None     # (model name, resources) the current workers were started for
+        self._keeper = None         # set to end the thread that started a local Ray
 
     def describe(self) -> str:
         where = f"cluster at {self.address}" if self.address else \
@@ -114,8 +140,9 @@ class RayExecutor:
             ray.init(address=self.address, runtime_env=runtime_env, logging_level=logging.WARNING)
         else:
             # workers' own output (transformers' load bars) stays in Ray's logs: progress comes from the results
-            ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+            self._keeper = _start_local(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False,
+                                        log_to_driver=False, logging_level=logging.WARNING,
+                                        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         self._started = True
 
     def close(self) -> None:
@@ -125,6 +152,9 @@ class RayExecutor:
         if self._started:
             _ray().shutdown()
             self._started = False
+        if self._keeper is not None:
+            self._keeper.set()
+            self._keeper = None
 
     def __enter__(self):
         self.start()

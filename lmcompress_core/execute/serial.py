@@ -23,6 +23,12 @@ class SerialExecutor:
     def describe(self) -> str:
         return "serial (in this process, one task at a time)"
 
+    def release(self) -> None:
+        """Nothing to free: the caller's process is the worker."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
     def map(self, loaded, task: str, payloads: Sequence[dict], options: dict | None = None,
             should_stop: Callable[[], bool] | None = None) -> Iterator[Outcome]:
         from lmcompress_core.compress import Cancelled
