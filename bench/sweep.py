@@ -4,8 +4,10 @@ Serial runs the configurations one after another with the bench's torch threads 
 Ray runs one worker per CPU, each with one torch thread and its own copy of the model (loaded once per
 worker). Both use the same fixed protocol without the report cache, latency or generation (timings inside a
 busy sweep would measure the contention, not the model). Each side is timed once: a sweep is slow and its
-workers are stateful. On 2 cores Ray has little to win (two 1-thread workers against one 2-thread process)
-and pays for starting workers and loading the model in each; the ratio says which way it went here.
+workers are stateful. What decides the ratio on 2 cores: Ray pays for starting workers and loading the
+model in each; it gains where one process cannot keep two threads busy (the tiny model's small matmuls)
+and, on a CPU shared with other work, where two processes get a larger share of it than one. The
+section's load average at start says which situation a run was in.
 """
 from __future__ import annotations
 

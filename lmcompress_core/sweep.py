@@ -1,8 +1,8 @@
 """Grids of compression configurations, running them through measure.evaluate, and the Pareto frontier.
 
 A sweep is a list of CompressionConfig (bits × sparsity × method) evaluated by an executor (serial in this
-process, or Ray: see execute/) into a pandas DataFrame with one row per configuration; ``pareto_mask`` marks the rows no other row beats on both
-axes (both minimised: size or latency against perplexity).
+process, or Ray: see execute/) into a pandas DataFrame with one row per configuration; ``pareto_mask``
+marks the rows no other row beats on both axes (both minimised: size or latency against perplexity).
 """
 from __future__ import annotations
 

@@ -68,13 +68,17 @@ class ModelWorker:
         return {"pid": os.getpid(), "result": task_function(task)(self.loaded, payload, **options)}
 
 
-def _start_local(**init_kwargs) -> threading.Event:
-    """ray.init in a thread that lives until the returned Event is set.
+def _start_local(**init_kwargs) -> threading.Event | None:
+    """ray.init, from a thread that lives until the returned Event is set when called off the main thread.
 
     A local Ray's own processes (GCS, raylet) die with the *thread* that started them (Linux's parent-death
     signal follows the thread), so starting it from a Streamlit script run, a thread that ends with the run,
-    would take the cluster down with it."""
-    ray, started, stop, failure = _ray(), threading.Event(), threading.Event(), []
+    would take the cluster down with it. On the main thread (the CLI) ray.init runs as usual."""
+    ray = _ray()
+    if threading.current_thread() is threading.main_thread():
+        ray.init(**init_kwargs)
+        return None
+    started, stop, failure = threading.Event(), threading.Event(), []
 
     def keep():
         try:
