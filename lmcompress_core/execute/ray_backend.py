@@ -141,7 +141,8 @@ class RayExecutor:
             return
         if self.address:
             runtime_env = {"working_dir": str(ROOT), "excludes": SHIPPED_EXCLUDES}
-            ray.init(address=self.address, runtime_env=runtime_env, logging_level=logging.WARNING)
+            ray.init(address=self.address, runtime_env=runtime_env, log_to_driver=False,
+                     logging_level=logging.WARNING)
         else:
             # workers' own output (transformers' load bars) stays in Ray's logs: progress comes from the results
             self._keeper = _start_local(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False,
