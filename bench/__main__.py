@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import distillation, interactivity, pruning, quality, report, speed, throughput
+from bench import distillation, interactivity, pruning, quality, report, speed, sweep, throughput
 from bench.common import FULL, SMOKE, machine, setup_torch, versions
 from bench.context import Context
 
@@ -32,6 +32,7 @@ SECTIONS = {  # run order: cheap and most-quoted first, so a partial run still h
     "pruning": pruning.run,
     "distillation": distillation.run,
     "quality": quality.run,
+    "sweep": sweep.run,
 }
 
 

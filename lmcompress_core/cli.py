@@ -1,4 +1,4 @@
-"""Command line: ``python -m lmcompress_core {models,prepare,compress,evaluate}``.
+"""Command line: ``python -m lmcompress_core {models,prepare,compress,evaluate,sweep}``.
 
 Errors a person can fix (bad flags, bad values, models that cannot load) print one line ``error: ...`` on
 stderr and exit with status 2, never a traceback; Ctrl-C exits with status 130. Long work draws a progress
@@ -193,9 +193,83 @@ def _summary(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_sweep(args) -> int:
+    from lmcompress_core import sweep
+    from lmcompress_core.protocol import EvalProtocol
+    from lmcompress_core.execute import make_executor
+    from lmcompress_core.models import load_model
+
+    configs = sweep.grid(args.bits, args.sparsity, args.method,
+                         quantization=config_from_args(_sweep_template(args)).quantization)
+    executor = make_executor(args.backend, address=args.address, num_cpus=args.num_cpus,
+                             cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task)
+    loaded = load_model(args.model)
+    try:
+        protocol = EvalProtocol(eval_tokens=args.eval_tokens, context=args.context, stride=args.context,
+                                latency=not args.no_latency, generation=False, latency_runs=args.latency_runs)
+        table = sweep.run_sweep(loaded, configs, callback=ProgressBar(), executor=executor, out=args.out,
+                                resume=args.resume, protocol=protocol)
+    finally:
+        executor.close()
+    failures = table.attrs["failures"]
+    for failure in failures:
+        print(f"failed: {failure['label']}: {failure['error']}", file=sys.stderr)
+    if args.json:
+        rows = json.loads(table.to_json(orient="records"))
+        print(json.dumps({"backend": table.attrs["backend"], "out": str(Path(args.out).resolve()), "rows": rows,
+                          "failures": failures}, indent=2))
+    else:
+        print(f"{len(table)} configurations on {table.attrs['backend']}; results in {Path(args.out).resolve()}")
+        print(table[["label", "size_mb", "perplexity", "decode_tokens_per_s", "pareto_size"]].to_string(index=False))
+    return 1 if failures else 0
+
+
+def _sweep_template(args) -> argparse.Namespace:
+    """The quantization settings every grid point shares (bits and method come from the grid)."""
+    return argparse.Namespace(bits=4, group_size=args.group_size, symmetric=args.symmetric, method="rtn",
+                              act_order=False, no_int8_kernel=False, dtype16="bf16", sparsity=0.0,
+                              pattern="unstructured", distill_steps=0, include_embeddings=False, runtime="real",
+                              head="int8")
+
+
+def _comma_list(kind):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return values
+    return parse
+
+
+def _add_sweep_parser(sub) -> None:
+    sw = sub.add_parser("sweep", help="evaluate a grid of configurations, serially or on Ray, into JSON lines")
+    _add_model_flag(sw)
+    sw.add_argument("--bits", type=_comma_list(int), default=[2, 3, 4, 8], help="e.g. 2,3,4,8 (32 = float)")
+    sw.add_argument("--sparsity", type=_comma_list(float), default=[0.0, 0.5], help="e.g. 0,0.5")
+    sw.add_argument("--method", type=_comma_list(str), default=["rtn"], help="e.g. rtn,gptq")
+    sw.add_argument("--group-size", type=int, default=128, help="32, 64 or 128; 0 = per-channel, -1 = per-tensor")
+    sw.add_argument("--symmetric", action="store_true", help="absmax grid instead of asymmetric min-max")
+    sw.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored for perplexity")
+    sw.add_argument("--context", type=int, default=256, help="perplexity window length (stride = context)")
+    sw.add_argument("--no-latency", action="store_true", help="skip timing (sizes and perplexity only)")
+    sw.add_argument("--latency-runs", type=int, default=3, help="timed runs behind each latency median")
+    sw.add_argument("--backend", choices=["serial", "ray"], default="serial", help="where configurations run")
+    sw.add_argument("--address", default=None, help="ray: auto | ray://host:10001 (default: a local Ray)")
+    sw.add_argument("--num-cpus", type=int, default=None, help="ray: CPUs of the local Ray (default: all)")
+    sw.add_argument("--cpus-per-task", type=int, default=1, help="ray: CPUs (torch threads) per worker")
+    sw.add_argument("--gpus-per-task", type=float, default=0.0, help="ray: GPUs reserved per worker")
+    sw.add_argument("--out", required=True, help="JSON-lines file, one line per finished configuration")
+    sw.add_argument("--resume", action="store_true", help="skip configurations already finished in --out")
+    sw.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    sw.set_defaults(run=_cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m lmcompress_core", description="LM Compression Lab: compress and measure LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,prepare,compress,evaluate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,prepare,compress,evaluate,sweep}")
     models = sub.add_parser("models", help="list the models the app knows")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=_cmd_models)
@@ -220,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-generation", action="store_true")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(run=_cmd_evaluate)
+    _add_sweep_parser(sub)
     return parser
 
 

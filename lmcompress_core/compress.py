@@ -109,6 +109,12 @@ class CompressionConfig:
                 args[name] = _build(kind, args[name])
         return cls(**args)
 
+    def chosen_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers of ``model`` this config compresses (include/exclude patterns, embeddings when asked)."""
+        exclude = tuple(p for p in self.exclude if p not in DEFAULT_EXCLUDE) if self.include_embeddings \
+            else self.exclude
+        return linear_layers(model, self.include, exclude, embeddings=self.include_embeddings)
+
     def key(self) -> str:
         """A stable string for caching: the canonical JSON of the settings."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -152,9 +158,7 @@ class _Run:
     notes: list = field(default_factory=list)
 
     def layers(self) -> dict[str, nn.Module]:
-        c = self.config
-        exclude = tuple(p for p in c.exclude if p not in DEFAULT_EXCLUDE) if c.include_embeddings else c.exclude
-        return linear_layers(self.model, c.include, exclude, embeddings=c.include_embeddings)
+        return self.config.chosen_layers(self.model)
 
     def check(self) -> None:
         if self.should_stop is not None and self.should_stop():

@@ -11,25 +11,33 @@ import math
 import pandas as pd
 import torch
 
-from .compress import CompressionConfig, _Run
-from .layers import weight_matrix
+from .compress import CompressionConfig
+from .layers import input_statistics, weight_matrix
+from .models import LoadedModel
 from .prune import global_masks, layer_mask
-from .quantize import QuantizationConfig, gptq_quantize, half_round_trip, quantize_tensor
+from .quantize import QuantizationConfig, half_round_trip, quantize_weight
 
 
 def layer_sensitivity(model, config: CompressionConfig, bits_list=(2, 3, 4, 8),
-                      calibration: torch.Tensor | None = None) -> pd.DataFrame:
+                      calibration: torch.Tensor | None = None, executor=None) -> pd.DataFrame:
     """Rows (layer, bits, rel_mse, sqnr_db) for every chosen layer and bit-width.
 
-    ``calibration`` token ids are needed for Wanda and GPTQ; without them those fall back to magnitude / RTN.
+    ``calibration`` token ids are needed for Wanda and GPTQ: without them this raises (it never quietly runs
+    magnitude / RTN under their names).
+    ``executor`` (execute/; default: this process) with ``remote`` set runs one task per bit-width on its
+    workers; ``model`` must then be the LoadedModel, whose name each worker loads.
     """
-    run = _Run(model, model, config, calibration, None, None)
-    layers = run.layers()
-    needs_inputs = calibration is not None and (
-        (config.pruning is not None and config.pruning.method == "wanda")
-        or (config.quantization is not None and config.quantization.method == "gptq"))
-    stats = run.input_statistics(layers, hessian=config.quantization is not None
-                                 and config.quantization.method == "gptq") if needs_inputs else None
+    if executor is not None and executor.remote:
+        return _remote_sensitivity(model, config, bits_list, calibration, executor)
+    if isinstance(model, LoadedModel):
+        model = model.model
+    layers = config.chosen_layers(model)
+    q, p = config.quantization, config.pruning
+    gptq, wanda = q is not None and q.method == "gptq", p is not None and p.method == "wanda"
+    if (gptq or wanda) and calibration is None:
+        raise ValueError(f"{'GPTQ' if gptq else 'Wanda'} needs calibration text to measure per-layer sensitivity; "
+                         "pass calibration (protocol.calibration_for)")
+    stats = input_statistics(model, layers, calibration, hessian=gptq) if (gptq or wanda) else None
     weights = {name: weight_matrix(m) for name, m in layers.items()}
     masks = _masks(weights, config, stats)
     rows = []
@@ -42,6 +50,27 @@ def layer_sensitivity(model, config: CompressionConfig, bits_list=(2, 3, 4, 8),
     return pd.DataFrame(rows, columns=["layer", "bits", "rel_mse", "sqnr_db"])
 
 
+def _remote_sensitivity(loaded, config, bits_list, calibration, executor) -> pd.DataFrame:
+    """One task per bit-width on the executor's workers, rows put back in the in-process order (layer, bits)."""
+    if not hasattr(loaded, "name"):
+        raise ValueError("a remote executor loads the model by name: pass the LoadedModel, not the bare module")
+    ids = None if calibration is None else calibration.tolist()
+    payloads = [{"config": config.to_dict(), "bits": bits, "calibration": ids} for bits in bits_list]
+    rows, failures = [], []
+    for outcome in executor.map(loaded, "sensitivity", payloads):
+        if outcome.ok:
+            rows += outcome.result["rows"]
+        elif not outcome.retrying:
+            failures.append(f"{payloads[outcome.index]['bits']} bits: {outcome.error}")
+    if failures:
+        raise ValueError("sensitivity failed on the workers: " + "; ".join(failures))
+    frame = pd.DataFrame(rows, columns=["layer", "bits", "rel_mse", "sqnr_db"])
+    layer_order = {name: i for i, name in enumerate(dict.fromkeys(frame["layer"]))}
+    bits_order = {bits: i for i, bits in enumerate(bits_list)}
+    order = sorted(range(len(frame)), key=lambda i: (layer_order[frame["layer"][i]], bits_order[frame["bits"][i]]))
+    return frame.iloc[order].reset_index(drop=True)
+
+
 def _masks(weights: dict, config: CompressionConfig, stats) -> dict | None:
     cfg = config.pruning
     if cfg is None or cfg.effective_sparsity == 0:
@@ -52,12 +81,11 @@ def _masks(weights: dict, config: CompressionConfig, stats) -> dict | None:
 
 
 def _quantized(w: torch.Tensor, base: QuantizationConfig | None, bits: int, hessian, mask) -> torch.Tensor:
+    """The layer as compress would leave it at ``bits`` (the same quantizer entry point, never a stand-in)."""
     cfg = dataclasses.replace(base or QuantizationConfig(), bits=bits)
     if not cfg.is_integer:
         return half_round_trip(w, cfg.dtype16)
-    if cfg.method == "gptq" and hessian is not None:
-        return gptq_quantize(w, hessian, cfg, mask).dequantize()
-    approx = quantize_tensor(w, cfg).dequantize()
+    approx = quantize_weight(w, cfg, hessian, mask).dequantize()
     return approx if mask is None else approx * mask
 
 

@@ -1,20 +1,25 @@
 """Grids of compression configurations, running them through measure.evaluate, and the Pareto frontier.
 
-A sweep is a list of CompressionConfig (bits × sparsity × method) evaluated one by one into a pandas
-DataFrame with one row per configuration; ``pareto_mask`` marks the rows no other row beats on both
-axes (both minimised: size or latency against perplexity).
+A sweep is a list of CompressionConfig (bits × sparsity × method) evaluated by an executor (serial in this
+process, or Ray: see execute/) into a pandas DataFrame with one row per configuration; ``pareto_mask``
+marks the rows no other row beats on both axes (both minimised: size or latency against perplexity).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 
-from .compress import Cancelled, CompressionConfig, Progress, ProgressCallback
+from .compress import CompressionConfig, Progress, ProgressCallback
+from .execute import Executor, ResultLog, SerialExecutor
+from .execute.tasks import evaluate_config
 from .plots import as_dict, config_label, pareto_mask
+from .protocol import EvalProtocol
 from .prune import PruningConfig
 from .quantize import QuantizationConfig
 
@@ -69,24 +74,73 @@ def report_row(report, config: CompressionConfig) -> dict:
 
 def run_sweep(loaded, configs: Sequence[CompressionConfig], evaluate: Callable | None = None,
               callback: ProgressCallback | None = None, should_stop: Callable[[], bool] | None = None,
-              **evaluate_kwargs) -> pd.DataFrame:
-    """Evaluate each configuration in turn; raises compress.Cancelled when ``should_stop`` says so.
+              executor: Executor | None = None, out: str | Path | None = None, resume: bool = False,
+              protocol: EvalProtocol | None = None) -> pd.DataFrame:
+    """Evaluate every configuration on ``executor`` (default: serial, in this process); one row each.
 
-    ``evaluate`` defaults to measure.evaluate; ``evaluate_kwargs`` (eval_tokens, ...) pass through.
+    Rows come back in the grid's order whatever order the tasks finish in. ``callback`` gets a Progress as
+    each configuration finishes (or fails and is retried). ``out`` appends every result to a JSON-lines file
+    as it arrives; with ``resume`` the configurations already in it (same model and protocol) are not
+    recomputed. A configuration that fails twice is left out of the table and listed in
+    ``table.attrs["failures"]``; ``table.attrs["backend"]`` says where the sweep ran. Raises
+    compress.Cancelled when ``should_stop`` says so (results already written stay in ``out``).
+    ``evaluate`` (in-process only) replaces measure.evaluate; every configuration is measured by ``protocol``.
     """
+    executor = _executor(executor, evaluate)
+    keys = [c.key() for c in configs]
+    protocol = protocol or EvalProtocol()
+    options = {"protocol": protocol.to_dict()}   # plain data: it may travel to another process
+    log = ResultLog(out, {"model": loaded.name, **options["protocol"]}, resume) if out is not None else None
+    reports = {k: r for k, r in (log.finished() if log and resume else {}).items() if k in keys}
+    todo = [c for c in configs if c.key() not in reports]
+    progress = _Reporter(callback, len(configs), len(reports), executor)
+    failures = []
+    for outcome in executor.map(loaded, "evaluate", [{"config": c.to_dict()} for c in todo], options,
+                                should_stop):
+        config = todo[outcome.index]
+        if log is not None:
+            log.append(config.key(), outcome.result, outcome.error)
+        if outcome.ok:
+            reports[config.key()] = outcome.result
+        elif not outcome.retrying:
+            failures.append({"label": report_row_label(config), "error": outcome.error})
+        progress(outcome, config)
+    rows = [report_row(reports[k], c) for k, c in zip(keys, configs) if k in reports]
+    table = with_pareto(pd.DataFrame(rows, columns=COLUMNS))
+    table.attrs.update(backend=executor.describe(), failures=failures)
+    return table
+
+
+def _executor(executor: Executor | None, evaluate: Callable | None) -> Executor:
     if evaluate is None:
-        from .measure import evaluate
-    rows = []
-    for i, config in enumerate(configs):
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"sweep stopped after {i} of {len(configs)} configurations")
-        if callback is not None:
-            callback(Progress("sweep", i, len(configs), f"evaluating {report_row_label(config)}"))
-        report = evaluate(loaded, config, should_stop=should_stop, **evaluate_kwargs)
-        rows.append(report_row(report, config))
-    if callback is not None:
-        callback(Progress("sweep", len(configs), len(configs), "done"))
-    return with_pareto(pd.DataFrame(rows, columns=COLUMNS))
+        return executor or SerialExecutor()
+    if executor is not None and executor.remote:
+        raise ValueError("a custom evaluate function runs only in this process: use the serial executor")
+    return SerialExecutor({"evaluate": functools.partial(evaluate_config, evaluate=evaluate)})
+
+
+class _Reporter:
+    """Turns Outcomes into sweep Progress: step = configurations finished so far."""
+
+    def __init__(self, callback: ProgressCallback | None, total: int, done: int, executor: Executor):
+        self.callback, self.total, self.done = callback, total, done
+        resumed = f" ({done} already done)" if done else ""
+        self._say(f"{total} configurations{resumed} on {executor.describe()}")
+
+    def __call__(self, outcome, config: CompressionConfig) -> None:
+        label = report_row_label(config)
+        if outcome.ok:
+            self.done += 1
+            self._say(f"{label} done ({outcome.worker})")
+        elif outcome.retrying:
+            self._say(f"{label} failed, retrying once: {outcome.error}")
+        else:
+            self.done += 1
+            self._say(f"{label} FAILED twice, left out: {outcome.error}")
+
+    def _say(self, message: str) -> None:
+        if self.callback is not None:
+            self.callback(Progress("sweep", self.done, self.total, message))
 
 
 def report_row_label(config: CompressionConfig) -> str:

@@ -1,6 +1,7 @@
 """Per-layer sensitivity: one row per (layer, bits), error falling as bits grow, the model untouched."""
 import math
 
+import pytest
 import torch
 
 from lmcompress_core.compress import CompressionConfig
@@ -46,3 +47,10 @@ def test_pruning_adds_its_error_and_gptq_wanda_use_calibration(random_arch):
                                (8,), calibration=ids)
     assert (pruned["rel_mse"] > 10 * plain["rel_mse"]).all()
     assert (pruned["rel_mse"] < 1).all()
+
+
+def test_gptq_and_wanda_without_calibration_refuse_instead_of_running_something_else(random_arch):
+    for config in (CompressionConfig(quantization=QuantizationConfig(bits=4, method="gptq")),
+                   CompressionConfig(pruning=PruningConfig(0.5, method="wanda"))):
+        with pytest.raises(ValueError, match="needs calibration"):
+            layer_sensitivity(random_arch.model, config, (4,))

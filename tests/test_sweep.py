@@ -1,11 +1,14 @@
-"""sweep.py: the grid, the Pareto frontier, and a sweep run (fake evaluator, then the real tiny model)."""
+"""sweep.py: the grid, the Pareto frontier, a sweep run (fake evaluator, then the real tiny model), failures,
+results written as JSON lines and resumed, and the `sweep` command line. Ray runs are in test_execute.py."""
 import json
 from types import SimpleNamespace
 
 import pytest
 
 from lmcompress_core import sweep
+from lmcompress_core.cli import main
 from lmcompress_core.compress import Cancelled, CompressionConfig
+from lmcompress_core.protocol import EvalProtocol
 from test_plots import fake_report
 
 
@@ -43,7 +46,7 @@ def fake_evaluate(loaded, config, should_stop=None, **kwargs):
 def test_run_sweep_rows_progress_and_frontiers():
     seen = []
     table = sweep.run_sweep(SimpleNamespace(name="fake"), sweep.grid((2, 4, 8), (0.0, 0.5)), evaluate=fake_evaluate,
-                            callback=seen.append, eval_tokens=64)
+                            callback=seen.append, protocol=EvalProtocol(eval_tokens=64))
     assert len(table) == 6 and list(table.columns[:len(sweep.COLUMNS)]) == sweep.COLUMNS
     assert [p.step for p in seen] == [0, 1, 2, 3, 4, 5, 6] and seen[-1].total == 6
     assert table["pareto_size"].any() and table["pareto_latency"].any()
@@ -61,11 +64,83 @@ def test_run_sweep_stops_when_asked():
 
 
 def test_real_sweep_on_the_tiny_model(tiny_loaded):
-    from lmcompress_core.protocol import EvalProtocol
-
     table = sweep.run_sweep(tiny_loaded, sweep.grid((2, 8), (0.0,)),
                             protocol=EvalProtocol(eval_tokens=128, generation=False, latency_runs=1))
     by_bits = table.set_index("bits")
     assert by_bits.loc[2, "perplexity"] > by_bits.loc[8, "perplexity"]
     assert by_bits.loc[2, "size_mb"] < by_bits.loc[8, "size_mb"]
     assert table["pareto_size"].all()     # smaller but worse vs larger but better: both on the frontier
+
+
+def test_failed_configuration_is_retried_once_then_left_out_and_listed():
+    calls = []
+
+    def broken_at_4_bits(loaded, config, should_stop=None, **kwargs):
+        calls.append(config.quantization.bits)
+        if config.quantization.bits == 4:
+            raise RuntimeError("out of memory")
+        return fake_evaluate(loaded, config, **kwargs)
+
+    seen = []
+    table = sweep.run_sweep(SimpleNamespace(name="fake"), sweep.grid((2, 4, 8), (0.0,)), evaluate=broken_at_4_bits,
+                            callback=seen.append)
+    assert calls == [2, 4, 4, 8] and sorted(table["bits"]) == [2, 8]
+    assert table.attrs["failures"] == [{"label": "4-bit g128 asym RTN", "error": "RuntimeError: out of memory"}]
+    assert any("retrying once" in p.message for p in seen) and seen[-1].step == 3
+
+
+def counting(calls):
+    from lmcompress_core.measure import evaluate
+
+    def evaluate_and_count(loaded, config, **kwargs):
+        report = evaluate(loaded, config, **kwargs)
+        calls.append(config.key())   # counted once finished, so should_stop sees finished configurations
+        return report
+    return evaluate_and_count
+
+
+def test_resume_continues_an_interrupted_sweep_without_recomputing(tiny_loaded, tmp_path):
+    out, configs, calls = tmp_path / "results.jsonl", sweep.grid((2, 3, 4), (0.0,)), []
+    protocol = {"protocol": EvalProtocol(eval_tokens=128, latency=False, generation=False)}
+    with pytest.raises(Cancelled):
+        sweep.run_sweep(tiny_loaded, configs, evaluate=counting(calls), out=out, should_stop=lambda: len(calls) >= 1,
+                        **protocol)
+    assert len(calls) == 1 and len(out.read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="already holds results"):
+        sweep.run_sweep(tiny_loaded, configs, evaluate=counting(calls), out=out, **protocol)
+    seen = []
+    table = sweep.run_sweep(tiny_loaded, configs, evaluate=counting(calls), out=out, resume=True,
+                            callback=seen.append, **protocol)
+    assert len(calls) == 3 and len(set(calls)) == 3          # each configuration evaluated exactly once
+    assert list(table["bits"]) == [2, 3, 4] and table["perplexity"].notna().all()
+    assert "(1 already done)" in seen[0].message and seen[0].step == 1
+    other_protocol = sweep.run_sweep(tiny_loaded, configs[:1], evaluate=counting(calls), out=out, resume=True,
+                                     protocol=EvalProtocol(eval_tokens=64, latency=False, generation=False))
+    assert len(calls) == 4 and len(other_protocol) == 1      # another protocol is not "finished"
+
+
+def test_cli_sweep_resume_and_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    argv = ["sweep", "--model", "tiny", "--sparsity", "0", "--method", "rtn", "--eval-tokens", "128", "--no-latency",
+            "--out", str(out)]
+    assert main(argv + ["--bits", "2,3"]) == 0, capsys.readouterr().err
+    assert "2 configurations on serial" in capsys.readouterr().out
+    assert main(argv + ["--bits", "2,3,4"]) == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert main(argv + ["--bits", "2,3,4", "--resume", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [row["bits"] for row in json.loads(captured.out)["rows"]] == [2, 3, 4]
+    assert len(out.read_text().splitlines()) == 3            # only the 4-bit configuration was added
+    assert "(2 already done)" in captured.err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--bits", "2,x"], "not a comma-separated list of int"),
+    (["--backend", "dask"], "invalid choice"),
+    (["--num-cpus", "2"], "apply to the ray backend"),
+    (["--sparsity", "1.0"], "sparsity"),
+])
+def test_cli_sweep_errors_are_one_line_exit_2(extra, message, tmp_path, capsys):
+    assert main(["sweep", "--out", str(tmp_path / "r.jsonl")] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
