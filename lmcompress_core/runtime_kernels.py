@@ -194,7 +194,10 @@ class Int8Linear(_KernelModule):
         s, z = _per_row(qw.scales, rows), _per_row(qw.zeros, rows)
         self.register_buffer("weight_int8", (codes - self.offset).to(torch.int8))
         self.register_buffer("kernel_scales", s.to(BF16))
-        self.register_buffer("correction", (self.offset - z) * s)   # fp32 [out]: the zero-point's rank-1 term
+        # the zero-point's rank-1 term (o − z)·s per output, bf16 like the output; None when every zero-point is o
+        # (symmetric grids), so those layers pay no extra op per token
+        correction = (self.offset - z) * s
+        self.register_buffer("correction", correction.to(BF16) if bool(correction.any()) else None)
         self.register_buffer("scales", qw.scales.float().clone())
         self.register_buffer("zeros", qw.zeros.float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
@@ -203,9 +206,10 @@ class Int8Linear(_KernelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _flat(x)
         y = _int8_mm(flat, self.weight_int8, self.kernel_scales)
-        y = (y + flat.sum(-1, keepdim=True, dtype=torch.float32) * self.correction).to(BF16)
+        if self.correction is not None:  # in place: two small ops per call instead of four
+            y.addcmul_(flat.sum(-1, keepdim=True), self.correction)
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     def quantized_weight(self) -> QuantizedWeight:
