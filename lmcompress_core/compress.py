@@ -218,6 +218,8 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
         w, mask = weight_matrix(m), run.masks.get(name)
         hessian = stats.hessian.pop(name, None) if stats is not None else None
         layer_cfg = cfg.for_layer(name)
+        if layer_cfg is None:
+            continue  # mixed precision: this layer stays float
         if layer_cfg.method == "gptq" and hessian is None:
             layer_cfg = replace(layer_cfg, method="rtn")  # no calibration inputs (embeddings): noted below
         qw = quantize_weight(w, layer_cfg, hessian, mask)
