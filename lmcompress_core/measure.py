@@ -66,11 +66,12 @@ class Report:
     base_latency: LatencyReport | None = None      # the base model under the same protocol, for side-by-side ratios
     history: list = field(default_factory=list)   # distillation curve from the CompressedModel
     notes: list = field(default_factory=list)     # the engine's plain-text remarks (e.g. layers GPTQ ran as RTN)
+    quality_stats: dict | None = None             # TokenScores.statistics(): KL percentiles, same-top %, RMS Δp
 
     def to_dict(self) -> dict:
         """Plain JSON-safe dict (NaN/inf become None) with a ``how`` label for every figure."""
         plain = ("model", "config", "base_perplexity", "base_perplexity_stderr", "kl_to_base", "top1_agreement",
-                 "timings", "kernel", "history", "notes")
+                 "timings", "kernel", "history", "notes", "quality_stats")
         data = {f: getattr(self, f) for f in plain}
         for name in ("size", "latency", "base_latency", "perplexity", "generation"):
             value = getattr(self, name)
@@ -347,7 +348,8 @@ def evaluate(loaded, config, eval_tokens: int = 2048, context: int = 256, stride
                     base_perplexity=ppl[1].value, kl_to_base=ppl[2], top1_agreement=ppl[3], generation=gen,
                     timings=stages.timings, base_perplexity_stderr=ppl[1].stderr, kernel=cm.kernel,
                     base_latency=base_lat,
-                    history=list(getattr(cm, "history", []) or []), notes=list(getattr(cm, "notes", []) or []))
+                    history=list(getattr(cm, "history", []) or []), notes=list(getattr(cm, "notes", []) or []),
+                    quality_stats=ppl[4])
     if use_cache:
         _cache_put(_REPORT_CACHE, report_key, copy.deepcopy(report))
     return report
@@ -378,4 +380,4 @@ def _perplexities(model, base, tokenizer, text_body, text_label, eval_tokens, co
     scores = score_tokens(model, ids, context, stride, eval_tokens, base_model=base,
                           check=lambda i, n: stages.check("perplexity", i, n, f"window {i} of {n}"))
     return (scores.report(text=text_label), scores.report(scores.base_nll, text=text_label),
-            scores.kl_to_base, scores.top1_agreement)
+            scores.kl_to_base, scores.top1_agreement, scores.statistics())
