@@ -218,3 +218,20 @@ def uniform_bits_per_weight(model, bits: int, group_size: int) -> float:
     """Packed bits per weight of every linear layer at one width (the uniform setting beside an allocation)."""
     shapes = [tuple(weight_matrix(m).shape) for m in linear_layers(model).values()]
     return sum(layer_cost_bits(s, bits, group_size) for s in shapes) / sum(math.prod(s) for s in shapes)
+
+
+def calibration_ids(loaded, eval_tokens: int = 2048, text: str | None = None, n_samples: int = 4,
+                    seq_len: int = 128) -> torch.Tensor:
+    """A few calibration sequences, from the same place evaluate calibrates (never the scored tokens)."""
+    from .compress import CompressionConfig
+    from .measure import calibration_for
+
+    calibrating = CompressionConfig(quantization=QuantizationConfig(method="gptq"))  # a setting that calibrates
+    return calibration_for(loaded, calibrating, eval_tokens, text, n_samples=n_samples, seq_len=seq_len)
+
+
+def allocate_for(loaded, budget: BudgetConfig, eval_tokens: int = 2048, text: str | None = None,
+                 callback: Callable[[int, int, str], None] | None = None) -> Allocation:
+    """``allocate`` on a loaded model with its calibration text (cached per model, text and grid settings)."""
+    ids = calibration_ids(loaded, eval_tokens, text)
+    return allocate(loaded.model, ids, budget, model_name=loaded.name, callback=callback)

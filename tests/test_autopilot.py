@@ -101,3 +101,21 @@ def test_megabyte_budget_counts_the_rest_of_the_file(random_arch):
     mb = (dense + weights * 4 / 8) / 1e6
     budget = autopilot.budget_bits(autopilot.BudgetConfig(target_mb=mb), model, shapes)
     assert budget == pytest.approx(weights * 4, rel=1e-6)
+
+
+def test_cli_target_bpw_gives_mixed_layer_bits_and_quality_statistics(capsys):
+    import json
+
+    from lmcompress_core.cli import main
+
+    rc = main(["evaluate", "--model", "tiny", "--target-bpw", "3.5", "--group-size", "64", "--eval-tokens", "128",
+               "--context", "64", "--no-latency", "--no-generation", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    layer_bits = report["config"]["quantization"]["layer_bits"]
+    assert layer_bits and {b for _, b in layer_bits} - {report["config"]["quantization"]["bits"]}
+    assert "autopilot: 3.4" in captured.err or "autopilot: 3.5" in captured.err
+    stats = report["quality_stats"]
+    assert stats["kl_median"] <= stats["kl_p99"] <= stats["kl_p999"] and 0 < stats["same_top_percent"] <= 100
+    assert main(["evaluate", "--model", "tiny", "--target-bpw", "1.0"]) == 2
