@@ -34,22 +34,37 @@ def _fmt(x, digits=2):
 def _why_peer(results: dict) -> str:
     quality = _get(results, "sections", "quality", default={}) or {}
     werr = quality.get("weight_error_int4_g64") or {}
-    zero = quality.get("integer_zero_point_ppl") or {}
     rows = {r.get("name"): r.get("perplexity") for r in quality.get("rows", [])}
     evidence = ""
-    if werr.get("layers") and "int4_g64" in zero:
-        evidence = (f" Our weights are closer to the originals (‖Ŵ−W‖²/‖W‖² {werr['mean_rel_mse_ours']:.5f} against "
-                    f"torchao's {werr['mean_rel_mse_torchao']:.5f}, lower in {werr['ours_lower_in']} of "
-                    f"{werr['layers']} layers), yet perplexity is higher: the seed's min-max rule keeps a "
-                    "fractional zero-point, so 0 is not on the grid and the many near-zero weights of a group all "
-                    "round the same way — a coherent error that adds up along each dot product. Putting 0 on the "
-                    f"grid (range widened to include 0, integer zero-point) gives {_fmt(zero['int4_g64'])} at int4 "
-                    f"g64 (ours {_fmt(rows.get('ours RTN int4 g64 asym'))}, torchao "
-                    f"{_fmt(rows.get('torchao int4 g64 asym'))}) and {_fmt(zero.get('int3_g64'))} at int3 "
-                    f"(ours {_fmt(rows.get('ours RTN int3 g64 asym'))}, torchao {_fmt(rows.get('torchao int3 g64 asym'))}).")
-    return ("Same bits and group size, different grid." + evidence + " Closing it: round the zero-point to an "
-            "integer code with 0 inside the range (an option of QuantizationConfig, the seed's rule kept for "
-            "teaching).")
+    if werr.get("layers"):
+        evidence = (f" Weight error at int4 g64: ours {werr['mean_rel_mse_ours']:.5f}, torchao "
+                    f"{werr['mean_rel_mse_torchao']:.5f} (lower in {werr['ours_lower_in']} of {werr['layers']} layers).")
+    return ("Both use an asymmetric grid with 0 on it (integer zero-point, QuantizationConfig(grid='integer-zero')); "
+            f"the seed's fractional min-max gives {_fmt(rows.get('ours RTN int4 g64 minmax (seed rule)'))} at int4 g64 "
+            f"and {_fmt(rows.get('ours RTN int3 g64 minmax (seed rule)'))} at int3 g64." + evidence +
+            " A remaining gap is rounding detail (scale dtype, clamping); optimum-quanto's qint4 uses groups of 96 on "
+            "576-wide inputs where ours uses 128·4 + 64, so that ratio is not like for like.")
+
+
+def _why_hqq(results: dict) -> str:
+    quality = _get(results, "sections", "quality", default={}) or {}
+    rows = {r.get("name"): r.get("perplexity") for r in quality.get("rows", [])}
+    return (f"HQQ fits zero-points to minimise an l_p (p = 0.7) weight error, not the layer output: int3 g64 "
+            f"{_fmt(rows.get('ours HQQ int3 g64'))} against RTN {_fmt(rows.get('ours RTN int3 g64 asym'))}, int4 g128 "
+            f"{_fmt(rows.get('ours HQQ int4 g128'))} against {_fmt(rows.get('ours RTN int4 g128'))}. With 0 already on "
+            "RTN's grid, the fractional zero-points HQQ finds lose that property; fitting the scale too, or starting "
+            "from the integer-zero grid, would close it.")
+
+
+def _why_autopilot(results: dict) -> str:
+    quality = _get(results, "sections", "quality", default={}) or {}
+    autos = [r for r in quality.get("rows", []) if r.get("method") == "autopilot"]
+    parts = "; ".join(f"{r['name']}: {_fmt(r.get('bits_per_weight'))} bpw, ppl {_fmt(r.get('perplexity'))}, "
+                      f"widths {r.get('bits_histogram')}" for r in autos)
+    return (f"{parts}. The allocation minimises a second-order (Fisher) prediction of KL that treats layer damages "
+            "as additive; at 2 bits the prediction underestimates (measured 0.76× on the tiny model), so layers sent "
+            "to 2 bits cost more than predicted. Excluding 2 from the choices, or measuring KL at 2 bits for the "
+            "layers the greedy step sends there, would close it.")
 
 
 def _why_gptq(results: dict) -> str:
@@ -127,10 +142,10 @@ def _ratio_missed(target: float, higher_is_better: bool):
 
 
 TARGETS = [
-    Target("ppl_ratio_rtn4_vs_torchao", "≤ 1.01 (within 1% of torchao)", lambda v: v <= 1.01,
+    Target("ppl_ratio_rtn4_g64_vs_torchao", "≤ 1.01 (within 1% of torchao, both g64)", lambda v: v <= 1.01,
            _ratio_missed(1.01, False), _why_peer),
-    Target("ppl_ratio_rtn4_vs_quanto", "≤ 1.01 (within 1% of optimum-quanto)", lambda v: v <= 1.01,
-           _ratio_missed(1.01, False), _why_peer),
+    Target("ppl_ratio_rtn4_vs_quanto", "≤ 1.01 (within 1% of optimum-quanto; ours g128, quanto g96 on 576-wide)",
+           lambda v: v <= 1.01, _ratio_missed(1.01, False), _why_peer),
     Target("ppl_gptq3_over_rtn3", "< 1 (GPTQ below RTN at 3 bits)", lambda v: v < 1.0,
            _ratio_missed(1.0, False), _why_gptq),
     Target("ppl_wanda50_over_magnitude50", "≤ 1 (Wanda at or below magnitude)", lambda v: v <= 1.0,
@@ -140,6 +155,16 @@ TARGETS = [
            _ratio_missed(0.5, True), _why_eval),
     Target("interactive_s_tiny", "≤ 1 s", lambda v: v <= 1.0,
            lambda v: f"{v:.2f} s against 1 s: {v - 1:.2f} s over", _why_interactive("tiny", 1.0)),
+    Target("ppl_ratio_rtn3_g64_vs_torchao", "≤ 1.02 (within 2% of torchao int3, both g64)", lambda v: v <= 1.02,
+           _ratio_missed(1.02, False), _why_peer),
+    Target("ppl_new3_over_rtn3", "< 1 (HQQ below RTN at int3 g64)", lambda v: v < 1.0,
+           _ratio_missed(1.0, False), _why_hqq),
+    Target("autopilot_3p5_over_uniform4", "≤ 1.03 (3.5 bpw vs uniform int4 g128)", lambda v: v <= 1.03,
+           _ratio_missed(1.03, False), _why_autopilot),
+    Target("autopilot_3p5_size_over_uniform4", "≤ 0.92 (quantized layers' packed bytes)", lambda v: v <= 0.92,
+           _ratio_missed(0.92, False), _why_autopilot),
+    Target("autopilot_3p0_over_uniform3", "< 0.5 (3.0 bpw vs uniform int3 g128)", lambda v: v < 0.5,
+           _ratio_missed(0.5, False), _why_autopilot),
     Target("interactive_s_default", "≤ 8 s", lambda v: v <= 8.0,
            lambda v: f"{v:.2f} s against 8 s: {v - 8:.2f} s over", _why_interactive("default", 8.0)),
 ]
