@@ -68,6 +68,7 @@ class Allocation:
     bits: dict[str, int]                       # layer name -> chosen bit-width (16 = float)
     damage: dict[str, dict[int, float]]        # layer name -> {bits: predicted KL in nats}
     numel: dict[str, int]                      # layer name -> weights
+    shapes: dict[str, tuple[int, int]]         # layer name -> [out, in]
     bits_per_weight: float                     # achieved, packed, scales and zeros included
     predicted_kl: float                        # Σ damage of the chosen widths
     config: QuantizationConfig                 # base settings + layer_bits for every layer off the base width
@@ -210,8 +211,17 @@ def allocation_from(bits: dict[str, int], damage: dict, shapes: dict, base: Quan
     """An Allocation for given widths (the autopilot's, or with a person's overrides applied)."""
     numel = {n: math.prod(s) for n, s in shapes.items()}
     spent = sum(layer_cost_bits(shapes[n], b, base.group_size) for n, b in bits.items())
-    return Allocation(dict(bits), damage, numel, spent / sum(numel.values()),
+    return Allocation(dict(bits), damage, numel, dict(shapes), spent / sum(numel.values()),
                       sum(damage[n][b] for n, b in bits.items() if b in damage[n]), config_for(bits, base))
+
+
+def with_overrides(allocation: Allocation, overrides: dict[str, int], base: QuantizationConfig) -> Allocation:
+    """The allocation with some layers set by hand (a person's choice beats the prediction); bits per weight
+    and predicted damage follow, so the budget may no longer hold."""
+    unknown = set(overrides) - set(allocation.bits)
+    if unknown:
+        raise ValueError(f"no such layer(s) in this allocation: {', '.join(sorted(unknown))}")
+    return allocation_from({**allocation.bits, **overrides}, allocation.damage, allocation.shapes, base)
 
 
 def uniform_bits_per_weight(model, bits: int, group_size: int) -> float:
