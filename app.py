@@ -19,6 +19,7 @@ PAGES = [
     st.Page("pages/explore.py", title="Explore", icon=":material/tune:", default=True),
     st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:"),
     st.Page("pages/distillation.py", title="Distillation", icon=":material/thermostat:"),
+    st.Page("pages/budget.py", title="Bit budget", icon=":material/grid_on:"),
     st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
     st.Page("pages/report.py", title="Report", icon=":material/description:"),
     st.Page("pages/present.py", title="Presentation", icon=":material/slideshow:"),

@@ -1,51 +1,76 @@
 """Quality against the peers on SmolLM2: perplexity and quantization wall time, same text, same function.
 
 Rows: our RTN and GPTQ at 8 / 4 / 3 bits with groups of 128 and per output channel (weight-only, simulated:
-the de-quantized weights run in fp32, which is what the peers' CPU paths compute too), our real int8 kernel,
-then torchao and optimum-quanto. Headline ratios compare the same scheme: bits, group size and
-asymmetric min-max (our default, optimum-quanto's qint4, torchao with MappingType.ASYMMETRIC). torchao cannot
-group SmolLM2's 576-wide inputs by 128, so the torchao ratio is taken at groups of 64 for both.
+the de-quantized weights run in fp32, which is what the peers' CPU paths compute too), HQQ, the bit-budget
+autopilot, our real int8 kernel, then torchao and optimum-quanto. Our asymmetric rows use the default
+integer zero-point grid (0 on the grid, as torchao's MappingType.ASYMMETRIC); one row keeps the seed's
+fractional min-max for comparison. torchao cannot group SmolLM2's 576-wide inputs by 128, so the torchao
+ratios are taken at groups of 64 for both. optimum-quanto's qint4 picks its own group: 96 on the 576-wide
+inputs and 128 on the 1536-wide down_proj inputs; our g128 row splits 576 into 128·4 + 64, so that ratio is
+not like for like and its label says so.
 """
 from __future__ import annotations
 
 import copy
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from bench import peers
 from bench.common import median_time, timed
+from bench.interactivity import app_protocol
+from lmcompress_core import protocol
 
 
 # what run() returns, key for key (bench/__main__.py checks it)
 KEYS = (
-    "headline", "extra", "weight_error_int4_g64", "integer_zero_point_ppl", "base_perplexity", "rows",
-    "eval_tokens", "context", "calibration", "deepcopy_s", "model", "seconds",
+    "headline", "extra", "weight_error_int4_g64", "base_perplexity", "rows", "eval_tokens", "context",
+    "calibration", "deepcopy_s", "model", "seconds",
 )
 
 
 def our_configs() -> list[tuple[str, object]]:
-    """(row label, CompressionConfig) for our quantizers."""
+    """(row label, CompressionConfig) for our quantizers.
+
+    The like-for-like rows run simulated in fp32 with the LM head float, as the peers' CPU paths do; the last
+    rows run on the real kernels exactly as the app does (its runtime, its int8 head, its calibration).
+    """
     from lmcompress_core.compress import CompressionConfig
     from lmcompress_core.quantize import QuantizationConfig
+
+    def sim(**q):
+        return CompressionConfig(quantization=QuantizationConfig(**q), runtime="simulate")
 
     rows = []
     for method in ("rtn", "gptq"):
         for bits in (8, 4, 3):
             for granularity in ("group", "channel"):
-                q = QuantizationConfig(bits=bits, granularity=granularity, group_size=128, method=method,
-                                       int8_kernel=False)
                 where = "g128" if granularity == "group" else "per-channel"
-                rows.append((f"ours {method.upper()} int{bits} {where}", CompressionConfig(quantization=q)))
-    rows.append(("ours RTN int8 per-channel sym", CompressionConfig(quantization=QuantizationConfig(
-        bits=8, granularity="channel", symmetric=True, int8_kernel=False))))   # the peers' int8 scheme
+                rows.append((f"ours {method.upper()} int{bits} {where}",
+                             sim(bits=bits, granularity=granularity, group_size=128, method=method)))
+    rows.append(("ours RTN int8 per-channel sym", sim(bits=8, granularity="channel", symmetric=True)))
     for bits, symmetric in ((4, False), (4, True), (3, False)):   # torchao's group size on SmolLM2
-        q = QuantizationConfig(bits=bits, group_size=64, symmetric=symmetric)
-        rows.append((f"ours RTN int{bits} g64 {'sym' if symmetric else 'asym'}", CompressionConfig(quantization=q)))
-    rows.append(("ours int8 real kernel (torch dynamic)", CompressionConfig(
-        quantization=QuantizationConfig(bits=8, granularity="channel", int8_kernel=True))))
+        rows.append((f"ours RTN int{bits} g64 {'sym' if symmetric else 'asym'}",
+                     sim(bits=bits, group_size=64, symmetric=symmetric)))
+    for bits in (4, 3):
+        rows.append((f"ours RTN int{bits} g64 minmax (seed rule)", sim(bits=bits, group_size=64, grid="minmax")))
+    for bits, group_size in ((4, 128), (4, 64), (3, 128), (3, 64)):
+        rows.append((f"ours HQQ int{bits} g{group_size}", sim(bits=bits, group_size=group_size, method="hqq")))
+    for label, changes in (("app 4-bit g128 (real int4 kernel)", {"bits": 4}),
+                           ("app 8-bit per-channel (real int8 weight-only)", {"bits": 8, "granularity": "channel"}),
+                           ("app 8-bit per-channel dynamic int8 (calibrated)",
+                            {"bits": 8, "granularity": "channel", "runtime": "dynamic_int8"})):
+        rows.append((f"ours {label}", app_config(**changes)))
     return rows
+
+
+def app_config(**changes):
+    """The CompressionConfig Explore builds from its default widgets with ``changes``: what the app runs."""
+    from pages.common import WIDGETS, build_config
+
+    return build_config({**WIDGETS, **changes})
 
 
 def _compress_seconds(ctx, config, runs: int) -> tuple[object, float, list[float]]:
@@ -53,8 +78,10 @@ def _compress_seconds(ctx, config, runs: int) -> tuple[object, float, list[float
     from lmcompress_core.compress import compress
 
     base = ctx.loaded(ctx.main_model)
-    needs_calibration = config.quantization.method == "gptq"
-    calibration = ctx.calibration(ctx.main_model) if needs_calibration else None
+    needs_calibration = protocol.needs_calibration(config)
+    # GPTQ calibrates on the bench's calibration half; a setting the app runs calibrates exactly as the app does
+    calibration = (ctx.calibration(ctx.main_model) if config.quantization.method == "gptq"
+                   else protocol.calibration_for(base, config, app_protocol()) if needs_calibration else None)
     call = lambda: compress(base.model, config, calibration=calibration, tokenizer=base.tokenizer)
     if needs_calibration:
         cm, seconds = timed(call)
@@ -74,6 +101,45 @@ def _our_rows(ctx, runs: int) -> list[dict]:
                      "symmetric": q.symmetric, "kernel": cm.kernel,
                      "quantize_s": seconds, "quantize_runs": len(times),
                      "perplexity": ctx.perplexity(cm.model, ctx.main_model)})
+        del cm
+    return rows
+
+
+AUTOPILOT_TARGETS = (3.5, 3.0)   # bits per weight, packed, scales and zero-points included
+AUTOPILOT_BASE_GROUP = 128
+
+
+def _autopilot_rows(ctx) -> list[dict]:
+    """Autopilot allocations (RTN, groups of 128) at each target and the uniform settings beside them, with the
+    packed bytes of the quantized layers and of the whole file (embeddings stay fp32 in both)."""
+    from lmcompress_core import autopilot
+    from lmcompress_core.compress import CompressionConfig, compress
+    from lmcompress_core.measure import measure_size
+    from lmcompress_core.quantize import QuantizationConfig
+
+    base = ctx.loaded(ctx.main_model).model
+    ids = ctx.calibration(ctx.main_model, n_samples=4)
+    q = QuantizationConfig(bits=4, group_size=AUTOPILOT_BASE_GROUP, int8_kernel=False)
+    configs = [(f"uniform RTN int{b} g{AUTOPILOT_BASE_GROUP} (autopilot baseline)", replace(q, bits=b), None)
+               for b in (4, 3)]
+    for target in AUTOPILOT_TARGETS:
+        start = time.perf_counter()
+        allocation = autopilot.allocate(base, ids, autopilot.BudgetConfig(target_bpw=target, base=q),
+                                        model_name=ctx.main_model)
+        configs.append((f"ours autopilot {target:g} bpw (RTN g{AUTOPILOT_BASE_GROUP} base)", allocation.config,
+                        {"allocate_s": time.perf_counter() - start, "predicted_kl": allocation.predicted_kl,
+                         "bits_histogram": {str(b): list(allocation.bits.values()).count(b)
+                                            for b in sorted(set(allocation.bits.values()))}}))
+    rows = []
+    for label, config, extra in configs:
+        cm = compress(base, CompressionConfig(quantization=config, runtime="simulate"))
+        size = measure_size(cm, base)
+        rows.append({"name": label, "library": "ours", "method": "autopilot" if extra else "rtn",
+                     "bits": config.bits, "group_size": config.group_size, "symmetric": False,
+                     "bits_per_weight": 8 * size.layers_packed_bytes / sum(
+                         m.quantized_weight().codes.numel() for m in cm.layers().values()),
+                     "layers_packed_bytes": size.layers_packed_bytes, "packed_bytes": size.packed_bytes,
+                     "perplexity": ctx.perplexity(cm.model, ctx.main_model), **(extra or {})})
         del cm
     return rows
 
@@ -132,33 +198,6 @@ def weight_error_vs_torchao(ctx) -> dict | None:
             "mean_rel_mse_ours": ours_total / len(ratios), "mean_rel_mse_torchao": theirs_total / len(ratios)}
 
 
-def integer_zero_grid(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Diagnostic only (not the project's quantizer): min-max groups whose range is widened to include 0 and
-    whose zero-point is rounded to an integer code, so 0 is exactly on the grid (torchao's asymmetric rule)."""
-    out = torch.empty_like(w)
-    for start in range(0, w.shape[1], group_size):
-        x = w[:, start:start + group_size]
-        lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
-        scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-12)
-        zero = torch.round(-lo / scale)
-        out[:, start:start + group_size] = (torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
-    return out
-
-
-def zero_on_grid_check(ctx) -> dict:
-    """Perplexity of our min-max groups of 64 with 0 put on the grid (integer zero-point), at 4 and 3 bits."""
-    base = ctx.loaded(ctx.main_model).model
-    out = {}
-    for bits in (4, 3):
-        model = copy.deepcopy(base)
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-                module.weight.data = integer_zero_grid(module.weight.data.float(), bits, 64)
-        out[f"int{bits}_g64"] = ctx.perplexity(model, ctx.main_model)
-        del model
-    return out
-
-
 def _ppl(rows, name):
     for row in rows:
         if row["name"] == name and row.get("perplexity") is not None:
@@ -170,26 +209,49 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def _field(rows, name, key):
+    row = next((r for r in rows if r["name"] == name), {})
+    return row.get(key)
+
+
 def run(ctx) -> dict:
     start = time.perf_counter()
     base_ppl = ctx.base_perplexity(ctx.main_model)
     copy_s, _ = median_time(lambda: copy.deepcopy(ctx.loaded(ctx.main_model).model), runs=ctx.scale.runs, warmup=0)
     rows = _our_rows(ctx, ctx.scale.runs) + _peer_rows(ctx, ctx.scale.runs)
+    try:
+        rows += _autopilot_rows(ctx)
+    except Exception as exc:  # the autopilot failing is a result, not a reason to lose the table
+        rows.append({"name": "ours autopilot", "library": "ours", "error": f"{type(exc).__name__}: {exc}"[:300]})
     for row in rows:
         if row.get("perplexity") is not None:
             row["ppl_over_fp32"] = row["perplexity"] / base_ppl
     rtn4 = _ppl(rows, "ours RTN int4 g128")
+    uniform4, uniform3 = (f"uniform RTN int{b} g{AUTOPILOT_BASE_GROUP} (autopilot baseline)" for b in (4, 3))
+    auto35, auto30 = (f"ours autopilot {t:g} bpw (RTN g{AUTOPILOT_BASE_GROUP} base)" for t in AUTOPILOT_TARGETS)
     headline = {
         # torchao refuses groups of 128 on SmolLM2's 576-wide inputs: ours and theirs both at groups of 64.
-        "ppl_ratio_rtn4_vs_torchao": _ratio(_ppl(rows, "ours RTN int4 g64 asym"), _ppl(rows, "torchao int4 g64 asym")),
-        "ppl_ratio_rtn4_vs_quanto": _ratio(rtn4, _ppl(rows, "quanto qint4 g128 (g96 on 576-wide inputs)")),
+        "ppl_ratio_rtn4_g64_vs_torchao": _ratio(_ppl(rows, "ours RTN int4 g64 asym"), _ppl(rows, "torchao int4 g64 asym")),
+        # not like for like: our g128 (576 = 128·4 + 64) against quanto's own choice (g96 on 576, g128 on 1536)
+        "ppl_ratio_rtn4_vs_quanto": _ratio(_ppl(rows, "ours RTN int4 g128"),
+                                           _ppl(rows, "quanto qint4 g128 (g96 on 576-wide inputs)")),
+        "ppl_ratio_rtn3_g64_vs_torchao": _ratio(_ppl(rows, "ours RTN int3 g64 asym"), _ppl(rows, "torchao int3 g64 asym")),
+        "ppl_new3_over_rtn3": _ratio(_ppl(rows, "ours HQQ int3 g64"), _ppl(rows, "ours RTN int3 g64 asym")),
         "ppl_gptq3_over_rtn3": _ratio(_ppl(rows, "ours GPTQ int3 g128"), _ppl(rows, "ours RTN int3 g128")),
+        "autopilot_3p5_over_uniform4": _ratio(_ppl(rows, auto35), _ppl(rows, uniform4)),
+        # packed bytes of the quantized layers (codes + fp16 scales and zeros); the whole file is in `extra`
+        "autopilot_3p5_size_over_uniform4": _ratio(_field(rows, auto35, "layers_packed_bytes"),
+                                                   _field(rows, uniform4, "layers_packed_bytes")),
+        "autopilot_3p0_over_uniform3": _ratio(_ppl(rows, auto30), _ppl(rows, uniform3)),
     }
     extra = {
+        "ppl_ratio_hqq4_g128_over_rtn4_g128": _ratio(_ppl(rows, "ours HQQ int4 g128"), rtn4),
+        "ppl_ratio_rtn4_g64_minmax_over_integer_zero": _ratio(_ppl(rows, "ours RTN int4 g64 minmax (seed rule)"),
+                                                             _ppl(rows, "ours RTN int4 g64 asym")),
+        "autopilot_3p5_file_size_over_uniform4": _ratio(_field(rows, auto35, "packed_bytes"),
+                                                        _field(rows, uniform4, "packed_bytes")),
         "ppl_ratio_rtn4_g64_sym_vs_torchao_g64_sym": _ratio(_ppl(rows, "ours RTN int4 g64 sym"),
                                                             _ppl(rows, "torchao int4 g64 sym")),
-        "ppl_ratio_rtn3_g64_vs_torchao_int3_g64": _ratio(_ppl(rows, "ours RTN int3 g64 asym"),
-                                                         _ppl(rows, "torchao int3 g64 asym")),
         "ppl_ratio_rtn8_channel_vs_torchao_int8": _ratio(_ppl(rows, "ours RTN int8 per-channel sym"),
                                                          _ppl(rows, "torchao int8 weight-only (per-channel)")),
         "ppl_ratio_rtn8_channel_vs_quanto_qint8": _ratio(_ppl(rows, "ours RTN int8 per-channel sym"),
@@ -202,12 +264,8 @@ def run(ctx) -> dict:
         weight_error = weight_error_vs_torchao(ctx)
     except Exception as exc:  # a diagnostic, never a reason to lose the table
         weight_error = {"error": f"{type(exc).__name__}: {exc}"}
-    try:
-        zero_check = zero_on_grid_check(ctx)
-    except Exception as exc:
-        zero_check = {"error": f"{type(exc).__name__}: {exc}"}
     return {"headline": headline, "extra": extra, "weight_error_int4_g64": weight_error,
-            "integer_zero_point_ppl": zero_check, "base_perplexity": base_ppl, "rows": rows,
+            "base_perplexity": base_ppl, "rows": rows,
             "eval_tokens": int(ctx.eval_ids(ctx.main_model).numel()), "context": ctx.scale.context,
             "calibration": f"{ctx.scale.calibration_samples} x {ctx.scale.context} tokens",
             "deepcopy_s": copy_s, "model": ctx.main_model, "seconds": time.perf_counter() - start}

@@ -68,7 +68,7 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     q = parser.add_argument_group("quantization")
     q.add_argument("--bits", type=int, help="2, 3, 4, 5, 6, 8 (integer codes) or 16 (bf16/fp16 cast); omit for none")
     q.add_argument("--group-size", type=int, default=128, help="32, 64 or 128; 0 = per-channel, -1 = per-tensor")
-    q.add_argument("--method", default="rtn", help="rtn | gptq")
+    q.add_argument("--method", default="rtn", help="rtn | gptq | hqq")
     q.add_argument("--symmetric", action="store_true", help="absmax grid instead of asymmetric min-max")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--no-int8-kernel", action="store_true", help="8-bit: simulate in fp32 instead of a real kernel")
@@ -77,6 +77,10 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
                         "(8-bit: torch dynamic int8, activations quantized too)")
     q.add_argument("--head", default="int8", help="real runtime: int8 (LM head on the int8 kernel) | float")
     q.add_argument("--dtype16", default="bf16", help="bf16 | fp16 (with --bits 16)")
+    q.add_argument("--grid", default="integer-zero", help="asymmetric grid: integer-zero (0 on the grid) | minmax")
+    q.add_argument("--target-bpw", type=float, help="autopilot: average packed bits per weight of the quantized "
+                   "layers (scales and zero-points included); bits per layer from measured sensitivity")
+    q.add_argument("--target-mb", type=float, help="autopilot: size of the whole packed file in MB (10^6 bytes)")
     p = parser.add_argument_group("pruning")
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights removed, 0..0.95")
     p.add_argument("--prune-method", default="magnitude", help="magnitude | wanda")
@@ -103,7 +107,7 @@ def config_from_args(args: argparse.Namespace):
         granularity = {0: "channel", -1: "tensor"}.get(args.group_size, "group")
         quantization = QuantizationConfig(
             bits=args.bits, granularity=granularity, group_size=args.group_size if granularity == "group" else 128,
-            symmetric=args.symmetric, method=args.method, act_order=args.act_order,
+            symmetric=args.symmetric, grid=args.grid, method=args.method, act_order=args.act_order,
             int8_kernel=not args.no_int8_kernel, dtype16=args.dtype16)
     if args.sparsity or args.pattern != "unstructured":
         pruning = PruningConfig(sparsity=args.sparsity, method=args.prune_method, pattern=args.pattern,
@@ -113,6 +117,26 @@ def config_from_args(args: argparse.Namespace):
                                           mode=args.distill_mode, keep_every=args.keep_every)
     return CompressionConfig(quantization=quantization, pruning=pruning, distillation=distillation,
                              include_embeddings=args.include_embeddings, runtime=args.runtime, head=args.head)
+
+
+def with_autopilot(args: argparse.Namespace, loaded, config):
+    """With --target-bpw / --target-mb: the config whose layer_bits the autopilot chose for this model (the
+    --bits/--group-size/--method flags give the base settings; default 4-bit groups of 128)."""
+    from dataclasses import replace
+
+    from lmcompress_core.autopilot import BudgetConfig, allocate_for
+    from lmcompress_core.quantize import QuantizationConfig
+
+    if args.target_bpw is None and args.target_mb is None:
+        return config
+    base = config.quantization or QuantizationConfig(bits=4, group_size=128, grid=args.grid, method=args.method)
+    budget = BudgetConfig(target_bpw=args.target_bpw, target_mb=args.target_mb, base=replace(base, int8_kernel=False))
+    bar = ProgressBar()
+    allocation = allocate_for(loaded, budget, callback=lambda done, total, layer: bar(
+        f"autopilot: sensitivity of {total} layers measured") if done == total else None)
+    print(f"autopilot: {allocation.bits_per_weight:.3f} bits per weight, predicted KL {allocation.predicted_kl:.4f}",
+          file=sys.stderr)
+    return replace(config, quantization=allocation.config)
 
 
 # ---------------------------------------------------------------- commands
@@ -144,8 +168,8 @@ def _cmd_compress(args) -> int:
     from lmcompress_core.packing import save_compressed
     from lmcompress_core.protocol import calibration_for
 
-    config = config_from_args(args)
     loaded = load_model(args.model)
+    config = with_autopilot(args, loaded, config_from_args(args))
     calibration = calibration_for(loaded, config)
     cm = compress(loaded.model, config, calibration=calibration, tokenizer=loaded.tokenizer, callback=ProgressBar())
     written = save_compressed(cm, loaded.model, args.out)
@@ -161,11 +185,11 @@ def _cmd_evaluate(args) -> int:
     from lmcompress_core.models import load_model
     from lmcompress_core.protocol import EvalProtocol
 
-    config = config_from_args(args)
     protocol = EvalProtocol(eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or args.context,
                             prompt=args.prompt, new_tokens=args.new_tokens, seed=args.seed,
                             latency=not args.no_latency, generation=not args.no_generation)
     loaded = load_model(args.model)
+    config = with_autopilot(args, loaded, config_from_args(args))
     report = evaluate(loaded, config, protocol, callback=ProgressBar())
     data = report.to_dict()
     print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else _summary(data))
@@ -181,6 +205,11 @@ def _summary(data: dict) -> str:
              f"perplexity {ppl['value']:.3f} ± {ppl['stderr']:.3f} over {ppl['tokens']} tokens "
              f"(base {data['base_perplexity']:.3f}); KL to base {data['kl_to_base']:.4f} nats; "
              f"top-1 agreement {data['top1_agreement']:.1%}"]
+    stats = data.get("quality_stats")
+    if stats:
+        lines.append(f"KL per token: median {stats['kl_median']:.4f}, p99 {stats['kl_p99']:.4f}, p99.9 "
+                     f"{stats['kl_p999']:.4f} nats; same top token {stats['same_top_percent']:.1f}%; "
+                     f"RMS Δp {stats['rms_delta_p_percent']:.2f}%")
     if lat:
         speed = data.get("speed") or {}
         lines.append(f"latency: prefill {lat['prefill_ms']:.1f} ms ({lat['prompt_tokens']} tokens), decode "

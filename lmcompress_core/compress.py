@@ -236,7 +236,7 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
         hessian = stats.hessian.pop(name, None) if stats is not None else None
         layer_cfg = cfg.for_layer(name)
         if layer_cfg is None:
-            continue  # a per-layer override keeps this layer float
+            continue  # mixed precision: this layer stays float
         if layer_cfg.method == "gptq" and hessian is None:
             layer_cfg = replace(layer_cfg, method="rtn")  # no calibration inputs (embeddings): noted below
         mask = m.keep_mask() if isinstance(m, (CompressedLinear, CompressedEmbedding)) else None

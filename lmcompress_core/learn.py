@@ -1,6 +1,8 @@
 """Computations behind the Learn page: the seed's three ideas on one real layer of the chosen model.
 
-Min-max quantization levels and error against bit-width, magnitude pruning masks (unstructured vs 2:4)
+Quantization levels and error against bit-width on either asymmetric grid (the seed's min-max with a fractional
+zero-point, or the engine's default integer zero-point; formula numbers and levels both from
+``quantize.grid_parameters`` / ``quantize_tensor``), magnitude pruning masks (unstructured vs 2:4)
 on a small weight block, and the two classic mistakes run for real: quantized values computed but never
 written back, and a pruning line that changes nothing. The teaching snippets are strings shown with
 ``st.code``; the functions next to them do exactly what the snippets say, on a copy of the layer.
@@ -13,7 +15,7 @@ import torch
 
 from .layers import linear_layers, weight_matrix
 from .prune import PruningConfig, layer_mask
-from .quantize import INTEGER_BITS, QuantizationConfig, half_round_trip, quantize_tensor
+from .quantize import GRIDS, INTEGER_BITS, QuantizationConfig, grid_parameters, half_round_trip, quantize_tensor
 
 MAX_HISTOGRAM_SAMPLES = 20_000  # enough for a smooth histogram, small enough to ship to the browser
 
@@ -37,44 +39,55 @@ def layer_names(model) -> list[str]:
     return list(linear_layers(model))
 
 
-def minmax_config(bits: int) -> QuantizationConfig:
-    """Per-tensor asymmetric min-max: the seed's formula, one scale and zero-point for the whole matrix."""
-    return QuantizationConfig(bits=bits, granularity="tensor", symmetric=False, method="rtn")
+FORMULAS = {  # LaTeX of each grid, exactly what quantize.grid_parameters computes for it
+    "minmax": (r"s = \frac{\max W - \min W}{2^b - 1},\quad z = -\frac{\min W}{s}\ \text{(fractional)},"
+               r"\quad q = \operatorname{round}\!\left(\frac{W - \min W}{\max W - \min W}\,(2^b - 1)\right),"
+               r"\quad \hat W = s\,(q - z)"),
+    "integer-zero": (r"s = \frac{\max(\max W, 0) - \min(\min W, 0)}{2^b - 1},"
+                     r"\quad z = \operatorname{round}\!\left(-\frac{\min(\min W, 0)}{s}\right),"
+                     r"\quad q = \operatorname{clamp}\!\left(\operatorname{round}\!\left(\frac{W}{s}\right) + z,"
+                     r"\ 0,\ 2^b - 1\right),\quad \hat W = s\,(q - z)"),
+}
 
 
-def quantized_view(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """``w`` after a round trip through ``bits``-bit min-max (16 = half-precision cast)."""
+def minmax_config(bits: int, grid: str = "minmax") -> QuantizationConfig:
+    """Per-tensor asymmetric quantization on ``grid``: one scale and zero-point for the whole matrix."""
+    return QuantizationConfig(bits=bits, granularity="tensor", symmetric=False, grid=grid, method="rtn")
+
+
+def quantized_view(w: torch.Tensor, bits: int, grid: str = "minmax") -> torch.Tensor:
+    """``w`` after a round trip through ``bits``-bit per-tensor quantization on ``grid`` (16 = fp16 cast)."""
     if bits >= 16:
         return half_round_trip(w, "fp16")
-    return quantize_tensor(w, minmax_config(bits)).dequantize()
+    return quantize_tensor(w, minmax_config(bits, grid)).dequantize()
 
 
-def minmax_parameters(w: torch.Tensor, bits: int) -> dict[str, float]:
-    """The numbers that go into the formula on the page: min, max, scale and zero-point."""
-    lo, hi = float(w.min()), float(w.max())
-    levels = 2 ** bits - 1
-    scale = (hi - lo) / levels if hi > lo else 1.0
-    return {"min": lo, "max": hi, "scale": scale, "zero_point": round(-lo / scale), "levels": levels + 1}
+def minmax_parameters(w: torch.Tensor, bits: int, grid: str = "minmax") -> dict[str, float]:
+    """The numbers that go into the formula on the page: min, max, scale and zero-point, from the engine's
+    ``grid_parameters`` (the function quantize_tensor uses)."""
+    scale, zero = grid_parameters(w.reshape(1, -1).float(), bits, grid)
+    return {"min": float(w.min()), "max": float(w.max()), "scale": float(scale), "zero_point": float(zero),
+            "levels": 2 ** bits, "grid": grid}
 
 
-def histogram_data(w: torch.Tensor, bits: int, seed: int = 0) -> tuple[list[float], list[float]]:
+def histogram_data(w: torch.Tensor, bits: int, seed: int = 0, grid: str = "minmax") -> tuple[list[float], list[float]]:
     """A sample of the weights (for the histogram) and the distinct de-quantized levels at ``bits``."""
     flat = w.reshape(-1)
     if flat.numel() > MAX_HISTOGRAM_SAMPLES:
         gen = torch.Generator().manual_seed(seed)
         flat = flat[torch.randperm(flat.numel(), generator=gen)[:MAX_HISTOGRAM_SAMPLES]]
-    levels = torch.unique(quantized_view(w, bits)) if bits < 16 else torch.empty(0)
+    levels = torch.unique(quantized_view(w, bits, grid)) if bits < 16 else torch.empty(0)
     return flat.tolist(), levels.tolist()
 
 
-def relative_error(w: torch.Tensor, bits: int) -> float:
-    """‖W − Ŵ‖² / ‖W‖² after a min-max round trip."""
-    return float((w - quantized_view(w, bits)).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+def relative_error(w: torch.Tensor, bits: int, grid: str = "minmax") -> float:
+    """‖W − Ŵ‖² / ‖W‖² after a per-tensor round trip on ``grid``."""
+    return float((w - quantized_view(w, bits, grid)).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
 
 
-def error_vs_bits(w: torch.Tensor, bits_list=INTEGER_BITS + (16,)) -> tuple[list[int], list[float]]:
+def error_vs_bits(w: torch.Tensor, bits_list=INTEGER_BITS + (16,), grid: str = "minmax") -> tuple[list[int], list[float]]:
     bits_list = list(bits_list)
-    return bits_list, [relative_error(w, b) for b in bits_list]
+    return bits_list, [relative_error(w, b, grid) for b in bits_list]
 
 
 def weight_block(w: torch.Tensor, rows: int = 16, cols: int = 16) -> torch.Tensor:
@@ -182,7 +195,7 @@ def kd_temperature_table(logits: torch.Tensor, temperatures=(1.0, 2.0, 4.0, 8.0)
     return rows
 
 
-__all__ = ["LayerView", "pick_layer", "layer_names", "minmax_parameters", "histogram_data", "error_vs_bits",
+__all__ = ["GRIDS", "FORMULAS", "LayerView", "pick_layer", "layer_names", "minmax_parameters", "histogram_data", "error_vs_bits",
            "pruning_masks", "mistakes_demo", "kd_temperature_table", "next_token_logits",
            "MISTAKE_QUANTIZE", "CORRECT_QUANTIZE",
            "MISTAKE_PRUNE", "CORRECT_PRUNE"]

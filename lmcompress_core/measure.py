@@ -63,11 +63,12 @@ class Report:
     speed: SpeedRatio | None = None                # compressed vs base from those alternating runs
     history: list = field(default_factory=list)   # distillation curve from the CompressedModel
     notes: list = field(default_factory=list)     # the engine's plain-text remarks (e.g. layers GPTQ ran as RTN)
+    quality_stats: dict | None = None             # TokenScores.statistics(): KL percentiles, same-top %, RMS Δp
 
     def to_dict(self) -> dict:
         """Plain JSON-safe dict (NaN/inf become None) with a ``how`` label for every figure."""
         plain = ("model", "config", "protocol", "base_perplexity", "base_perplexity_stderr", "kl_to_base",
-                 "top1_agreement", "timings", "kernel", "history", "notes")
+                 "top1_agreement", "timings", "kernel", "history", "notes", "quality_stats")
         data = {f: getattr(self, f) for f in plain}
         for name in ("size", "latency", "base_latency", "speed", "perplexity", "generation"):
             value = getattr(self, name)
@@ -301,7 +302,8 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
     report = Report(model=loaded.name, config=config.to_dict(), protocol=protocol.to_dict(), size=size, latency=lat,
                     perplexity=ppl[0], base_perplexity=ppl[1].value, kl_to_base=ppl[2], top1_agreement=ppl[3],
                     generation=gen, timings=stages.timings, base_perplexity_stderr=ppl[1].stderr, kernel=cm.kernel,
-                    base_latency=base_lat, speed=speed, history=list(cm.history or []), notes=list(cm.notes or []))
+                    base_latency=base_lat, speed=speed, history=list(cm.history or []), notes=list(cm.notes or []),
+                    quality_stats=ppl[4])
     if use_cache:
         _CACHE.put(report_key, copy.deepcopy(report))
     return report
@@ -351,4 +353,4 @@ def _perplexities(model, loaded, text_body, text_label, protocol: EvalProtocol, 
     scores = score_tokens(model, ids, protocol.context, protocol.stride, protocol.eval_tokens, base_model=loaded.model,
                           check=lambda i, n: stages.check("perplexity", i, n, f"window {i} of {n}"))
     return (scores.report(text=text_label), scores.report(scores.base_nll, text=text_label),
-            scores.kl_to_base, scores.top1_agreement)
+            scores.kl_to_base, scores.top1_agreement, scores.statistics())

@@ -6,6 +6,9 @@ at most once, in the first window that predicts it with at least one token of co
 the first token of every window after the first is not scored (the standard recipe; ``tokens`` counts the scored
 ones). Perplexity = exp(mean NLL); its ± is the standard error of the mean NLL (tokens treated as independent)
 carried through exp (delta method).
+Against a base model the same pass also yields llama.cpp-style statistics (``TokenScores.statistics``): mean,
+median, 99th and 99.9th percentile of the per-token KL(p_base ‖ p), the share of tokens whose most likely next
+token is the same, and the RMS of Δp = p(correct token) − p_base(correct token).
 """
 from __future__ import annotations
 
@@ -56,6 +59,20 @@ class TokenScores:
     top1_agreement: float | None
     context: int
     stride: int
+    kl_tokens: torch.Tensor | None = None     # per-token KL(p_base ‖ p) in nats
+    same_top: torch.Tensor | None = None      # per-token bool: both models' most likely next token agree
+
+    def statistics(self) -> dict[str, float] | None:
+        """llama.cpp-style quality statistics against the base (None without a base model)."""
+        if self.kl_tokens is None or self.base_nll is None:
+            return None
+        kl = self.kl_tokens.double()
+        delta_p = torch.exp(-self.nll.double()) - torch.exp(-self.base_nll.double())
+        return {"kl_mean": float(kl.mean()), "kl_median": float(torch.quantile(kl, 0.5)),
+                "kl_p99": float(torch.quantile(kl, 0.99)), "kl_p999": float(torch.quantile(kl, 0.999)),
+                "same_top_percent": 100 * float(self.same_top.double().mean()),
+                "rms_delta_p_percent": 100 * float(delta_p.pow(2).mean().sqrt()),
+                "tokens": int(kl.numel())}
 
     def report(self, nll: torch.Tensor | None = None, text: str = "") -> PerplexityReport:
         nll = self.nll if nll is None else nll
@@ -127,7 +144,8 @@ def score_tokens(model, ids: torch.Tensor, context: int = 256, stride: int = 256
     return TokenScores(
         torch.cat(nll), torch.cat(base_nll) if has_base else None,
         float(torch.cat(kl).double().mean()) if has_base else None,
-        float(torch.cat(agree).double().mean()) if has_base else None, context, stride)
+        float(torch.cat(agree).double().mean()) if has_base else None, context, stride,
+        torch.cat(kl) if has_base else None, torch.cat(agree) if has_base else None)
 
 
 def perplexity(model, ids, context: int = 256, stride: int = 256, max_tokens: int = 2048, base_model=None,

@@ -409,3 +409,40 @@ def mask_figure(masks: Mapping[str, Any]) -> go.Figure:
                                  hovertemplate="row %{y}, col %{x}: %{z}<extra></extra>"), row=1, col=i)
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", row=1, col=i)
     return _layout(fig, "Pruning masks on one weight block (blue = kept, grey = removed)", height=420)
+
+
+def allocation_heatmap(damage: Mapping[str, Mapping[int, float]], chosen: Mapping[str, int]) -> go.Figure:
+    """Layers × bit-widths: colour = log10 of the predicted KL a layer adds at that width, ● = the chosen width."""
+    import math
+
+    layers = list(damage)
+    widths = sorted({b for row in damage.values() for b in row})
+    z = [[math.log10(max(damage[n][b], 1e-12)) for b in widths] for n in layers]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"{b}-bit" if b != 16 else "float" for b in widths], y=layers, colorscale="Viridis_r",
+        colorbar={"title": {"text": "log10 KL"}}, hovertemplate="%{y}<br>%{x}: log10 KL %{z:.2f}<extra></extra>"))
+    fig.add_trace(go.Scatter(
+        x=[f"{chosen[n]}-bit" if chosen[n] != 16 else "float" for n in layers], y=layers, mode="markers",
+        marker={"symbol": "circle", "size": 9, "color": "white", "line": {"color": "black", "width": 1}},
+        name="chosen", hovertemplate="%{y}: %{x} (chosen)<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Bits per layer (● chosen; colour = predicted damage)", height=max(360, 14 * len(layers) + 120))
+
+
+def budget_figure(points: Sequence[Mapping]) -> go.Figure:
+    """Perplexity against packed bits per weight: uniform settings as a line, allocations as stars.
+
+    Each point: {"label", "bits_per_weight", "perplexity", "kind": "uniform" | "autopilot"}."""
+    fig = go.Figure()
+    for kind, style in (("uniform", {"mode": "lines+markers+text", "marker": {"size": 9}}),
+                        ("autopilot", {"mode": "markers+text", "marker": {"size": 16, "symbol": "star"}})):
+        chosen = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["bits_per_weight"])
+        if chosen:
+            fig.add_trace(go.Scatter(
+                x=[p["bits_per_weight"] for p in chosen], y=[p["perplexity"] for p in chosen],
+                text=[p["label"] for p in chosen], textposition="top center", name=kind, **style))
+    fig.update_xaxes(title="packed bits per weight of the quantized layers (scales and zeros included)")
+    fig.update_yaxes(title="perplexity", type="log")
+    fig = _layout(fig, "Allocation beside uniform settings")
+    fig.update_layout(showlegend=True)
+    return fig

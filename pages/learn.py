@@ -1,4 +1,4 @@
-"""Learn: min-max quantization, pruning masks and the KD loss on the chosen model's real weights."""
+"""Learn: quantization grids (min-max and integer zero-point), pruning masks and the KD loss on the chosen model's real weights."""
 import streamlit as st
 
 from lmcompress_core import learn, plots
@@ -9,29 +9,32 @@ loaded = common.current_model()
 if loaded is None:
     st.stop()
 
-st.header("1 · Quantization: min-max onto 2ᵇ levels")
-st.latex(r"s = \frac{\max W - \min W}{2^b - 1},\quad z = \operatorname{round}\!\left(-\frac{\min W}{s}\right),"
-         r"\quad q = \operatorname{clamp}\!\left(\operatorname{round}\!\left(\frac{W}{s}\right) + z,"
-         r"\ 0,\ 2^b - 1\right),"
-         r"\quad \hat W = s\,(q - z)")
+st.header("1 · Quantization: a range onto 2ᵇ levels")
 names = learn.layer_names(loaded.model)
-c1, c2 = st.columns([2, 1])
+c1, c2, c3 = st.columns([2, 1, 1])
 layer_name = c1.selectbox("Layer", names, key="learn_layer")
 bits = c2.select_slider("Bits", [2, 3, 4, 5, 6, 8], value=3, key="learn_bits")
+grid = c3.radio("Grid", learn.GRIDS, key="learn_grid", format_func={
+    "integer-zero": "integer zero-point (engine default)", "minmax": "min-max (the seed's rule)"}.get)
+st.latex(learn.FORMULAS[grid])
 layer = learn.pick_layer(loaded.model, layer_name)
-numbers = learn.minmax_parameters(layer.weight, bits)
+numbers = learn.minmax_parameters(layer.weight, bits, grid)
 st.latex(rf"\min W = {numbers['min']:.4f},\ \max W = {numbers['max']:.4f},\ b = {bits}"
-         rf"\ \Rightarrow\ s = {numbers['scale']:.5f},\ z = {numbers['zero_point']}")
-weights, levels = learn.histogram_data(layer.weight, bits)
+         rf"\ \Rightarrow\ s = {numbers['scale']:.5f},\ z = {numbers['zero_point']:.4g}")
+if grid == "minmax":
+    st.caption("The zero-point stays fractional, so 0 is not a level: near-zero weights all round the same way. "
+               "The integer zero-point widens the range to include 0 and rounds z, so 0 is exactly a level.")
+weights, levels = learn.histogram_data(layer.weight, bits, grid=grid)
 left, right = st.columns(2)
 with left:
     common.figure(plots.weight_histogram_figure(weights, levels, bits, layer.name),
                   f"{len(weights):,} weights sampled from {layer.name} {tuple(layer.weight.shape)}; orange lines = the "
-                  "distinct values after one per-tensor min-max round trip (the engine's quantize_tensor).")
+                  f"distinct values after one per-tensor round trip on the {grid} grid (the engine's quantize_tensor; "
+                  "the numbers above come from the grid_parameters it calls).")
 with right:
-    bits_list, errors = learn.error_vs_bits(layer.weight)
+    bits_list, errors = learn.error_vs_bits(layer.weight, grid=grid)
     common.figure(plots.quant_error_figure(bits_list, errors, chosen=bits),
-                  "Relative squared error of the whole layer after a min-max round trip; 16 = fp16 cast. "
+                  f"Relative squared error of the whole layer after a per-tensor {grid} round trip; 16 = fp16 cast. "
                   "Each bit halves the step, so the error falls about 4× per bit.")
 
 st.header("2 · Pruning: which weights go")

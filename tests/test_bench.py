@@ -16,16 +16,16 @@ def _results(**headline):
 
 
 def test_targets_met_missed_and_unmeasured():
-    rows = {r["key"]: r for r in targets.check(_results(int8_speedup_decode=3.5,
+    rows = {r["key"]: r for r in targets.check(_results(real_int4_decode_speedup=3.5,
                                                         eval_fraction_of_matmul_peak=0.2))}
-    assert rows["int8_speedup_decode"]["met"] is True
+    assert rows["real_int4_decode_speedup"]["met"] is True
     assert rows["eval_fraction_of_matmul_peak"]["met"] is False
     assert "Missed: 0.20 against 0.5: 60% short" in rows["eval_fraction_of_matmul_peak"]["note"]
     assert rows["interactive_s_tiny"]["met"] is None
 
 
-@pytest.mark.parametrize("key,value,met", [("ppl_ratio_rtn4_vs_torchao", 1.009, True),
-                                           ("ppl_ratio_rtn4_vs_torchao", 1.02, False),
+@pytest.mark.parametrize("key,value,met", [("ppl_ratio_rtn4_g64_vs_torchao", 1.009, True),
+                                           ("ppl_ratio_rtn4_g64_vs_torchao", 1.02, False),
                                            ("ppl_gptq3_over_rtn3", 1.0, False),
                                            ("ppl_wanda50_over_magnitude50", 1.0, True),
                                            ("interactive_s_default", 8.5, False)])

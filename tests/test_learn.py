@@ -59,3 +59,18 @@ def test_on_the_tiny_model(tiny_loaded):
     assert layer.name == names[-1]
     logits = learn.next_token_logits(tiny_loaded.model, tiny_loaded.tokenizer, "ROMEO:")
     assert logits.shape[-1] == tiny_loaded.model.config.vocab_size
+
+
+def test_integer_zero_levels_include_zero_and_match_the_printed_numbers(model):
+    w = learn.pick_layer(model).weight
+    for bits in (2, 3, 4):
+        params = learn.minmax_parameters(w, bits, grid="integer-zero")
+        _, levels = learn.histogram_data(w, bits, grid="integer-zero")
+        assert 0.0 in levels and len(levels) <= 2 ** bits
+        assert params["zero_point"] == round(params["zero_point"])
+        steps = torch.tensor(sorted(levels)).diff()
+        assert torch.allclose(steps.min(), torch.tensor(params["scale"]), rtol=1e-3)
+        assert min(levels) == pytest.approx(-params["zero_point"] * params["scale"], rel=1e-5)
+    seed_levels = learn.histogram_data(w, 3, grid="minmax")[1]
+    assert 0.0 not in seed_levels
+    assert set(learn.FORMULAS) == set(learn.GRIDS)

@@ -1,11 +1,14 @@
-"""Quantization: config validation, the seed's formula against a reference, SQNR floors, GPTQ beats RTN.
+"""Quantization: config validation, both asymmetric grids against references, SQNR floors, GPTQ and HQQ beat RTN,
+per-layer bit-widths.
 
 The int8 kernel path (smoothing, the SQNR safety net) is tested in test_int8_kernel.py."""
 import numpy as np
 import pytest
 import torch
 
-from lmcompress_core.quantize import QuantizationConfig, QuantizedWeight, gptq_quantize, quantize_tensor, requantize
+from lmcompress_core.compress import CompressionConfig
+from lmcompress_core.quantize import (QuantizationConfig, QuantizedWeight, gptq_quantize, grid_parameters,
+                                      quantize_tensor, quantize_weight, requantize)
 
 torch.set_num_threads(2)
 
@@ -22,6 +25,13 @@ def sqnr_db(w: torch.Tensor, approx: torch.Tensor) -> float:
     ({"granularity": "row"}, "granularity must be one of"),
     ({"group_size": 100}, "group_size must be 32, 64 or 128"),
     ({"method": "awq"}, "method must be one of"),
+    ({"grid": "fractional"}, "grid must be one of"),
+    ({"layer_bits": "down_proj"}, "layer_bits must be a sequence"),
+    ({"layer_bits": (("down_proj", 7),)}, "layer_bits for 'down_proj' must be one of"),
+    ({"layer_bits": (("(", 8),)}, "not a valid regular expression"),
+    ({"layer_bits": (("down_proj",),)}, r"\(regex, bits\) pair"),
+    ({"bits": 16, "layer_bits": (("down_proj", 8),)}, "needs integer base bits"),
+    ({"bits": 8, "layer_bits": (("down_proj", 4),)}, "int8_kernel=False"),
     ({"damp": 0}, "damp"),
     ({"dtype16": "fp8"}, "dtype16 must be one of"),
 ])
@@ -44,7 +54,7 @@ def test_bad_int8_settings_are_refused(kwargs):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_seed_formula_matches_an_independent_reference(bits):
     w = torch.randn(16, 96, generator=torch.Generator().manual_seed(bits))
-    qw = quantize_tensor(w, QuantizationConfig(bits=bits, granularity="group", group_size=32))
+    qw = quantize_tensor(w, QuantizationConfig(bits=bits, granularity="group", group_size=32, grid="minmax"))
     x = w.numpy().astype(np.float32)
     q_min, q_max = np.float32(0), np.float32(2 ** bits - 1)
     for g in range(3):
@@ -55,6 +65,40 @@ def test_seed_formula_matches_an_independent_reference(bits):
             np.testing.assert_array_equal(qw.codes[r, g * 32:(g + 1) * 32].numpy(), ref.astype(np.uint8))
             dequant = lo + ref * (hi - lo) / (q_max - q_min)
             np.testing.assert_allclose(qw.dequantize()[r, g * 32:(g + 1) * 32].numpy(), dequant, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_integer_zero_grid_matches_an_independent_reference(bits):
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(bits))
+    w[:4] = w[:4].abs() + 0.5  # rows of one sign: the range must still be widened to include 0
+    qw = quantize_tensor(w, QuantizationConfig(bits=bits, granularity="group", group_size=32))
+    x, q_max = w.numpy().astype(np.float32), 2 ** bits - 1
+    for g in range(3):
+        block = x[:, g * 32:(g + 1) * 32]
+        lo, hi = np.minimum(block.min(1, keepdims=True), 0), np.maximum(block.max(1, keepdims=True), 0)
+        scale = ((hi - lo) / q_max).astype(np.float16).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, q_max)
+        ref = np.clip(np.round(block / scale) + zero, 0, q_max)
+        np.testing.assert_array_equal(qw.codes[:, g * 32:(g + 1) * 32].numpy(), ref.astype(np.uint8))
+        np.testing.assert_allclose(qw.dequantize()[:, g * 32:(g + 1) * 32].numpy(), (ref - zero) * scale, atol=1e-6)
+    assert torch.equal(qw.zeros, qw.zeros.round())
+
+
+def test_zero_is_exactly_on_the_integer_zero_grid_only():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    w[:, ::3] = 0
+    exact = quantize_tensor(w, QuantizationConfig(bits=3, group_size=32)).dequantize()
+    assert torch.all(exact[:, ::3] == 0)
+    seed = quantize_tensor(w, QuantizationConfig(bits=3, group_size=32, grid="minmax")).dequantize()
+    assert (seed[:, ::3] != 0).float().mean() > 0.5  # the seed's fractional zero-point misses 0
+
+
+def test_grid_parameters_is_what_quantize_tensor_uses():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
+    for grid in ("integer-zero", "minmax"):
+        qw = quantize_tensor(w, QuantizationConfig(bits=4, granularity="channel", grid=grid))
+        scale, zero = grid_parameters(w, 4, grid)
+        assert torch.allclose(qw.scales, scale) and torch.allclose(qw.zeros, zero)
 
 
 # Floors calibrated to what min-max RTN achieves on N(0, 1) rows of 1024 (torchao's 44 − (8 − b)·6.02 dB rule
@@ -155,3 +199,44 @@ def test_gptq_cuts_the_output_error_of_every_layer_of_the_trained_tiny_model(tin
 
         ratios.append(error(gptq_quantize(w, h, cfg).dequantize()) / error(quantize_tensor(w, cfg).dequantize()))
     assert max(ratios) < 0.6 and sorted(ratios)[len(ratios) // 2] < 0.25  # measured: max 0.30, median 0.11
+
+
+def test_gptq_uses_the_integer_zero_grid():
+    w, x, h = _correlated_layer(seed=3)
+    qw = gptq_quantize(w, h, QuantizationConfig(bits=3, group_size=32, method="gptq"))
+    assert torch.equal(qw.zeros, qw.zeros.round()) and int(qw.zeros.max()) <= 7
+
+
+def test_layer_bits_first_match_wins_and_16_keeps_float():
+    cfg = QuantizationConfig(bits=4, layer_bits=(("down_proj", 8), (r"layers\.0\.", 16), ("proj", 3)),
+                             int8_kernel=False)
+    assert cfg.for_layer("model.layers.0.mlp.down_proj").bits == 8
+    assert cfg.for_layer("model.layers.0.self_attn.q_proj") is None
+    assert cfg.for_layer("model.layers.1.self_attn.q_proj").bits == 3
+    other = cfg.for_layer("model.layers.1.fc")
+    assert other.bits == 4 and other.layer_bits == ()
+
+
+def test_layer_bits_round_trip_through_json():
+    import json
+
+    config = CompressionConfig(quantization=QuantizationConfig(bits=3, layer_bits=[["mlp", 4], ["lm_head", 16]]))
+    assert config.quantization.layer_bits == (("mlp", 4), ("lm_head", 16))
+    again = CompressionConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.key() == config.key()
+
+
+def test_mixed_precision_compresses_each_layer_at_its_bits(random_arch):
+    from lmcompress_core.compress import compress
+    from lmcompress_core.layers import linear_layers, weight_matrix
+
+    layers = list(linear_layers(random_arch.model))
+    first, second = layers[0], layers[1]
+    q = QuantizationConfig(bits=3, group_size=32, layer_bits=((f"^{first}$", 16), (f"^{second}$", 8)),
+                           int8_kernel=False)
+    cm = compress(random_arch.model, CompressionConfig(quantization=q, runtime="simulate"))
+    quantized = {name: m.quantized_weight() for name, m in cm.layers().items()}
+    assert first not in quantized and quantized[second].bits == 8
+    assert {qw.bits for name, qw in quantized.items() if name != second} == {3}
+    float_layer = linear_layers(cm.model)[first]
+    assert torch.equal(weight_matrix(float_layer), weight_matrix(linear_layers(random_arch.model)[first]))

@@ -1,0 +1,45 @@
+"""measure_quality: llama.cpp-style statistics against an independent per-token computation."""
+import numpy as np
+import torch
+
+from lmcompress_core.compress import CompressionConfig, compress
+from lmcompress_core.measure_quality import score_tokens, windows
+from lmcompress_core.quantize import QuantizationConfig
+
+torch.set_num_threads(2)
+
+
+def test_statistics_match_a_direct_computation(tiny_loaded):
+    base = tiny_loaded.model
+    quantized = compress(base, CompressionConfig(quantization=QuantizationConfig(bits=3, group_size=64))).model
+    ids = torch.randint(0, 4096, (161,), generator=torch.Generator().manual_seed(0))
+    stats = score_tokens(quantized, ids, context=64, stride=64, base_model=base).statistics()
+    p, q, targets = [], [], []
+    with torch.inference_mode():  # the same windows, scored independently in float64
+        for begin, end, first in windows(ids.numel(), 64, 64):
+            rows = slice(first - begin - 1, end - begin - 1)
+            p.append(torch.log_softmax(base(input_ids=ids[None, begin:end]).logits[0].double(), -1)[rows])
+            q.append(torch.log_softmax(quantized(input_ids=ids[None, begin:end]).logits[0].double(), -1)[rows])
+            targets.append(ids[first:end])
+    logp_base, logp, target = torch.cat(p).numpy(), torch.cat(q).numpy(), torch.cat(targets).numpy()
+    kl = (np.exp(logp_base) * (logp_base - logp)).sum(-1)
+    assert stats["tokens"] == len(kl)
+    np.testing.assert_allclose([stats["kl_mean"], stats["kl_median"], stats["kl_p99"], stats["kl_p999"]],
+                               [kl.mean(), np.median(kl), np.percentile(kl, 99), np.percentile(kl, 99.9)],
+                               rtol=1e-3)
+    assert stats["kl_p99"] > 2 * stats["kl_median"]
+    same = (logp_base.argmax(-1) == logp.argmax(-1)).mean() * 100
+    assert stats["same_top_percent"] == np.float64(same).round(10) or abs(stats["same_top_percent"] - same) < 1e-6
+    rows = np.arange(len(target))
+    delta_p = np.exp(logp[rows, target]) - np.exp(logp_base[rows, target])
+    assert stats["rms_delta_p_percent"] == np.sqrt((delta_p ** 2).mean()) * 100 or \
+        abs(stats["rms_delta_p_percent"] - np.sqrt((delta_p ** 2).mean()) * 100) < 1e-4
+    assert 0 < stats["rms_delta_p_percent"] < 100
+
+
+def test_exact_statistics_on_identical_models(tiny_loaded):
+    ids = torch.randint(0, 4096, (100,), generator=torch.Generator().manual_seed(1))
+    stats = score_tokens(tiny_loaded.model, ids, context=50, stride=50, base_model=tiny_loaded.model).statistics()
+    assert stats["same_top_percent"] == 100 and stats["rms_delta_p_percent"] == 0
+    assert abs(stats["kl_p999"]) < 1e-9
+    assert score_tokens(tiny_loaded.model, ids, context=50, stride=50).statistics() is None
