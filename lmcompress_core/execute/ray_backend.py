@@ -144,8 +144,9 @@ class RayExecutor:
             ray.init(address=self.address, runtime_env=runtime_env, log_to_driver=False,
                      logging_level=logging.WARNING)
         else:
+            # address "local": a new Ray even when a `ray start` cluster on this machine would be found;
             # workers' own output (transformers' load bars) stays in Ray's logs: progress comes from the results
-            self._keeper = _start_local(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False,
+            self._keeper = _start_local(address="local", num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False,
                                         log_to_driver=False, logging_level=logging.WARNING,
                                         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         self._started = True
