@@ -107,6 +107,19 @@ def _throughput(s: dict) -> list[str]:
                          "fraction of peak"], rows)
 
 
+def _sweep(s: dict) -> list[str]:
+    out = [f"The same grid ({s.get('configurations')} configurations of {s.get('grid')}) on the tiny model, protocol "
+           f"{s.get('protocol')}: serially in this process ({s.get('serial_threads')} torch threads) and on a local "
+           f"Ray {s.get('ray_version')} ({s.get('ray_workers')} workers × {s.get('threads_per_worker')} thread, "
+           f"{s.get('cores')} cores). {s.get('how')}.", ""]
+    rows = [["serial", fmt(s.get("serial_s"), 1)],
+            ["Ray (workers started, model loaded in each)", fmt(s.get("ray_s"), 1)],
+            ["ray.init", fmt(s.get("ray_start_s"), 1)]]
+    out += md_table(["backend", "seconds"], rows)
+    return out + [f"Rows identical on both backends: {s.get('rows_match')}. On 2 cores this measures how two "
+                  "processes share the machine, not a cluster's speed-up.", ""]
+
+
 RENDERERS = {
     "interactivity": ("1. Interactivity", _interactivity),
     "speed": ("2. Real speedups on SmolLM2", _speed),
@@ -114,6 +127,7 @@ RENDERERS = {
     "pruning": ("4. Pruning: magnitude vs Wanda", _pruning),
     "distillation": ("5. Distillation recovery by temperature", _distillation),
     "throughput": ("6. Evaluation throughput", _throughput),
+    "sweep": ("7. Sweeps: serial against a local Ray", _sweep),
 }
 
 

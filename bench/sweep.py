@@ -16,23 +16,29 @@ import os
 from bench.common import THREADS, timed
 
 BITS, SPARSITIES, METHODS = (2, 3, 4), (0.0, 0.5), ("rtn",)
-PROTOCOL = dict(eval_tokens=512, context=256, stride=256, latency=False, generation=False, use_cache=False)
+PROTOCOL = dict(eval_tokens=512, context=256, stride=256, latency=False, generation=False)
 COMPARED = ["label", "size_mb", "packed_bytes", "perplexity"]
+# what run() returns, key for key (bench/__main__.py checks it)
+KEYS = ("headline", "extra", "model", "configurations", "grid", "protocol", "serial_s", "ray_s", "ray_start_s",
+        "ray_version", "ray_workers", "serial_threads", "threads_per_worker", "cores", "rows_match", "how")
 
 
 def run(ctx) -> dict:
     import ray
 
-    from lmcompress_core import sweep
+    from lmcompress_core import clear_cache, sweep
     from lmcompress_core.execute import RayExecutor
+    from lmcompress_core.protocol import EvalProtocol
 
     loaded = ctx.loaded("tiny")
     configs = sweep.grid(BITS, SPARSITIES, METHODS)
-    serial, serial_s = timed(lambda: sweep.run_sweep(loaded, configs, **PROTOCOL))
+    protocol = EvalProtocol(**PROTOCOL)
+    clear_cache()   # the serial side computes every configuration, as the fresh Ray workers must
+    serial, serial_s = timed(lambda: sweep.run_sweep(loaded, configs, protocol=protocol))
     executor = RayExecutor(num_cpus=THREADS)
     try:
         _, start_s = timed(executor.start)
-        table, ray_s = timed(lambda: sweep.run_sweep(loaded, configs, executor=executor, **PROTOCOL))
+        table, ray_s = timed(lambda: sweep.run_sweep(loaded, configs, executor=executor, protocol=protocol))
         workers = len(executor.worker_pids())
     finally:
         executor.close()
