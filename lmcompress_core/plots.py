@@ -60,8 +60,9 @@ def config_label(config: Mapping | None) -> str:
         else:
             gran = q.get("granularity", "group")
             gran_txt = f"g{q.get('group_size')}" if gran == "group" else gran
-            sym = "sym" if q.get("symmetric") else "asym"
-            parts.append(f"{bits}-bit {gran_txt} {sym} {str(q.get('method', 'rtn')).upper()}")
+            sym = "sym" if q.get("symmetric") else ("minmax" if q.get("grid") == "minmax" else "asym")
+            mixed = f" +{len(q['layer_bits'])} per-layer" if q.get("layer_bits") else ""
+            parts.append(f"{bits}-bit {gran_txt} {sym} {str(q.get('method', 'rtn')).upper()}{mixed}")
     p = config.get("pruning")
     if p:
         pattern = p.get("pattern", "unstructured")
@@ -90,7 +91,9 @@ def describe_config(config: Mapping | None) -> str:
             where = {"group": f"groups of {q.get('group_size')}", "channel": "one scale per output channel",
                      "tensor": "one scale per matrix"}.get(gran, gran)
             method = _METHOD_WORDS.get(str(q.get("method", "rtn")), str(q.get("method")))
-            parts.append(f"{q.get('bits')}-bit, {where}, {method}")
+            grid = ", min-max grid" if q.get("grid") == "minmax" and not q.get("symmetric") else ""
+            mixed = f", {len(q['layer_bits'])} per-layer override(s)" if q.get("layer_bits") else ""
+            parts.append(f"{q.get('bits')}-bit, {where}, {method}{grid}{mixed}")
     p = config.get("pruning")
     if p:
         pattern = p.get("pattern", "unstructured")

@@ -41,14 +41,14 @@ WIDGETS = {  # widget key -> default; values survive page switches through st.se
     "bits": 4, "sparsity": 0, "temperature": 2.0, "kd": False, "steps": 20,
     "granularity": "group", "group_size": 128, "symmetric": False, "method": "rtn",
     "prune_method": "magnitude", "pattern": "unstructured", "alpha": 0.5, "eval_tokens": 512,
-    "new_tokens": 32, "latency_runs": 5, "runtime": "real", "prompt": DEFAULT_PROMPT,
+    "new_tokens": 32, "latency_runs": 5, "runtime": "real", "grid": "integer-zero", "prompt": DEFAULT_PROMPT,
 }
 
 
 def build_config(s: dict) -> CompressionConfig:
     """Widgets -> CompressionConfig; the config classes validate and raise ValueError with a message."""
     q = QuantizationConfig(bits=s["bits"], granularity=s["granularity"], group_size=s["group_size"],
-                           symmetric=s["symmetric"], method=s["method"])
+                           symmetric=s["symmetric"], method=s["method"], grid=s.get("grid", "integer-zero"))
     prune = s["sparsity"] > 0 or s["pattern"] != "unstructured"
     p = PruningConfig(sparsity=s["sparsity"] / 100, method=s["prune_method"], pattern=s["pattern"]) if prune else None
     d = DistillationConfig(temperature=s["temperature"], alpha=s["alpha"], steps=int(s["steps"])) if s["kd"] else None

@@ -26,16 +26,26 @@ def controls() -> None:
         st.slider("Sparsity (%)", 0, 95, step=5, key="sparsity",
                   help="Share of weights removed from the linear layers (N:M patterns fix it at 50%).")
     with right:
-        st.slider("Distillation temperature", 0.5, 10.0, step=0.5, key="temperature")
-        a, b = st.columns(2)
-        a.toggle("Recovery distillation", key="kd", help="Fine-tune the compressed copy against the original.")
-        b.number_input("Steps", 0, 500, step=10, key="steps", disabled=not st.session_state["kd"])
+        kd = st.session_state["kd"]
+        # the temperature only acts through distillation: disabled (and saying so) until distillation is on
+        st.slider("Distillation temperature", 0.5, 10.0, step=0.5, key="temperature", disabled=not kd,
+                  help="Softens the teacher's distribution in the KD loss." + (
+                      "" if kd else " Turn on distillation below to use it; the Distillation page shows what T "
+                                    "does to the teacher's next-token distribution."))
+        a, b = st.columns([3, 2])
+        a.toggle("Distil", key="kd", help="Recovery distillation: fine-tune the compressed copy against the original.")
+        b.number_input("Steps", 0, 500, step=10, key="steps", disabled=not kd)
     with st.expander("Advanced"):
         c1, c2, c3, c4 = st.columns(4)
         c1.selectbox("Granularity", ["group", "channel", "tensor"], key="granularity")
         c1.selectbox("Group size", [32, 64, 128], key="group_size")
         c2.toggle("Symmetric (absmax)", key="symmetric")
-        c2.radio("Quantizer", ["rtn", "gptq"], key="method", format_func=str.upper, horizontal=True)
+        c2.radio("Quantizer", ["rtn", "gptq", "hqq"], key="method", format_func=str.upper, horizontal=True,
+                 help="RTN rounds to nearest; GPTQ compensates each rounding error on calibration text; HQQ "
+                      "optimises each group's zero-point without calibration.")
+        c1.selectbox("Asymmetric grid", ["integer-zero", "minmax"], key="grid",
+                     format_func={"integer-zero": "0 on the grid (integer zero-point)",
+                                  "minmax": "min-max (the classic formula, fractional zero)"}.get)
         c2.selectbox("Runtime", ["real", "simulate", "dynamic_int8"], key="runtime",
                      format_func={"real": "real int4/int8 kernels (bf16, LM head int8)",
                                   "simulate": "simulate in fp32",
