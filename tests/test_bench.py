@@ -21,8 +21,8 @@ def test_targets_met_missed_and_unmeasured():
     assert rows["interactive_s_tiny"]["met"] is None
 
 
-@pytest.mark.parametrize("key,value,met", [("ppl_ratio_rtn4_vs_torchao", 1.009, True),
-                                           ("ppl_ratio_rtn4_vs_torchao", 1.02, False),
+@pytest.mark.parametrize("key,value,met", [("ppl_ratio_rtn4_g64_vs_torchao", 1.009, True),
+                                           ("ppl_ratio_rtn4_g64_vs_torchao", 1.02, False),
                                            ("ppl_gptq3_over_rtn3", 1.0, False),
                                            ("ppl_wanda50_over_magnitude50", 1.0, True),
                                            ("interactive_s_default", 8.5, False)])
