@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from .layers import linear_layers, set_weight_matrix_, weight_matrix
+from .layers import linear_layers, weight_matrix
 from .quantize import FLOAT_LAYER, INTEGER_BITS, QuantizationConfig, quantize_weight
 
 CHOICES = (2, 3, 4, 8)

@@ -8,7 +8,7 @@ import torch
 
 from lmcompress_core.compress import CompressionConfig
 from lmcompress_core.quantize import (QuantizationConfig, QuantizedWeight, gptq_quantize, grid_parameters,
-                                      quantize_tensor, quantize_weight, requantize)
+                                      quantize_tensor, requantize)
 
 torch.set_num_threads(2)
 
