@@ -1,0 +1,12 @@
+"""Take a compressed model away: a GGUF file (llama.cpp), a Hugging Face folder, and recipes for other tools.
+
+    export_gguf(cm, tokenizer, path)      -> GGUFExport   codes bit-exact where a GGUF block type matches
+    export_hf(cm, tokenizer, folder)      -> HFExport     de-quantized safetensors any transformers loads
+    recipes(config)                       -> Recipes      llm-compressor YAML, GPTQModel config, llama-quantize
+    gguf_note(config)                     -> str          what a GGUF export keeps exactly, before building it
+"""
+from .gguf import GGUFExport, export_gguf, gguf_note
+from .hf import HFExport, export_hf
+from .recipes import Recipes, recipes
+
+__all__ = ["GGUFExport", "HFExport", "Recipes", "export_gguf", "export_hf", "gguf_note", "recipes"]
