@@ -9,6 +9,7 @@ Tolerances (derived, then checked with a margin):
   (measured ≈ 0.04%: a wrong q/k permutation or nibble order gives errors of order max|logit|).
 """
 import copy
+import json
 
 import gguf
 import numpy as np
@@ -157,3 +158,27 @@ def test_other_architectures_are_refused_with_a_reason(tmp_path):
 def test_note_says_what_is_exact_before_building(quantization, expected):
     note = gguf_note(CompressionConfig(quantization=quantization, pruning=PruningConfig(sparsity=0.5)))
     assert expected in note and "stored as zeros" in note
+
+
+def test_cli_exports_the_tiny_model_as_gguf(tmp_path, capsys):
+    from lmcompress_core.cli import main
+
+    rc = main(["export", "--model", "tiny", "--bits", "8", "--group-size", "32", "--symmetric", "--no-int8-kernel",
+               "--format", "gguf", "--out", str(tmp_path), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["tensor_types"] == {"F32": 12, "Q8_0": 35}
+    assert {t.tensor_type.name for t in gguf.GGUFReader(summary["out"]).tensors} == {"F32", "Q8_0"}
+    assert "Q8_0 bit for bit" in summary["note"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["export", "--bits", "4", "--out", "x"], "--format"),
+    (["export", "--bits", "4", "--format", "onnx", "--out", "x"], "invalid choice"),
+    (["export", "--model", "/no/such/folder", "--format", "gguf", "--out", "x"], "no such model folder"),
+])
+def test_cli_export_errors_are_one_line_exit_2(argv, message, capsys):
+    from lmcompress_core.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err

@@ -66,3 +66,13 @@ def test_int8_kernel_model_exports_its_8bit_weights_in_float(tiny_loaded, tmp_pa
     for name, qw in cm.quantized.items():
         assert torch.equal(weight_matrix(reloaded.get_submodule(name)), qw.dequantize()), name
     assert "int8 kernel" in result.note
+
+
+def test_cli_exports_the_tiny_model_as_a_hf_folder(tmp_path, capsys):
+    from lmcompress_core.cli import main
+
+    rc = main(["export", "--model", "tiny", "--bits", "4", "--format", "hf", "--out", str(tmp_path / "hf"), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["dtype"] == "float32"
+    reloaded = AutoModelForCausalLM.from_pretrained(summary["out"])
+    assert reloaded.config.lmcompress["config"]["quantization"]["bits"] == 4

@@ -69,3 +69,12 @@ def test_half_precision_needs_no_quantizer():
     r = recipes(_config(bits=16, dtype16="fp16"))
     assert yaml.safe_load(r.llmcompressor_yaml) == {} and r.gptqmodel == {}
     assert "--outtype f16" in r.llama_quantize
+
+
+def test_cli_writes_recipes_without_loading_a_model(tmp_path, capsys):
+    from lmcompress_core.cli import main
+
+    out = tmp_path / "recipes.txt"
+    assert main(["export", "--bits", "4", "--symmetric", "--method", "gptq", "--format", "recipe", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "GPTQModifier" in text and '"desc_act": false' in text and "Q4_0" in text
