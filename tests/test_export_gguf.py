@@ -182,3 +182,14 @@ def test_cli_export_errors_are_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_download_bytes_is_a_gguf_of_the_run_settings(tmp_path):
+    from lmcompress_core.export import download_bytes, download_note
+
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32, symmetric=True)).to_dict()
+    data = download_bytes("tiny", config, "gguf")
+    (tmp_path / "d.gguf").write_bytes(data)
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "d.gguf")).tensors}
+    assert data[:4] == b"GGUF" and types == {"F32", "Q4_0"}
+    assert "Q4_0 bit for bit" in download_note(config, "gguf")

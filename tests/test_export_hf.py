@@ -76,3 +76,16 @@ def test_cli_exports_the_tiny_model_as_a_hf_folder(tmp_path, capsys):
     assert rc == 0 and summary["dtype"] == "float32"
     reloaded = AutoModelForCausalLM.from_pretrained(summary["out"])
     assert reloaded.config.lmcompress["config"]["quantization"]["bits"] == 4
+
+
+def test_download_bytes_zips_a_loadable_folder(tmp_path):
+    import zipfile
+
+    from lmcompress_core.export import download_bytes
+
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4)).to_dict()
+    data = download_bytes("tiny", config, "hf")
+    (tmp_path / "m.zip").write_bytes(data)
+    zipfile.ZipFile(tmp_path / "m.zip").extractall(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert reloaded.config.lmcompress["config"]["quantization"]["bits"] == 4
