@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import distillation, interactivity, pruning, quality, report, speed, throughput
+from bench import distillation, interactivity, llamacpp, pruning, quality, report, speed, throughput
 from bench.common import FULL, SMOKE, machine, setup_torch, versions
 from bench.context import Context
 
@@ -30,6 +30,7 @@ SECTIONS = {  # run order: cheap and most-quoted first, so a partial run still h
     "pruning": pruning.run,
     "distillation": distillation.run,
     "quality": quality.run,
+    "llamacpp": llamacpp.run,
 }
 
 
