@@ -193,3 +193,28 @@ def test_download_bytes_is_a_gguf_of_the_run_settings(tmp_path):
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "d.gguf")).tensors}
     assert data[:4] == b"GGUF" and types == {"F32", "Q4_0"}
     assert "Q4_0 bit for bit" in download_note(config, "gguf")
+
+
+def test_codes_are_read_from_modules_when_they_carry_them(random_llama, tmp_path):
+    """Compressed weights are moving onto their modules (``module.quantized_weight()``); the export reads
+    them there first and falls back to ``CompressedModel.quantized``."""
+    from lmcompress_core.export._source import quantized_weights
+
+    cm = _compressed(random_llama, SETTINGS["q4_0"][0])
+    codes = dict(cm.quantized)
+    for name, qw in codes.items():
+        cm.model.get_submodule(name).quantized_weight = lambda qw=qw: qw
+    cm.quantized = {}
+    assert quantized_weights(cm) == codes
+    result = export_gguf(cm, random_llama.tokenizer, tmp_path / "model.gguf")
+    assert result.type_counts()["Q4_0"] == 14
+
+
+@pytest.mark.parametrize("dtype16,kind", [("bf16", "BF16"), ("fp16", "F16")])
+def test_half_precision_cast_is_written_exactly(random_llama, tmp_path, dtype16, kind):
+    cm = compress(random_llama.model, CompressionConfig(quantization=QuantizationConfig(bits=16, dtype16=dtype16)))
+    result = export_gguf(cm, random_llama.tokenizer, tmp_path / "model.gguf")
+    assert result.type_counts() == {kind: 16, "F32": 5}  # 14 linear + embeddings + lm_head; 5 norms in F32
+    state = _reload(result).state_dict()
+    for name, p in cm.model.named_parameters():
+        assert torch.equal(p.float(), state[name]), name
