@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmcompress_core.compress import CompressionConfig, compress
 from lmcompress_core.export import export_gguf, gguf_note
 from lmcompress_core.export.gguf import block_type
+from lmcompress_core.export._source import quantized_weights
 from lmcompress_core.layers import set_weight_matrix_
 from lmcompress_core.models import tiny_random_model
 from lmcompress_core.prune import PruningConfig
@@ -81,7 +82,7 @@ def test_random_llama_reloads_with_our_codes_and_logits(random_llama, tmp_path, 
     reloaded = _reload(result)
     state = reloaded.state_dict()
     converted = {entry.split(":")[0] for entry in result.converted}
-    for name, qw in cm.quantized.items():
+    for name, qw in quantized_weights(cm).items():
         w = state[f"{name}.weight"]
         if name in converted:  # F16 of the de-quantized weights
             assert torch.equal(w, qw.dequantize().to(torch.float16).to(torch.float32)), name
@@ -97,7 +98,7 @@ def test_random_llama_reloads_with_our_codes_and_logits(random_llama, tmp_path, 
     scale = ours.abs().max()
     assert (ours - theirs).abs().max() <= LOGIT_TOLERANCE * scale
     reference = copy.deepcopy(cm.model)
-    for name, qw in cm.quantized.items():
+    for name, qw in quantized_weights(cm).items():
         set_weight_matrix_(reference.get_submodule(name), state[f"{name}.weight"])
     assert (_logits(reference, ids) - theirs).abs().max() <= 1e-5 * scale
     linear_types = {t for n, t in result.tensor_types.items() if n.startswith("blk.") and "norm" not in n}
@@ -116,7 +117,7 @@ def test_gguf_reader_lists_exactly_the_types_we_claim(random_llama, tmp_path):
     assert listed["token_embd.weight"] == "F32" and listed["blk.0.attn_norm.weight"] == "F32"
     assert listed["blk.1.ffn_down.weight"] == "Q4_0" and listed["output.weight"] == "F32"  # lm_head not tied here
     q = reader.get_tensor(list(listed).index("blk.0.attn_v.weight"))
-    codes = cm.quantized["model.layers.0.self_attn.v_proj"].codes.numpy()
+    codes = quantized_weights(cm)["model.layers.0.self_attn.v_proj"].codes.numpy()
     blocks = np.asarray(q.data).reshape(codes.shape[0], -1, 18)  # Q4_0 block: fp16 d + 16 bytes of nibbles
     nibbles = np.concatenate([blocks[..., 2:] & 0xF, blocks[..., 2:] >> 4], axis=-1).reshape(codes.shape)
     assert np.array_equal(nibbles, codes)
@@ -198,10 +199,10 @@ def test_download_bytes_is_a_gguf_of_the_run_settings(tmp_path):
 def test_codes_are_read_from_modules_when_they_carry_them(random_llama, tmp_path):
     """Compressed weights are moving onto their modules (``module.quantized_weight()``); the export reads
     them there first and falls back to ``CompressedModel.quantized``."""
-    from lmcompress_core.export._source import quantized_weights
-
     cm = _compressed(random_llama, SETTINGS["q4_0"][0])
-    codes = dict(cm.quantized)
+    codes = dict(quantized_weights(cm))
+    for module in cm.model.modules():  # after the move, only these layers answer with codes
+        module.quantized_weight = lambda: None
     for name, qw in codes.items():
         cm.model.get_submodule(name).quantized_weight = lambda qw=qw: qw
     cm.quantized = {}

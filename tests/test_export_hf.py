@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmcompress_core.compress import CompressionConfig, compress
 from lmcompress_core.export import export_hf
+from lmcompress_core.export._source import quantized_weights
 from lmcompress_core.layers import weight_matrix
 from lmcompress_core.prune import PruningConfig
 from lmcompress_core.quantize import QuantizationConfig
@@ -35,7 +36,7 @@ def test_every_architecture_reloads_with_identical_logits(random_arch, tmp_path)
     assert result.dtype == "float32" and next(reloaded.parameters()).dtype == torch.float32
     ids = _ids(random_arch)
     assert torch.equal(_logits(cm.model, ids), _logits(reloaded, ids))
-    name, qw = next(iter(cm.quantized.items()))
+    name, qw = next(iter(quantized_weights(cm).items()))
     assert torch.equal(weight_matrix(reloaded.get_submodule(name)), qw.dequantize())
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["lmcompress"]["config"]["quantization"]["bits"] == 4
@@ -63,7 +64,7 @@ def test_int8_kernel_model_exports_its_8bit_weights_in_float(tiny_loaded, tmp_pa
     assert "int8" in cm.kernel
     result = export_hf(cm, tiny_loaded.tokenizer, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    for name, qw in cm.quantized.items():
+    for name, qw in quantized_weights(cm).items():
         assert torch.equal(weight_matrix(reloaded.get_submodule(name)), qw.dequantize()), name
     assert "int8 kernel" in result.note
 
