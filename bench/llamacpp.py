@@ -86,7 +86,8 @@ def llamacpp_perplexity(llama_cpp, path: Path, ids: torch.Tensor, context: int) 
 
 def llamacpp_decode_tokens_per_s(llama_cpp, path: Path, prompt: list[int], new_tokens: int, runs: int) -> float:
     """Greedy decode of ``new_tokens`` after ``prompt``: tokens/s, median of ``runs`` after one warm-up."""
-    llm = _llama(llama_cpp, path, len(prompt) + new_tokens + 8, logits_all=False)
+    # logits_all: llama-cpp-python 0.3 copies logits into `scores` only then (one row per decoded token)
+    llm = _llama(llama_cpp, path, len(prompt) + new_tokens + 8, logits_all=True)
     times = []
     for _ in range(runs + 1):
         llm.reset()
