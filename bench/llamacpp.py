@@ -4,7 +4,8 @@
   `lmcompress_core.export.export_gguf` (codes bit for bit in Q4_0 / Q8_0, scales rounded to fp16).
 * Perplexity: the same token ids as every bench section (`Context.eval_ids`, 1024 tokens of the web text) in
   the same non-overlapping windows of 256 (`measure_quality.windows`); llama.cpp returns every position's
-  logits (`logits_all`), the NLL is computed here. Ours is `Context.perplexity` of the compressed model.
+  logits (`logits_all`), the NLL is computed here. Ours is `Context.perplexity` of the compressed model holding
+  the same codes in fp32; for Q8 also of the int8-kernel model the app runs (activations rounded at run time).
 * Decode: the same random prompt ids as `measure_latency` (prompt_tokens, new_tokens of the scale), greedy,
   llama.cpp on 2 threads, warm-up then the median of `runs`; ours is `measure_latency` of the compressed model
   (Q4: fp32 dense with the 4-bit weights simulated; Q8: torch's real int8 kernel, as the app runs it).
@@ -53,14 +54,14 @@ def _version() -> str | None:
         return None
 
 
-def _compressed(ctx, setting: str):
+def _compressed(ctx, setting: str, int8_kernel: bool = False):
+    """Our model at ``setting``; ``int8_kernel``: 8-bit layers on torch's real int8 kernel, as the app runs them."""
     from lmcompress_core.compress import CompressionConfig, compress
     from lmcompress_core.quantize import QuantizationConfig
 
-    config = CompressionConfig(quantization=QuantizationConfig(**SETTINGS[setting]))
-    needs_calibration = setting == "q8"  # the int8 kernel's smoothing and SQNR check
-    return compress(ctx.loaded(ctx.main_model).model, config,
-                    calibration=ctx.calibration(ctx.main_model) if needs_calibration else None)
+    config = CompressionConfig(quantization=QuantizationConfig(**SETTINGS[setting], int8_kernel=int8_kernel))
+    calibration = ctx.calibration(ctx.main_model) if int8_kernel else None  # smoothing and the SQNR check
+    return compress(ctx.loaded(ctx.main_model).model, config, calibration=calibration)
 
 
 def _llama(llama_cpp, path: Path, n_ctx: int, logits_all: bool):
@@ -117,21 +118,23 @@ def _prompt_ids(ctx) -> list[int]:
 
 
 def _measure(ctx, llama_cpp, setting: str, folder: Path) -> dict:
+    """Perplexity of the exported weights (ours in fp32 vs llama.cpp) and decode speed of each runtime."""
     from lmcompress_core.export import export_gguf
 
-    cm = _compressed(ctx, setting)
+    cm = _compressed(ctx, setting)  # the weights the file holds, run in fp32 (simulated)
     exported = export_gguf(cm, ctx.loaded(ctx.main_model).tokenizer, folder / f"{setting}.gguf")
-    ids = ctx.eval_ids(ctx.main_model)
     ours_ppl = ctx.perplexity(cm.model, ctx.main_model)
-    theirs_ppl = llamacpp_perplexity(llama_cpp, exported.path, ids, ctx.scale.context)
+    theirs_ppl = llamacpp_perplexity(llama_cpp, exported.path, ctx.eval_ids(ctx.main_model), ctx.scale.context)
+    row = {"tensor_types": exported.type_counts(), "file_bytes": exported.path.stat().st_size,
+           "ppl_ours": ours_ppl, "ppl_llamacpp": theirs_ppl, "ppl_ratio_llamacpp_over_ours": theirs_ppl / ours_ppl}
+    if setting == "q8":  # the app runs 8 bits on the int8 kernel: time that, and say what it costs in perplexity
+        cm = _compressed(ctx, setting, int8_kernel=True)
+        row["ppl_ours_int8_kernel"] = ctx.perplexity(cm.model, ctx.main_model)
     ours_decode = _ours_decode(ctx, cm)
     theirs_decode = llamacpp_decode_tokens_per_s(llama_cpp, exported.path, _prompt_ids(ctx), ctx.scale.new_tokens,
                                                  ctx.scale.runs)
-    return {"tensor_types": exported.type_counts(), "file_bytes": exported.path.stat().st_size,
-            "our_kernel": cm.kernel, "ppl_ours": ours_ppl, "ppl_llamacpp": theirs_ppl,
-            "ppl_ratio_llamacpp_over_ours": theirs_ppl / ours_ppl,
-            "decode_tokens_per_s_ours": ours_decode, "decode_tokens_per_s_llamacpp": theirs_decode,
-            "decode_ratio_ours_over_llamacpp": ours_decode / theirs_decode}
+    return {**row, "our_kernel": cm.kernel, "decode_tokens_per_s_ours": ours_decode,
+            "decode_tokens_per_s_llamacpp": theirs_decode, "decode_ratio_ours_over_llamacpp": ours_decode / theirs_decode}
 
 
 def run(ctx) -> dict:
