@@ -63,7 +63,7 @@ class GGUFExport:
 # ---------------------------------------------------------------- which GGUF type a layer gets
 def block_type(qw: QuantizedWeight) -> tuple[T | None, str]:
     """(GGUF block type that holds these codes exactly, "") or (None, why not)."""
-    out_features, in_features = qw.shape
+    in_features = qw.shape[1]
     if in_features % BLOCK or (qw.group_size != -1 and qw.group_size % BLOCK):
         return None, f"groups of {qw.group_size} over {in_features} inputs do not split into blocks of 32"
     symmetric = _SYMMETRIC_ZERO.get(qw.bits)
