@@ -28,8 +28,16 @@ test: setup browser
 	$(PY) -m pytest -q
 
 # Peers (torchao, optimum-quanto) go into their own folder with --no-deps, so the app's torch stays 2.13.0 CPU.
+# llama.cpp (llama-cpp-python, a source distribution) is compiled once, CPU only, into .venv/llamacpp (many
+# minutes on 2 cores); a failed build does not stop the bench: its section records why.
+LLAMACPP := .venv/llamacpp/llama_cpp/__init__.py
+LLAMACPP_PINS := llama-cpp-python==0.3.36 diskcache==5.6.3
+
 bench: setup
 	$(PY) -m pip install -q --no-deps --target .venv/bench-peers -r requirements-bench.txt
+	@test -f $(LLAMACPP) || CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		nice -n 10 $(PY) -m pip install -q --no-deps --target .venv/llamacpp $(LLAMACPP_PINS) \
+		|| echo "llama-cpp-python did not build; the llamacpp bench section records it"
 	$(PY) -m bench
 
 # N concurrent browser sessions against `streamlit run` on 127.0.0.1 (not part of `make test`).

@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import distillation, interactivity, pruning, quality, report, speed, sweep, throughput
+from bench import distillation, interactivity, llamacpp, pruning, quality, report, speed, sweep, throughput
 from bench.common import FULL, SMOKE, machine, setup_torch, versions
 from bench.context import Context
 
@@ -33,6 +33,7 @@ SECTIONS = {  # run order: cheap and most-quoted first, so a partial run still h
     "distillation": distillation.run,
     "quality": quality.run,
     "sweep": sweep.run,
+    "llamacpp": llamacpp.run,
 }
 
 

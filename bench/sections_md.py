@@ -120,6 +120,21 @@ def _sweep(s: dict) -> list[str]:
                   "processes share the machine, not a cluster's speed-up.", ""]
 
 
+def _llamacpp(s: dict) -> list[str]:
+    if s.get("skipped"):
+        return [f"Not measured: {s['skipped']}", ""]
+    out = [f"Our exported {_name(s)} GGUFs run by llama-cpp-python {s.get('llama_cpp_python')} ({s.get('threads')} "
+           f"threads): perplexity on {s.get('eval_tokens')} tokens in windows of {s.get('context')}, decode of "
+           f"{s.get('new_tokens')} tokens after {s.get('prompt_tokens')}, median of {s.get('runs')}. {s.get('how')}.",
+           ""]
+    rows = [[k, r.get("tensor_types"), r.get("ppl_ours"), r.get("ppl_llamacpp"), r.get("ppl_ratio_llamacpp_over_ours"),
+             r.get("ppl_ours_real"), r.get("our_kernel"), r.get("decode_tokens_per_s_ours"),
+             r.get("decode_tokens_per_s_llamacpp"), r.get("decode_ratio_ours_over_llamacpp")]
+            for k, r in (s.get("rows") or {}).items()]
+    return out + md_table(["file", "tensor types", "ppl ours (fp32)", "ppl llama.cpp", "ratio", "ppl ours (real)",
+                           "our kernel", "ours tok/s", "llama.cpp tok/s", "ours / llama.cpp"], rows)
+
+
 RENDERERS = {
     "interactivity": ("1. Interactivity", _interactivity),
     "speed": ("2. Real speedups on SmolLM2", _speed),
@@ -128,6 +143,7 @@ RENDERERS = {
     "distillation": ("5. Distillation recovery by temperature", _distillation),
     "throughput": ("6. Evaluation throughput", _throughput),
     "sweep": ("7. Sweeps: serial against a local Ray", _sweep),
+    "llamacpp": ("8. llama.cpp as the runtime peer", _llamacpp),
 }
 
 

@@ -121,6 +121,13 @@ def _why_kd(results: dict) -> str:
             "issue 14.")
 
 
+def _why_llamacpp(results: dict) -> str:
+    rows = _get(results, "sections", "llamacpp", "rows", default={}) or {}
+    q4 = rows.get("q4", {})
+    return (f"Tensor types {q4.get('tensor_types')}; the file's scales are fp16 where ours are fp32, and llama.cpp "
+            "computes in its own precision — a gap beyond that rounding points at a layout or tokenizer mismatch.")
+
+
 REMEDIES = {  # what would shorten each stage of a Report, by stage name in Report.timings
     "latency": "time 1 run while a slider moves and the full median on release",
     "generate": "generate after the charts are drawn, fewer tokens while dragging, and cache the base "
@@ -193,6 +200,8 @@ TARGETS = [
            _ratio_missed(0.92, False), _why_autopilot),
     Target("autopilot_3p0_over_uniform3", "< 0.5 (3.0 bpw vs uniform int3 g128)", lambda v: v < 0.5,
            _ratio_missed(0.5, False), _why_autopilot),
+    Target("llamacpp_ppl_ratio_q4", "within 2% (llama.cpp on our Q4_0 file vs ours, same codes)",
+           lambda v: abs(v - 1) <= 0.02, lambda v: f"{v:.4f}: {100 * abs(v - 1):.1f}% apart", _why_llamacpp),
     Target("interactive_s_default", "≤ 8 s", lambda v: v <= 8.0,
            lambda v: f"{v:.2f} s against 8 s: {v - 8:.2f} s over", _why_interactive("default", 8.0)),
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lmcompress_core {models,prepare,compress,evaluate,sweep}``.
+"""Command line: ``python -m lmcompress_core {models,prepare,compress,evaluate,export,sweep}``.
 
 Errors a person can fix (bad flags, bad values, models that cannot load) print one line ``error: ...`` on
 stderr and exit with status 2, never a traceback; Ctrl-C exits with status 130. Long work draws a progress
@@ -180,6 +180,41 @@ def _cmd_compress(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from lmcompress_core.export import export_gguf, export_hf, recipes
+
+    config = config_from_args(args)
+    out = Path(args.out)
+    if args.format == "recipe":
+        text = recipes(config).to_text()
+        if args.out == "-":
+            print(text)
+            return 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        summary = {"format": "recipe", "out": str(out.resolve()), "config": config.to_dict()}
+    else:
+        from lmcompress_core.compress import compress
+        from lmcompress_core.protocol import calibration_for
+        from lmcompress_core.models import load_model
+
+        loaded = load_model(args.model)
+        cm = compress(loaded.model, config, calibration=calibration_for(loaded, config), callback=ProgressBar())
+        if args.format == "gguf":
+            path = out if out.suffix == ".gguf" else out / "model.gguf"
+            result = export_gguf(cm, loaded.tokenizer, path, name=loaded.card.name)
+            summary = {"tensor_types": result.type_counts(), "converted": result.converted}
+        else:
+            path = out
+            result = export_hf(cm, loaded.tokenizer, path)
+            summary = {"dtype": result.dtype}
+        summary = {"format": args.format, "model": loaded.name, "out": str(path.resolve()), **summary,
+                   "note": result.note, "config": config.to_dict()}
+    print(json.dumps(summary, indent=2) if args.json else f"wrote {summary['out']} ({args.format})" + (
+        f": {summary['note']}" if "note" in summary else ""))
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from lmcompress_core.measure import evaluate
     from lmcompress_core.models import load_model
@@ -298,7 +333,8 @@ def _add_sweep_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m lmcompress_core", description="LM Compression Lab: compress and measure LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,prepare,compress,evaluate,sweep}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{models,prepare,compress,evaluate,export,sweep}")
     models = sub.add_parser("models", help="list the models the app knows")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=_cmd_models)
@@ -323,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-generation", action="store_true")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(run=_cmd_evaluate)
+    ex = sub.add_parser("export", help="compress and write a GGUF file, a Hugging Face folder or recipes for other tools")
+    _add_model_flag(ex)
+    _add_compression_flags(ex)
+    ex.add_argument("--format", required=True, choices=("gguf", "hf", "recipe"),
+                    help="gguf (Llama models; llama.cpp) | hf (safetensors folder) | recipe (llm-compressor, "
+                         "GPTQModel, llama-quantize)")
+    ex.add_argument("--out", required=True, help="gguf: a .gguf file or a folder; hf: a folder; recipe: a file or -")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(run=_cmd_export)
     _add_sweep_parser(sub)
     return parser
 

@@ -101,7 +101,7 @@ def runtime_bytes(model) -> int:
     return total
 
 
-def _prompt(model, tokenizer, prompt_tokens: int, new_tokens: int) -> torch.Tensor:
+def latency_prompt(model, tokenizer, prompt_tokens: int, new_tokens: int) -> torch.Tensor:
     vocab = model.config.vocab_size
     if tokenizer is not None:
         vocab = min(vocab, len(tokenizer))
@@ -136,7 +136,7 @@ def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_
     """
     _check_runs(runs, new_tokens, prompt_tokens)
     device = model_device(model)
-    ids = _prompt(model, tokenizer, prompt_tokens, new_tokens).to(device)
+    ids = latency_prompt(model, tokenizer, prompt_tokens, new_tokens).to(device)
     timings = [_one_run(model, ids, new_tokens, device) for _ in range(warmup + runs)][warmup:]
     return _latency_report(model, ids, kernel, new_tokens, timings, warmup, bytes_per_token, bytes_basis)
 
@@ -151,7 +151,7 @@ def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], promp
     two reports and their SpeedRatio; ``simulated`` (nothing really runs faster) pins the printed ratio to ≈ 1×.
     """
     _check_runs(runs, new_tokens, prompt_tokens)
-    ids = _prompt(model, tokenizer, prompt_tokens, new_tokens)
+    ids = latency_prompt(model, tokenizer, prompt_tokens, new_tokens)
     pairs = []
     for _ in range(warmup + runs):
         pairs.append((_one_run(base, ids.to(model_device(base)), new_tokens, model_device(base)),

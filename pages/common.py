@@ -138,6 +138,11 @@ def model_list() -> list[dict]:
     return list_models()
 
 
+def loaded_model(name: str):
+    """The LoadedModel for ``name`` from the app's shared cache (loaded once per process, never mutated)."""
+    return _load(name)
+
+
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _load(name: str):
     # A ModelError is not cached: the next attempt (after fixing the path, say) tries again.

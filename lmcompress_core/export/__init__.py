@@ -1,0 +1,15 @@
+"""Take a compressed model away: a GGUF file (llama.cpp), a Hugging Face folder, and recipes for other tools.
+
+    export_gguf(cm, tokenizer, path)      -> GGUFExport   codes bit-exact where a GGUF block type matches
+    export_hf(cm, tokenizer, folder)      -> HFExport     de-quantized safetensors any transformers loads
+    recipes(config)                       -> Recipes      llm-compressor YAML, GPTQModel config, llama-quantize
+    gguf_note(config)                     -> str          what a GGUF export keeps exactly, before building it
+    download_bytes(model, config, fmt)    -> bytes        one export as a file, for the app's download button
+"""
+from .download import FORMATS, download_bytes, download_note
+from .gguf import GGUFExport, export_gguf, gguf_note
+from .hf import HFExport, export_hf
+from .recipes import Recipes, recipes
+
+__all__ = ["FORMATS", "GGUFExport", "HFExport", "Recipes", "download_bytes", "download_note", "export_gguf", "export_hf",
+           "gguf_note", "recipes"]
