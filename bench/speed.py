@@ -18,7 +18,7 @@ import time
 
 # what run() returns, key for key (bench/__main__.py checks it)
 KEYS = (
-    "headline", "rows", "prompt_tokens", "new_tokens", "runs_per_round", "rounds", "model", "seconds",
+    "headline", "rows", "perplexity", "prompt_tokens", "new_tokens", "runs_per_round", "rounds", "model", "seconds",
 )
 
 
