@@ -53,9 +53,10 @@ def _why_hqq(results: dict) -> str:
     rows = {r.get("name"): r.get("perplexity") for r in quality.get("rows", [])}
     return (f"HQQ fits zero-points to minimise an l_p (p = 0.7) weight error, not the layer output: int3 g64 "
             f"{_fmt(rows.get('ours HQQ int3 g64'))} against RTN {_fmt(rows.get('ours RTN int3 g64 asym'))}, int4 g128 "
-            f"{_fmt(rows.get('ours HQQ int4 g128'))} against {_fmt(rows.get('ours RTN int4 g128'))}. With 0 already on "
-            "RTN's grid, the fractional zero-points HQQ finds lose that property; fitting the scale too, or starting "
-            "from the integer-zero grid, would close it.")
+            f"{_fmt(rows.get('ours HQQ int4 g128'))} against {_fmt(rows.get('ours RTN int4 g128'))}. The paper's fractional "
+            "zero-points take 0 off the grid (int3 g64 measured 101.7), so ours rounds them back to integer codes, "
+            "and then few of them move: HQQ ties RTN here. Fitting the scale as well, or an output-aware method "
+            "(AWQ, or GPTQ with calibration), would close it.")
 
 
 def _why_autopilot(results: dict) -> str:

@@ -33,15 +33,14 @@ def test_hqq_grid_never_worse_than_its_start():
 
 
 @pytest.mark.parametrize("bits, group_size", [(3, 64), (4, 128), (2, 32)])
-def test_hqq_weight_error_below_rtn(bits, group_size):
-    """HQQ minimises an l_p (p<1) weight error: on heavy-tailed rows (like LLM weights) its mean absolute error
-    is below RTN's on either grid; its codes reproduce its weights."""
+def test_hqq_keeps_zero_on_the_grid_and_rtn_weight_error(bits, group_size):
+    """HQQ starts from the integer-zero grid and rounds its fitted zero-points back to integer codes (a
+    fractional zero-point loses 0 on the grid: SmolLM2 int3 g64 perplexity 101.7 against 27.1), so its weight
+    error stays within 1% of RTN's on that grid."""
     torch.manual_seed(bits)
     w = torch.distributions.StudentT(4.0).sample((64, 512)) * 0.02
     hqq = quantize_weight(w, QuantizationConfig(bits=bits, group_size=group_size, method="hqq"))
     assert int(hqq.codes.max()) <= 2 ** bits - 1 and hqq.scales.shape == (64, 512 // group_size)
-    error = (w - hqq.dequantize()).abs().mean()
-    for grid in ("integer-zero", "minmax"):
-        rtn = quantize_weight(w, QuantizationConfig(bits=bits, group_size=group_size, grid=grid))
-        assert error < 0.98 * (w - rtn.dequantize()).abs().mean()  # measured 0.93–0.97
-    assert torch.equal(hqq.scales.half().float(), hqq.scales) and torch.equal(hqq.zeros.half().float(), hqq.zeros)
+    assert torch.equal(hqq.zeros, hqq.zeros.round()) and torch.equal(hqq.scales.half().float(), hqq.scales)
+    rtn = quantize_weight(w, QuantizationConfig(bits=bits, group_size=group_size))
+    assert (w - hqq.dequantize()).abs().mean() < 1.01 * (w - rtn.dequantize()).abs().mean()
