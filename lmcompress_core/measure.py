@@ -190,6 +190,10 @@ def _how_perplexity(p: PerplexityReport) -> dict[str, str]:
         "base_perplexity": "the uncompressed base model on the same tokens, in the same pass",
         "kl_to_base": "mean over the same tokens of KL(p_base ‖ p_compressed), in nats",
         "top1_agreement": "share of the same tokens where both models' most likely next token is the same",
+        "quality_stats": "from the same pass, as llama.cpp's perplexity tool reports them: mean, median, 99th and "
+                         "99.9th percentile of the per-token KL(p_base ‖ p_compressed) in nats, the share of tokens "
+                         "whose most likely next token is the same, and the RMS of Δp = p(correct token) − "
+                         "p_base(correct token), in percentage points",
     }
 
 

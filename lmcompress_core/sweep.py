@@ -23,7 +23,7 @@ from .protocol import EvalProtocol
 from .prune import PruningConfig
 from .quantize import QuantizationConfig
 
-COLUMNS = ["label", "bits", "sparsity", "method", "size_mb", "packed_bytes", "perplexity", "stderr",
+COLUMNS = ["label", "bits", "sparsity_pct", "method", "size_mb", "packed_bytes", "perplexity", "stderr",
            "kl_to_base", "top1_agreement", "prefill_ms", "decode_tokens_per_s", "kernel", "config"]
 
 
@@ -57,7 +57,7 @@ def report_row(report, config: CompressionConfig) -> dict:
     return {
         "label": config_label(config.to_dict()),
         "bits": q.bits if q else 32,
-        "sparsity": p.sparsity if p else 0.0,
+        "sparsity_pct": round(100 * p.sparsity, 6) if p else 0.0,   # percent, as the page shows it
         "method": q.method if q else "none",
         "size_mb": (size.get("packed_bytes") or size.get("theoretical_bytes") or 0) / 1e6,
         "packed_bytes": size.get("packed_bytes"),

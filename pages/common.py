@@ -399,6 +399,19 @@ def describe_config(config: dict | None) -> str:
     return plots.describe_config(config)
 
 
+def export_download(report: dict, key: str) -> None:
+    """Download the compressed model of ``report`` as GGUF or a Hugging Face folder, built only when clicked,
+    with what is exact and what is converted said before the download."""
+    from lmcompress_core import export
+
+    fmt = st.radio("Export format", list(export.FORMATS), format_func=lambda f: export.FORMATS[f][0],
+                   horizontal=True, key=f"{key}_format")
+    st.caption(export.download_note(report["config"], fmt))
+    label, file_name, mime = export.FORMATS[fmt]
+    st.download_button(f"Download {label}", file_name=file_name, mime=mime, key=f"{key}_download",
+                       data=lambda: export.download_bytes(loaded_model(report["model"]), report["config"], fmt))
+
+
 def config_heading(config: dict | None) -> None:
     """A configuration as a plain-language heading; the compact notation (4-bit g128 asym RTN) on hover."""
     st.subheader(describe_config(config), help=f"In short: {config_label(config)}")

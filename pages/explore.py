@@ -175,6 +175,8 @@ if report is not None:
             st.subheader("Generations")
             common.generations(report["generation"])
             st.caption(common.md_escape(plots.report_how(report).get("generation", "")))
+        with st.expander("Take this model away (GGUF, Hugging Face folder)"):
+            common.export_download(report, key="explore_export")
     with trail_col:
         trail = [r for r in st.session_state["trail"] if r.get("model") == loaded.name]
         current = next((i for i, r in enumerate(trail) if r.get("run_key") == report.get("run_key")), None)

@@ -1,7 +1,7 @@
 """Report: one click -> a self-contained HTML report; the session's runs history exported and imported as JSON."""
 import streamlit as st
 
-from lmcompress_core import export, plots, report_html
+from lmcompress_core import plots, report_html
 from pages import common
 
 st.title("Report")
@@ -53,11 +53,4 @@ for model in dict.fromkeys(r.get("model") for r in trail):   # one chart per mod
 if current is not None:
     st.divider()
     st.subheader("Take the compressed model away")
-    fmt = st.radio("Export format", list(export.FORMATS), format_func=lambda f: export.FORMATS[f][0],
-                   horizontal=True, key="export_format")
-    st.caption(export.download_note(current["config"], fmt))
-    label, file_name, mime = export.FORMATS[fmt]
-    # Built only when clicked: the model is compressed again with this run's settings and written.
-    st.download_button(f"Download {label}", file_name=file_name, mime=mime, key="export_download",
-                       data=lambda: export.download_bytes(common.loaded_model(current["model"]), current["config"],
-                                                          fmt))
+    common.export_download(current, key="report_export")

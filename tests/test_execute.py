@@ -22,7 +22,7 @@ from lmcompress_core.sensitivity import layer_sensitivity
 ray = pytest.importorskip("ray")
 
 PROTOCOL = {"protocol": EvalProtocol(eval_tokens=128, latency=False, generation=False)}
-DETERMINISTIC = ["label", "bits", "sparsity", "method", "size_mb", "packed_bytes", "config"]
+DETERMINISTIC = ["label", "bits", "sparsity_pct", "method", "size_mb", "packed_bytes", "config"]
 MEASURED = ["perplexity", "stderr", "kl_to_base", "top1_agreement"]
 
 

@@ -51,7 +51,7 @@ def test_run_sweep_rows_progress_and_frontiers():
     assert [p.step for p in seen] == [0, 1, 2, 3, 4, 5, 6] and seen[-1].total == 6
     assert table["pareto_size"].any() and table["pareto_latency"].any()
     best = table.sort_values("perplexity").iloc[0]
-    assert best["bits"] == 8 and best["sparsity"] == 0.0 and best["pareto_size"]
+    assert best["bits"] == 8 and best["sparsity_pct"] == 0.0 and best["pareto_size"]
     assert CompressionConfig.from_dict(json.loads(best["config"])).quantization.bits == 8
     assert "8-bit" in best["label"]
 
