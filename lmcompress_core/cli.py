@@ -293,7 +293,7 @@ def _sweep_template(args) -> argparse.Namespace:
     return argparse.Namespace(bits=4, group_size=args.group_size, symmetric=args.symmetric, method="rtn",
                               act_order=False, no_int8_kernel=False, dtype16="bf16", sparsity=0.0,
                               pattern="unstructured", distill_steps=0, include_embeddings=False, runtime="real",
-                              head="int8")
+                              head="int8", grid="integer-zero")
 
 
 def _comma_list(kind):

@@ -83,7 +83,8 @@ def test_a_killed_worker_loses_nothing(local_ray, tiny_loaded, configs, serial_t
 
 def test_a_failing_task_is_retried_once_and_the_others_are_kept(local_ray, tiny_loaded):
     good = CompressionConfig(quantization=QuantizationConfig(bits=4)).to_dict()
-    outcomes = list(local_ray.map(tiny_loaded, "evaluate", [{"config": {"bogus": 1}}, {"config": good}], PROTOCOL))
+    options = {"protocol": PROTOCOL["protocol"].to_dict()}   # plain data crosses to the workers
+    outcomes = list(local_ray.map(tiny_loaded, "evaluate", [{"config": {"bogus": 1}}, {"config": good}], options))
     bad = [o for o in outcomes if o.index == 0]
     assert [(o.attempt, o.retrying, o.ok) for o in bad] == [(1, True, False), (2, False, False)]
     assert all("unknown compression setting" in o.error and "ValueError" in o.error for o in bad)
