@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from lmcompress_core.measure_quality import GenerationReport, PerplexityReport, generate_side_by_side, score_tokens
+from lmcompress_core.measure_quality import (GenerationReport, PerplexityReport, base_continuations,
+                                             generate_side_by_side, score_tokens)
 from lmcompress_core.measure_speed import LatencyReport, SpeedRatio, measure_latency_pair, runtime_bytes
 from lmcompress_core.packing import pack_model, write_packed
 from lmcompress_core.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
@@ -295,7 +296,7 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
     if protocol.generation:
         gen = stages.run("generate", "generating side by side", lambda: generate_side_by_side(
             loaded.model, cm.model, loaded.tokenizer, prompt_for(loaded.name, protocol), protocol.new_tokens,
-            protocol.seed))
+            protocol.seed, base=_base_continuations(loaded, protocol)))
     ppl = _CACHE.get(ppl_key) if use_cache else None
     if ppl is None:
         ppl = stages.run("perplexity", f"scoring up to {protocol.eval_tokens} tokens", lambda: _perplexities(
@@ -348,6 +349,17 @@ def _latency(loaded, cm, size: SizeReport, protocol: EvalProtocol):
                      "packed size: every byte of the packed file read once per token, as a kernel reading packed "
                      "weights would"),
         simulated=size.simulated)
+
+
+def _base_continuations(loaded, protocol: EvalProtocol) -> dict:
+    """The base model's continuations, computed once per (model, prompt, tokens, seed) and shared by every setting."""
+    prompt = prompt_for(loaded.name, protocol)
+    key = ("base-continuations", loaded.name, prompt, protocol.new_tokens, protocol.seed)
+    found = _CACHE.get(key)
+    if found is None:
+        found = base_continuations(loaded.model, loaded.tokenizer, prompt, protocol.new_tokens, protocol.seed)
+        _CACHE.put(key, found)
+    return found
 
 
 def _perplexities(model, loaded, text_body, text_label, protocol: EvalProtocol, stages):

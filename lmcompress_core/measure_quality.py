@@ -215,19 +215,31 @@ def prompt_ids_for(model, tokenizer, prompt: str, new_tokens: int) -> tuple[torc
     return ids, notice
 
 
+def base_continuations(base_model, tokenizer, prompt: str, new_tokens: int = 32, seed: int = 0) -> dict:
+    """The base model's greedy and sampled token ids for a prompt: they do not depend on any compression setting,
+    so evaluate computes them once per (model, prompt, new_tokens, seed) and reuses them."""
+    ids, _ = prompt_ids_for(base_model, tokenizer, prompt, new_tokens)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return {"greedy": decode(base_model, ids, new_tokens, stop_at=eos)[0],
+            "sampled": decode(base_model, ids, new_tokens, sample=True, seed=seed, stop_at=eos)[0]}
+
+
 def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens: int = 32,
-                          seed: int = 0) -> GenerationReport:
-    """Greedy and sampled continuations of one prompt by both models, same seed; where greedy outputs diverge."""
+                          seed: int = 0, base: dict | None = None) -> GenerationReport:
+    """Greedy and sampled continuations of one prompt by both models, same seed; where greedy outputs diverge.
+
+    ``base`` (from base_continuations) skips decoding with the base model again.
+    """
     ids, notice = prompt_ids_for(model, tokenizer, prompt, new_tokens)
     eos = getattr(tokenizer, "eos_token_id", None)
-    base, _ = decode(base_model, ids, new_tokens, stop_at=eos)
+    base = base or base_continuations(base_model, tokenizer, prompt, new_tokens, seed)
     comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos)
-    sampled_base, _ = decode(base_model, ids, new_tokens, sample=True, seed=seed, stop_at=eos)
     sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos)
     text = lambda toks: tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
     pieces = lambda toks: [tokenizer.decode([t]) for t in toks]  # noqa: E731
     return GenerationReport(
-        prompt=prompt, base=text(base), compressed=text(comp), first_divergence=first_divergence(base, comp),
-        compressed_logprobs=comp_logprobs, sampled_base=text(sampled_base), sampled_compressed=text(sampled_comp),
-        seed=seed, base_tokens=pieces(base), compressed_tokens=pieces(comp), prompt_tokens=int(ids.numel()),
+        prompt=prompt, base=text(base["greedy"]), compressed=text(comp),
+        first_divergence=first_divergence(base["greedy"], comp), compressed_logprobs=comp_logprobs,
+        sampled_base=text(base["sampled"]), sampled_compressed=text(sampled_comp), seed=seed,
+        base_tokens=pieces(base["greedy"]), compressed_tokens=pieces(comp), prompt_tokens=int(ids.numel()),
         notice=notice)

@@ -41,7 +41,7 @@ WIDGETS = {  # widget key -> default; values survive page switches through st.se
     "bits": 4, "sparsity": 0, "temperature": 2.0, "kd": False, "steps": 20,
     "granularity": "group", "group_size": 128, "symmetric": False, "method": "rtn",
     "prune_method": "magnitude", "pattern": "unstructured", "alpha": 0.5, "eval_tokens": 512,
-    "new_tokens": 32, "latency_runs": 5, "runtime": "real", "grid": "integer-zero", "prompt": DEFAULT_PROMPT,
+    "new_tokens": 32, "latency_runs": 3, "runtime": "real", "grid": "integer-zero", "prompt": DEFAULT_PROMPT,
 }
 
 

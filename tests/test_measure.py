@@ -292,3 +292,13 @@ def test_protocol_validates_and_keys_by_text_hash():
         EvalProtocol(eval_tokens=0)
     assert EvalProtocol(text="abc").key("h1") != EvalProtocol(text="abc").key("h2")
     assert EvalProtocol.explore().eval_tokens < EvalProtocol.precise().eval_tokens
+
+
+def test_base_continuations_are_computed_once_for_every_setting(loaded, monkeypatch):
+    calls = []
+    real = measure.base_continuations
+    monkeypatch.setattr(measure, "base_continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    protocol = replace(FAST, latency=False, prompt="a single man")
+    first = measure.evaluate(loaded, CompressionConfig(), protocol)
+    second = measure.evaluate(loaded, CompressionConfig(pruning=PruningConfig(sparsity=0.5)), protocol)
+    assert len(calls) == 1 and first.generation.base == second.generation.base
