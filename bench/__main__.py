@@ -3,7 +3,7 @@
     python -m bench                      # the full run behind `make bench`: writes bench/results.json and .md
     python -m bench --smoke              # the harness at tiny scale, written to /tmp/lmcompress-bench-smoke
     python -m bench --only speed --out /tmp/x   # some sections, to another folder (marked partial)
-    python -m bench --render             # rewrite results.md and README's table from results.json (no measuring)
+    python -m bench --render             # derive headline/targets, results.md, README's table again (no measuring)
 
 The committed results are one whole run of the committed code: nothing is merged into them, `--only` never
 writes into bench/, and each section's result must carry exactly the keys its module declares (KEYS).
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             print(f"error: no {out / 'results.json'} to render; run `python -m bench` first", file=sys.stderr)
             return 2
         results = json.loads((out / "results.json").read_text())
-        report.render(results, out)
+        report.finish(results, out)   # derived fields (headline, warning, targets) again; measurements untouched
         print(report.headline_table(results))
         return 0
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SECTIONS)

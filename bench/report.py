@@ -33,10 +33,12 @@ def collect_headline(results: dict) -> dict:
 
 
 def busy_sections(results: dict) -> dict[str, float]:
-    """Sections that started while other processes loaded the CPU (load average above half the cores)."""
-    cores = (results.get("machine") or {}).get("cores") or 1
+    """Sections that started while other processes loaded the CPU: a 1-minute load average above what the bench's
+    own torch threads explain (the previous section keeps it near their count) by more than half a core."""
+    machine = results.get("machine") or {}
+    own = machine.get("torch_threads") or machine.get("cores") or 1
     return {name: s["load_average_at_start"] for name, s in results.get("sections", {}).items()
-            if (s.get("load_average_at_start") or 0) > 0.5 * cores}
+            if (s.get("load_average_at_start") or 0) > own + 0.5}
 
 
 def finish(results: dict, out: Path) -> None:
