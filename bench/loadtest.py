@@ -50,6 +50,7 @@ class Session:
     sparsity: int = 0                      # percent
     requests: int = 0                      # slider moves sent
     runs: int = 1                          # Reports this session should have (the first page load is one)
+    configurations: set = field(default_factory=set)   # distinct settings shown: the trail has one point each
     errors: list[str] = field(default_factory=list)
     final: dict = field(default_factory=dict)
     seconds_per_move: list[float] = field(default_factory=list)
@@ -88,10 +89,11 @@ def expected_settings(session: Session) -> dict:
 
 
 def expected_label(session: Session) -> str:
-    from lmcompress_core.plots import config_label
+    """The heading the page shows for the session's configuration (plain words, as Explore writes it)."""
+    from lmcompress_core.plots import describe_config
 
     build_config = app_model()[3]
-    return config_label(build_config(expected_settings(session)).to_dict())
+    return describe_config(build_config(expected_settings(session)).to_dict())
 
 
 # ---------------------------------------------------------------- the browser side
@@ -105,7 +107,9 @@ async def _page_state(page) -> dict:
         const errors = q('[data-testid="stException"], [data-testid="stAlertContentError"]')
             .map(e => e.innerText.slice(0, 200));
         const trail = q('[data-testid="stPlotlyChart"]').filter(c => /Trail/.test(c.textContent || ''));
-        const trailPoints = trail.length ? trail[0].querySelectorAll('path.point').length : null;
+        // the "runs" trace is the trail's last scatter trace (the frontier's rings come first)
+        const traces = trail.length ? trail[0].querySelectorAll('g.trace.scatter') : [];
+        const trailPoints = traces.length ? traces[traces.length - 1].querySelectorAll('path.point').length : null;
         const bartext = q('[data-testid="stPlotlyChart"]')
             .map(c => Array.from(c.querySelectorAll('text.bartext')).map(t => t.textContent));
         const progress = q('[data-testid="stProgress"]').length;
@@ -156,6 +160,7 @@ async def run_session(pw, session: Session, url: str, rounds: int, barrier: asyn
         page = context.pages[0] if context.pages else await context.new_page()
         await page.goto(f"{url}/?model=tiny", wait_until="domcontentloaded", timeout=WAIT_S * 1000)
         await wait_for_report(page, expected_label(session))
+        session.configurations.add(expected_label(session))
         for round_index in range(rounds):
             for label in session.moves:
                 direction = _step(session, label, bits_count)
@@ -165,6 +170,7 @@ async def run_session(pw, session: Session, url: str, rounds: int, barrier: asyn
                 session.requests += 1
                 session.runs += 1
                 await wait_for_report(page, expected_label(session))
+                session.configurations.add(expected_label(session))
                 session.seconds_per_move.append(time.monotonic() - start)
             if await _round_end(barrier) == 0:
                 marks.append({"round": round_index + 1, "rss_bytes": server.rss(), "t": time.monotonic()})
@@ -238,9 +244,11 @@ def check_session(session: Session, reference: dict) -> list[str]:
     ppl_numbers = _numbers(bars[2]) if len(bars) > 2 else []
     if not any(abs(v - ppl) <= 0.005 * ppl + 0.01 for v in ppl_numbers):
         problems.append(f"perplexity chart {bars[2] if len(bars) > 2 else None} lacks {ppl:.2f}")
-    # The trail chart has one point per run of this session: a point from another session would show here.
-    if session.final.get("trailPoints") != session.runs:
-        problems.append(f"trail chart has {session.final.get('trailPoints')} runs, this session made {session.runs}")
+    # The trail chart has one point per configuration this session showed (a setting tried twice is one point):
+    # a point from another session would show here.
+    if session.final.get("trailPoints") != len(session.configurations):
+        problems.append(f"trail chart has {session.final.get('trailPoints')} points, this session showed "
+                        f"{len(session.configurations)} configurations")
     return problems
 
 
