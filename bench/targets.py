@@ -131,8 +131,8 @@ def _why_llamacpp(results: dict) -> str:
 
 REMEDIES = {  # what would shorten each stage of a Report, by stage name in Report.timings
     "latency": "time 1 run while a slider moves and the full median on release",
-    "generate": "generate after the charts are drawn, fewer tokens while dragging, and cache the base "
-                "model's greedy and sampled continuations (they do not change with the configuration)",
+    "generate": "generate after the charts are drawn and stream the tokens, fewer tokens while dragging (the "
+                "base model's continuations are already computed once and reused)",
     "perplexity": "score fewer tokens while dragging and cache the base model's token losses "
                   "(recomputed at every change today)",
     "compress": "reuse the previous quantized layers when only pruning changes",
