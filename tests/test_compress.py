@@ -9,7 +9,6 @@ from transformers.pytorch_utils import Conv1D
 from lmcompress_core.compress import (_HANDLERS, Cancelled, CompressedModel, CompressionConfig, Progress,
                                       compress)
 from lmcompress_core.distill import DistillationConfig
-from lmcompress_core.layers import weight_matrix
 from lmcompress_core.prune import PruningConfig
 from lmcompress_core.quantize import QuantizationConfig
 
