@@ -9,10 +9,15 @@ from pages import common
 ICON = Path(__file__).resolve().parent / "assets" / "icon.png"
 st.set_page_config(page_title="LM Compression Lab", page_icon=str(ICON), layout="wide")
 # Streamlit's own Stop (top right) halts the script wherever it is and can leave a page half-drawn; each page's
-# Stop button cancels cleanly and says what was kept, so it is the only one shown. A previous result shown
-# while a new one computes is dimmed (its containers are keyed "previous-…").
+# Stop button cancels cleanly and says what was kept, so it is the only one shown. While a script runs Streamlit
+# shows its status widget: a previous result shown while a new one computes (containers keyed "previous-…") is
+# dimmed only then, and a page's Stop button and progress bar (containers keyed "running-…") are hidden whenever
+# no script runs, so a run halted some other way (a keyboard or menu path to Streamlit's stop) leaves no dead
+# Stop button or frozen bar behind, and the previous result readable.
 st.html("<style>[data-testid='stStatusWidget'] button {display: none !important;}"
-        "[class*='st-key-previous-'] {opacity: 0.45; filter: grayscale(0.7);}</style>")
+        "body:has([data-testid='stStatusWidget']) [class*='st-key-previous-'] {opacity: 0.45; filter: grayscale(0.7);}"
+        "body:not(:has([data-testid='stStatusWidget'])) [class*='st-key-running-'] {display: none !important;}"
+        "</style>")
 common.init_session()
 
 PAGES = [

@@ -289,30 +289,92 @@ def trail_figure(trail: Iterable[Any], current: int | None = None) -> go.Figure:
 
 
 def pareto_figure(df, x: str, y: str, title: str, x_title: str, y_title: str,
-                  frontier: str | None = None, hover: str = "label") -> go.Figure:
+                  frontier: str | None = None, hover: str = "label", text: str | None = None,
+                  note: str = "") -> go.Figure:
     """Sweep scatter with the Pareto frontier highlighted and joined by a line.
 
     ``frontier`` names a boolean column that marks it (sweep.with_pareto); without one, x and y are
-    both minimised here.
+    both minimised here. ``text`` names a column of short labels printed beside the points (placed so that
+    they overlap as little as the plot allows); a row with ``is_original`` is drawn as a blue diamond. ``note``
+    replaces the frontier: it is printed under the title and no frontier is drawn (say why there is none).
     """
     fig = go.Figure()
-    df = df[df[y].notna()]
+    df = df[df[y].notna() & df[x].notna()]
     if len(df):
-        mask = list(df[frontier]) if frontier else pareto_mask(list(df[x]), list(df[y]))
-        on = df[mask].sort_values(x)
-        off = df[[not m for m in mask]]
-        fig.add_trace(go.Scatter(x=off[x], y=off[y], mode="markers", name="dominated",
-                                 marker={"size": 10, "color": MUTED_COLOR}, customdata=off[[hover]],
-                                 hovertemplate="%{customdata[0]}<br>%{x:.3g}, ppl %{y:.2f}<extra></extra>"))
-        fig.add_trace(go.Scatter(x=on[x], y=on[y], mode="lines+markers", name="Pareto frontier",
-                                 marker={"size": 13, "color": COMPRESSED_COLOR},
-                                 line={"color": COMPRESSED_COLOR}, customdata=on[[hover]],
-                                 hovertemplate="%{customdata[0]}<br>%{x:.3g}, ppl %{y:.2f}<extra></extra>"))
+        mask = [False] * len(df) if note else (list(df[frontier]) if frontier else
+                                                 pareto_mask(list(df[x]), list(df[y])))
+        original = list(df["is_original"]) if "is_original" in df else [False] * len(df)
+        groups = (("dominated", [not m and not o for m, o in zip(mask, original)], MUTED_COLOR, "circle"),
+                  ("Pareto frontier", [m and not o for m, o in zip(mask, original)], COMPRESSED_COLOR, "circle"),
+                  ("original", original, BASE_COLOR, "diamond"))
+        positions = label_positions(list(df[x]), list(df[y]), list(df[text])) if text else None
+        for name, keep, color, symbol in groups:
+            _pareto_trace(fig, df, keep, x, y, hover, text, positions, name, color, symbol)
+        _frontier_line(fig, df[mask], x, y)
     fig.update_xaxes(title_text=x_title)
     fig.update_yaxes(title_text=y_title)
-    fig = _layout(fig, title, height=420)
-    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.2})
+    full_title = title + (f"<br><sup>{'<br>'.join(_wrap(note, 70))}</sup>" if note else "")
+    fig = _layout(fig, full_title, height=460 if note else 420)
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.2},
+                      margin={"t": 110 if note else 60})
     return fig
+
+
+def _pareto_trace(fig, df, keep, x, y, hover, text, positions, name, color, symbol) -> None:
+    part = df[keep]
+    if not len(part) and name != "Pareto frontier":
+        return
+    shown = [p for p, k in zip(positions, keep) if k] if positions else None
+    fig.add_trace(go.Scatter(
+        x=part[x], y=part[y], mode="markers+text" if text else "markers", name=name,
+        text=list(part[text]) if text else None, textposition=shown, textfont={"size": 13, "color": "#333"},
+        cliponaxis=False, marker={"size": 14 if symbol == "diamond" else 11, "color": color, "symbol": symbol},
+        customdata=part[[hover]], hovertemplate="%{customdata[0]}<br>%{x:.3g}, ppl %{y:.2f}<extra></extra>"))
+
+
+def _frontier_line(fig, on, x: str, y: str) -> None:
+    if len(on) > 1:
+        on = on.sort_values(x)
+        fig.add_trace(go.Scatter(x=on[x], y=on[y], mode="lines", line={"color": COMPRESSED_COLOR, "dash": "dot"},
+                                 hoverinfo="skip", showlegend=False))
+
+
+LABEL_SPOTS = ("top center", "bottom center", "middle right", "middle left", "top right", "bottom left",
+               "top left", "bottom right")
+
+
+def label_positions(xs: Sequence[float], ys: Sequence[float], texts: Sequence[str],
+                    width_px: float = 560, height_px: float = 300, font_px: float = 13) -> list[str]:
+    """A textposition per point chosen greedily so that labels overlap each other and the markers as little as
+    possible; boxes are estimated in pixels of a plot ``width_px`` × ``height_px`` (plotly places no labels itself).
+    """
+    def scale(values, size):
+        low, high = min(values), max(values)
+        return [(v - low) / (high - low) * size if high > low else size / 2 for v in values]
+
+    px, py = scale(xs, width_px), scale(ys, height_px)
+    taken = [(a - 6, b - 6, a + 6, b + 6) for a, b in zip(px, py)]   # the markers themselves
+    chosen = []
+    for a, b, label in zip(px, py, texts):
+        w, h = 0.6 * font_px * len(str(label)), font_px + 2
+        boxes = {spot: _label_box(spot, a, b, w, h) for spot in LABEL_SPOTS}
+        spot = min(LABEL_SPOTS, key=lambda s: (sum(_overlap(boxes[s], t) for t in taken), LABEL_SPOTS.index(s)))
+        taken.append(boxes[spot])
+        chosen.append(spot)
+    return chosen
+
+
+def _label_box(spot: str, a: float, b: float, w: float, h: float) -> tuple[float, float, float, float]:
+    vertical, horizontal = spot.split()
+    y0 = {"top": b + 8, "middle": b - h / 2, "bottom": b - 8 - h}[vertical]
+    x0 = {"center": a - w / 2, "right": a + 8, "left": a - 8 - w}[horizontal]
+    return x0, y0, x0 + w, y0 + h
+
+
+def _overlap(one: tuple, two: tuple) -> float:
+    dx = min(one[2], two[2]) - max(one[0], two[0])
+    dy = min(one[3], two[3]) - max(one[1], two[1])
+    return dx * dy if dx > 0 and dy > 0 else 0.0
 
 
 def sensitivity_heatmap(df, value: str = "sqnr_db") -> go.Figure:

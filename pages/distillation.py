@@ -62,15 +62,23 @@ st.caption(f"Configuration: {common.md_escape(common.describe_config(config.to_d
 before_config = replace(config, distillation=replace(config.distillation, steps=0)) if mode == "student" else \
     replace(config, distillation=None)
 
-if st.session_state.pop("kd_running", False) and common.should_stop():
-    st.info("Distillation stopped; nothing from that run was kept" +
-            (" — the previous result is shown below." if st.session_state.get("kd_result") else "."))
+
+def stopped_message(result: dict | None) -> str:
+    kept = (f"the previous result ({common.describe_config(result['config'])}) is shown below" if result
+            else "there is no earlier result")
+    return f"Distillation stopped: nothing from that run was kept; {kept}."
+
+
+# Set while a run is under way and cleared only when it ends by itself: still set here means the last run was
+# cut short (the app's Stop, Streamlit's own stop, a control moved, another page opened).
+if st.session_state.pop("kd_running", False):
+    st.info(stopped_message(st.session_state.get("kd_result")))
 if st.button("Run distillation", type="primary"):
     st.session_state["stop_requested"] = False
-    st.session_state["kd_running"] = True   # a Stop click reruns the page: this says what was interrupted
+    st.session_state["kd_running"] = True
     running = st.empty()
-    with running.container():
-        st.button("Stop", on_click=common.request_stop)
+    with running.container(key="running-kd"):   # hidden by app.py's CSS whenever no script runs
+        st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
         bar, curve = st.progress(0.0, text="starting"), st.empty()
     history: list[dict] = []
 
@@ -87,14 +95,13 @@ if st.button("Run distillation", type="primary"):
                                   should_stop=common.should_stop)
         report = measure.evaluate(loaded, config, protocol, callback=callback, should_stop=common.should_stop)
     except Cancelled:
-        st.info("Distillation stopped; nothing from this run was kept.")
+        st.info(stopped_message(st.session_state.get("kd_result")))
     except ValueError as exc:
         common.error("Cannot run distillation", exc)
     else:
         st.session_state["kd_result"] = {**report.to_dict(), "before": before.to_dict()}
-    finally:
-        st.session_state["kd_running"] = False
-        running.empty()
+    st.session_state["kd_running"] = False
+    running.empty()
 
 result = st.session_state.get("kd_result")
 if result is not None:

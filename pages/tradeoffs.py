@@ -6,6 +6,7 @@ LMCOMPRESS_RAY_ADDRESS or `ray_address` in .streamlit/secrets.toml, else a local
 import os
 from dataclasses import replace
 
+import pandas as pd
 import streamlit as st
 
 from lmcompress_core import plots, sweep
@@ -41,6 +42,10 @@ def chosen_executor():
     return make_executor(backend, address=ray_address() if backend == "ray" else None)
 
 
+# The chips of a multiselect are cut to a fixed width by default ("8" vanished, RTN showed as "TN"); static CSS.
+st.html("<style>.stMultiSelect [data-baseweb='tag'], .stMultiSelect [data-baseweb='tag'] span "
+        "{max-width: none !important; overflow: visible !important; text-overflow: clip !important;}</style>")
+
 with st.form("sweep_form"):
     c1, c2, c3, c4 = st.columns(4)
     bits = c1.multiselect("Bit-widths", [2, 3, 4, 5, 6, 8, 16], default=[2, 3, 4, 8])
@@ -51,50 +56,120 @@ with st.form("sweep_form"):
              help="Ray runs one configuration per worker, each worker loading the model once.")
     submitted = st.form_submit_button("Run sweep", type="primary")
 
+
+def keep_partial(running: dict) -> None:
+    """A sweep that did not finish (Stop, Streamlit's own stop, a rerun, a page switch): say so and keep its rows."""
+    rows, total = running["rows"], running["total"]
+    kept = (f"the {len(rows)} configuration(s) that finished are kept below as a partial table"
+            if rows else "nothing from it was kept")
+    previous = "the previous complete table is unchanged" if st.session_state.get("sweep") else "no complete table yet"
+    st.info(f"Sweep stopped after {len(rows)} of {total} configurations: {kept}; {previous}.")
+    if rows:
+        st.session_state["sweep_partial"] = {"model": running["model"], "rows": rows, "total": total}
+
+
+def collect_rows(progress) -> None:
+    if progress.metrics.get("row") is not None:
+        st.session_state["sweep_running"]["rows"].append(progress.metrics["row"])
+
+
+def start_sweep(status, configs) -> dict | None:
+    """Run the sweep with a Stop button and one progress bar; the finished result, or None (stopped / failed).
+
+    Finished rows go into session_state["sweep_running"] as they come, so an interrupted sweep (the script
+    stopped between two st calls) leaves them for the next run of the page to keep as partial.
+    """
+    st.session_state["stop_requested"] = False
+    st.session_state["sweep_running"] = {"model": loaded.name, "rows": [], "total": len(configs)}
+    with status.container(key="running-sweep"):   # hidden by app.py's CSS whenever no script runs
+        st.button("Stop", on_click=common.request_stop, help="Stop after the configuration running now.")
+        bar = st.progress(0.0, text=f"{len(configs)} configurations")
+    try:
+        protocol = replace(common.protocol(), eval_tokens=eval_tokens, generation=False, latency_runs=3)
+        executor = chosen_executor()
+        table = sweep.run_sweep(loaded, configs, callback=common.progress_callback(bar, collect_rows),
+                                should_stop=common.should_stop, executor=executor, protocol=protocol)
+        executor.release()  # a local Ray stays up for the next sweep; its workers go
+    except Cancelled:
+        status.empty()
+        keep_partial(st.session_state.pop("sweep_running"))
+        return None
+    except ValueError as exc:
+        st.session_state.pop("sweep_running", None)
+        status.empty()
+        common.error("Sweep failed", exc)
+        return None
+    st.session_state.pop("sweep_running", None)
+    st.session_state.pop("sweep_partial", None)
+    status.empty()
+    return {"model": loaded.name, "table": table, "backend": table.attrs["backend"],
+            "failures": table.attrs["failures"], "protocol": protocol.describe()}
+
+
+def show_sweep(result: dict, previous: bool = False) -> None:
+    """Charts, table and CSV of one sweep (the original model as the first row); a previous one is dimmed."""
+    table = sweep.with_original(result["table"])
+    if previous:
+        st.badge(f"previous result shown: {len(result['table'])} configurations on {result['model']}", color="gray")
+    else:
+        st.subheader(f"{len(result['table'])} configurations on {result['model']}, beside the original")
+        st.caption(common.md_escape(f"Ran on {result.get('backend', 'this process')}. "
+                                    f"Protocol: {result.get('protocol', 'not recorded')}."))
+        for failure in result.get("failures", []):
+            st.warning(common.md_escape(f"{failure['label']} failed twice and is left out: {failure['error']}"))
+    key = "previous" if previous else "result"
+    note = sweep.latency_frontier_note(table)
+    left, right = st.columns(2)
+    with left:
+        common.figure(plots.pareto_figure(table, "size_mb", "perplexity", "Size vs perplexity", "size (MB)",
+                                          "perplexity", frontier="pareto_size", text="short_label"),
+                      "" if previous else "Size: bytes really written for each compressed setting, fp32 bytes for the "
+                      "original; perplexity on the model's evaluation text, the same tokens for every point.",
+                      key=f"{key}-size-chart")
+    with right:
+        common.figure(plots.pareto_figure(table, "decode_ms_per_token", "perplexity", "Latency vs perplexity",
+                                          "decode time per token (ms)", "perplexity", frontier="pareto_latency",
+                                          text="short_label", note=note),
+                      "" if previous else "Median of 3 timed decode runs per configuration on this machine's CPU "
+                      "threads, each timed alternately with the original (the original's point is the median of "
+                      "those runs).", key=f"{key}-latency-chart")
+    shown = sweep.readable_table(table)
+    st.dataframe(shown.drop(columns=[sweep.READABLE["config"]]), hide_index=True, width="stretch")
+    if not previous:
+        st.download_button("Download the table (CSV)", shown.to_csv(index=False).encode("utf-8"),
+                           file_name=f"sweep-{result['model'].replace('/', '_')}.csv", mime="text/csv")
+
+
+notice, status, result_slot = st.container(), st.empty(), st.empty()
+interrupted = st.session_state.pop("sweep_running", None)
+if interrupted is not None:
+    with notice:
+        keep_partial(interrupted)
 if submitted:
     try:
         configs = sweep.grid(bits or [4], [s / 100 for s in sparsities or [0]], methods or ["rtn"])
     except ValueError as exc:
         common.error("Invalid sweep", exc)
         st.stop()
-    st.button("Stop", on_click=common.request_stop)
-    st.session_state["stop_requested"] = False
-    bar = st.progress(0.0, text=f"{len(configs)} configurations")
-    try:
-        protocol = replace(common.protocol(), eval_tokens=eval_tokens, generation=False, latency_runs=3)
-        executor = chosen_executor()
-        table = sweep.run_sweep(loaded, configs, callback=common.progress_callback(bar),
-                                should_stop=common.should_stop, executor=executor, protocol=protocol)
-        executor.release()  # a local Ray stays up for the next sweep; its workers go
-    except Cancelled as exc:
-        st.info(f"Sweep stopped ({exc}); the previous table is kept.")
-    except ValueError as exc:
-        common.error("Sweep failed", exc)
-    else:
-        st.session_state["sweep"] = {"model": loaded.name, "table": table, "backend": table.attrs["backend"],
-                                     "failures": table.attrs["failures"]}
-    bar.empty()
+    if st.session_state.get("sweep") is not None:   # drawn first: a sweep stopped mid-way leaves it on screen
+        with result_slot.container(key="previous-sweep"):
+            show_sweep(st.session_state["sweep"], previous=True)
+    with notice:
+        finished = start_sweep(status, configs)
+    if finished is not None:
+        st.session_state["sweep"] = finished
 
 result = st.session_state.get("sweep")
 if result is not None:
-    table = result["table"]
-    st.subheader(f"{len(table)} configurations on {result['model']}")
-    st.caption(f"Ran on {result.get('backend', 'this process')}.")
-    for failure in result.get("failures", []):
-        st.warning(f"{failure['label']} failed twice and is left out: {failure['error']}")
-    left, right = st.columns(2)
-    with left:
-        common.figure(plots.pareto_figure(table, "size_mb", "perplexity", "Size vs perplexity",
-                                          "packed size (MB)", "perplexity", frontier="pareto_size"),
-                      "Packed size from the bytes really written; perplexity on the model's evaluation text.")
-    with right:
-        common.figure(plots.pareto_figure(table, "decode_ms_per_token", "perplexity", "Latency vs perplexity",
-                                          "decode time per token (ms)", "perplexity", frontier="pareto_latency"),
-                      "Median of 3 timed decode runs per configuration on this machine's CPU threads.")
-    shown = table.drop(columns=["config"])
-    st.dataframe(shown, hide_index=True, width="stretch")
-    st.download_button("Download the table (CSV)", table.to_csv(index=False).encode("utf-8"),
-                       file_name=f"sweep-{result['model'].replace('/', '_')}.csv", mime="text/csv")
+    with result_slot.container(key="result-sweep"):
+        show_sweep(result)
+partial = st.session_state.get("sweep_partial")
+if partial is not None:
+    st.subheader(f"Partial sweep (stopped): {len(partial['rows'])} of {partial['total']} configurations "
+                 f"on {partial['model']}")
+    table = sweep.with_original(sweep.with_pareto(pd.DataFrame(partial["rows"], columns=sweep.COLUMNS)))
+    st.dataframe(sweep.readable_table(table).drop(columns=[sweep.READABLE["config"]]), hide_index=True,
+                 width="stretch")
 
 st.divider()
 st.subheader("Per-layer sensitivity")
