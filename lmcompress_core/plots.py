@@ -339,6 +339,17 @@ def _frontier_line(fig, on, x: str, y: str) -> None:
                                  hoverinfo="skip", showlegend=False))
 
 
+def sweep_figures(table, latency_note: str = "") -> tuple[go.Figure, go.Figure]:
+    """(size vs perplexity, latency vs perplexity) of a sweep table (sweep.with_original), points labelled; the
+    latency chart draws no frontier when ``latency_note`` says why there is none."""
+    size = pareto_figure(table, "size_mb", "perplexity", "Size vs perplexity", "size (MB)", "perplexity",
+                         frontier="pareto_size", text="short_label")
+    latency = pareto_figure(table, "decode_ms_per_token", "perplexity", "Latency vs perplexity",
+                            "decode time per token (ms)", "perplexity", frontier="pareto_latency",
+                            text="short_label", note=latency_note)
+    return size, latency
+
+
 LABEL_SPOTS = ("top center", "bottom center", "middle right", "middle left", "top right", "bottom left",
                "top left", "bottom right")
 

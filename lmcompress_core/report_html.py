@@ -1,4 +1,10 @@
-"""A self-contained HTML report of a session: settings, tables, interactive charts, generations, machine.
+"""A self-contained HTML report of a session, written for a reader who did not run it.
+
+It leads with the chosen setting in plain words and how it compares with the original on size, speed and quality
+(each with how it was measured), then the charts, the generations, every configuration tried, and the session's
+sweep, per-layer sensitivity and distillation results when there are any. Engine internals (the settings as the
+engine stores them, layer-name patterns, the protocol, the full results, the machine) sit in a folded
+``<details>`` section at the end. ``summary_rows`` gives the page the same lead.
 
 The file opens offline: plotly.js is inlined once (``include_plotlyjs=True`` on the first chart) and
 nothing else is fetched. Every piece of text that came from a person or a model (prompts,
@@ -27,7 +33,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.95em} th,td{border:1px s
 text-align:left;vertical-align:top} th{background:#f0f4f8}
 .gen{display:grid;grid-template-columns:1fr 1fr;gap:1em} .gen pre{white-space:pre-wrap;background:#f7f7f7;
 padding:.8em;border-radius:6px;margin:0;font-size:1em} mark{background:#ffd27f} .how{color:#555;font-size:.9em;margin-top:.4em}
-.muted{color:#666}
+.muted{color:#666} .lead{font-size:1.25em} details{margin-top:2em} summary{font-size:1.3em;cursor:pointer}
 """
 
 
@@ -111,11 +117,12 @@ def format_value(value: Any) -> str:
     return "—" if value is None else str(value)
 
 
-def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+def flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    """A nested dict as ("a.b.c", value) rows (settings as the engine stores them)."""
     if isinstance(value, Mapping):
         out = []
         for k, v in value.items():
-            out += _flatten(f"{prefix}.{k}" if prefix else str(k), v)
+            out += flatten(f"{prefix}.{k}" if prefix else str(k), v)
         return out
     return [(prefix, value)]
 
@@ -139,6 +146,56 @@ def results_rows(report: Any) -> list[tuple[str, Any]]:
     ]
 
 
+def summary_rows(report: Any) -> list[tuple[str, str, str]]:
+    """(what, how it compares with the original, how that was measured) for size, speed and quality, in words."""
+    data = plots.as_dict(report)
+    rows = [_size_summary(data), _speed_summary(data), _quality_summary(data)]
+    return [row for row in rows if row is not None]
+
+
+def _size_summary(data: Mapping) -> tuple[str, str, str] | None:
+    size = data.get("size") or {}
+    packed, base = size.get("packed_bytes"), size.get("base_bytes")
+    if not packed or not base:
+        return None
+    memory = (" In memory while it runs it still takes the original's bytes (the compression is simulated)."
+              if size.get("simulated") else "")
+    return ("Size", f"{packed / plots.MB:.3g} MB, {packed / base:.0%} of the original's {base / plots.MB:.3g} MB.",
+            "Bytes of the compressed files really written (codes bit-packed with their scales); the original "
+            "counted at 32-bit floats." + memory)
+
+
+def _speed_summary(data: Mapping) -> tuple[str, str, str] | None:
+    lat, base, speed = data.get("latency") or {}, data.get("base_latency") or {}, data.get("speed") or {}
+    if not lat.get("decode_tokens_per_s"):
+        return None
+    versus = f" against {base['decode_tokens_per_s']:.0f} for the original" if base.get("decode_tokens_per_s") else ""
+    ratio = f" ({speed['decode_text']})" if speed.get("decode_text") else ""
+    return ("Speed", f"{lat['decode_tokens_per_s']:.0f} tokens per second while generating{versus}{ratio}.",
+            f"Median of {lat.get('runs')} timed runs of {lat.get('new_tokens')} generated tokens on "
+            f"{lat.get('device', 'cpu')} with {lat.get('threads')} thread(s), the original timed alternately in the "
+            f"same call. What ran: {lat.get('kernel') or 'not recorded'}.")
+
+
+def _quality_summary(data: Mapping) -> tuple[str, str, str] | None:
+    ppl, base = data.get("perplexity") or {}, plots._base_ppl(data)
+    if ppl.get("value") is None:
+        return None
+    versus = f" against {base['value']:.2f} for the original" if base.get("value") is not None else ""
+    agree = (f"; both models pick the same most likely next token {data['top1_agreement']:.0%} of the time"
+             if data.get("top1_agreement") is not None else "")
+    return ("Quality", f"Perplexity {ppl['value']:.2f}{versus} (lower is better){agree}.",
+            f"Scored on the same {ppl.get('tokens')} tokens of '{ppl.get('text') or 'the evaluation text'}' for both "
+            f"models, in windows of {ppl.get('context')} tokens; ± {ppl.get('stderr') or 0:.2f} standard error.")
+
+
+def _summary_html(rows: Sequence[tuple[str, str, str]]) -> str:
+    head = "<tr><th></th><th>compared with the original</th><th>how it was measured</th></tr>"
+    body = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td>"
+                   f"<td class='how'>{html.escape(how)}</td></tr>" for what, value, how in rows)
+    return f"<table>{head}{body}</table>"
+
+
 def _figure_html(fig, first: bool) -> str:
     # The first chart carries plotly.js inline (about 4 MB) so the file works without a network.
     return fig.to_html(full_html=False, include_plotlyjs=True if first else False,
@@ -154,12 +211,34 @@ def trail_table_html(trail: Sequence[Any]) -> str:
     return f"<table>{head}{rows}</table>"
 
 
+def frame_html(df) -> str:
+    """A DataFrame as an escaped HTML table (cells formatted like the other tables)."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(v))}</td>" for v in row) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+class _Charts:
+    """Figures as HTML; the first one carries plotly.js."""
+
+    def __init__(self):
+        self.first = True
+
+    def __call__(self, fig) -> str:
+        out = _figure_html(fig, self.first)
+        self.first = False
+        return out
+
+
 def build_report(report: Any, trail: Sequence[Any] = (), title: str = "LM Compression Lab report",
-                 machine: Mapping[str, str] | None = None, notes: str = "") -> str:
-    """One HTML document for the current report and the session trail; opens offline in any browser."""
+                 machine: Mapping[str, str] | None = None, notes: str = "", sweep: Mapping | None = None,
+                 sensitivity: Mapping | None = None, distillation: Mapping | None = None) -> str:
+    """One HTML document for the current report, the session trail and, when given, the session's sweep
+    ({"model", "table"}: a sweep table), per-layer sensitivity ({"model", "frame"}) and distillation (a Report
+    dict with its "before" Report); opens offline in any browser."""
     data = plots.as_dict(report)
-    machine = machine or machine_info()
-    how = plots.report_how(data) if data else {}
+    chart = _Charts()
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
@@ -167,22 +246,62 @@ def build_report(report: Any, trail: Sequence[Any] = (), title: str = "LM Compre
              "by LM Compression Lab.</p>"]
     if notes:
         parts.append(f"<p>{html.escape(notes)}</p>")
-    first = True
-    if data:
-        parts += ["<h2>Settings</h2>", _table(_flatten("", data.get("config") or {}) or [("config", "none")]),
-                  "<h2>Results</h2>", _table(results_rows(data)), "<h2>Charts</h2>"]
-        for name, builder in (("size", plots.size_figure), ("latency", plots.latency_figure),
-                              ("perplexity", plots.perplexity_figure)):
-            parts.append(_figure_html(builder(data), first))
-            parts.append(f"<p class='how'>{html.escape(how.get(name, ''))}</p>")
-            first = False
-        if data.get("history"):
-            parts += ["<h3>Distillation curve</h3>", _figure_html(plots.loss_curve_figure(data["history"]), first)]
-        parts += ["<h2>Generations</h2>", generations_html(data.get("generation"))]
-    else:
-        parts.append("<p class='muted'>No run yet in this session.</p>")
+    parts += _current_html(data, chart) if data else ["<p class='muted'>No run yet in this session.</p>"]
     if trail:
-        parts += ["<h2>Every configuration tried</h2>", _figure_html(plots.trail_figure(trail), first),
-                  trail_table_html(trail)]
-    parts += ["<h2>Machine and library versions</h2>", _table(list(machine.items())), "</body></html>"]
+        parts += ["<h2>Every configuration tried</h2>", chart(plots.trail_figure(trail)), trail_table_html(trail)]
+    parts += _sweep_html(sweep, chart) + _sensitivity_html(sensitivity, chart) + _distillation_html(distillation, chart)
+    parts += _details_html(data, machine or machine_info()) + ["</body></html>"]
     return "\n".join(parts)
+
+
+def _current_html(data: Mapping, chart: _Charts) -> list[str]:
+    how = plots.report_how(data)
+    parts = ["<h2>The chosen setting</h2>",
+             f"<p class='lead'>{html.escape(plots.describe_config(data.get('config')))} "
+             f"<span class='muted'>on {html.escape(str(data.get('model')))}</span></p>",
+             "<h2>Compared with the original</h2>", _summary_html(summary_rows(data)), "<h2>Charts</h2>"]
+    for name, builder in (("size", plots.size_figure), ("latency", plots.latency_figure),
+                          ("perplexity", plots.perplexity_figure)):
+        parts += [chart(builder(data)), f"<p class='how'>{html.escape(how.get(name, ''))}</p>"]
+    if data.get("history"):
+        parts += ["<h3>Distillation curve</h3>", chart(plots.loss_curve_figure(data["history"]))]
+    return parts + ["<h2>Generations</h2>", generations_html(data.get("generation"))]
+
+
+def _sweep_html(result: Mapping | None, chart: _Charts) -> list[str]:
+    if not result:
+        return []
+    from . import sweep
+
+    table = sweep.with_original(result["table"])
+    note = sweep.latency_frontier_note(table)
+    return [f"<h2>Trade-offs: {len(result['table'])} configurations on {html.escape(str(result['model']))}</h2>",
+            *[chart(fig) for fig in plots.sweep_figures(table, note)],
+            frame_html(sweep.readable_table(table).drop(columns=[sweep.READABLE["config"]]))]
+
+
+def _sensitivity_html(result: Mapping | None, chart: _Charts) -> list[str]:
+    if not result:
+        return []
+    return [f"<h2>Per-layer sensitivity on {html.escape(str(result['model']))}</h2>",
+            chart(plots.sensitivity_heatmap(result["frame"])),
+            "<p class='how'>Each layer quantized alone at each bit-width: SQNR = 10·log10(‖W‖² / ‖W − Ŵ‖²) of its "
+            "weights; darker = more damaged.</p>"]
+
+
+def _distillation_html(result: Mapping | None, chart: _Charts) -> list[str]:
+    if not result:
+        return []
+    return [f"<h2>Distillation: {html.escape(plots.describe_config(result.get('config')))}</h2>",
+            chart(plots.stages_perplexity_figure(result, result.get("before"))),
+            f"<p class='how'>{html.escape(plots.report_how(result).get('perplexity', ''))}</p>",
+            chart(plots.loss_curve_figure(result.get("history") or []))]
+
+
+def _details_html(data: Mapping, machine: Mapping[str, str]) -> list[str]:
+    parts = ["<details><summary>Engine details (settings as stored, protocol, every number, machine)</summary>"]
+    if data:
+        parts += ["<h2>Settings</h2>", _table(flatten("", data.get("config") or {}) or [("config", "none")]),
+                  "<h2>Protocol</h2>", _table(flatten("", data.get("protocol") or {}) or [("protocol", "none")]),
+                  "<h2>Results</h2>", _table(results_rows(data))]
+    return parts + ["<h2>Machine and library versions</h2>", _table(list(machine.items())), "</details>"]

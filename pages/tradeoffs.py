@@ -119,20 +119,17 @@ def show_sweep(result: dict, previous: bool = False) -> None:
             st.warning(common.md_escape(f"{failure['label']} failed twice and is left out: {failure['error']}"))
     key = "previous" if previous else "result"
     note = sweep.latency_frontier_note(table)
+    size_fig, latency_fig = plots.sweep_figures(table, note)
     left, right = st.columns(2)
     with left:
-        common.figure(plots.pareto_figure(table, "size_mb", "perplexity", "Size vs perplexity", "size (MB)",
-                                          "perplexity", frontier="pareto_size", text="short_label"),
-                      "" if previous else "Size: bytes really written for each compressed setting, fp32 bytes for the "
-                      "original; perplexity on the model's evaluation text, the same tokens for every point.",
-                      key=f"{key}-size-chart")
+        common.figure(size_fig, "" if previous else "Size: bytes really written for each compressed setting, fp32 "
+                      "bytes for the original; perplexity on the model's evaluation text, the same tokens for every "
+                      "point.", key=f"{key}-size-chart")
     with right:
-        common.figure(plots.pareto_figure(table, "decode_ms_per_token", "perplexity", "Latency vs perplexity",
-                                          "decode time per token (ms)", "perplexity", frontier="pareto_latency",
-                                          text="short_label", note=note),
-                      "" if previous else "Median of 3 timed decode runs per configuration on this machine's CPU "
-                      "threads, each timed alternately with the original (the original's point is the median of "
-                      "those runs).", key=f"{key}-latency-chart")
+        common.figure(latency_fig, "" if previous else "Median of 3 timed decode runs per configuration on this "
+                      "machine's CPU threads, each timed alternately with the original (the original's point is the "
+                      "median of those runs)." + (f" No frontier: {note}." if note else ""),
+                      key=f"{key}-latency-chart")
     shown = sweep.readable_table(table)
     st.dataframe(shown.drop(columns=[sweep.READABLE["config"]]), hide_index=True, width="stretch")
     if not previous:

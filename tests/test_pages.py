@@ -211,14 +211,73 @@ def test_tradeoffs_sweep_table_pareto_and_sensitivity():
     at.button[0].click().run()    # the form's submit button
     no_exceptions(at)
     table = at.dataframe[0].value
-    assert sorted(table["bits"]) == [2, 8]
+    assert sorted(table["bits"]) == [2, 8, 32] and table.iloc[0]["setting"] == "original (uncompressed)"
     assert table.set_index("bits").loc[2, "perplexity"] > table.set_index("bits").loc[8, "perplexity"]
-    assert figure_titled(at, "Size vs perplexity") and figure_titled(at, "Latency vs perplexity")
+    assert "sparsity (%)" in table and "same top-1 token as original (%)" in table
+    size_chart = figure_titled(at, "Size vs perplexity")
+    labels = [text for trace in size_chart["data"] for text in trace.get("text") or []]
+    assert sorted(labels) == ["2-bit", "8-bit", "original"]       # printed beside the points, not only on hover
+    assert figure_titled(at, "Latency vs perplexity")
     assert at.get("download_button")
     [b for b in at.button if b.label == "Compute sensitivity"][0].click().run()
     no_exceptions(at)
     heat = figure_titled(at, "Per-layer sensitivity")
     assert heat["data"][0]["type"] == "heatmap" and len(heat["data"][0]["x"]) == 4
+
+
+def stop_on_call(monkeypatch, n: int) -> None:
+    """Streamlit's own stop (StopException, as its Stop button raises it) at the n-th evaluation."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    from lmcompress_core import measure
+
+    real, calls = measure.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise StopException()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(measure, "evaluate", evaluate)
+
+
+def run_sweep_form(at: AppTest, bits: list[int]) -> None:
+    at.multiselect[0].set_value(bits)
+    at.multiselect[1].set_value([0])
+    at.select_slider[0].set_value(128)
+    at.button[0].click().run()
+
+
+def test_a_sweep_stopped_mid_way_keeps_the_previous_table_and_its_finished_rows(monkeypatch):
+    at = app().run()
+    at.switch_page("pages/tradeoffs.py").run()
+    run_sweep_form(at, [8])
+    assert len(at.dataframe[0].value) == 2                     # the original and 8-bit
+    stop_on_call(monkeypatch, 2)
+    run_sweep_form(at, [2, 3, 4])                              # stopped while evaluating 3-bit
+    no_exceptions(at)
+    at.run()                                                   # whatever the person does next reruns the page
+    no_exceptions(at)
+    assert any("Sweep stopped after 1 of 3 configurations" in i.value and "previous complete table is unchanged"
+               in i.value for i in at.info), [i.value for i in at.info]
+    complete, partial = at.dataframe[0].value, at.dataframe[1].value
+    assert list(complete["bits"]) == [32, 8] and list(partial["bits"]) == [32, 2]
+    assert any("Partial sweep (stopped): 1 of 3" in h.value for h in at.subheader)
+    monkeypatch.undo()
+    run_sweep_form(at, [2])                                    # a new sweep starts and replaces the table
+    no_exceptions(at)
+    assert list(at.dataframe[0].value["bits"]) == [32, 2] and not any("stopped" in i.value for i in at.info)
+
+
+def test_distillation_stopped_says_nothing_was_kept(monkeypatch):
+    at = app(steps=2).run()
+    at.switch_page("pages/distillation.py").run()
+    stop_on_call(monkeypatch, 1)
+    [b for b in at.button if b.label == "Run distillation"][0].click().run()
+    at.run()
+    no_exceptions(at)
+    assert any(i.value.startswith("Distillation stopped: nothing from that run was kept; there is no earlier result")
+               for i in at.info), [i.value for i in at.info]
 
 
 def test_distillation_temperature_flattens_and_kd_runs():
@@ -264,6 +323,28 @@ def test_report_page_exports_and_imports_the_runs_history():
         ("runs.json", json.dumps(exported).encode(), "application/json")).run()
     no_exceptions(fresh)
     assert len(fresh.session_state["trail"]) == 2
+
+
+def test_report_leads_with_the_setting_and_includes_the_sessions_other_results():
+    import pandas as pd
+
+    at = app().run()
+    at.switch_page("pages/report.py").run()
+    no_exceptions(at)
+    assert at.subheader[0].value.startswith("4-bit, groups of 128, round-to-nearest")
+    leads = [m.value for m in at.markdown]
+    assert "**Size**" in leads and "**Speed**" in leads and "**Quality**" in leads
+    assert any("of the original" in m for m in leads)
+    assert at.expander[0].label.startswith("Engine details")
+    assert not [s for s in at.subheader if s.value.startswith(("Trade-offs", "Per-layer", "Distillation"))]
+    frame = pd.DataFrame({"layer": ["l0", "l0"], "bits": [2, 4], "rel_mse": [0.1, 0.01], "sqnr_db": [10.0, 20.0]})
+    at.session_state["sensitivity"] = {"model": MODEL, "frame": frame}
+    at.session_state["kd_result"] = {**at.session_state["current"], "before": at.session_state["current"]}
+    at.run()
+    no_exceptions(at)
+    headings = [s.value for s in at.subheader]
+    assert f"Per-layer sensitivity on {MODEL}" in headings and any(h.startswith("Distillation: ") for h in headings)
+    assert figure_titled(at, "Per-layer sensitivity") and figure_titled(at, "Perplexity: base, before and after")
 
 
 def test_report_import_rejects_a_bad_file():

@@ -130,3 +130,29 @@ def test_loss_curve_and_learn_figures():
     assert err.data[1].x[0] == 4
     masks = plots.mask_figure({"unstructured": [[True, False]], "2:4": [[False, True]]})
     assert len(masks.data) == 2 and list(masks.data[1].z[0]) == [0, 1]
+
+
+def test_point_labels_are_placed_apart_and_printed_on_the_chart():
+    xs, ys, texts = [1.0, 1.05, 1.1, 5.0], [10.0, 10.1, 10.0, 20.0], ["2-bit", "3-bit", "4-bit", "original"]
+    spots = plots.label_positions(xs, ys, texts)
+    assert len(set(spots[:3])) == 3          # three crowded points: three different sides
+    px, py = [(x - 1) / 4 * 560 for x in xs], [(y - 10) / 10 * 300 for y in ys]   # the default plot box
+
+    def overlap(chosen):
+        boxes = [plots._label_box(s, a, b, 0.6 * 13 * len(t), 15) for s, a, b, t in zip(chosen, px, py, texts)]
+        return sum(plots._overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert overlap(["top center"] * 4) > 0 and overlap(spots) == 0
+    df = pd.DataFrame({"size_mb": xs, "perplexity": ys, "label": texts, "short_label": texts,
+                       "is_original": [False, False, False, True]})
+    fig = plots.pareto_figure(df, "size_mb", "perplexity", "t", "MB", "ppl", text="short_label")
+    original = [t for t in fig.data if t.name == "original"][0]
+    assert list(original.text) == ["original"] and original.marker.symbol == "diamond"
+    assert "text" in [t for t in fig.data if t.name == "Pareto frontier"][0].mode
+
+
+def test_a_frontier_note_replaces_the_frontier():
+    df = pd.DataFrame({"ms": [1.0, 2.0], "perplexity": [5.0, 4.0], "label": ["a", "b"]})
+    fig = plots.pareto_figure(df, "ms", "perplexity", "Latency", "ms", "ppl", note="every point ran one kernel")
+    assert "every point ran one kernel" in fig.layout.title.text
+    assert len([t for t in fig.data if t.name == "Pareto frontier"][0].x) == 0
+    assert not [t for t in fig.data if t.mode == "lines"]

@@ -1,12 +1,14 @@
 """report_html.py: one self-contained, escaped HTML document."""
+import re
+
 from lmcompress_core import report_html
 from test_plots import fake_report
 
 
 def test_report_is_self_contained_and_has_every_section():
     doc = report_html.build_report(fake_report(), trail=[fake_report(), fake_report(bits=2, ppl=30.0)])
-    for heading in ("Settings", "Results", "Charts", "Generations", "Every configuration tried",
-                    "Machine and library versions"):
+    for heading in ("The chosen setting", "Compared with the original", "Charts", "Generations",
+                    "Every configuration tried", "Settings", "Protocol", "Results", "Machine and library versions"):
         assert f"<h2>{heading}</h2>" in doc
     assert doc.count("Plotly.newPlot") == 4          # size, latency, perplexity, trail
     assert "<script src=" not in doc and "<link" not in doc   # plotly.js is inlined: works offline
@@ -54,3 +56,41 @@ def test_distillation_curve_is_included_when_recorded():
     report["history"] = [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.0, "ppl": 9.0}]
     doc = report_html.build_report(report)
     assert "Distillation curve" in doc and doc.count("Plotly.newPlot") == 4
+
+
+def test_the_reader_gets_the_setting_and_the_comparison_first_and_the_internals_folded():
+    doc = report_html.build_report(fake_report())
+    order = [doc.index(h) for h in ("4-bit, groups of 128, round-to-nearest", "Compared with the original",
+                                    "<h2>Charts</h2>", "<details>", "<h2>Settings</h2>", "</details>")]
+    assert order == sorted(order)
+    assert "2 MB, 25% of the original&#x27;s 8 MB" in doc and "Perplexity 12.00 against 10.00" in doc
+
+
+def test_summary_says_how_each_comparison_was_measured():
+    report = fake_report()
+    report["base_latency"] = {"decode_tokens_per_s": 150.0}
+    report["speed"] = {"decode_text": "×2.00"}
+    rows = {what: (value, how) for what, value, how in report_html.summary_rows(report)}
+    assert rows["Size"][0].startswith("2 MB, 25% of the original") and "simulated" in rows["Size"][1]
+    assert "300 tokens per second" in rows["Speed"][0] and "against 150" in rows["Speed"][0]
+    assert "(×2.00)" in rows["Speed"][0] and "alternately" in rows["Speed"][1] and "5 timed runs" in rows["Speed"][1]
+    assert "same 512 tokens of 'tiny-heldout'" in rows["Quality"][1] and "90%" in rows["Quality"][0]
+
+
+def test_the_sessions_sweep_sensitivity_and_distillation_are_included_and_offline():
+    import pandas as pd
+
+    from lmcompress_core import sweep
+    from test_sweep import fake_evaluate
+    from types import SimpleNamespace
+
+    table = sweep.run_sweep(SimpleNamespace(name="fake"), sweep.grid((2, 8), (0.0,)), evaluate=fake_evaluate)
+    frame = pd.DataFrame({"layer": ["l0", "l0"], "bits": [2, 4], "rel_mse": [0.1, 0.01], "sqnr_db": [10.0, 20.0]})
+    kd = {**fake_report(), "before": fake_report(ppl=14.0), "history": [{"step": 0, "loss": 2.0}],
+          "config": {"distillation": {"mode": "recovery", "temperature": 2.0, "steps": 1}}}
+    doc = report_html.build_report(fake_report(), sweep={"model": "fake", "table": table},
+                                   sensitivity={"model": "tiny", "frame": frame}, distillation=kd)
+    assert "<h2>Trade-offs: 2 configurations on fake</h2>" in doc and "original (uncompressed)" in doc
+    assert "Per-layer sensitivity on tiny" in doc and "<h2>Distillation: distillation (recovery" in doc
+    assert doc.count("Plotly.newPlot") == 3 + 2 + 1 + 2     # current, sweep, sensitivity, distillation
+    assert len(re.findall(r"plotly\.js v\d", doc)) == 1 and "<script src=" not in doc   # inlined once: offline

@@ -50,7 +50,8 @@ def test_run_sweep_rows_progress_and_frontiers():
                             callback=seen.append, protocol=EvalProtocol(eval_tokens=64))
     assert len(table) == 6 and list(table.columns[:len(sweep.COLUMNS)]) == sweep.COLUMNS
     assert [p.step for p in seen] == [0, 1, 2, 3, 4, 5, 6] and seen[-1].total == 6
-    assert table["pareto_size"].any() and table["pareto_latency"].any()
+    # fake_report runs every configuration simulated (one kernel): a latency frontier would be noise
+    assert table["pareto_size"].any() and not table["pareto_latency"].any()
     best = table.sort_values("perplexity").iloc[0]
     assert best["bits"] == 8 and best["sparsity_pct"] == 0.0 and best["pareto_size"]
     assert CompressionConfig.from_dict(json.loads(best["config"])).quantization.bits == 8
@@ -146,3 +147,65 @@ def test_cli_sweep_errors_are_one_line_exit_2(extra, message, tmp_path, capsys):
     assert main(["sweep", "--out", str(tmp_path / "r.jsonl")] + extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def timed_like(kernel: str, ranges: dict):
+    """fake_evaluate with base figures and a decode speed range (original time ÷ its time) per bit-width."""
+    def evaluate(loaded, config, should_stop=None, **kwargs):
+        report = fake_evaluate(loaded, config)
+        bits = config.quantization.bits if config.quantization else 32
+        low, high = ranges[bits]
+        text = "≈ 1× (within the noise of the runs)" if low <= 1.0 <= high else f"×{(low + high) / 2:.2f}"
+        report.update(speed={"decode_text": text, "decode_range": [low, high]},
+                      base_latency={"decode_tokens_per_s": 100.0})
+        report["latency"]["kernel"] = kernel.format(bits=bits)
+        return report
+    return evaluate
+
+
+def test_the_original_is_a_row_with_its_own_figures_and_joins_the_frontier():
+    table = sweep.run_sweep(SimpleNamespace(name="fake"), sweep.grid((2, 8), (0.0, 0.5)),
+                            evaluate=timed_like("k{bits}", {2: (1.5, 1.8), 8: (0.9, 1.1)}))
+    full = sweep.with_original(table)
+    original = full.iloc[0]
+    assert original["is_original"] and original["short_label"] == "original" and len(full) == len(table) + 1
+    assert original["perplexity"] == 10.0 and original["size_mb"] == pytest.approx(8.0)   # fake_report's base
+    assert original["decode_tokens_per_s"] == 100.0 and original["kl_to_base"] == 0.0
+    assert original["pareto_size"]          # nothing is better than 10.0: the original is on the frontier
+    assert sweep.with_original(full).equals(full)        # added once
+    assert list(full["short_label"][1:]) == ["2-bit", "2-bit, 50% pruned", "8-bit", "8-bit, 50% pruned"]
+
+
+def test_no_latency_frontier_from_one_kernel_or_from_noise():
+    same = sweep.with_original(sweep.run_sweep(
+        SimpleNamespace(name="fake"), sweep.grid((2, 8), (0.0,)),
+        evaluate=timed_like("fp32 dense — quantization simulated", {2: (1.5, 1.8), 8: (0.5, 0.6)})))
+    assert "same kernel (fp32 dense)" in sweep.latency_frontier_note(same) and not same["pareto_latency"].any()
+    noisy = sweep.with_original(sweep.run_sweep(
+        SimpleNamespace(name="fake"), sweep.grid((2, 8), (0.0,)),
+        evaluate=timed_like("k{bits}", {2: (0.8, 1.3), 8: (0.9, 1.2)})))
+    assert "beyond the spread" in sweep.latency_frontier_note(noisy) and not noisy["pareto_latency"].any()
+    real = sweep.with_original(sweep.run_sweep(
+        SimpleNamespace(name="fake"), sweep.grid((2, 8), (0.0,)),
+        evaluate=timed_like("k{bits}", {2: (1.5, 1.8), 8: (0.9, 1.2)})))
+    assert sweep.latency_frontier_note(real) == "" and real["pareto_latency"].any()
+
+
+def test_readable_table_says_percent_with_units_as_the_page_does():
+    table = sweep.with_original(sweep.run_sweep(SimpleNamespace(name="fake"), sweep.grid((4,), (0.5,)),
+                                                evaluate=timed_like("k", {4: (1.0, 1.2)})))
+    shown = sweep.readable_table(table)
+    row = shown.iloc[1]
+    assert row["sparsity (%)"] == 50.0 and row["same top-1 token as original (%)"] == pytest.approx(90.0)
+    assert row["quantizer"] == "RTN" and shown.iloc[0]["setting"] == sweep.ORIGINAL_LABEL
+    csv = shown.to_csv(index=False)
+    assert csv.splitlines()[0].startswith("setting,bits,sparsity (%),quantizer,size (MB)")
+    assert '"sparsity": 0.5' in shown.iloc[1]["config (JSON, sparsity as a fraction 0-1)"]
+
+
+def test_each_finished_row_reaches_the_callback_for_partial_results():
+    seen = []
+    table = sweep.run_sweep(SimpleNamespace(name="fake"), sweep.grid((2, 4), (0.0,)), evaluate=fake_evaluate,
+                            callback=seen.append)
+    rows = [p.metrics["row"] for p in seen if p.metrics.get("row")]
+    assert [r["bits"] for r in rows] == [2, 4] and rows[0]["perplexity"] == table.iloc[0]["perplexity"]
