@@ -42,12 +42,16 @@ def chosen_executor():
     return make_executor(backend, address=ray_address() if backend == "ray" else None)
 
 
-# The chips of a multiselect are cut to a fixed width by default ("8" vanished, RTN showed as "TN"); static CSS.
-st.html("<style>.stMultiSelect [data-baseweb='tag'], .stMultiSelect [data-baseweb='tag'] span "
-        "{max-width: none !important; overflow: visible !important; text-overflow: clip !important;}</style>")
+# A multiselect keeps its chips on one scrolling, faded line: in a quarter-width column "8" vanished and RTN read
+# "TN". The form has two columns, and static CSS wraps the chips onto as many lines as they need.
+st.html("<style>[data-testid='stMultiSelect'] .react-aria-ComboBox > div[role='group'] {height: auto !important;"
+        " max-height: none !important; flex-wrap: wrap !important;}"
+        "[data-testid='stMultiSelectTagsContainer'] {flex-wrap: wrap !important; overflow: visible !important;"
+        " mask-image: none !important; -webkit-mask-image: none !important;}</style>")
 
 with st.form("sweep_form"):
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2 = st.columns(2)
+    c3, c4 = st.columns(2)
     bits = c1.multiselect("Bit-widths", [2, 3, 4, 5, 6, 8, 16], default=[2, 3, 4, 8])
     sparsities = c2.multiselect("Sparsity (%)", [0, 25, 50, 75, 90], default=[0, 50])
     methods = c3.multiselect("Quantizer", ["rtn", "gptq"], default=["rtn"], format_func=str.upper)
@@ -57,11 +61,15 @@ with st.form("sweep_form"):
     submitted = st.form_submit_button("Run sweep", type="primary")
 
 
+def count(n: int) -> str:
+    return f"{n} configuration{'' if n == 1 else 's'}"
+
+
 def keep_partial(running: dict) -> None:
     """A sweep that did not finish (Stop, Streamlit's own stop, a rerun, a page switch): say so and keep its rows."""
     rows, total = running["rows"], running["total"]
-    kept = (f"the {len(rows)} configuration(s) that finished are kept below as a partial table"
-            if rows else "nothing from it was kept")
+    kept = (f"the {count(len(rows))} that finished {'is' if len(rows) == 1 else 'are'} kept, shown as a partial "
+            "table until a sweep completes" if rows else "nothing from it was kept")
     previous = "the previous complete table is unchanged" if st.session_state.get("sweep") else "no complete table yet"
     st.info(f"Sweep stopped after {len(rows)} of {total} configurations: {kept}; {previous}.")
     if rows:
@@ -110,9 +118,9 @@ def show_sweep(result: dict, previous: bool = False) -> None:
     """Charts, table and CSV of one sweep (the original model as the first row); a previous one is dimmed."""
     table = sweep.with_original(result["table"])
     if previous:
-        st.badge(f"previous result shown: {len(result['table'])} configurations on {result['model']}", color="gray")
+        st.badge(f"previous result shown: {count(len(result['table']))} on {result['model']}", color="gray")
     else:
-        st.subheader(f"{len(result['table'])} configurations on {result['model']}, beside the original")
+        st.subheader(f"{count(len(result['table']))} on {result['model']}, beside the original")
         st.caption(common.md_escape(f"Ran on {result.get('backend', 'this process')}. "
                                     f"Protocol: {result.get('protocol', 'not recorded')}."))
         for failure in result.get("failures", []):

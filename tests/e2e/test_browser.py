@@ -5,6 +5,7 @@ the generations to change, visits every page (screenshots of each under a temp f
 $LMCOMPRESS_E2E_SCREENSHOTS), downloads the HTML report. Never downloads a browser build.
 """
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -212,3 +213,90 @@ def test_embedded_default_model_generates_in_the_browser(server, page, shots):
     original, compressed = page.locator("[data-testid='stHtml']").all_inner_texts()[-2:]  # the side-by-side boxes
     assert len(original.split()) >= 5 and len(compressed.split()) >= 5, (original, compressed)
     page.screenshot(path=str(shots / "explore-default.png"), full_page=True)
+
+
+def subheading(page) -> str:
+    """The first subheader of the page: on Explore, the plain-language name of what the charts show."""
+    return page.locator("[data-testid='stHeading'] h3").first.inner_text().strip()
+
+
+def test_app_stop_on_explore_keeps_the_heading_on_what_the_charts_show(server, page, shots):
+    page.goto(f"{server}/?model={MODEL}&steps=500", timeout=WAIT_MS)
+    page.locator(".js-plotly-plot").nth(2).wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    heading, title = subheading(page), chart_title(page, "Perplexity")
+    assert heading.startswith("4-bit")
+    page.get_by_text("Distil", exact=True).click()    # 500 distillation steps: a run slow enough to stop
+    stop = page.get_by_role("button", name="Stop", exact=True)
+    stop.wait_for(timeout=WAIT_MS)
+    page.screenshot(path=str(shots / "explore-running.png"), full_page=True)
+    stop.click()
+    page.get_by_text("Stopped").first.wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    assert_no_exception(page)
+    page.screenshot(path=str(shots / "explore-stopped.png"), full_page=True)
+    assert subheading(page) == heading                  # the heading names the previous result the charts show
+    assert chart_title(page, "Perplexity") == title
+    message = page.get_by_text("Stopped").first.inner_text()
+    assert "previous result" in message, message        # and the message says what was kept
+    assert not page.get_by_role("button", name="Stop", exact=True).is_visible()
+
+
+def multiselect(page, label: str):
+    return page.locator("[data-testid='stMultiSelect']").filter(
+        has=page.get_by_text(label, exact=True))
+
+
+def set_chips(page, label: str, wanted: list[str]) -> None:
+    box = multiselect(page, label)
+    for chip in box.locator("[data-tag]").all_inner_texts():
+        if chip.strip() not in wanted:
+            box.get_by_role("button", name=f"Remove {chip.strip()}").click()
+    for value in wanted:
+        if value not in [c.strip() for c in box.locator("[data-tag]").all_inner_texts()]:
+            box.get_by_role("combobox").click()
+            page.get_by_role("option", name=value, exact=True).click()
+    page.keyboard.press("Escape")
+
+
+STREAMLIT_STOP = """() => {
+  const stop = [...document.querySelectorAll('[data-testid="stStatusWidget"] button')]
+    .find(b => b.innerText.trim() === 'Stop');
+  if (stop) { stop.click(); }   // hidden by the app's CSS, still Streamlit's own stop when clicked
+  return Boolean(stop);
+}"""
+
+
+def test_streamlits_own_stop_mid_sweep_leaves_a_usable_page(server, page, shots):
+    page.goto(f"{server}/?model={MODEL}", timeout=WAIT_MS)
+    page.get_by_role("link", name="Trade-offs").first.click()
+    page.get_by_role("button", name="Run sweep").wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    chips = page.locator("[data-testid='stMultiSelect'] [data-tag] > span")
+    assert not truncated(page, "[data-testid='stMultiSelect'] [data-tag] > span") and chips.count() >= 7
+    set_chips(page, "Bit-widths", ["8"])
+    set_chips(page, "Sparsity (%)", ["0"])
+    page.get_by_role("button", name="Run sweep").click()
+    page.get_by_text("1 configuration on").first.wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    page.screenshot(path=str(shots / "tradeoffs-first.png"), full_page=True)
+
+    set_chips(page, "Bit-widths", ["2", "3", "8"])
+    page.get_by_role("button", name="Run sweep").click()
+    page.get_by_text("previous result shown").first.wait_for(timeout=WAIT_MS)   # drawn before the sweep starts
+    page.locator("[data-testid='stProgress']", has_text="done").wait_for(timeout=WAIT_MS)
+    page.wait_for_function(STREAMLIT_STOP, timeout=WAIT_MS)
+    wait_idle(page)
+    assert_no_exception(page)
+    page.screenshot(path=str(shots / "tradeoffs-streamlit-stop.png"), full_page=True)
+    assert page.locator(".js-plotly-plot .gtitle", has_text="Size vs perplexity").first.is_visible()
+    assert not page.get_by_role("button", name="Stop", exact=True).is_visible()   # no dead Stop, no frozen bar
+    assert not page.locator("[data-testid='stProgress']").first.is_visible()
+
+    page.get_by_role("button", name="Run sweep").click()       # usable: a new sweep starts
+    page.get_by_text("3 configurations on").first.wait_for(timeout=WAIT_MS)
+    wait_idle(page)
+    assert_no_exception(page)
+    message = page.get_by_text("Sweep stopped after").first.inner_text()
+    assert re.search(r"after \d of 3 configurations", message) and "previous complete table is unchanged" in message
+    page.screenshot(path=str(shots / "tradeoffs-after.png"), full_page=True)
