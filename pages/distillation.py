@@ -69,14 +69,29 @@ def stopped_message(result: dict | None) -> str:
     return f"Distillation stopped: nothing from that run was kept; {kept}."
 
 
-# Set while a run is under way and cleared only when it ends by itself: still set here means the last run was
-# cut short (the app's Stop, Streamlit's own stop, a control moved, another page opened).
-if st.session_state.pop("kd_running", False):
-    st.info(stopped_message(st.session_state.get("kd_result")))
-if st.button("Run distillation", type="primary"):
+def show_result(result: dict, previous: bool = False) -> None:
+    """The finished run: heading, loss curve, base → before → after perplexity, generations; a previous one dimmed."""
+    if previous:
+        st.badge(f"previous result shown: {common.describe_config(result['config'])}", color="gray")
+    else:
+        common.config_heading(result["config"])
+    left, right = st.columns(2)
+    with left:
+        common.figure(plots.loss_curve_figure(result.get("history") or []),
+                      "KD loss = α·T²·KL(teacher_T ‖ student_T) + (1−α)·cross-entropy, per optimiser step; the "
+                      "dotted perplexity is on held-out calibration windows (a quick check while training), not on "
+                      "the evaluation text of the bar chart.", key=f"kd-{previous}-loss")
+    with right:
+        common.figure(plots.stages_perplexity_figure(result, result.get("before")),
+                      plots.report_how(result).get("perplexity", ""), key=f"kd-{previous}-stages")
+    st.markdown("**Original and distilled model, same prompt**")
+    common.generations(result.get("generation"))
+
+
+def run_distillation(notice, running) -> None:
+    """One run with a Stop button, a progress bar and the live loss curve; the result kept only when it finishes."""
     st.session_state["stop_requested"] = False
     st.session_state["kd_running"] = True
-    running = st.empty()
     with running.container(key="running-kd"):   # hidden by app.py's CSS whenever no script runs
         st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
         bar, curve = st.progress(0.0, text="starting"), st.empty()
@@ -95,25 +110,28 @@ if st.button("Run distillation", type="primary"):
                                   should_stop=common.should_stop)
         report = measure.evaluate(loaded, config, protocol, callback=callback, should_stop=common.should_stop)
     except Cancelled:
-        st.info(stopped_message(st.session_state.get("kd_result")))
+        notice.info(stopped_message(st.session_state.get("kd_result")))
     except ValueError as exc:
-        common.error("Cannot run distillation", exc)
+        with notice:
+            common.error("Cannot run distillation", exc)
     else:
         st.session_state["kd_result"] = {**report.to_dict(), "before": before.to_dict()}
     st.session_state["kd_running"] = False
     running.empty()
 
+
+# Set while a run is under way and cleared only when it ends by itself: still set here means the last run was
+# cut short (the app's Stop, Streamlit's own stop, a control moved, another page opened).
+if st.session_state.pop("kd_running", False):
+    st.info(stopped_message(st.session_state.get("kd_result")))
+clicked = st.button("Run distillation", type="primary")
+notice, running, result_slot = st.container(), st.empty(), st.empty()
+if clicked:
+    if st.session_state.get("kd_result") is not None:   # drawn first: a run stopped mid-way leaves it on screen
+        with result_slot.container(key="previous-kd"):
+            show_result(st.session_state["kd_result"], previous=True)
+    run_distillation(notice, running)
 result = st.session_state.get("kd_result")
 if result is not None:
-    common.config_heading(result["config"])
-    left, right = st.columns(2)
-    with left:
-        common.figure(plots.loss_curve_figure(result.get("history") or []),
-                      "KD loss = α·T²·KL(teacher_T ‖ student_T) + (1−α)·cross-entropy, per optimiser step; the "
-                      "dotted perplexity is on held-out calibration windows (a quick check while training), not on "
-                      "the evaluation text of the bar chart.")
-    with right:
-        common.figure(plots.stages_perplexity_figure(result, result.get("before")),
-                      plots.report_how(result).get("perplexity", ""))
-    st.markdown("**Original and distilled model, same prompt**")
-    common.generations(result.get("generation"))
+    with result_slot.container(key="result-kd"):
+        show_result(result)
