@@ -116,6 +116,8 @@ def assert_no_exception(page) -> None:
 
 
 def run_sweep_and_sensitivity(page) -> None:
+    set_chips(page, "Bit-widths", ["2", "4"])     # two configurations on the int4 kernel: the default grid is 8
+    set_chips(page, "Sparsity (%)", ["0"])
     page.get_by_role("button", name="Run sweep").click()
     page.locator(".js-plotly-plot .gtitle", has_text="Size vs perplexity").wait_for(timeout=WAIT_MS)
     wait_idle(page)
@@ -249,6 +251,7 @@ def multiselect(page, label: str):
 
 def set_chips(page, label: str, wanted: list[str]) -> None:
     box = multiselect(page, label)
+    box.locator("[data-tag]").first.wait_for(timeout=WAIT_MS)    # drawn (every multiselect here starts with chips)
     for chip in box.locator("[data-tag]").all_inner_texts():
         if chip.strip() not in wanted:
             box.get_by_role("button", name=f"Remove {chip.strip()}").click()
