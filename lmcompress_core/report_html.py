@@ -169,9 +169,9 @@ def _speed_summary(data: Mapping) -> tuple[str, str, str] | None:
     lat, base, speed = data.get("latency") or {}, data.get("base_latency") or {}, data.get("speed") or {}
     if not lat.get("decode_tokens_per_s"):
         return None
-    versus = f" against {base['decode_tokens_per_s']:.0f} for the original" if base.get("decode_tokens_per_s") else ""
+    versus = f" against {base['decode_tokens_per_s']:.3g} for the original" if base.get("decode_tokens_per_s") else ""
     ratio = f" ({speed['decode_text']})" if speed.get("decode_text") else ""
-    return ("Speed", f"{lat['decode_tokens_per_s']:.0f} tokens per second while generating{versus}{ratio}.",
+    return ("Speed", f"{lat['decode_tokens_per_s']:.3g} tokens per second while generating{versus}{ratio}.",
             f"Median of {lat.get('runs')} timed runs of {lat.get('new_tokens')} generated tokens on "
             f"{lat.get('device', 'cpu')} with {lat.get('threads')} thread(s), the original timed alternately in the "
             f"same call. What ran: {lat.get('kernel') or 'not recorded'}.")
