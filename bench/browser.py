@@ -332,6 +332,11 @@ def measure_model(name: str, actions: list[Action]) -> dict:
     """A fresh server for `name`, one browser session: the cold start, then each action in turn."""
     from playwright.async_api import async_playwright
 
+    from lmcompress_core.models import prepare_default
+
+    if name == "default":
+        prepare_default()   # the cold start is measured once the model is prepared (`make run` does it first)
+
     async def drive(server, spans_path):
         async with async_playwright() as pw:
             return await _session(pw, server, name, actions, spans_path)
