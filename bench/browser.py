@@ -244,8 +244,9 @@ def breakdown(epoch: dict, spans: list[dict], frames: list[tuple[float, int]], c
     """One change's seconds by phase, from the browser marks, the server's spans and the websocket frames, with
     the CPU seconds the server and Chromium used meanwhile (on a 2-core machine the browser competes)."""
     start, end = epoch["start"], epoch.get("complete", epoch["start"])
-    scripts = [s for s in spans if s["span"] == "script" and start - 0.05 <= s["start"] <= end]
-    evals = [s for s in spans if s["span"] == "evaluate" and start - 0.05 <= s["start"] <= end]
+    inside = sorted((s for s in spans if start - 0.05 <= s["start"] <= end), key=lambda s: s["start"])
+    scripts = [s for s in inside if s["span"] == "script"]
+    evals = [s for s in inside if s["span"] == "evaluate"]
     received = [b for t, b in frames if start <= t <= end]
     out = {"script_runs": len(scripts), "frames": len(received), "bytes": sum(received),
            "largest_frame_bytes": max(received, default=0), "server_cpu_s": cpu["server"],
