@@ -10,8 +10,8 @@ the DOM and stamps, on the browser's own clock from the key press or click that 
   complete      all charts, the generations shown, and the script run finished (nothing running, no Stop)
   cold          from opening the URL to the first complete page (fresh server: imports, model load, first run)
 Moves go to configurations not seen before (RTN bit-widths and magnitude sparsities; the headline is their
-median); GPTQ and Wanda moves are reported apart. A move back to a configuration already computed (used to
-leave pruning before the GPTQ moves) is made but not counted.
+median); GPTQ and Wanda moves are reported apart, and so is a move back to a configuration already computed
+("cached": no evaluate, the page and the browser alone; it also leaves pruning before the GPTQ moves).
 
 Where the time goes: the server writes timing spans (pages/spans.py, switched on by LMCOMPRESS_SPANS) for each
 script run and for `measure.evaluate` with its stage timings; the websocket frames the browser receives are
@@ -130,11 +130,14 @@ def plan(rtn_moves: int, others: bool) -> list[Action]:
     from pages.common import WIDGETS
 
     moves = [RTN_MOVES[i % len(RTN_MOVES)] for i in range(rtn_moves)]
-    if not others:
-        return moves
-    settings = dict(WIDGETS)
+    settings, seen = dict(WIDGETS), {describe(WIDGETS)[0].key()}
     for action in moves:
         settings = action.apply(settings)
+        seen.add(describe(settings)[0].key())
+    home = Action("sparsity", "home")
+    if not others:   # sparsity back to 0, when that revisits a setting computed before, times the page alone
+        revisit = settings["sparsity"] and describe(home.apply(settings))[0].key() in seen
+        return moves + ([home] if revisit else [])
     prune_first = [] if settings["sparsity"] else [Action("sparsity", 1)]   # one more RTN/magnitude move
     return moves + prune_first + WANDA_MOVES + GPTQ_MOVES
 
@@ -362,8 +365,8 @@ def measure_model(name: str, actions: list[Action]) -> dict:
 def summarise(measured: dict, server_start_s: float) -> dict:
     moves = measured["moves"]
     by_group = {}
-    for g in ("rtn", "wanda", "gptq"):
-        counted = [m for m in moves if m["counted"] and m["group"] == g]
+    for g in ("rtn", "wanda", "gptq", "cached"):   # cached: back to a configuration already computed (page alone)
+        counted = [m for m in moves if (not m["counted"] if g == "cached" else m["counted"] and m["group"] == g)]
         if counted:
             by_group[g] = {f"{k}_s": _median([m.get(f"{k}_s") for m in counted]) for k in ("first", "all", "complete")}
             by_group[g]["moves"] = len(counted)

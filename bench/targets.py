@@ -197,6 +197,10 @@ def _why_browser(model: str, mark: str):
         moved = "" if mark == "cold" else (
             f"Median of {rtn.get('moves')} moves: first chart {_fmt(rtn.get('first_s'))} s, all charts "
             f"{_fmt(rtn.get('all_s'))} s, complete {_fmt(rtn.get('complete_s'))} s. ")
+        cached = (entry.get("groups") or {}).get("cached")
+        if cached and mark != "cold":
+            moved += (f"A return to a configuration already computed (no evaluate: the page and the browser alone) "
+                      f"completes in {_fmt(cached.get('complete_s'))} s. ")
         what = "The cold start" if mark == "cold" else "A median move"
         return (f"{moved}{what} spends: {_phases(profile)}. What would close it: {BROWSER_REMEDIES[mark]}; "
                 "the engine's stages are the rest (see interactivity).")
