@@ -40,7 +40,7 @@ def _browser(s: dict) -> list[str]:
         for group, g in (m.get("groups") or {}).items():
             rows.append([name, group, g.get("moves"), g.get("first_s"), g.get("all_s"), g.get("complete_s"),
                          m.get("cold_s") if group == "rtn" else None])
-    out += md_table(["model", "moves", "n", "first chart s", "all charts s", "complete s", "cold s"], rows)
+    out += md_table(["model", "kind of move", "n", "first chart s", "all charts s", "complete s", "cold s"], rows)
     phases = ["to_script_s", "preamble_s", "evaluate_s", "evaluate_unstaged_s", "after_evaluate_s",
               "to_complete_after_script_s", "bytes", "server_cpu_s", "browser_cpu_s"]
     rows = [[name, "median move"] + [p.get(k) for k in phases] for name, p in (s.get("profile") or {}).items()]
