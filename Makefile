@@ -33,7 +33,7 @@ test: setup browser
 LLAMACPP := .venv/llamacpp/llama_cpp/__init__.py
 LLAMACPP_PINS := llama-cpp-python==0.3.36 diskcache==5.6.3
 
-bench: setup
+bench: setup browser
 	$(PY) -m pip install -q --no-deps --target .venv/bench-peers -r requirements-bench.txt
 	@test -f $(LLAMACPP) || CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
 		nice -n 10 $(PY) -m pip install -q --no-deps --target .venv/llamacpp $(LLAMACPP_PINS) \

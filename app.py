@@ -4,6 +4,7 @@ from pathlib import Path
 import streamlit as st
 
 from pages import common
+from pages.spans import span
 
 # The tab icon is a file the app serves itself: a material-icon favicon is fetched from a web font host.
 ICON = Path(__file__).resolve().parent / "assets" / "icon.png"
@@ -31,4 +32,5 @@ PAGES = [
 ]
 # Each page draws the shared model sidebar itself (common.current_model): widgets created here, outside
 # page.run(), cannot be driven by streamlit.testing's AppTest, and the Presentation page has no sidebar.
-st.navigation(PAGES, position="top").run()
+with span("script"):   # one rerun, as the server sees it (written only under LMCOMPRESS_SPANS)
+    st.navigation(PAGES, position="top").run()

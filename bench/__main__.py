@@ -20,13 +20,14 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import distillation, interactivity, llamacpp, pruning, quality, report, speed, sweep, throughput
+from bench import browser, distillation, interactivity, llamacpp, pruning, quality, report, speed, sweep, throughput
 from bench.common import FULL, SMOKE, machine, setup_torch, versions
 from bench.context import Context
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = {  # run order: cheap and most-quoted first, so a partial run still has the headline numbers
     "interactivity": interactivity.run,
+    "browser": browser.run,
     "speed": speed.run,
     "throughput": throughput.run,
     "pruning": pruning.run,

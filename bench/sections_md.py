@@ -30,6 +30,28 @@ def _interactivity(s: dict) -> list[str]:
     return out
 
 
+def _browser(s: dict) -> list[str]:
+    out = [f"Seconds a person waits, measured in {s.get('how')}. *First chart*: a result chart shows new data; "
+           "*all charts*: size, latency and perplexity all new; *complete*: the generations shown and the script "
+           "finished; *cold*: opening the URL on a fresh server to the first complete page. GPTQ and Wanda moves "
+           "are reported apart.", ""]
+    rows = []
+    for name, m in s.get("models", {}).items():
+        for group, g in (m.get("groups") or {}).items():
+            rows.append([name, group, g.get("moves"), g.get("first_s"), g.get("all_s"), g.get("complete_s"),
+                         m.get("cold_s") if group == "rtn" else None])
+    out += md_table(["model", "kind of move", "n", "first chart s", "all charts s", "complete s", "cold s"], rows)
+    phases = ["to_script_s", "preamble_s", "evaluate_s", "evaluate_unstaged_s", "after_evaluate_s",
+              "to_complete_after_script_s", "bytes", "server_cpu_s", "browser_cpu_s"]
+    rows = [[name, "median move"] + [p.get(k) for k in phases] for name, p in (s.get("profile") or {}).items()]
+    rows += [[name, "cold start"] + [m.get("cold_profile", {}).get(k) for k in phases]
+             for name, m in s.get("models", {}).items()]
+    out += ["Where the time goes (server spans from `LMCOMPRESS_SPANS`, websocket frames counted by the browser):", ""]
+    return out + md_table(["model", "case", "release → script s", "page before evaluate s", "evaluate s",
+                           "evaluate outside its stages s", "page after evaluate s", "script end → complete s",
+                           "websocket bytes", "server CPU s", "Chromium CPU s"], rows)
+
+
 def _speed(s: dict) -> list[str]:
     out = [f"{_name(s)}, `measure_latency`: {s.get('prompt_tokens')}-token prompt, "
            f"{s.get('new_tokens')} greedy tokens with KV cache, batch 1; variants interleaved over "
@@ -137,6 +159,7 @@ def _llamacpp(s: dict) -> list[str]:
 
 RENDERERS = {
     "interactivity": ("1. Interactivity", _interactivity),
+    "browser": ("1b. Interactivity in the browser", _browser),
     "speed": ("2. Real speedups on SmolLM2", _speed),
     "quality": ("3. Quality against torchao and optimum-quanto", _quality),
     "pruning": ("4. Pruning: magnitude vs Wanda", _pruning),

@@ -1,7 +1,8 @@
 """A `streamlit run app.py` server for the load test: started on 127.0.0.1 only, watched, and stopped.
 
 The server runs in its own process group so stopping it stops the script runner threads' children too,
-and nothing else. Memory is sampled as the resident set size of the server and its children (psutil).
+and nothing else. Memory is sampled as the resident set size of the server and its children, CPU time read
+from the same process tree (psutil).
 """
 from __future__ import annotations
 
@@ -26,11 +27,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process `pid` and all its descendants; empty once it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds the processes have used so far (one that has exited counts nothing)."""
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _die_with_parent() -> None:
+    """Run in the server's process before exec: SIGTERM it when the bench dies, so a bench killed by a timeout
+    leaves no server computing behind (Linux prctl PR_SET_PDEATHSIG; elsewhere nothing happens)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class Server:
-    def __init__(self, port: int | None = None, log_path: Path | None = None):
+    def __init__(self, port: int | None = None, log_path: Path | None = None, env: dict | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(f"/tmp/lmcompress-loadtest-{self.port}.log")
+        self.env = env or {}              # extra environment for the server (the browser bench's LMCOMPRESS_SPANS)
         self.process: subprocess.Popen | None = None
         self.samples: list[tuple[float, int]] = []   # (seconds since start, RSS bytes)
         self._stop = threading.Event()
@@ -41,10 +75,10 @@ class Server:
         command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                    "--server.address", "127.0.0.1", "--server.port", str(self.port),
                    "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.env}
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         self._t0 = time.perf_counter()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
@@ -69,13 +103,8 @@ class Server:
 
     def rss(self) -> int:
         """Resident bytes of the server and every child it started."""
-        try:
-            root = psutil.Process(self.process.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.Error:
-            return 0
         total = 0
-        for proc in procs:
+        for proc in process_tree(self.process.pid):
             try:
                 total += proc.memory_info().rss
             except psutil.Error:

@@ -21,6 +21,7 @@ from lmcompress_core.compress import CompressionConfig
 from lmcompress_core.distill import DistillationConfig
 from lmcompress_core.prune import PruningConfig
 from lmcompress_core.quantize import QuantizationConfig
+from pages.spans import span
 
 HUB, LOCAL, UPLOAD = "Hugging Face id…", "Local folder…", "Upload an archive…"
 MAX_TRAIL = 200           # runs kept per session (the trail chart and the JSON export)
@@ -354,7 +355,10 @@ def evaluate_live(loaded, config, protocol, bar, on_size: Callable[[dict], None]
             on_size({"size": asdict(progress.metrics["size"])})
 
     callback = progress_callback(bar, on_metrics=partial)
-    return measure.evaluate(loaded, config, protocol, callback=callback, should_stop=should_stop).to_dict()
+    with span("evaluate") as record:
+        report = measure.evaluate(loaded, config, protocol, callback=callback, should_stop=should_stop).to_dict()
+        record["stages"] = report.get("timings")
+    return report
 
 
 def figure(fig, caption: str = "", key: str | None = None) -> None:

@@ -105,3 +105,32 @@ def test_section_keys_are_checked(tmp_path):
 
     with pytest.raises(ValueError, match="declares"):
         check_keys("distillation", {"headline": {}})
+
+
+def test_browser_plan_visits_new_configurations_and_groups_them():
+    from bench import browser
+    from pages.common import WIDGETS
+
+    settings, seen, groups = dict(WIDGETS), {browser.describe(WIDGETS)[0].key()}, []
+    for action in browser.plan(5, others=True):
+        settings = action.apply(settings)
+        config = browser.describe(settings)[0]
+        groups.append((browser.group(config), config.key() not in seen))
+        seen.add(config.key())
+    assert groups[:5] == [("rtn", True)] * 5, "five RTN/magnitude moves, each to a configuration not seen before"
+    assert ("wanda", True) in groups and ("gptq", True) in groups
+    assert ("rtn", False) in groups, "leaving Wanda returns to a configuration already computed (not counted)"
+
+
+def test_browser_breakdown_splits_a_move_by_phase():
+    from bench.browser import breakdown
+
+    spans = [{"span": "script", "start": 99.0, "end": 99.5},   # the previous move's run: outside this window
+             {"span": "evaluate", "start": 100.3, "end": 104.3, "stages": {"latency": 3.0, "size": 0.5}},
+             {"span": "script", "start": 100.1, "end": 104.6}]
+    out = breakdown({"start": 100.0, "complete": 105.0}, spans, [(99.9, 10), (100.2, 300), (104.9, 50)],
+                    {"server": 4.0, "browser": 1.0})
+    assert out["script_runs"] == 1 and out["bytes"] == 350 and out["largest_frame_bytes"] == 300
+    assert out["to_script_s"] == pytest.approx(0.1) and out["preamble_s"] == pytest.approx(0.2)
+    assert out["evaluate_s"] == pytest.approx(4.0) and out["evaluate_unstaged_s"] == pytest.approx(0.5)
+    assert out["after_evaluate_s"] == pytest.approx(0.3) and out["to_complete_after_script_s"] == pytest.approx(0.4)
