@@ -54,7 +54,7 @@ def mse_grid(x: torch.Tensor, bits: int,
     """(scale, zero) per row of x [rows, cols], in code units (x ≈ (code − zero) · scale), searched to minimise
     the output error δᵀHδ; ``second_moment`` H [cols, cols] is E[x xᵀ] of the group's inputs (None: identity)."""
     x = x.to(torch.float32)
-    h = None if second_moment is None else second_moment.to(torch.float32)
+    h = None if second_moment is None else second_moment.to(device=x.device, dtype=torch.float32)
     qmax = 2 ** bits - 1
     lo, hi = x.amin(dim=1, keepdim=True).clamp(max=0), x.amax(dim=1, keepdim=True).clamp(min=0)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))   # an all-zero row: any scale reproduces it

@@ -224,7 +224,7 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     """H + damp · mean(diag H) · I: with fewer calibration tokens than inputs H is singular, and a grid searched
     on it could trade error in directions the calibration text never excites."""
     h = h.to(torch.float32)
-    return h + torch.eye(h.shape[0]) * (damp * h.diagonal().mean().clamp_min(1e-12))
+    return h + torch.eye(h.shape[0], device=h.device) * (damp * h.diagonal().mean().clamp_min(1e-12))
 
 
 def _seed_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -254,7 +254,8 @@ def quantize_tensor(w: torch.Tensor, config: QuantizationConfig,
     w = w.detach().to(torch.float32)
     group_size = _group_size(config, w.shape[1])
     rows = w.reshape(1, -1) if group_size == -1 else w
-    moment = None if second_moment is None or group_size == -1 else _damped(second_moment, config.damp)
+    fit_on_moment = config.method == "mse" and second_moment is not None and group_size != -1
+    moment = _damped(second_moment, config.damp) if fit_on_moment else None
     codes, scales, zeros = [], [], []
     for cols in _column_groups(rows.shape[1], -1 if group_size == -1 else group_size):
         x = rows[:, cols]
