@@ -206,10 +206,11 @@ def fisher_diagonal(model, ids: torch.Tensor, samples: int = FISHER_SAMPLES, see
 
 
 def measured_kl(model, ids: torch.Tensor, config: QuantizationConfig) -> float:
-    """The real mean KL(p_base ‖ p) per token when ``config`` quantizes the model (calibrated on ``ids``)."""
+    """The real mean KL(p_base ‖ p) per token when ``config`` quantizes the model (calibrated on ``ids``), run
+    simulated in fp32 as the damages are measured: only the codes differ, not the kernels."""
     from .compress import CompressionConfig, compress
 
-    quantized = compress(model, CompressionConfig(quantization=config), calibration=ids).model
+    quantized = compress(model, CompressionConfig(quantization=config, runtime="simulate"), calibration=ids).model
     return _kl_to(quantized, ids, _log_probs(model, ids))
 
 
