@@ -1,8 +1,9 @@
 """Quality against the peers on SmolLM2: perplexity and quantization wall time, same text, same function.
 
 Rows: our RTN and GPTQ at 8 / 4 / 3 bits with groups of 128 and per output channel (weight-only, simulated:
-the de-quantized weights run in fp32, which is what the peers' CPU paths compute too), HQQ, the bit-budget
-autopilot, our real int8 kernel, then torchao and optimum-quanto. Our asymmetric rows use the default
+the de-quantized weights run in fp32, which is what the peers' CPU paths compute too), HQQ, the MSE grid
+(calibrated on the same windows as GPTQ), the bit-budget autopilot, our real int8 kernel, then torchao and
+optimum-quanto. Our asymmetric rows use the default
 integer zero-point grid (0 on the grid, as torchao's MappingType.ASYMMETRIC); one row keeps the seed's
 fractional min-max for comparison. torchao cannot group SmolLM2's 576-wide inputs by 128, so the torchao
 ratios are taken at groups of 64 for both. optimum-quanto's qint4 picks its own group: 96 on the 576-wide
@@ -56,8 +57,10 @@ def our_configs() -> list[tuple[str, object]]:
                      sim(bits=bits, group_size=64, symmetric=symmetric)))
     for bits in (4, 3):
         rows.append((f"ours RTN int{bits} g64 minmax (seed rule)", sim(bits=bits, group_size=64, grid="minmax")))
-    for bits, group_size in ((4, 128), (4, 64), (3, 128), (3, 64)):
-        rows.append((f"ours HQQ int{bits} g{group_size}", sim(bits=bits, group_size=group_size, method="hqq")))
+    for method in ("hqq", "mse"):
+        for bits, group_size in ((4, 128), (4, 64), (3, 128), (3, 64)):
+            rows.append((f"ours {method.upper()} int{bits} g{group_size}",
+                         sim(bits=bits, group_size=group_size, method=method)))
     for label, changes in (("app 4-bit g128 (real int4 kernel)", {"bits": 4}),
                            ("app 8-bit per-channel (real int8 weight-only)", {"bits": 8, "granularity": "channel"}),
                            ("app 8-bit per-channel dynamic int8 (calibrated)",
@@ -79,8 +82,8 @@ def _compress_seconds(ctx, config, runs: int) -> tuple[object, float, list[float
 
     base = ctx.loaded(ctx.main_model)
     needs_calibration = protocol.needs_calibration(config)
-    # GPTQ calibrates on the bench's calibration half; a setting the app runs calibrates exactly as the app does
-    calibration = (ctx.calibration(ctx.main_model) if config.quantization.method == "gptq"
+    # GPTQ and MSE calibrate on the bench's calibration half; a setting the app runs calibrates as the app does
+    calibration = (ctx.calibration(ctx.main_model) if config.quantization.method in ("gptq", "mse")
                    else protocol.calibration_for(base, config, app_protocol()) if needs_calibration else None)
     call = lambda: compress(base.model, config, calibration=calibration, tokenizer=base.tokenizer)
     if needs_calibration:
@@ -107,11 +110,16 @@ def _our_rows(ctx, runs: int) -> list[dict]:
 
 AUTOPILOT_TARGETS = (3.5, 3.0)   # bits per weight, packed, scales and zero-points included
 AUTOPILOT_BASE_GROUP = 128
+AUTOPILOT_METHOD = "mse"          # the quantizer every width of an allocation uses
+
+
+def _autopilot_label(target: float) -> str:
+    return f"ours autopilot {target:g} bpw ({AUTOPILOT_METHOD.upper()} g{AUTOPILOT_BASE_GROUP} base)"
 
 
 def _autopilot_rows(ctx) -> list[dict]:
-    """Autopilot allocations (RTN, groups of 128) at each target and the uniform settings beside them, with the
-    packed bytes of the quantized layers and of the whole file (embeddings stay fp32 in both)."""
+    """Autopilot allocations (MSE grid, groups of 128) at each target and the uniform RTN settings beside them,
+    with the packed bytes of the quantized layers and of the whole file (embeddings stay fp32 in both)."""
     from lmcompress_core import autopilot
     from lmcompress_core.compress import CompressionConfig, compress
     from lmcompress_core.measure import measure_size
@@ -122,17 +130,19 @@ def _autopilot_rows(ctx) -> list[dict]:
     q = QuantizationConfig(bits=4, group_size=AUTOPILOT_BASE_GROUP, int8_kernel=False)
     configs = [(f"uniform RTN int{b} g{AUTOPILOT_BASE_GROUP} (autopilot baseline)", replace(q, bits=b), None)
                for b in (4, 3)]
+    q = replace(q, method=AUTOPILOT_METHOD)
     for target in AUTOPILOT_TARGETS:
         start = time.perf_counter()
         allocation = autopilot.allocate(base, ids, autopilot.BudgetConfig(target_bpw=target, base=q),
                                         model_name=ctx.main_model)
-        configs.append((f"ours autopilot {target:g} bpw (RTN g{AUTOPILOT_BASE_GROUP} base)", allocation.config,
+        configs.append((_autopilot_label(target), allocation.config,
                         {"allocate_s": time.perf_counter() - start, "predicted_kl": allocation.predicted_kl,
                          "bits_histogram": {str(b): list(allocation.bits.values()).count(b)
                                             for b in sorted(set(allocation.bits.values()))}}))
     rows = []
     for label, config, extra in configs:
-        cm = compress(base, CompressionConfig(quantization=config, runtime="simulate"))
+        cm = compress(base, CompressionConfig(quantization=config, runtime="simulate"),
+                      calibration=ctx.calibration(ctx.main_model) if extra else None)
         size = measure_size(cm, base)
         rows.append({"name": label, "library": "ours", "method": "autopilot" if extra else "rtn",
                      "bits": config.bits, "group_size": config.group_size, "symmetric": False,
@@ -228,7 +238,7 @@ def run(ctx) -> dict:
             row["ppl_over_fp32"] = row["perplexity"] / base_ppl
     rtn4 = _ppl(rows, "ours RTN int4 g128")
     uniform4, uniform3 = (f"uniform RTN int{b} g{AUTOPILOT_BASE_GROUP} (autopilot baseline)" for b in (4, 3))
-    auto35, auto30 = (f"ours autopilot {t:g} bpw (RTN g{AUTOPILOT_BASE_GROUP} base)" for t in AUTOPILOT_TARGETS)
+    auto35, auto30 = (_autopilot_label(t) for t in AUTOPILOT_TARGETS)
     headline = {
         # torchao refuses groups of 128 on SmolLM2's 576-wide inputs: ours and theirs both at groups of 64.
         "ppl_ratio_rtn4_g64_vs_torchao": _ratio(_ppl(rows, "ours RTN int4 g64 asym"), _ppl(rows, "torchao int4 g64 asym")),
@@ -236,7 +246,9 @@ def run(ctx) -> dict:
         "ppl_ratio_rtn4_vs_quanto": _ratio(_ppl(rows, "ours RTN int4 g128"),
                                            _ppl(rows, "quanto qint4 g128 (g96 on 576-wide inputs)")),
         "ppl_ratio_rtn3_g64_vs_torchao": _ratio(_ppl(rows, "ours RTN int3 g64 asym"), _ppl(rows, "torchao int3 g64 asym")),
-        "ppl_new3_over_rtn3": _ratio(_ppl(rows, "ours HQQ int3 g64"), _ppl(rows, "ours RTN int3 g64 asym")),
+        # the new quantizer: the MSE grid (HQQ's rows stay in `extra`)
+        "ppl_new3_over_rtn3": _ratio(_ppl(rows, "ours MSE int3 g64"), _ppl(rows, "ours RTN int3 g64 asym")),
+        "ppl_new4_g128_over_rtn4": _ratio(_ppl(rows, "ours MSE int4 g128"), rtn4),
         "ppl_gptq3_over_rtn3": _ratio(_ppl(rows, "ours GPTQ int3 g128"), _ppl(rows, "ours RTN int3 g128")),
         "autopilot_3p5_over_uniform4": _ratio(_ppl(rows, auto35), _ppl(rows, uniform4)),
         # packed bytes of the quantized layers (codes + fp16 scales and zeros); the whole file is in `extra`
@@ -246,6 +258,7 @@ def run(ctx) -> dict:
     }
     extra = {
         "ppl_ratio_hqq4_g128_over_rtn4_g128": _ratio(_ppl(rows, "ours HQQ int4 g128"), rtn4),
+        "ppl_ratio_hqq3_g64_over_rtn3_g64": _ratio(_ppl(rows, "ours HQQ int3 g64"), _ppl(rows, "ours RTN int3 g64 asym")),
         "ppl_ratio_rtn4_g64_minmax_over_integer_zero": _ratio(_ppl(rows, "ours RTN int4 g64 minmax (seed rule)"),
                                                              _ppl(rows, "ours RTN int4 g64 asym")),
         "autopilot_3p5_file_size_over_uniform4": _ratio(_field(rows, auto35, "packed_bytes"),

@@ -68,7 +68,7 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     q = parser.add_argument_group("quantization")
     q.add_argument("--bits", type=int, help="2, 3, 4, 5, 6, 8 (integer codes) or 16 (bf16/fp16 cast); omit for none")
     q.add_argument("--group-size", type=int, default=128, help="32, 64 or 128; 0 = per-channel, -1 = per-tensor")
-    q.add_argument("--method", default="rtn", help="rtn | gptq | hqq")
+    q.add_argument("--method", default="rtn", help="rtn | gptq | hqq | mse")
     q.add_argument("--symmetric", action="store_true", help="absmax grid instead of asymmetric min-max")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--no-int8-kernel", action="store_true", help="8-bit: simulate in fp32 instead of a real kernel")

@@ -230,7 +230,7 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
         run.half = cfg.dtype16  # cast at the end, after any distillation has trained in float32
         return
     layers = run.layers()
-    stats = run.input_statistics(layers, hessian=True) if cfg.method == "gptq" else None
+    stats = _quantization_statistics(run, cfg, layers)
     quantized = 0
     for i, (name, m) in enumerate(layers.items()):
         hessian = stats.hessian.pop(name, None) if stats is not None else None
@@ -243,9 +243,21 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
         as_compressed_(run.model, name).set_quantized_(quantize_weight(weight_matrix(m), layer_cfg, hessian, mask))
         quantized += 1
         run.report("quantize", i + 1, len(layers), name)
-    if stats is not None and quantized > len(stats.tokens):
+    if cfg.method == "gptq" and quantized > len(stats.tokens):
         run.notes.append("layers without calibration inputs (embeddings) were quantized with RTN")
     run.runtime = "simulate" if cfg.bits == 8 and not cfg.int8_kernel else run.config.runtime
+
+
+def _quantization_statistics(run: _Run, cfg: QuantizationConfig, layers: dict):
+    """The calibration Hessians GPTQ needs and the MSE grid scores its candidates on (None: not needed/none)."""
+    if cfg.method == "gptq":
+        return run.input_statistics(layers, hessian=True)
+    if cfg.method != "mse":
+        return None
+    if run.calibration is None:
+        run.notes.append("MSE grid without calibration text: the plain weight error was minimised, not the output's")
+        return None
+    return run.input_statistics(layers, hessian=True)
 
 
 @register(DistillationConfig)

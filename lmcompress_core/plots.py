@@ -74,7 +74,8 @@ def config_label(config: Mapping | None) -> str:
     return " · ".join(parts) if parts else "fp32 (uncompressed)"
 
 
-_METHOD_WORDS = {"rtn": "round-to-nearest", "gptq": "GPTQ (error-compensating)", "hqq": "HQQ (optimised grid)"}
+_METHOD_WORDS = {"rtn": "round-to-nearest", "gptq": "GPTQ (error-compensating)", "hqq": "HQQ (fitted zero-points)",
+                 "mse": "MSE grid (searched, activation-weighted)"}
 
 
 def describe_config(config: Mapping | None) -> str:
@@ -495,14 +496,41 @@ def allocation_heatmap(damage: Mapping[str, Mapping[int, float]], chosen: Mappin
     widths = sorted({b for row in damage.values() for b in row})
     z = [[math.log10(max(damage[n][b], 1e-12)) for b in widths] for n in layers]
     fig = go.Figure(go.Heatmap(
-        z=z, x=[f"{b}-bit" if b != 16 else "float" for b in widths], y=layers, colorscale="Viridis_r",
+        z=z, x=[_width_label(b) for b in widths], y=layers, colorscale="Viridis_r",
         colorbar={"title": {"text": "log10 KL"}}, hovertemplate="%{y}<br>%{x}: log10 KL %{z:.2f}<extra></extra>"))
     fig.add_trace(go.Scatter(
-        x=[f"{chosen[n]}-bit" if chosen[n] != 16 else "float" for n in layers], y=layers, mode="markers",
+        x=[_width_label(chosen[n]) for n in layers], y=layers, mode="markers",
         marker={"symbol": "circle", "size": 9, "color": "white", "line": {"color": "black", "width": 1}},
         name="chosen", hovertemplate="%{y}: %{x} (chosen)<extra></extra>"))
+    # one invisible square per cell: plotly reports clicks on scatter points, not on heatmap cells
+    cells = [(n, b) for n in layers for b in widths]
+    fig.add_trace(go.Scatter(
+        x=[_width_label(b) for _, b in cells], y=[n for n, _ in cells], mode="markers", name="cells",
+        marker={"symbol": "square", "size": 12, "color": "rgba(0,0,0,0)"}, showlegend=False,
+        hovertemplate="%{y}: click to set %{x}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
-    return _layout(fig, "Bits per layer (● chosen; colour = predicted damage)", height=max(360, 14 * len(layers) + 120))
+    fig = _layout(fig, "Bits per layer (● chosen; colour = predicted damage; click a cell to set that width)",
+                  height=max(360, 14 * len(layers) + 120))
+    fig.update_layout(clickmode="event+select")
+    return fig
+
+
+def _width_label(bits: int) -> str:
+    return "float" if bits == 16 else f"{bits}-bit"
+
+
+def clicked_widths(selection: Mapping | None) -> dict[str, int]:
+    """{layer: bits} for the heatmap cells a selection event names (Streamlit's ``on_select`` state:
+    {"selection": {"points": [{"x": "3-bit", "y": layer, ...}]}}); points off the grid are ignored."""
+    points = ((selection or {}).get("selection") or {}).get("points") or []
+    chosen = {}
+    for point in points:
+        label, layer = point.get("x"), point.get("y")
+        if label == "float":
+            chosen[layer] = 16
+        elif isinstance(label, str) and label.endswith("-bit") and label[:-4].isdigit() and isinstance(layer, str):
+            chosen[layer] = int(label[:-4])
+    return chosen
 
 
 def budget_figure(points: Sequence[Mapping]) -> go.Figure:

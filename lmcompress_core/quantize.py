@@ -14,8 +14,10 @@ architecture runs unchanged and the codes can be bit-packed. Asymmetric grids (`
   x_q = round((x − x_min) / (x_max − x_min) · (q_max − q_min) + q_min),   q_min = 0, q_max = 2^bits − 1.
 
 The symmetric grid is absmax: x_q = round(x / s), s = max|x| / (2^(bits−1) − 1). ``method="hqq"`` fits each
-group's zero-point by half-quadratic optimisation (``hqq.py``); ``layer_bits`` gives layers their own bit-width
-(mixed precision, ``QuantizationConfig.for_layer``).
+group's zero-point by half-quadratic optimisation (``hqq.py``); ``method="mse"`` searches each group's scale and
+integer zero-point for the least output error, δᵀHδ with H the second moment of the group's calibration inputs
+(``grid_search.py``); ``layer_bits`` gives layers their own bit-width (mixed precision,
+``QuantizationConfig.for_layer``).
 
 GPTQ is written here, not imported, because it is the point of the project: the Hessian H = 2XXᵀ of each
 layer's calibration inputs, damping, lazy batches of 128 columns updated with the upper Cholesky factor of H⁻¹,
@@ -34,13 +36,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .grid_search import mse_grid
 from .hqq import fp16_exact, hqq_grid
 
 INTEGER_BITS = (2, 3, 4, 5, 6, 8)
 ALLOWED_BITS = INTEGER_BITS + (16,)
 GROUP_SIZES = (32, 64, 128)
 GRIDS = ("integer-zero", "minmax")
-METHODS = ("rtn", "gptq", "hqq")
+METHODS = ("rtn", "gptq", "hqq", "mse")
 FLOAT_LAYER = 16  # in layer_bits: the layer is not quantized and stays in the model's float dtype
 _LAZY_BLOCK = 128  # GPTQ columns per lazy batch (a multiple of every group size)
 
@@ -52,8 +55,10 @@ class QuantizationConfig:
     group_size: int = 128         # 32 | 64 | 128 (used when granularity == "group")
     symmetric: bool = False       # False = asymmetric (shape from `grid`); True = absmax, zero-point 2^(bits−1)
     grid: str = "integer-zero"    # asymmetric grid: "integer-zero" (0 on the grid) | "minmax" (the seed's rule)
-    method: str = "rtn"           # "rtn" | "gptq" (needs calibration token ids) | "hqq" (calibration-free)
-    damp: float = 0.01            # GPTQ Hessian damping, fraction of the mean diagonal
+    # "rtn" | "gptq" (needs calibration token ids) | "hqq" (calibration-free) | "mse" (searched grid: least output
+    # error on calibration inputs; without calibration, least weight error)
+    method: str = "rtn"
+    damp: float = 0.01            # GPTQ / MSE Hessian damping, fraction of the mean diagonal
     act_order: bool = False       # GPTQ: quantize columns in order of decreasing Hessian diagonal
     int8_kernel: bool = True      # bits == 8: run torch dynamic int8 (a real kernel) for evaluation/latency
     dtype16: str = "bf16"         # "bf16" | "fp16" for bits == 16
@@ -205,11 +210,21 @@ def _grid(x: torch.Tensor, config: "QuantizationConfig") -> tuple[torch.Tensor, 
     return grid_parameters(x, config.bits, config.grid, config.symmetric)
 
 
-def _fitted_grid(x: torch.Tensor, config: "QuantizationConfig") -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid RTN and HQQ round onto: HQQ fits its own (asymmetric) zero-points, RTN takes the config's grid."""
+def _fitted_grid(x: torch.Tensor, config: "QuantizationConfig",
+                 second_moment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid a group is rounded onto: HQQ and MSE fit their own (asymmetric) grids, RTN takes the config's."""
     if config.method == "hqq" and not config.symmetric:
         return hqq_grid(x, config.bits)
+    if config.method == "mse" and not config.symmetric:
+        return mse_grid(x, config.bits, second_moment)
     return _grid(x, config)
+
+
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp · mean(diag H) · I: with fewer calibration tokens than inputs H is singular, and a grid searched
+    on it could trade error in directions the calibration text never excites."""
+    h = h.to(torch.float32)
+    return h + torch.eye(h.shape[0], device=h.device) * (damp * h.diagonal().mean().clamp_min(1e-12))
 
 
 def _seed_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -229,19 +244,23 @@ def _column_groups(in_features: int, group_size: int) -> list[slice]:
     return [slice(s, min(s + step, in_features)) for s in range(0, in_features, step)]
 
 
-def quantize_tensor(w: torch.Tensor, config: QuantizationConfig) -> QuantizedWeight:
+def quantize_tensor(w: torch.Tensor, config: QuantizationConfig,
+                    second_moment: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of an ``[out, in]`` matrix with the config's bits, grid and granularity
-    (with ``method="hqq"``, onto the grid HQQ fits; GPTQ is ``gptq_quantize``)."""
+    (with ``method="hqq"`` or ``"mse"``, onto the grid that method fits; GPTQ is ``gptq_quantize``).
+    ``second_moment`` [in, in] (method "mse"): E[x xᵀ] of the layer's inputs on calibration text (GPTQ's H/2)."""
     if not config.is_integer:
         raise ValueError(f"quantize_tensor makes integer codes (2–8 bits); bits={config.bits} is a dtype cast")
     w = w.detach().to(torch.float32)
     group_size = _group_size(config, w.shape[1])
     rows = w.reshape(1, -1) if group_size == -1 else w
+    fit_on_moment = config.method == "mse" and second_moment is not None and group_size != -1
+    moment = _damped(second_moment, config.damp) if fit_on_moment else None
     codes, scales, zeros = [], [], []
     for cols in _column_groups(rows.shape[1], -1 if group_size == -1 else group_size):
         x = rows[:, cols]
-        scale, zero = _fitted_grid(x, config)
-        seed_rule = not config.symmetric and config.grid == "minmax" and config.method != "hqq"
+        scale, zero = _fitted_grid(x, config, None if moment is None else moment[cols, cols])
+        seed_rule = not config.symmetric and config.grid == "minmax" and config.method == "rtn"
         code = _seed_codes(x, config.bits) if seed_rule else codes_on_grid(x, scale, zero, config.bits)
         codes.append(code), scales.append(scale), zeros.append(zero)
     return QuantizedWeight(torch.cat(codes, 1).reshape(w.shape).to(torch.uint8), torch.cat(scales, 1),
@@ -250,16 +269,17 @@ def quantize_tensor(w: torch.Tensor, config: QuantizationConfig) -> QuantizedWei
 
 def quantize_weight(w: torch.Tensor, config: QuantizationConfig, hessian: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None) -> QuantizedWeight:
-    """The quantizer ``config.method`` names (RTN, HQQ, GPTQ) on one ``[out, in]`` matrix; pruned weights
+    """The quantizer ``config.method`` names (RTN, HQQ, MSE, GPTQ) on one ``[out, in]`` matrix; pruned weights
     (mask False) stay 0.
 
-    GPTQ needs the layer's Hessian; the caller decides (and says) what runs when it has none.
+    GPTQ needs the layer's Hessian; the caller decides (and says) what runs when it has none. MSE scores its
+    candidates on the same Hessian (its [group, group] blocks), or on the plain weight error when it is None.
     """
     if config.method == "gptq":
         if hessian is None:
             raise ValueError("GPTQ needs the layer's calibration Hessian; none was collected for this layer")
         return gptq_quantize(w, hessian, config, mask)
-    qw = quantize_tensor(w, config)
+    qw = quantize_tensor(w, config, hessian)
     qw.mask = None if mask is None else mask.to(torch.bool)
     return qw
 

@@ -37,7 +37,8 @@ def layer_sensitivity(model, config: CompressionConfig, bits_list=(2, 3, 4, 8),
     if (gptq or wanda) and calibration is None:
         raise ValueError(f"{'GPTQ' if gptq else 'Wanda'} needs calibration text to measure per-layer sensitivity; "
                          "pass calibration (protocol.calibration_for)")
-    stats = input_statistics(model, layers, calibration, hessian=gptq) if (gptq or wanda) else None
+    mse = q is not None and q.method == "mse" and calibration is not None   # without calibration: weight error
+    stats = input_statistics(model, layers, calibration, hessian=gptq or mse) if (gptq or wanda or mse) else None
     weights = {name: weight_matrix(m) for name, m in layers.items()}
     masks = _masks(weights, config, stats)
     rows = []

@@ -17,13 +17,15 @@ if loaded is None:
     st.stop()
 
 st.markdown("Give a size; the autopilot measures how much each layer hurts the model at each bit-width (a "
-            "second-order estimate of the KL it adds, from the Fisher information on calibration text) and "
-            "spends the bits where they buy the most.")
+            "second-order estimate of the KL it adds, from the Fisher information on calibration text, rescaled by "
+            "the KL measured with every layer of its kind at that width) and spends the bits where they buy the most.")
 c1, c2, c3 = st.columns(3)
 target = c1.slider("Target bits per weight", 2.5, 8.0, 3.5, 0.1, key="budget_bpw",
                    help="Average packed bits per weight of the quantized layers, scales and zero-points included.")
 group_size = c2.selectbox("Group size", [64, 128], index=1, key="budget_group")
-method = c3.radio("Quantizer", ["rtn", "hqq"], format_func=str.upper, horizontal=True, key="budget_method")
+method = c3.radio("Quantizer", ["mse", "rtn", "hqq"], format_func=str.upper, horizontal=True, key="budget_method",
+                  help="MSE: each group's grid searched for the least activation-weighted error (calibrated); "
+                       "RTN: round to nearest; HQQ: fitted zero-points.")
 base = QuantizationConfig(bits=4, group_size=group_size, method=method, int8_kernel=False)
 
 try:
@@ -32,6 +34,12 @@ try:
 except ValueError as exc:
     common.error("Cannot meet this budget", exc)
     st.stop()
+
+def _override_clicked_cell() -> None:
+    """A click on a heatmap cell sets that layer to that width (runs before the script reruns)."""
+    clicked = plots.clicked_widths(st.session_state.get("budget_heatmap"))
+    st.session_state["budget_overrides"] = {**st.session_state.get("budget_overrides", {}), **clicked}
+
 
 overrides = st.session_state.setdefault("budget_overrides", {})
 overrides = {name: bits for name, bits in overrides.items() if name in allocation.bits}
@@ -52,9 +60,10 @@ allocation = autopilot.with_overrides(allocation, overrides, base)
 st.metric("Bits per weight (packed, scales included)", f"{allocation.bits_per_weight:.3f}",
           delta=f"{allocation.bits_per_weight - target:+.3f} against the target", delta_color="inverse")
 common.figure(plots.allocation_heatmap(allocation.damage, allocation.bits),
-              "Colour: predicted KL (nats per token) the layer alone adds at that width, from ½ Σ F·ΔW² with F the "
-              "diagonal Fisher on 4 calibration sequences; ● the width chosen (greedy: most damage saved per extra "
-              "bit) or set by hand.")
+              "Click a cell to give that layer that width. Colour: KL (nats per token) the layer alone adds at that "
+              "width, predicted as ½ Σ F·ΔW² with F the diagonal Fisher on 4 calibration sequences and rescaled by "
+              "the KL measured with all layers of its kind at that width; ● the width chosen (greedy: most damage "
+              "saved per extra bit) or set by hand.", key="budget_heatmap", on_select=_override_clicked_cell)
 
 if st.button("Evaluate against uniform settings", key="budget_evaluate", type="primary"):
     configs = [(f"autopilot {allocation.bits_per_weight:.2f}", "autopilot", allocation.bits_per_weight,

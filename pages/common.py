@@ -361,8 +361,13 @@ def evaluate_live(loaded, config, protocol, bar, on_size: Callable[[dict], None]
     return report
 
 
-def figure(fig, caption: str = "", key: str | None = None) -> None:
-    st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
+def figure(fig, caption: str = "", key: str | None = None, on_select=None) -> None:
+    """A plotly figure and its caption; ``on_select`` (a callback) makes clicked points a selection event."""
+    if on_select is None:
+        st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
+    else:
+        st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False}, on_select=on_select,
+                        selection_mode="points")
     if caption:
         st.caption(md_escape(caption))
 

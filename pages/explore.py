@@ -40,9 +40,10 @@ def controls() -> None:
         c1.selectbox("Granularity", ["group", "channel", "tensor"], key="granularity")
         c1.selectbox("Group size", [32, 64, 128], key="group_size")
         c2.toggle("Symmetric (absmax)", key="symmetric")
-        c2.radio("Quantizer", ["rtn", "gptq", "hqq"], key="method", format_func=str.upper, horizontal=True,
+        c2.radio("Quantizer", ["rtn", "gptq", "hqq", "mse"], key="method", format_func=str.upper, horizontal=True,
                  help="RTN rounds to nearest; GPTQ compensates each rounding error on calibration text; HQQ "
-                      "optimises each group's zero-point without calibration.")
+                      "fits each group's zero-point without calibration; MSE searches each group's scale and "
+                      "zero-point for the least error weighted by the inputs' mean squares on calibration text.")
         c1.selectbox("Asymmetric grid", ["integer-zero", "minmax"], key="grid",
                      format_func={"integer-zero": "0 on the grid (integer zero-point)",
                                   "minmax": "min-max (the classic formula, fractional zero)"}.get)

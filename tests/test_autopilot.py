@@ -1,5 +1,6 @@
 """Bit-budget autopilot: budgets are kept, the Fisher prediction matches real KL, allocations beat uniform."""
 import math
+import re
 
 import pytest
 import torch
@@ -65,15 +66,30 @@ def tiny_calibration(tiny_loaded):
 
 
 def test_predicted_kl_matches_the_real_kl_of_uniform_settings(tiny_loaded, tiny_calibration):
-    """Σ of the per-layer predictions against one forward of the whole quantized model (measured on the trained
-    tiny model: ratios 0.76 at 2 bits, 1.03 at 3, 0.95 at 4)."""
+    """Σ of the per-layer damages against one forward of the whole quantized model (measured on the trained
+    tiny model: ratios 0.76 at 2 bits, 1.03 at 3, 0.95 at 4 before the per-kind rescaling)."""
     base = QuantizationConfig(bits=4, group_size=64)
     damage = autopilot.measure_damage(tiny_loaded.model, tiny_calibration, base, model_name="tiny")
-    for bits in (3, 4):
+    for bits in (2, 3, 4):
         predicted = sum(d[bits] for d in damage.values())
         real = autopilot.measured_kl(tiny_loaded.model, tiny_calibration,
                                      QuantizationConfig(bits=bits, group_size=64))
         assert 0.6 < predicted / real < 1.6
+
+
+@pytest.mark.parametrize("kind", ["mlp.down_proj", "self_attn.v_proj"])
+def test_damages_of_one_kind_add_up_to_its_measured_kl(tiny_loaded, tiny_calibration, kind):
+    """The rescaling makes a kind's damages at a width sum to the KL of quantizing that kind alone, measured
+    here through compress (an independent path: layer_bits keep every other layer float)."""
+    base = QuantizationConfig(bits=4, group_size=64)
+    damage = autopilot.measure_damage(tiny_loaded.model, tiny_calibration, base, model_name="tiny")
+    names = [n for n in damage if n.endswith(kind)]
+    assert names and all(autopilot.layer_kind(n) == autopilot.layer_kind(names[0]) for n in names)
+    for bits in (2, 3):
+        only_kind = QuantizationConfig(bits=bits, group_size=64, layer_bits=((re.escape(kind), bits), (".", 16)),
+                                       int8_kernel=False)
+        real = autopilot.measured_kl(tiny_loaded.model, tiny_calibration, only_kind)
+        assert sum(damage[n][bits] for n in names) == pytest.approx(real, rel=1e-3)
 
 
 def test_allocation_beats_uniform_at_the_same_size_and_model_is_untouched(tiny_loaded, tiny_calibration):

@@ -1,10 +1,40 @@
-"""AppTest of the Bit budget page on the tiny model: allocation heatmap, a layer override, the evaluation chart."""
+"""AppTest of the Bit budget page on the tiny model: allocation heatmap, a layer override (select box and a click
+on a heatmap cell), the evaluation chart."""
+import json
+
+from streamlit.proto.WidgetStates_pb2 import WidgetState
 from test_pages import app, figure_titled
+
+from lmcompress_core import plots
 
 
 def _chosen(fig: dict) -> dict[str, str]:
     marks = fig["data"][1]
     return dict(zip(marks["y"], marks["x"]))
+
+
+def _click(at, title: str, x: str, y: str):
+    """Rerun the page as the browser does after a click on the point (x, y) of the chart titled ``title``:
+    AppTest has no plotly interaction, so the selection goes in as that chart's widget state, in the JSON the
+    frontend sends (the same path a real click takes from there on)."""
+    chart = next(c for c in at.get("plotly_chart") if json.loads(c.proto.spec)["layout"]["title"]["text"]
+                 .startswith(title))
+    states = at._tree.get_widget_states()
+    point = {"x": x, "y": y, "curve_number": 2, "point_number": 0, "point_index": 0}
+    states.widgets.append(WidgetState(id=chart.proto.id, string_value=json.dumps(
+        {"selection": {"points": [point], "point_indices": [0], "box": [], "lasso": []}})))
+    return at._run(states)
+
+
+def test_clicked_cells_become_overrides():
+    fig = plots.allocation_heatmap({"a.q": {3: 0.1, 8: 0.01}, "a.k": {3: 0.2, 8: 0.02}}, {"a.q": 3, "a.k": 8})
+    cells = fig.data[2]
+    assert set(zip(cells.y, cells.x)) == {(n, w) for n in ("a.q", "a.k") for w in ("3-bit", "8-bit")}
+    assert len(cells.x) == 4
+    event = {"selection": {"points": [{"x": "8-bit", "y": "a.q"}, {"x": "float", "y": "a.k"},
+                                      {"x": 7, "y": "a.k"}, {"x": "n-bit", "y": "a.q"}]}}
+    assert plots.clicked_widths(event) == {"a.q": 8, "a.k": 16}
+    assert plots.clicked_widths(None) == {} and plots.clicked_widths({"selection": {"points": []}}) == {}
 
 
 def test_budget_page_allocates_overrides_and_evaluates():
@@ -17,6 +47,12 @@ def test_budget_page_allocates_overrides_and_evaluates():
     at.selectbox(key="budget_layer_bits").set_value(16)
     at.button(key="budget_set").click().run()
     assert _chosen(figure_titled(at, "Bits per layer"))[layer] == "float"
+    at.button(key="budget_clear").click().run()
+    other = next(n for n, w in _chosen(figure_titled(at, "Bits per layer")).items() if w != "8-bit")
+    _click(at, "Bits per layer", "8-bit", other)
+    assert not at.exception, [e.message for e in at.exception]
+    assert _chosen(figure_titled(at, "Bits per layer"))[other] == "8-bit"
+    assert at.session_state["budget_overrides"] == {other: 8}
     at.button(key="budget_clear").click().run()
     at.button(key="budget_evaluate").click().run()
     assert not at.exception, [e.message for e in at.exception]
