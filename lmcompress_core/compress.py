@@ -25,8 +25,8 @@ from transformers.pytorch_utils import Conv1D
 from .distill import DistillationConfig, distill_, keep_every_kth_block_
 from .layers import DEFAULT_EXCLUDE, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from .prune import PruningConfig, global_masks, layer_mask
-from .quantize import (QuantizationConfig, QuantizedWeight, cast_half_, fake_quantize, half_round_trip,
-                       quantize_weight, requantize)
+from .quantize import (QuantizationConfig, QuantizedWeight, cast_half_, fake_quantize, gptq_quantize_rows,
+                       half_round_trip, quantize_weight, requantize)
 from .runtime import CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers
 from .runtime_finish import KERNEL_INT8, KERNEL_INT8_DYNAMIC, KERNEL_SIMULATED  # noqa: F401 (re-exported labels)
 from .runtime_finish import finish_dynamic_int8, finish_real
@@ -249,24 +249,50 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
         return
     layers = run.layers()
     stats = run.input_statistics(layers, hessian=True) if cfg.method == "gptq" else None
-    costs = _quantize_costs(layers, cfg.method == "gptq")
-    eta, quantized = _Eta(), 0
-    for i, (name, m) in enumerate(layers.items()):
+    costs = dict(zip(layers, _quantize_costs(layers, cfg.method == "gptq")))
+    eta, done, quantized = _Eta(), 0, 0
+    for group in _quantize_groups(layers, cfg, stats):
+        for (name, _, _, _), qw in zip(group, _quantize_group(group)):
+            as_compressed_(run.model, name).set_quantized_(qw)
+            quantized, done = quantized + 1, done + costs[name]
+            run.report("quantize", quantized, len(layers), f"layer {quantized} of {len(layers)}: {name}" +
+                       eta.text(done, sum(costs.values())), eta.metrics(done, sum(costs.values())))
+    if stats is not None and quantized > len(stats.tokens):
+        run.notes.append("layers without calibration inputs (embeddings) were quantized with RTN")
+    run.runtime = "simulate" if cfg.bits == 8 and not cfg.int8_kernel else run.config.runtime
+
+
+def _quantize_groups(layers: dict[str, nn.Module], cfg: QuantizationConfig, stats) -> list[list[tuple]]:
+    """The layers to quantize as (name, module, setting, Hessian) in groups quantized together: consecutive
+    GPTQ layers with the same setting and the same Hessian tensor (fed the same inputs, e.g. q/k/v), else one."""
+    groups: list[list[tuple]] = []
+    for name, m in layers.items():
         hessian = stats.hessian.get(name) if stats is not None else None  # read only: the statistics are cached
         layer_cfg = cfg.for_layer(name)
         if layer_cfg is None:
             continue  # mixed precision: this layer stays float
         if layer_cfg.method == "gptq" and hessian is None:
-            layer_cfg = replace(layer_cfg, method="rtn")  # no calibration inputs (embeddings): noted below
-        mask = m.keep_mask() if isinstance(m, (CompressedLinear, CompressedEmbedding)) else None
-        as_compressed_(run.model, name).set_quantized_(quantize_weight(weight_matrix(m), layer_cfg, hessian, mask))
-        quantized += 1
-        done = sum(costs[: i + 1])
-        run.report("quantize", i + 1, len(layers), f"layer {i + 1} of {len(layers)}: {name}" +
-                   eta.text(done, sum(costs)), eta.metrics(done, sum(costs)))
-    if stats is not None and quantized > len(stats.tokens):
-        run.notes.append("layers without calibration inputs (embeddings) were quantized with RTN")
-    run.runtime = "simulate" if cfg.bits == 8 and not cfg.int8_kernel else run.config.runtime
+            layer_cfg = replace(layer_cfg, method="rtn")  # no calibration inputs (embeddings): noted by the caller
+        job = (name, m, layer_cfg, hessian)
+        last = groups[-1][-1] if groups else None
+        together = (last is not None and hessian is not None and last[3] is hessian and last[2] == layer_cfg
+                    and layer_cfg.granularity != "tensor" and _mask(last[1]) is None and _mask(m) is None)
+        if together:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def _mask(m: nn.Module) -> torch.Tensor | None:
+    return m.keep_mask() if isinstance(m, (CompressedLinear, CompressedEmbedding)) else None
+
+
+def _quantize_group(group: list[tuple]) -> list[QuantizedWeight]:
+    name, m, layer_cfg, hessian = group[0]
+    if len(group) == 1:
+        return [quantize_weight(weight_matrix(m), layer_cfg, hessian, _mask(m))]
+    return gptq_quantize_rows([weight_matrix(job[1]) for job in group], hessian, layer_cfg)
 
 
 def _quantize_costs(layers: dict[str, nn.Module], gptq: bool) -> list[int]:

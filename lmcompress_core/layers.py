@@ -128,6 +128,17 @@ class InputStatistics:
 
         return record
 
+    def share_identical_(self) -> None:
+        """Layers fed the same input (q/k/v, gate/up) get bit-identical Hessians: keep one tensor for all of
+        them, so memory holds each once and GPTQ can quantize them together (``same_hessian`` is ``is``)."""
+        kept: list[torch.Tensor] = []
+        for name, h in self.hessian.items():
+            twin = next((k for k in kept[-4:] if k.shape == h.shape and torch.equal(k, h)), None)
+            if twin is None:
+                kept.append(h)
+            else:
+                self.hessian[name] = twin
+
 
 @torch.no_grad()
 def input_statistics(model: nn.Module, modules: dict[str, nn.Module], calibration: torch.Tensor,
@@ -158,6 +169,7 @@ def input_statistics(model: nn.Module, modules: dict[str, nn.Module], calibratio
     finally:
         for h in handles:
             h.remove()
+    stats.share_identical_()
     return stats
 
 

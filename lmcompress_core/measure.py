@@ -96,10 +96,11 @@ def _jsonable(value):
 
 
 # ---------------------------------------------------------------- size
-# ---------------------------------------------------------------- size
-def measure_size(cm, base_model) -> SizeReport:
-    """Size three ways; the packed figure is the byte count of the format really written to a temporary folder."""
-    tensors, meta = pack_model(cm, base_model)
+def measure_size(cm, base_model, check: Callable[[], None] | None = None) -> SizeReport:
+    """Size three ways; the packed figure is the byte count of the format really written to a temporary folder.
+
+    ``check()`` (optional) is called before each layer is packed and may raise to cancel."""
+    tensors, meta = pack_model(cm, base_model, check=check)
     with tempfile.TemporaryDirectory(prefix="lmcompress-size-") as folder:
         packed = write_packed(tensors, meta, folder)
     layers = meta["layers"].values()
@@ -327,7 +328,8 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
         perplexity=None, base_perplexity=None, kl_to_base=None, top1_agreement=None, generation=None,
         timings=stages.timings, kernel=cm.kernel, history=list(cm.history or []), notes=list(cm.notes or []),
         base_dtype=_dtype(loaded.model))
-    report.size = stages.run("size", "counting bytes (writing the packed file)", lambda: measure_size(cm, loaded.model))
+    report.size = stages.run("size", "counting bytes (writing the packed file)",
+                             lambda: measure_size(cm, loaded.model, check=lambda: stages.check("size", 0, 1, "packing")))
     stages.finished("size", report.size)
     _perplexity_stage(report, cm, loaded, (text_label, text_body, text_hash), protocol, stages,
                       ppl_key if use_cache else None)

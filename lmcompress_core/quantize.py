@@ -336,6 +336,28 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationCo
                            config.bits, group_size, None if mask is None else mask.to(torch.bool))
 
 
+def gptq_quantize_rows(weights: list[torch.Tensor], hessian: torch.Tensor, config: QuantizationConfig,
+                       masks: list[torch.Tensor] | None = None) -> list[QuantizedWeight]:
+    """GPTQ on several matrices fed the same inputs (q/k/v, gate/up): one pass over their stacked rows.
+
+    GPTQ treats each output row on its own (its grid, its rounding errors; the shared part, the inverse Hessian,
+    depends on the inputs only), so stacking gives each matrix what its own call would — up to the summation
+    order of one matrix product — with one column loop instead of one per matrix. Not for per-tensor grids,
+    which span every row of one matrix.
+    """
+    if config.granularity == "tensor":
+        raise ValueError("per-tensor grids span a whole matrix: quantize each matrix with gptq_quantize")
+    stacked = gptq_quantize(torch.cat(weights), hessian, config, None if masks is None else torch.cat(masks))
+    out, start = [], 0
+    for w in weights:
+        rows = slice(start, start + w.shape[0])
+        start = rows.stop
+        out.append(QuantizedWeight(stacked.codes[rows].clone(), stacked.scales[rows].clone(),
+                                   stacked.zeros[rows].clone(), stacked.bits, stacked.group_size,
+                                   None if stacked.mask is None else stacked.mask[rows].clone()))
+    return out
+
+
 def _lazy_grid(block, i, col, group_size, config, scales, zeros):
     group = col // group_size
     if group not in scales:  # first column of a group: its grid comes from the already-updated weights

@@ -313,3 +313,25 @@ def test_gptq_reports_each_layer_with_the_time_left(random_arch):
     assert all("s left" in p.message and p.metrics["remaining_s"] >= 0 for p in layers)
     assert layers[-1].metrics["remaining_s"] == 0
     assert len([p for p in seen if p.stage == "calibrate"]) > len(layers)   # every hooked layer of every batch
+
+
+def test_layers_fed_the_same_inputs_share_one_hessian_and_are_quantized_together_as_alone(random_arch):
+    """q/k/v (and gate/up) get bit-identical Hessians; GPTQ over their stacked rows gives each what its own call
+    gives, up to the summation order of one matrix product."""
+    from lmcompress_core.compress import CALIBRATION_STATS, compress
+    from lmcompress_core.layers import input_statistics, linear_layers, weight_matrix
+
+    model = random_arch.model
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    layers = linear_layers(model)
+    hessians = input_statistics(model, layers, calib, hessian=True).hessian
+    shared = [n for n in hessians if any(hessians[n] is hessians[o] for o in hessians if o != n)]
+    if random_arch.name.removeprefix("random-") in ("llama", "qwen2", "opt"):
+        assert any(n.endswith("q_proj") for n in shared) and any(n.endswith("k_proj") for n in shared)
+    cfg = QuantizationConfig(bits=3, group_size=32, method="gptq")
+    CALIBRATION_STATS.clear()
+    together = compress(model, CompressionConfig(quantization=cfg, runtime="simulate"), calibration=calib)
+    for name, qw in _codes(together).items():
+        alone = gptq_quantize(weight_matrix(layers[name]), hessians[name], cfg)
+        assert (qw.codes == alone.codes).float().mean() > 0.999, name
+        assert torch.allclose(qw.dequantize(), alone.dequantize(), atol=1e-4 * float(alone.scales.max()) + 1e-6)
