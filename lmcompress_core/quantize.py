@@ -310,6 +310,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationCo
     grid_col = None if lazy else _FixedGrids(w, config, group_size)
     w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
     hinv = _cholesky_of_inverse(h, config.damp)
+    diagonal = hinv.diagonal().tolist()  # float32 values as Python floats: one tensor op less per column
     codes = torch.zeros_like(w)
     scales, zeros = {}, {}
     for b0 in range(0, in_features, _LAZY_BLOCK):
@@ -319,9 +320,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationCo
             col = b0 + i
             scale, zero = _lazy_grid(block, i, col, group_size, config, scales, zeros) if lazy else grid_col(perm[col])
             code = codes_on_grid(block[:, i:i + 1], scale, zero, config.bits)
-            q = (code - zero) * scale * keep[:, col:col + 1]
+            q = (code - zero) * scale
+            if mask is not None:  # without a mask every weight is kept (× 1 changes nothing)
+                q *= keep[:, col:col + 1]
             codes[:, col] = code[:, 0]
-            err = (block[:, i] - q[:, 0]) / hinv[col, col]
+            err = (block[:, i] - q[:, 0]) / diagonal[col]
             block[:, i:] -= err[:, None] * hinv[col, col:b1][None, :]
             errors[:, i] = err
         w[:, b1:] -= errors @ hinv[b0:b1, b1:]
