@@ -11,8 +11,8 @@ Per model:
   first chart / perplexity chart / generations / all charts
              seconds from the change until the size, perplexity, generation and latency stages are done (the
              page draws each as its stage ends; latency comes last, so "all charts" is the whole change)
-  abandon    seconds from should_stop turning True (a new slider move) to evaluate giving up, at several points
-             of a change; the largest
+  abandon    seconds from should_stop turning True (a new slider move) to evaluate giving up, at 10–90% of an
+             uncached run of the same setting timed just before; the largest
   gptq       a first GPTQ setting (calibration pass + GPTQ) and a second one that reuses the model's
              calibration statistics: seconds of the compress stage and of the whole Report
 The headline `interactive_s_<model>` is the median *change*, the case a person meets at every slider move.
@@ -89,7 +89,7 @@ def _median(changes: list[dict], key: str) -> float | None:
 
 def _model(ctx, name: str, runs: int, protocol) -> dict:
     from lmcompress_core.compress import CALIBRATION_STATS
-    from lmcompress_core.measure import clear_cache
+    from lmcompress_core.measure import clear_cache, evaluate
 
     clear_cache()
     CALIBRATION_STATS.clear()
@@ -99,7 +99,8 @@ def _model(ctx, name: str, runs: int, protocol) -> dict:
     cached = [_one_report(loaded, _config(bits), protocol)["total_s"] for bits in MOVES[1: 1 + runs]]
     typical = sorted(changes, key=lambda c: c["total_s"])[len(changes) // 2]
     change_s = statistics.median(c["total_s"] for c in changes)
-    abandon = [_abandon_s(loaded, 4, protocol, f * change_s) for f in ABANDON_AT]
+    uncached = timed(lambda: evaluate(loaded, _config(4), protocol, use_cache=False))[1]   # the stops' yardstick
+    abandon = [_abandon_s(loaded, 4, protocol, f * uncached) for f in ABANDON_AT]
     return {
         "load_s": load_s, "cold_s": load_s + cold["total_s"], "cold_evaluate_s": cold["total_s"],
         "change_s": change_s, "change_all_s": [c["total_s"] for c in changes],
