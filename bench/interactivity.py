@@ -1,12 +1,20 @@
-"""Interactivity: seconds from a configuration change to a complete Report, as the Explore page computes it.
+"""Interactivity: seconds from a configuration change to each result, as the Explore page computes them.
 
 The Report comes from `lmcompress_core.measure.evaluate` with the protocol the Explore page uses at its
-defaults (`app_protocol`, built by the page's own `protocol_from_settings`).
+defaults (`app_protocol`, built by the page's own `protocol_from_settings`): while exploring, the compressed
+model is timed alone (no speed ratio) and the stages run size → perplexity → generations (streamed) → latency.
 Per model:
-  cold       first Report of the process: model load + first evaluate (lazy imports, allocator warm-up)
+  cold       first Report of the process: model load + first evaluate (lazy imports, allocator warm-up, and
+             the configuration-independent base results: log-probabilities, continuations)
   change     the model is loaded; the slider moves to a bit-width not seen before (median of distinct moves)
   cached     the slider comes back to a configuration already computed: evaluate's report cache
-  first chart  seconds until the size stage is done, the first figure the page can draw (from the callback)
+  first chart / perplexity chart / generations / all charts
+             seconds from the change until the size, perplexity, generation and latency stages are done (the
+             page draws each as its stage ends; latency comes last, so "all charts" is the whole change)
+  abandon    seconds from should_stop turning True (a new slider move) to evaluate giving up, at 10–90% of an
+             uncached run of the same setting timed just before; the largest
+  gptq       a first GPTQ setting (calibration pass + GPTQ) and a second one that reuses the model's
+             calibration statistics: seconds of the compress stage and of the whole Report
 The headline `interactive_s_<model>` is the median *change*, the case a person meets at every slider move.
 """
 from __future__ import annotations
@@ -18,11 +26,14 @@ from bench.common import timed
 
 # what run() returns, key for key (bench/__main__.py checks it)
 KEYS = (
-    "headline", "models", "protocol", "seconds",
+    "headline", "models", "protocol", "seconds", "gptq",
 )
 
 
 MOVES = (2, 3, 4, 5, 6, 8)   # bit-widths visited by the slider; the first is the cold run
+MARKS = {"size": "first_chart_s", "perplexity": "perplexity_chart_s", "generate": "generations_s",
+         "latency": "all_charts_s"}
+ABANDON_AT = (0.1, 0.3, 0.5, 0.7, 0.9)   # fractions of a change's duration at which the run is abandoned
 
 
 def app_protocol():
@@ -32,48 +43,83 @@ def app_protocol():
     return protocol_from_settings(WIDGETS)
 
 
-def _config(bits: int):
+def _config(bits: int, method: str = "rtn"):
     from lmcompress_core.compress import CompressionConfig
     from lmcompress_core.quantize import QuantizationConfig
 
-    return CompressionConfig(quantization=QuantizationConfig(bits=bits, group_size=128))
+    return CompressionConfig(quantization=QuantizationConfig(bits=bits, group_size=128, method=method))
 
 
-def _one_report(loaded, bits: int, protocol) -> dict:
-    """Seconds to a complete Report and to the size result (the first chart), plus the stage timings."""
+def _one_report(loaded, config, protocol) -> dict:
+    """Seconds to a complete Report and to the end of each stage (from the callback), plus the stage timings."""
     from lmcompress_core.measure import evaluate
 
     start = time.perf_counter()
     marks = {}
 
     def callback(progress):
-        if progress.stage == "size" and progress.step == progress.total and "size" not in marks:
-            marks["size"] = time.perf_counter() - start
+        mark = MARKS.get(progress.stage)
+        if mark and "partial" in progress.metrics and mark not in marks:
+            marks[mark] = time.perf_counter() - start
 
-    report = evaluate(loaded, _config(bits), protocol, callback=callback)
+    report = evaluate(loaded, config, protocol, callback=callback)
     total = time.perf_counter() - start
-    return {"bits": bits, "total_s": total, "first_chart_s": marks.get("size"), "stages_s": dict(report.timings),
+    return {"total_s": total, **marks, "stages_s": dict(report.timings),
             "eval_tokens": report.perplexity.tokens if report.perplexity else None}
 
 
+def _abandon_s(loaded, bits: int, protocol, after_s: float) -> float | None:
+    """Seconds from should_stop turning True, ``after_s`` into a change, to evaluate raising Cancelled."""
+    from lmcompress_core.compress import Cancelled
+    from lmcompress_core.measure import evaluate
+
+    stop_at = time.perf_counter() + after_s
+    try:
+        evaluate(loaded, _config(bits), protocol, should_stop=lambda: time.perf_counter() >= stop_at,
+                 use_cache=False)
+    except Cancelled:
+        return time.perf_counter() - stop_at
+    return None   # finished before the stop
+
+
+def _median(changes: list[dict], key: str) -> float | None:
+    values = [c[key] for c in changes if c.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def _model(ctx, name: str, runs: int, protocol) -> dict:
-    from lmcompress_core.measure import clear_cache
+    from lmcompress_core.compress import CALIBRATION_STATS
+    from lmcompress_core.measure import clear_cache, evaluate
 
     clear_cache()
+    CALIBRATION_STATS.clear()
     loaded, load_s = timed(lambda: ctx.loaded(name))
-    cold = _one_report(loaded, MOVES[0], protocol)
-    changes = [_one_report(loaded, bits, protocol) for bits in MOVES[1: 1 + runs]]
-    cached = [_one_report(loaded, bits, protocol)["total_s"] for bits in MOVES[1: 1 + runs]]
+    cold = _one_report(loaded, _config(MOVES[0]), protocol)
+    changes = [_one_report(loaded, _config(bits), protocol) for bits in MOVES[1: 1 + runs]]
+    cached = [_one_report(loaded, _config(bits), protocol)["total_s"] for bits in MOVES[1: 1 + runs]]
     typical = sorted(changes, key=lambda c: c["total_s"])[len(changes) // 2]
+    change_s = statistics.median(c["total_s"] for c in changes)
+    uncached = timed(lambda: evaluate(loaded, _config(4), protocol, use_cache=False))[1]   # the stops' yardstick
+    abandon = [_abandon_s(loaded, 4, protocol, f * uncached) for f in ABANDON_AT]
     return {
         "load_s": load_s, "cold_s": load_s + cold["total_s"], "cold_evaluate_s": cold["total_s"],
-        "change_s": statistics.median(c["total_s"] for c in changes),
-        "change_all_s": [c["total_s"] for c in changes],
+        "change_s": change_s, "change_all_s": [c["total_s"] for c in changes],
         "cached_s": statistics.median(cached),
-        "first_chart_s": statistics.median(c["first_chart_s"] for c in changes if c["first_chart_s"] is not None),
+        **{mark: _median(changes, mark) for mark in MARKS.values()},
+        "abandon_s": max((a for a in abandon if a is not None), default=None), "abandon_all_s": abandon,
         "stages_s": {k: v for k, v in typical["stages_s"].items() if isinstance(v, (int, float))},
         "eval_tokens": typical["eval_tokens"], "runs": len(changes),
     }
+
+
+def _gptq(loaded, protocol) -> dict:
+    """A first and a second GPTQ setting on one model: the second reuses the calibration statistics."""
+    first, second = (_one_report(loaded, _config(bits, "gptq"), protocol) for bits in (4, 3))
+    compress = (first["stages_s"].get("compress"), second["stages_s"].get("compress"))
+    return {"first_compress_s": compress[0], "second_compress_s": compress[1],
+            "first_total_s": first["total_s"], "second_total_s": second["total_s"],
+            "compress_speedup": compress[0] / compress[1] if all(compress) else None,
+            "total_speedup": first["total_s"] / second["total_s"]}
 
 
 def run(ctx) -> dict:
@@ -81,7 +127,14 @@ def run(ctx) -> dict:
     names = ["tiny", "default"] if ctx.scale.include_default else ["tiny"]
     runs = max(5, ctx.scale.runs)
     protocol = app_protocol()
-    models = {name: _model(ctx, name, runs, protocol) for name in names}
-    headline = {f"interactive_s_{name}": m["change_s"] for name, m in models.items()}
+    models, gptq = {}, {}
+    for name in names:
+        models[name] = _model(ctx, name, runs, protocol)
+        gptq[name] = _gptq(ctx.loaded(name), protocol)   # after the moves: the base results are cached
+    headline = {}
+    for name, m in models.items():
+        headline.update({f"interactive_s_{name}": m["change_s"], f"first_chart_s_{name}": m["first_chart_s"],
+                         f"generations_s_{name}": m["generations_s"], f"abandon_s_{name}": m["abandon_s"],
+                         f"gptq_second_speedup_{name}": gptq[name]["compress_speedup"]})
     return {"headline": headline, "models": models, "protocol": protocol.to_dict(),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "gptq": gptq}

@@ -12,21 +12,30 @@ def _name(s: dict) -> str:
 
 
 def _interactivity(s: dict) -> list[str]:
-    out = ["Time from a configuration change to a complete Report (compress + size + perplexity + latency + "
-           "generation) through `lmcompress_core.measure.evaluate`, median of the runs. *Cold*: the first "
-           "Report of a fresh process, model load included. *Change*: the model is loaded and a slider moves "
-           "to a configuration not seen before. *Cached*: the app's result cache hit for a configuration "
-           "seen before. *First chart*: time to the size result, the first figure the page draws.", ""]
+    out = ["Time from a configuration change to each result of a Report through `lmcompress_core.measure.evaluate` "
+           "(no browser), median of the runs. Stages run size → perplexity → generations (streamed) → latency "
+           "(while exploring, the compressed model timed alone). *Cold*: the first Report of a fresh process, model "
+           "load and the base model's reusable results included. *Change*: the model is loaded and a slider moves "
+           "to a configuration not seen before. *Cached*: the app's result cache hit for a configuration seen "
+           "before. *First chart* / *perplexity* / *generations*: until that stage is done. *Abandon*: from a new "
+           "move (should_stop turning True) to the old run stopping, the largest of 5 points in a change.", ""]
     rows = []
     for name, m in s.get("models", {}).items():
         rows.append([name, m.get("eval_tokens"), m.get("load_s"), m.get("cold_s"), m.get("change_s"),
-                     m.get("cached_s"), m.get("first_chart_s")])
-    out += md_table(["model", "eval tokens", "load s", "cold s", "change s", "cached s", "first chart s"], rows)
+                     m.get("cached_s"), m.get("first_chart_s"), m.get("perplexity_chart_s"),
+                     m.get("generations_s"), m.get("abandon_s")])
+    out += md_table(["model", "eval tokens", "load s", "cold s", "change s", "cached s", "first chart s",
+                     "perplexity s", "generations s", "abandon s"], rows)
     for name, m in s.get("models", {}).items():
         stages = m.get("stages_s") or {}
         if stages:
             listed = ", ".join(f"{k} {fmt(v, 2)} s" for k, v in stages.items())
             out += [f"Stages of one change ({name}): {listed}", ""]
+    for name, g in (s.get("gptq") or {}).items():
+        out += [f"GPTQ ({name}): a first setting compresses in {fmt(g.get('first_compress_s'), 2)} s, a second "
+                f"(calibration statistics reused) in {fmt(g.get('second_compress_s'), 2)} s "
+                f"(×{fmt(g.get('compress_speedup'), 2)}); whole Reports {fmt(g.get('first_total_s'), 2)} s and "
+                f"{fmt(g.get('second_total_s'), 2)} s.", ""]
     return out
 
 

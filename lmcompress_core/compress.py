@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -22,10 +23,10 @@ from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
 from .distill import DistillationConfig, distill_, keep_every_kth_block_
-from .layers import DEFAULT_EXCLUDE, input_statistics, linear_layers, weight_matrix
+from .layers import DEFAULT_EXCLUDE, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from .prune import PruningConfig, global_masks, layer_mask
-from .quantize import (QuantizationConfig, QuantizedWeight, cast_half_, fake_quantize, half_round_trip,
-                       quantize_weight, requantize)
+from .quantize import (QuantizationConfig, QuantizedWeight, cast_half_, fake_quantize, gptq_quantize_rows,
+                       half_round_trip, quantize_weight, requantize)
 from .runtime import CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers
 from .runtime_finish import KERNEL_INT8, KERNEL_INT8_DYNAMIC, KERNEL_SIMULATED  # noqa: F401 (re-exported labels)
 from .runtime_finish import finish_dynamic_int8, finish_real
@@ -33,6 +34,8 @@ from .runtime_finish import finish_dynamic_int8, finish_real
 KERNEL_DENSE = "fp32 dense"
 SPARSE_SUFFIX = " + dense zeros — no sparse kernel"
 RUNTIMES = ("real", "simulate", "dynamic_int8")
+# GPTQ Hessians and Wanda input norms per base model and calibration set, shared by every setting and session
+CALIBRATION_STATS = StatisticsCache()
 HEADS = ("int8", "float")
 
 
@@ -146,6 +149,7 @@ class _Run:
     callback: ProgressCallback | None
     should_stop: Callable[[], bool] | None
     half: str | None = None                   # "bf16" | "fp16" once a 16-bit cast is due
+    model_state: str = ""                     # what was done to the copy before calibration: "" or the pruning
     runtime: str = "simulate"                 # what the finish stage runs codes on (CompressionConfig.runtime)
     kernel: str = ""                          # the label the finish stage writes
     history: list = field(default_factory=list)
@@ -168,10 +172,23 @@ class _Run:
             raise ValueError(f"{what} needs calibration token ids: pass calibration=data.calibration_batches(...)")
         return self.calibration
 
-    def input_statistics(self, layers: dict, hessian: bool):
+    def input_statistics(self, layers: dict, hessian: bool) -> InputStatistics:
+        """The layers' calibration statistics: reused when this base model has seen the same calibration ids
+        through the same (pruned or not) model and layers; otherwise one calibration pass, then cached."""
+        calibration = self.calibration_ids("GPTQ/Wanda")
+        key = CALIBRATION_STATS.key(calibration, layers, self.model_state)
+        found = CALIBRATION_STATS.get(self.base, key, hessian)
+        if found is not None:
+            self.report("calibrate", 1, 1, "calibration statistics of this model reused from an earlier setting")
+            return found
+        eta = _Eta()
         self.report("calibrate", 0, 1, "running calibration text through the model")
-        return input_statistics(self.model, layers, self.calibration_ids("GPTQ/Wanda"), hessian=hessian,
-                                check=self.check)
+        stats = input_statistics(self.model, layers, calibration, hessian=hessian, check=self.check,
+                                 progress=lambda done, total: self.report(
+                                     "calibrate", done, total, "calibration text through the model" +
+                                     eta.text(done, total), eta.metrics(done, total)))
+        CALIBRATION_STATS.put(self.base, key, stats)
+        return stats
 
 
 _HANDLERS: dict[type, Callable[[_Run, object], None]] = {}
@@ -222,6 +239,7 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
     for i, name in enumerate(layers):
         as_compressed_(run.model, name).set_mask_(masks[name])
         run.report("prune", i + 1, len(layers), name)
+    run.model_state = "pruned " + json.dumps(asdict(cfg), sort_keys=True)  # later calibration sees this copy
 
 
 @register(QuantizationConfig)
@@ -231,21 +249,77 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
         return
     layers = run.layers()
     stats = _quantization_statistics(run, cfg, layers)
-    quantized = 0
-    for i, (name, m) in enumerate(layers.items()):
-        hessian = stats.hessian.pop(name, None) if stats is not None else None
+    costs = dict(zip(layers, _quantize_costs(layers, cfg.method == "gptq")))
+    eta, done, quantized = _Eta(), 0, 0
+    for group in _quantize_groups(layers, cfg, stats):
+        for (name, _, _, _), qw in zip(group, _quantize_group(group)):
+            as_compressed_(run.model, name).set_quantized_(qw)
+            quantized, done = quantized + 1, done + costs[name]
+            run.report("quantize", quantized, len(layers), f"layer {quantized} of {len(layers)}: {name}" +
+                       eta.text(done, sum(costs.values())), eta.metrics(done, sum(costs.values())))
+    if cfg.method == "gptq" and stats is not None and quantized > len(stats.tokens):
+        run.notes.append("layers without calibration inputs (embeddings) were quantized with RTN")
+    run.runtime = "simulate" if cfg.bits == 8 and not cfg.int8_kernel else run.config.runtime
+
+
+def _quantize_groups(layers: dict[str, nn.Module], cfg: QuantizationConfig, stats) -> list[list[tuple]]:
+    """The layers to quantize as (name, module, setting, Hessian) in groups quantized together: consecutive
+    GPTQ layers with the same setting and the same Hessian tensor (fed the same inputs, e.g. q/k/v), else one."""
+    groups: list[list[tuple]] = []
+    for name, m in layers.items():
+        hessian = stats.hessian.get(name) if stats is not None else None  # read only: the statistics are cached
         layer_cfg = cfg.for_layer(name)
         if layer_cfg is None:
             continue  # mixed precision: this layer stays float
         if layer_cfg.method == "gptq" and hessian is None:
-            layer_cfg = replace(layer_cfg, method="rtn")  # no calibration inputs (embeddings): noted below
-        mask = m.keep_mask() if isinstance(m, (CompressedLinear, CompressedEmbedding)) else None
-        as_compressed_(run.model, name).set_quantized_(quantize_weight(weight_matrix(m), layer_cfg, hessian, mask))
-        quantized += 1
-        run.report("quantize", i + 1, len(layers), name)
-    if cfg.method == "gptq" and quantized > len(stats.tokens):
-        run.notes.append("layers without calibration inputs (embeddings) were quantized with RTN")
-    run.runtime = "simulate" if cfg.bits == 8 and not cfg.int8_kernel else run.config.runtime
+            layer_cfg = replace(layer_cfg, method="rtn")  # no calibration inputs (embeddings): noted by the caller
+        job = (name, m, layer_cfg, hessian)
+        last = groups[-1][-1] if groups else None
+        together = (last is not None and hessian is not None and last[3] is hessian and last[2] == layer_cfg
+                    and layer_cfg.method == "gptq"
+                    and layer_cfg.granularity != "tensor" and _mask(last[1]) is None and _mask(m) is None)
+        if together:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def _mask(m: nn.Module) -> torch.Tensor | None:
+    return m.keep_mask() if isinstance(m, (CompressedLinear, CompressedEmbedding)) else None
+
+
+def _quantize_group(group: list[tuple]) -> list[QuantizedWeight]:
+    name, m, layer_cfg, hessian = group[0]
+    if len(group) == 1:
+        return [quantize_weight(weight_matrix(m), layer_cfg, hessian, _mask(m))]
+    return gptq_quantize_rows([weight_matrix(job[1]) for job in group], hessian, layer_cfg)
+
+
+def _quantize_costs(layers: dict[str, nn.Module], gptq: bool) -> list[int]:
+    """Relative work per layer for the time-left estimate: out·in to round; GPTQ adds in² (inverse Hessian)."""
+    costs = []
+    for m in layers.values():
+        out_features, in_features = (m.weight.shape[::-1] if isinstance(m, Conv1D) else m.weight.shape)[:2]
+        costs.append(out_features * in_features + (in_features * in_features if gptq else 0))
+    return costs
+
+
+class _Eta:
+    """Seconds so far and a linear estimate of the seconds left, from the share of the work done."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def metrics(self, done: float, total: float) -> dict:
+        elapsed = time.perf_counter() - self.start
+        left = elapsed * (total - done) / done if done > 0 else None
+        return {"elapsed_s": round(elapsed, 1), "remaining_s": None if left is None else round(left, 1)}
+
+    def text(self, done: float, total: float) -> str:
+        m = self.metrics(done, total)
+        left = "" if m["remaining_s"] is None else f", about {m['remaining_s']:.0f} s left"
+        return f" · {m['elapsed_s']:.0f} s so far{left}"
 
 
 def _quantization_statistics(run: _Run, cfg: QuantizationConfig, layers: dict):

@@ -128,24 +128,89 @@ class InputStatistics:
 
         return record
 
+    def share_identical_(self) -> None:
+        """Layers fed the same input (q/k/v, gate/up) get bit-identical Hessians: keep one tensor for all of
+        them, so memory holds each once and GPTQ can quantize them together (``same_hessian`` is ``is``)."""
+        kept: list[torch.Tensor] = []
+        for name, h in self.hessian.items():
+            twin = next((k for k in kept[-4:] if k.shape == h.shape and torch.equal(k, h)), None)
+            if twin is None:
+                kept.append(h)
+            else:
+                self.hessian[name] = twin
+
 
 @torch.no_grad()
 def input_statistics(model: nn.Module, modules: dict[str, nn.Module], calibration: torch.Tensor,
-                     hessian: bool = False, batch_size: int = 4, check=None) -> InputStatistics:
+                     hessian: bool = False, batch_size: int = 4, check=None, progress=None) -> InputStatistics:
     """Run the model on calibration token ids ``[n, seq_len]`` and record what each named layer receives.
 
-    ``check`` (optional) is called before every batch and may raise to cancel.
+    ``check()`` (optional) is called before every batch and may raise to cancel; ``progress(done, total)``
+    (optional) after every layer's statistics are updated, so a listener hears (and may cancel) within one layer.
     """
     stats = InputStatistics(hessian)
-    handles = [m.register_forward_pre_hook(stats.hook(name)) for name, m in modules.items()
-               if isinstance(m, _MATRIX_TYPES)]
+    hooked = [(name, m) for name, m in modules.items() if isinstance(m, _MATRIX_TYPES)]
+    batches = range(0, calibration.shape[0], batch_size)
+    total, done = len(batches) * len(hooked), [0]
+
+    def tick(module, args) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    handles = [h for name, m in hooked for h in (m.register_forward_pre_hook(stats.hook(name)),
+                                                 m.register_forward_pre_hook(tick))]
     device = model_device(model)
     try:
-        for start in range(0, calibration.shape[0], batch_size):
+        for start in batches:
             if check is not None:
                 check()  # raises when the caller cancels
             model(input_ids=calibration[start:start + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
+    stats.share_identical_()
     return stats
+
+
+class StatisticsCache:
+    """Calibration statistics kept per base model, so a second GPTQ or Wanda setting skips the calibration pass.
+
+    They depend on the model the calibration text runs through (the base model, or its copy pruned by one
+    pruning setting), the calibration ids and the layers hooked — the key — and on no quantization setting:
+    GPTQ here fits every layer to the float model's inputs (one pass, not block by block), so its Hessians are
+    the same for every bit-width. Entries hang off the base model (a weak reference: they go when it goes) and
+    only the last ``per_model`` keys are kept (SmolLM2-135M's Hessians are about 0.5 GB). Callers read entries,
+    never change them.
+    """
+
+    def __init__(self, per_model: int = 2):
+        import threading
+        import weakref
+
+        self.per_model, self.lock, self.models = per_model, threading.Lock(), weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def key(calibration: torch.Tensor, layer_names, model_state: str = "") -> tuple:
+        import hashlib
+
+        ids = calibration.detach().to(torch.int64).cpu().contiguous()
+        digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+        return digest, tuple(ids.shape), tuple(layer_names), model_state
+
+    def get(self, base: nn.Module, key: tuple, hessian: bool) -> InputStatistics | None:
+        with self.lock:
+            found = self.models.get(base, {}).get(key)
+        return found if found is not None and (found.want_hessian or not hessian) else None
+
+    def put(self, base: nn.Module, key: tuple, stats: InputStatistics) -> None:
+        with self.lock:
+            entries = self.models.setdefault(base, {})
+            entries.pop(key, None)
+            entries[key] = stats
+            while len(entries) > self.per_model:
+                entries.pop(next(iter(entries)))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.models.clear()

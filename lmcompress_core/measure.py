@@ -18,9 +18,10 @@ from typing import Callable
 
 import torch
 
-from lmcompress_core.measure_quality import (GenerationReport, PerplexityReport, base_continuations,
-                                             generate_side_by_side, score_tokens)
-from lmcompress_core.measure_speed import LatencyReport, SpeedRatio, measure_latency_pair, runtime_bytes
+from lmcompress_core.measure_quality import (BaseScores, GenerationReport, PerplexityReport, base_continuations,
+                                             base_scores, generate_side_by_side, score_tokens)
+from lmcompress_core.measure_speed import (LatencyReport, SpeedRatio, measure_latency, measure_latency_pair,
+                                           runtime_bytes)
 from lmcompress_core.packing import pack_model, write_packed
 from lmcompress_core.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
 
@@ -28,6 +29,7 @@ __all__ = ["SizeReport", "Report", "measure_size", "evaluate", "cached_report", 
 
 SCALE_BITS = 16  # theoretical size: a scale and a zero-point per group at 16 bits each (the usual fp16 storage)
 CACHE_SIZE = 64
+BASE_SCORES_CACHE_SIZE = 3
 
 
 @dataclass
@@ -65,11 +67,12 @@ class Report:
     history: list = field(default_factory=list)   # distillation curve from the CompressedModel
     notes: list = field(default_factory=list)     # the engine's plain-text remarks (e.g. layers GPTQ ran as RTN)
     quality_stats: dict | None = None             # TokenScores.statistics(): KL percentiles, same-top %, RMS Δp
+    base_dtype: str = ""                          # the dtype the base model runs in (the reference of KL, ratios)
 
     def to_dict(self) -> dict:
         """Plain JSON-safe dict (NaN/inf become None) with a ``how`` label for every figure."""
         plain = ("model", "config", "protocol", "base_perplexity", "base_perplexity_stderr", "kl_to_base",
-                 "top1_agreement", "timings", "kernel", "history", "notes", "quality_stats")
+                 "top1_agreement", "timings", "kernel", "history", "notes", "quality_stats", "base_dtype")
         data = {f: getattr(self, f) for f in plain}
         for name in ("size", "latency", "base_latency", "speed", "perplexity", "generation"):
             value = getattr(self, name)
@@ -93,10 +96,11 @@ def _jsonable(value):
 
 
 # ---------------------------------------------------------------- size
-# ---------------------------------------------------------------- size
-def measure_size(cm, base_model) -> SizeReport:
-    """Size three ways; the packed figure is the byte count of the format really written to a temporary folder."""
-    tensors, meta = pack_model(cm, base_model)
+def measure_size(cm, base_model, check: Callable[[], None] | None = None) -> SizeReport:
+    """Size three ways; the packed figure is the byte count of the format really written to a temporary folder.
+
+    ``check()`` (optional) is called before each layer is packed and may raise to cancel."""
+    tensors, meta = pack_model(cm, base_model, check=check)
     with tempfile.TemporaryDirectory(prefix="lmcompress-size-") as folder:
         packed = write_packed(tensors, meta, folder)
     layers = meta["layers"].values()
@@ -144,11 +148,13 @@ def how_labels(report: Report) -> dict[str, str]:
         how.update(_how_latency(report))
     if report.perplexity is not None:
         how.update(_how_perplexity(report.perplexity))
+        how["perplexity"] += f"; {_precision(report)}"
     if report.generation is not None:
         g = report.generation
         how["generation"] = (
             f"greedy continuations of both models from the same prompt, {g.prompt_tokens} prompt tokens; the "
-            "highlight starts at the first greedy token that differs" + (f"; {g.notice}" if g.notice else ""))
+            f"highlight starts at the first greedy token that differs; {_precision(report)}"
+            + (f"; {g.notice}" if g.notice else ""))
     return how
 
 
@@ -168,17 +174,30 @@ def _how_size(s: SizeReport) -> dict[str, str]:
 
 def _how_latency(report: Report) -> dict[str, str]:
     lat = report.latency
-    how = {"latency": (
-        f"median of {lat.runs} timed runs after {lat.warmup} warm-up on {lat.device} with {lat.threads} thread(s), "
-        "the base and the compressed model timed alternately in the same call: prefill = one forward pass over "
-        f"{lat.prompt_tokens} fixed prompt tokens; decode = {lat.new_tokens} greedy steps with the KV cache; "
-        f"kernel: {lat.kernel}. ×N = median over rounds of base time ÷ compressed time; ≈ 1× when the rounds "
-        "disagree (inside the noise) or when the model only simulates its compression")}
+    runs = (f"median of {lat.runs} timed runs after {lat.warmup} warm-up on {lat.device} with {lat.threads} "
+            f"thread(s)")
+    steps = (f"prefill = one forward pass over {lat.prompt_tokens} fixed prompt tokens; decode = {lat.new_tokens} "
+             f"greedy steps with the KV cache; kernel: {lat.kernel}")
+    if report.base_latency is None:
+        how = {"latency": (
+            f"the compressed model alone while exploring, {runs}: {steps}. No speed ratio: comparing with the base "
+            "needs both timed alternately in one call under the same load — 'Measure precisely' does that")}
+    else:
+        how = {"latency": (
+            f"{runs}, the base and the compressed model timed alternately in the same call: {steps}. ×N = median "
+            "over rounds of base time ÷ compressed time; ≈ 1× when the rounds disagree (inside the noise) or when "
+            "the model only simulates its compression")}
     if lat.roofline_tokens_per_s:
         how["roofline"] = (
             f"upper bound on decode speed = measured copy bandwidth {lat.bandwidth_gb_s:.1f} GB/s ÷ "
             f"{lat.bytes_per_token:,} bytes read per token ({lat.bytes_basis})")
     return how
+
+
+def _precision(report: Report) -> str:
+    """How both models ran while being measured: the compressed one as it is deployed, the base as loaded."""
+    base = f"the base model in {report.base_dtype}" if report.base_dtype else "the base model as loaded"
+    return f"the compressed model runs as deployed ({report.kernel or 'unknown kernel'}), {base}"
 
 
 def _how_perplexity(p: PerplexityReport) -> dict[str, str]:
@@ -228,10 +247,14 @@ class _Cache:
 
 
 _CACHE = _Cache(CACHE_SIZE)
+# the base model's log-probabilities over the scored windows: [tokens, vocab] float32 each (~100 MB for 512 tokens
+# of a 49k vocabulary), so only the last few (model, text, windows) are kept
+_BASE_SCORES = _Cache(BASE_SCORES_CACHE_SIZE)
 
 
 def clear_cache() -> None:
     _CACHE.clear()
+    _BASE_SCORES.clear()
 
 
 def _keys(loaded, config, protocol: EvalProtocol, text_hash: str) -> tuple[tuple, tuple]:
@@ -242,11 +265,12 @@ def _keys(loaded, config, protocol: EvalProtocol, text_hash: str) -> tuple[tuple
 
 
 class _Stages:
-    """Progress reporting and cancellation across the stages of evaluate."""
+    """Progress reporting and cancellation across the stages of evaluate; ``report`` fills in as stages finish."""
 
     def __init__(self, callback, should_stop):
         self.callback, self.should_stop = callback, should_stop
         self.timings: dict[str, float] = {}
+        self.report: Report | None = None
 
     def check(self, stage: str, step: int = 0, total: int = 1, message: str = "",
               metrics: dict | None = None) -> None:
@@ -257,14 +281,22 @@ class _Stages:
         if self.callback is not None:
             self.callback(Progress(stage, step, total, message, metrics or {}))
 
-    def run(self, stage: str, message: str, fn):
-        """Run one stage; its finished result travels in the closing Progress's metrics[stage] (partial results)."""
+    def ticker(self, stage: str, what: str):
+        """A ``check(done, total)`` for the engine's loops (windows, tokens, timed runs): progress + cancellation."""
+        return lambda done, total: self.check(stage, done, total, f"{what} {min(done + 1, total)} of {total}")
+
+    def run(self, stage: str, message: str, fn, timing=None):
+        """Run one stage. Its closing Progress carries the result (metrics[stage]) and the report so far
+        (metrics["partial"], a Report dict with every finished stage: what a page may draw before the end)."""
         self.check(stage, 0, 1, message)
         start = time.perf_counter()
         result = fn()
-        self.timings[stage] = round(time.perf_counter() - start, 3)
-        self.check(stage, 1, 1, "done", {stage: result})
+        self.timings[stage] = round(time.perf_counter() - start, 3) if timing is None else timing
         return result
+
+    def finished(self, stage: str, result) -> None:
+        partial = {} if self.report is None or self.callback is None else {"partial": self.report.to_dict()}
+        self.check(stage, 1, 1, "done", {stage: result, **partial})
 
 
 # ---------------------------------------------------------------- evaluate
@@ -273,10 +305,14 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
              should_stop: Callable[[], bool] | None = None, use_cache: bool = True) -> Report:
     """Compress ``loaded.model`` with ``config`` (unless ``compressed`` is given) and measure it by ``protocol``.
 
-    Stages, cheap first: compress, size, latency, generate, perplexity; ``callback`` gets a compress.Progress
-    at the start and end of each (and per window during perplexity; the engine's own stages pass through while
-    compressing). ``compressed`` (a CompressedModel) skips compression; its config is the one reported.
-    Reports are cached per (model, config, protocol), so returning to an earlier configuration is instant.
+    Stages, in the order a person wants them: compress, size, perplexity, generate (streamed token by token),
+    latency. ``callback`` gets a compress.Progress at the start and end of each, per window, per generated token
+    and per timed run (the engine's own stages pass through while compressing); every one of them first asks
+    ``should_stop``, so an abandoned run stops within one window, token or run. A stage's closing Progress
+    carries the report so far (metrics["partial"]). Reports are cached per (model, config, protocol) only once
+    complete; what does not depend on the configuration (the base model's scores, continuations) is cached per
+    (model, text, protocol) and shared by every configuration.
+    ``compressed`` (a CompressedModel) skips compression; its config is the one reported.
     """
     protocol = protocol or EvalProtocol()
     config = compressed.config if compressed is not None else config
@@ -287,28 +323,24 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
         return _from_cache(cached)
     stages = _Stages(callback, should_stop)
     cm = compressed if compressed is not None else _compress(loaded, config, protocol, calibration, stages)
-    size = stages.run("size", "counting bytes (writing the packed file)", lambda: measure_size(cm, loaded.model))
-    lat = base_lat = speed = None
-    if protocol.latency:
-        base_lat, lat, speed = stages.run("latency", "timing the base and the compressed model, alternately",
-                                          lambda: _latency(loaded, cm, size, protocol))
-    gen = None
+    report = stages.report = Report(
+        model=loaded.name, config=config.to_dict(), protocol=protocol.to_dict(), size=None, latency=None,
+        perplexity=None, base_perplexity=None, kl_to_base=None, top1_agreement=None, generation=None,
+        timings=stages.timings, kernel=cm.kernel, history=list(cm.history or []), notes=list(cm.notes or []),
+        base_dtype=_dtype(loaded.model))
+    report.size = stages.run("size", "counting bytes (writing the packed file)",
+                             lambda: measure_size(cm, loaded.model, check=lambda: stages.check("size", 0, 1, "packing")))
+    stages.finished("size", report.size)
+    _perplexity_stage(report, cm, loaded, (text_label, text_body, text_hash), protocol, stages,
+                      ppl_key if use_cache else None)
     if protocol.generation:
-        gen = stages.run("generate", "generating side by side", lambda: generate_side_by_side(
-            loaded.model, cm.model, loaded.tokenizer, prompt_for(loaded.name, protocol), protocol.new_tokens,
-            protocol.seed, base=_base_continuations(loaded, protocol)))
-    ppl = _CACHE.get(ppl_key) if use_cache else None
-    if ppl is None:
-        ppl = stages.run("perplexity", f"scoring up to {protocol.eval_tokens} tokens", lambda: _perplexities(
-            cm.model, loaded, text_body, text_label, protocol, stages))
-        _CACHE.put(ppl_key, ppl)
-    else:
-        stages.timings["perplexity"] = "cached"
-    report = Report(model=loaded.name, config=config.to_dict(), protocol=protocol.to_dict(), size=size, latency=lat,
-                    perplexity=ppl[0], base_perplexity=ppl[1].value, kl_to_base=ppl[2], top1_agreement=ppl[3],
-                    generation=gen, timings=stages.timings, base_perplexity_stderr=ppl[1].stderr, kernel=cm.kernel,
-                    base_latency=base_lat, speed=speed, history=list(cm.history or []), notes=list(cm.notes or []),
-                    quality_stats=ppl[4])
+        report.generation = stages.run("generate", "generating (the compressed model, token by token)",
+                                       lambda: _generate(loaded, cm, protocol, stages))
+        stages.finished("generate", report.generation)
+    if protocol.latency:
+        report.base_latency, report.latency, report.speed = stages.run(
+            "latency", _latency_message(protocol), lambda: _latency(loaded, cm, report.size, protocol, stages))
+        stages.finished("latency", report.latency)
     if use_cache:
         _CACHE.put(report_key, copy.deepcopy(report))
     return report
@@ -328,6 +360,11 @@ def _from_cache(cached: Report) -> Report:
     return report
 
 
+def _dtype(model) -> str:
+    param = next(model.parameters(), None)
+    return "" if param is None else str(param.dtype).removeprefix("torch.")
+
+
 def _compress(loaded, config, protocol, calibration, stages):
     from lmcompress_core.compress import compress
 
@@ -335,38 +372,99 @@ def _compress(loaded, config, protocol, calibration, stages):
     # the engine's own stages (calibrate, prune, quantize, distill, finish) pass through; its final "done" is
     # dropped so a listener never sees "done" before size, latency and perplexity
     inner = None if stages.callback is None else (lambda p: None if p.stage == "done" else stages.callback(p))
-    return stages.run("compress", "compressing", lambda: compress(
+    cm = stages.run("compress", "compressing", lambda: compress(
         loaded.model, config, calibration=calib, callback=inner, should_stop=stages.should_stop))
+    stages.finished("compress", cm)
+    return cm
 
 
-def _latency(loaded, cm, size: SizeReport, protocol: EvalProtocol):
-    base_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+def _latency_message(protocol: EvalProtocol) -> str:
+    if protocol.latency_base:
+        return "timing the base and the compressed model, alternately"
+    return "timing the compressed model (no speed ratio while exploring)"
+
+
+def _latency(loaded, cm, size: SizeReport, protocol: EvalProtocol, stages: _Stages):
+    """(base LatencyReport or None, compressed LatencyReport, SpeedRatio or None) as the protocol asks."""
+    packed = ("packed size: every byte of the packed file read once per token, as a kernel reading packed weights "
+              "would")
+    args = (protocol.prompt_tokens, protocol.decode_tokens, protocol.latency_runs)
+    check = stages.ticker("latency", "timed run")
+    if not protocol.latency_base:
+        return None, measure_latency(cm.model, loaded.tokenizer, cm.kernel, *args, bytes_per_token=size.packed_bytes,
+                                     bytes_basis=packed, check=check), None
     return measure_latency_pair(
-        loaded.model, cm.model, loaded.tokenizer, (f"{base_dtype} dense (base)", cm.kernel),
-        protocol.prompt_tokens, protocol.decode_tokens, protocol.latency_runs,
+        loaded.model, cm.model, loaded.tokenizer, (f"{_dtype(loaded.model)} dense (base)", cm.kernel), *args,
         bytes_per_token=(runtime_bytes(loaded.model), size.packed_bytes),
-        bytes_basis=("base runtime bytes: every weight read once per token",
-                     "packed size: every byte of the packed file read once per token, as a kernel reading packed "
-                     "weights would"),
-        simulated=size.simulated)
+        bytes_basis=("base runtime bytes: every weight read once per token", packed),
+        simulated=size.simulated, check=check)
 
 
-def _base_continuations(loaded, protocol: EvalProtocol) -> dict:
+def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages) -> GenerationReport:
+    """Side-by-side generations; every token of the compressed model's continuations goes out as it comes
+    (Progress metrics["generation_stream"] = {"kind": "greedy" | "sampled", "text": the continuation so far})."""
+    total, offset = 2 * protocol.new_tokens, {"greedy": 0, "sampled": protocol.new_tokens}
+    counts = {"greedy": 0, "sampled": 0}
+
+    def on_token(kind: str, text: str) -> None:
+        counts[kind] += 1
+        stages.check("generate", offset[kind] + counts[kind], total, f"{kind} token {counts[kind]}",
+                     {"generation_stream": {"kind": kind, "text": text}})
+
+    return generate_side_by_side(loaded.model, cm.model, loaded.tokenizer, prompt_for(loaded.name, protocol),
+                                 protocol.new_tokens, protocol.seed, base=_base_continuations(loaded, protocol, stages),
+                                 on_token=on_token)
+
+
+def _base_continuations(loaded, protocol: EvalProtocol, stages: _Stages | None = None) -> dict:
     """The base model's continuations, computed once per (model, prompt, tokens, seed) and shared by every setting."""
     prompt = prompt_for(loaded.name, protocol)
     key = ("base-continuations", loaded.name, prompt, protocol.new_tokens, protocol.seed)
     found = _CACHE.get(key)
     if found is None:
-        found = base_continuations(loaded.model, loaded.tokenizer, prompt, protocol.new_tokens, protocol.seed)
+        tick = None if stages is None else (lambda toks: stages.check("generate", 0, 1, "the base model's continuations "
+                                                                      "(once per prompt)"))
+        found = base_continuations(loaded.model, loaded.tokenizer, prompt, protocol.new_tokens, protocol.seed,
+                                   on_token=tick)
         _CACHE.put(key, found)
     return found
 
 
-def _perplexities(model, loaded, text_body, text_label, protocol: EvalProtocol, stages):
+def _perplexity_stage(report: Report, cm, loaded, text: tuple[str, str, str], protocol: EvalProtocol,
+                      stages: _Stages, ppl_key) -> None:
+    """Perplexity, KL and agreement into ``report``: from the cache (same config and windows) or one pass."""
+    ppl = _CACHE.get(ppl_key) if ppl_key is not None else None
+    if ppl is None:
+        ppl = stages.run("perplexity", f"scoring up to {protocol.eval_tokens} tokens",
+                         lambda: _perplexities(cm.model, loaded, text, protocol, stages))
+        if ppl_key is not None:
+            _CACHE.put(ppl_key, ppl)
+    else:
+        stages.run("perplexity", "from the cache", lambda: None, timing="cached")
+    report.perplexity, base = ppl[0], ppl[1]
+    report.base_perplexity, report.base_perplexity_stderr = base.value, base.stderr
+    report.kl_to_base, report.top1_agreement, report.quality_stats = ppl[2], ppl[3], ppl[4]
+    stages.finished("perplexity", report.perplexity)
+
+
+def _perplexities(model, loaded, text: tuple[str, str, str], protocol: EvalProtocol, stages: _Stages):
     from lmcompress_core import data
 
-    ids = data.token_ids(loaded.tokenizer, text_body)
-    scores = score_tokens(model, ids, protocol.context, protocol.stride, protocol.eval_tokens, base_model=loaded.model,
-                          check=lambda i, n: stages.check("perplexity", i, n, f"window {i} of {n}"))
-    return (scores.report(text=text_label), scores.report(scores.base_nll, text=text_label),
+    label, body, text_hash = text
+    ids = data.token_ids(loaded.tokenizer, body)
+    base = _base_scores(loaded, ids, protocol, text_hash, stages)
+    scores = score_tokens(model, ids, protocol.context, protocol.stride, protocol.eval_tokens, base=base,
+                          check=stages.ticker("perplexity", "window"))
+    return (scores.report(text=label), scores.report(scores.base_nll, text=label),
             scores.kl_to_base, scores.top1_agreement, scores.statistics())
+
+
+def _base_scores(loaded, ids: torch.Tensor, protocol: EvalProtocol, text_hash: str, stages: _Stages) -> BaseScores:
+    """The base model's log-probabilities on the scored windows, once per (model, text, windows)."""
+    key = ("base-scores", loaded.name, text_hash, protocol.eval_tokens, protocol.context, protocol.stride)
+    found = _BASE_SCORES.get(key)
+    if found is None:
+        found = base_scores(loaded.model, ids, protocol.context, protocol.stride, protocol.eval_tokens,
+                            check=stages.ticker("perplexity", "base model (once per text), window"))
+        _BASE_SCORES.put(key, found)
+    return found

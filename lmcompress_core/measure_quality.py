@@ -113,34 +113,73 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-@torch.inference_mode()
-def score_tokens(model, ids: torch.Tensor, context: int = 256, stride: int = 256, max_tokens: int = 2048,
-                 base_model=None, check: Callable[[int, int], None] | None = None) -> TokenScores:
-    """Per-token NLL of ``model`` (and of ``base_model``, with KL and top-1 agreement) on the windows of ``ids``.
+@dataclass
+class BaseScores:
+    """The base model's side of a scoring pass: per window, the log-probabilities at the scored positions.
 
-    ``check(done, total)`` is called before each window (progress; may raise to cancel).
+    They depend on (model, tokens, context, stride, max_tokens) only, never on a compression setting, so evaluate
+    computes them once and reuses them for every configuration (KL needs the whole distribution, not just the
+    correct token's: [scored tokens, vocab] float32, about 100 MB for 512 tokens of a 49k vocabulary).
     """
+    logp: list[torch.Tensor]      # one [scored tokens of the window, vocab] tensor per window
+
+
+def _scored_spans(ids: torch.Tensor, context: int, stride: int, max_tokens: int):
     if context < 2 or stride < 1 or stride > context:
         raise ValueError(f"need context >= 2 and 1 <= stride <= context (got context={context}, stride={stride})")
     ids = ids.reshape(-1)[: max_tokens + 1]
     if ids.numel() < 2:
         raise ValueError("the evaluation text has fewer than 2 tokens; nothing to score")
-    spans = windows(ids.numel(), context, stride)
-    nll, base_nll, kl, agree = [], [], [], []
-    for i, (begin, end, first) in enumerate(spans):
+    return ids, windows(ids.numel(), context, stride)
+
+
+def _window_logp(model, ids: torch.Tensor, span: tuple[int, int, int]) -> torch.Tensor:
+    begin, end, first = span
+    return F.log_softmax(_logits(model, ids[begin:end])[first - begin - 1: end - begin - 1], dim=-1)
+
+
+@torch.inference_mode()
+def base_scores(base_model, ids: torch.Tensor, context: int = 256, stride: int = 256, max_tokens: int = 2048,
+                check: Callable[[int, int], None] | None = None) -> BaseScores:
+    """The base model's log-probabilities on the windows ``score_tokens`` reads (``check`` as there)."""
+    ids, spans = _scored_spans(ids, context, stride, max_tokens)
+    logp = []
+    for i, span in enumerate(spans):
         if check is not None:
             check(i, len(spans))
-        targets = ids[first:end]
-        logp = F.log_softmax(_logits(model, ids[begin:end])[first - begin - 1: end - begin - 1], dim=-1)
+        logp.append(_window_logp(base_model, ids, span))
+    return BaseScores(logp)
+
+
+@torch.inference_mode()
+def score_tokens(model, ids: torch.Tensor, context: int = 256, stride: int = 256, max_tokens: int = 2048,
+                 base_model=None, check: Callable[[int, int], None] | None = None,
+                 base: BaseScores | None = None) -> TokenScores:
+    """Per-token NLL of ``model`` (and of the base, with KL and top-1 agreement) on the windows of ``ids``.
+
+    The base enters as ``base_model`` (scored in the same pass) or as its precomputed ``base`` (base_scores on
+    the same arguments). ``check(done, total)`` is called before each window (progress; may raise to cancel).
+    """
+    ids, spans = _scored_spans(ids, context, stride, max_tokens)
+    if base is None and base_model is not None:
+        base = base_scores(base_model, ids, context, stride, max_tokens)
+    if base is not None and len(base.logp) != len(spans):
+        raise ValueError("the base scores were computed on other windows than these")
+    nll, base_nll, kl, agree = [], [], [], []
+    for i, span in enumerate(spans):
+        if check is not None:
+            check(i, len(spans))
+        targets = ids[span[2]:span[1]]
+        logp = _window_logp(model, ids, span)
         nll.append(-logp.gather(1, targets[:, None])[:, 0])
-        if base_model is not None:
-            base_logp = F.log_softmax(_logits(base_model, ids[begin:end])[first - begin - 1: end - begin - 1], dim=-1)
+        if base is not None:
+            base_logp = base.logp[i]
             base_nll.append(-base_logp.gather(1, targets[:, None])[:, 0])
             kl.append((base_logp.exp() * (base_logp - logp)).sum(-1))
             agree.append(base_logp.argmax(-1) == logp.argmax(-1))
     if check is not None:
         check(len(spans), len(spans))
-    has_base = base_model is not None
+    has_base = base is not None
     return TokenScores(
         torch.cat(nll), torch.cat(base_nll) if has_base else None,
         float(torch.cat(kl).double().mean()) if has_base else None,
@@ -167,8 +206,12 @@ def max_positions(model) -> int | None:
 
 @torch.inference_mode()
 def decode(model, prompt_ids: torch.Tensor, new_tokens: int, sample: bool = False, seed: int = 0,
-           stop_at: int | None = None) -> tuple[list[int], list[float]]:
-    """Continue ``prompt_ids`` with a KV cache: (token ids, log-prob of each under the untempered distribution)."""
+           stop_at: int | None = None,
+           on_token: Callable[[list[int]], None] | None = None) -> tuple[list[int], list[float]]:
+    """Continue ``prompt_ids`` with a KV cache: (token ids, log-prob of each under the untempered distribution).
+
+    ``on_token(tokens so far)`` is called after every new token (streaming; it may raise to cancel).
+    """
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     out = model(input_ids=prompt_ids.view(1, -1).to(device), use_cache=True)
@@ -180,6 +223,8 @@ def decode(model, prompt_ids: torch.Tensor, new_tokens: int, sample: bool = Fals
             break
         tokens.append(token)
         logprobs.append(float(F.log_softmax(logits, -1)[token]))
+        if on_token is not None:
+            on_token(list(tokens))
         out = continue_with_cache(model, out, torch.tensor([[token]], device=device))
     return tokens, logprobs
 
@@ -215,27 +260,32 @@ def prompt_ids_for(model, tokenizer, prompt: str, new_tokens: int) -> tuple[torc
     return ids, notice
 
 
-def base_continuations(base_model, tokenizer, prompt: str, new_tokens: int = 32, seed: int = 0) -> dict:
+def base_continuations(base_model, tokenizer, prompt: str, new_tokens: int = 32, seed: int = 0,
+                       on_token: Callable[[list[int]], None] | None = None) -> dict:
     """The base model's greedy and sampled token ids for a prompt: they do not depend on any compression setting,
-    so evaluate computes them once per (model, prompt, new_tokens, seed) and reuses them."""
+    so evaluate computes them once per (model, prompt, new_tokens, seed) and reuses them. ``on_token`` as decode's.
+    """
     ids, _ = prompt_ids_for(base_model, tokenizer, prompt, new_tokens)
     eos = getattr(tokenizer, "eos_token_id", None)
-    return {"greedy": decode(base_model, ids, new_tokens, stop_at=eos)[0],
-            "sampled": decode(base_model, ids, new_tokens, sample=True, seed=seed, stop_at=eos)[0]}
+    return {"greedy": decode(base_model, ids, new_tokens, stop_at=eos, on_token=on_token)[0],
+            "sampled": decode(base_model, ids, new_tokens, sample=True, seed=seed, stop_at=eos, on_token=on_token)[0]}
 
 
 def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens: int = 32,
-                          seed: int = 0, base: dict | None = None) -> GenerationReport:
+                          seed: int = 0, base: dict | None = None,
+                          on_token: Callable[[str, str], None] | None = None) -> GenerationReport:
     """Greedy and sampled continuations of one prompt by both models, same seed; where greedy outputs diverge.
 
-    ``base`` (from base_continuations) skips decoding with the base model again.
+    ``base`` (from base_continuations) skips decoding with the base model again. ``on_token(kind, text so far)``
+    streams the compressed model's continuations ("greedy", then "sampled") token by token.
     """
     ids, notice = prompt_ids_for(model, tokenizer, prompt, new_tokens)
     eos = getattr(tokenizer, "eos_token_id", None)
     base = base or base_continuations(base_model, tokenizer, prompt, new_tokens, seed)
-    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos)
-    sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos)
     text = lambda toks: tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
+    stream = (lambda kind: None) if on_token is None else (lambda kind: lambda toks: on_token(kind, text(toks)))
+    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, on_token=stream("greedy"))
+    sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos, on_token=stream("sampled"))
     pieces = lambda toks: [tokenizer.decode([t]) for t in toks]  # noqa: E731
     return GenerationReport(
         prompt=prompt, base=text(base["greedy"]), compressed=text(comp),

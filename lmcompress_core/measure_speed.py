@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 from functools import lru_cache
 
 import torch
@@ -129,38 +130,55 @@ def _one_run(model, ids: torch.Tensor, new_tokens: int, device: torch.device) ->
 
 
 def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_tokens: int = 16, runs: int = 5,
-                    warmup: int = 1, bytes_per_token: int | None = None, bytes_basis: str = "") -> LatencyReport:
+                    warmup: int = 1, bytes_per_token: int | None = None, bytes_basis: str = "",
+                    check: Callable[[int, int], None] | None = None) -> LatencyReport:
     """Median prefill ms and decode tokens/s over ``runs`` timed runs after ``warmup``; plus the roofline.
 
     ``bytes_per_token`` (default: the model's runtime bytes) is what one decode step must read from memory.
+    ``check(done, total)`` is called before each run, outside the timed region (progress; may raise to cancel).
     """
     _check_runs(runs, new_tokens, prompt_tokens)
     device = model_device(model)
     ids = latency_prompt(model, tokenizer, prompt_tokens, new_tokens).to(device)
-    timings = [_one_run(model, ids, new_tokens, device) for _ in range(warmup + runs)][warmup:]
+    timings = []
+    for i in range(warmup + runs):
+        _tick(check, i, warmup + runs)
+        timings.append(_one_run(model, ids, new_tokens, device))
+    _tick(check, warmup + runs, warmup + runs)
+    timings = timings[warmup:]
     return _latency_report(model, ids, kernel, new_tokens, timings, warmup, bytes_per_token, bytes_basis)
 
 
 def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], prompt_tokens: int = 64,
                          new_tokens: int = 16, runs: int = 5, warmup: int = 1, bytes_per_token=(None, None),
-                         bytes_basis=("", ""),
-                         simulated: bool = False) -> tuple[LatencyReport, LatencyReport, SpeedRatio]:
+                         bytes_basis=("", ""), simulated: bool = False,
+                         check: Callable[[int, int], None] | None = None,
+                         ) -> tuple[LatencyReport, LatencyReport, SpeedRatio]:
     """Time the base and the compressed model alternately (base, compressed, base, ...) on the same prompt.
 
     Interleaving puts both under the same load, so their ratio is not a comparison of two moments. Returns the
     two reports and their SpeedRatio; ``simulated`` (nothing really runs faster) pins the printed ratio to ≈ 1×.
+    ``check(done, total)`` is called before every run of either model, outside the timed regions.
     """
     _check_runs(runs, new_tokens, prompt_tokens)
     ids = latency_prompt(model, tokenizer, prompt_tokens, new_tokens)
-    pairs = []
-    for _ in range(warmup + runs):
-        pairs.append((_one_run(base, ids.to(model_device(base)), new_tokens, model_device(base)),
-                      _one_run(model, ids.to(model_device(model)), new_tokens, model_device(model))))
+    pairs, total = [], 2 * (warmup + runs)
+    for i in range(warmup + runs):
+        _tick(check, 2 * i, total)
+        base_run = _one_run(base, ids.to(model_device(base)), new_tokens, model_device(base))
+        _tick(check, 2 * i + 1, total)
+        pairs.append((base_run, _one_run(model, ids.to(model_device(model)), new_tokens, model_device(model))))
+    _tick(check, total, total)
     pairs = pairs[warmup:]
     models = zip((base, model), kernels, bytes_per_token, bytes_basis)
     reports = [_latency_report(m, ids, kernel, new_tokens, [p[i] for p in pairs], warmup, nbytes, basis)
                for i, (m, kernel, nbytes, basis) in enumerate(models)]
     return reports[0], reports[1], speed_ratio(pairs, simulated)
+
+
+def _tick(check, done: int, total: int) -> None:
+    if check is not None:
+        check(done, total)
 
 
 def speed_ratio(pairs: list, simulated: bool) -> SpeedRatio:

@@ -207,10 +207,11 @@ def unpack_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> tor
 
 
 # ---------------------------------------------------------------- whole model
-def pack_model(cm, base_model=None) -> tuple[dict[str, torch.Tensor], dict]:
+def pack_model(cm, base_model=None, check=None) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors and the metadata of the packed format for a CompressedModel (nothing written).
 
     The compressed layers are read from the modules themselves (``quantized_weight()`` / ``keep_mask()``).
+    ``check()`` (optional) is called before each layer and may raise to cancel.
     """
     from lmcompress_core.runtime import compressed_layers
     from lmcompress_core.runtime_kernels import Int8Embedding
@@ -219,6 +220,8 @@ def pack_model(cm, base_model=None) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     for name, module in sorted(held.items()):
+        if check is not None:
+            check()
         qweight, mask = module.quantized_weight(), module.keep_mask()
         weight = None if qweight is not None else module.weight.detach()
         parts, meta = pack_layer(name, weight, qweight, mask)

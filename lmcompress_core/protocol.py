@@ -25,6 +25,10 @@ class EvalProtocol:
     stride: int = 256             # a new window every `stride` tokens (== context: no overlap)
     latency: bool = True
     latency_runs: int = 5         # timed runs per model (base and compressed alternate), after one warm-up each
+    # True: the base model is timed too, alternately with the compressed one in the same call, so their ratio
+    # compares two models under the same load. False (exploring): only the compressed model is timed, its
+    # absolute speed is shown and no ratio is claimed (a base timed at another moment is not comparable)
+    latency_base: bool = True
     prompt_tokens: int = 64       # latency: prefill length (fixed random token ids)
     decode_tokens: int = 16       # latency: greedy steps with the KV cache
     generation: bool = True
@@ -44,8 +48,9 @@ class EvalProtocol:
 
     @classmethod
     def explore(cls, **changes) -> "EvalProtocol":
-        """The lighter protocol used while moving sliders: fewer tokens scored, fewer timed runs."""
-        return replace(cls(eval_tokens=512, latency_runs=3, new_tokens=32), **changes)
+        """The lighter protocol used while moving sliders: fewer tokens scored, fewer timed runs of the compressed
+        model alone (no speed ratio: that needs the base timed alternately, which `precise` does)."""
+        return replace(cls(eval_tokens=512, latency_runs=3, new_tokens=32, latency_base=False), **changes)
 
     @classmethod
     def precise(cls, **changes) -> "EvalProtocol":
@@ -63,8 +68,12 @@ class EvalProtocol:
 
     def describe(self) -> str:
         """One line for a page: what every number on it was measured with."""
+        timing = (f"latency median of {self.latency_runs} runs, base and compressed timed alternately"
+                  if self.latency_base else
+                  f"latency median of {self.latency_runs} runs of the compressed model alone (no speed ratio "
+                  "while exploring)")
         return (f"perplexity on {self.eval_tokens} tokens (windows of {self.context}, stride {self.stride}); "
-                f"latency median of {self.latency_runs} interleaved runs; {self.new_tokens} generated tokens")
+                f"{timing}; {self.new_tokens} generated tokens")
 
 
 def prompt_for(model_name: str, protocol: EvalProtocol) -> str:

@@ -330,6 +330,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationCo
     grid_col = None if lazy else _FixedGrids(w, config, group_size)
     w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
     hinv = _cholesky_of_inverse(h, config.damp)
+    diagonal = hinv.diagonal().tolist()  # float32 values as Python floats: one tensor op less per column
     codes = torch.zeros_like(w)
     scales, zeros = {}, {}
     for b0 in range(0, in_features, _LAZY_BLOCK):
@@ -339,9 +340,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationCo
             col = b0 + i
             scale, zero = _lazy_grid(block, i, col, group_size, config, scales, zeros) if lazy else grid_col(perm[col])
             code = codes_on_grid(block[:, i:i + 1], scale, zero, config.bits)
-            q = (code - zero) * scale * keep[:, col:col + 1]
+            q = (code - zero) * scale
+            if mask is not None:  # without a mask every weight is kept (× 1 changes nothing)
+                q *= keep[:, col:col + 1]
             codes[:, col] = code[:, 0]
-            err = (block[:, i] - q[:, 0]) / hinv[col, col]
+            err = (block[:, i] - q[:, 0]) / diagonal[col]
             block[:, i:] -= err[:, None] * hinv[col, col:b1][None, :]
             errors[:, i] = err
         w[:, b1:] -= errors @ hinv[b0:b1, b1:]
@@ -354,6 +357,28 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationCo
         scale_t, zero_t = torch.cat([scales[g] for g in order], 1), torch.cat([zeros[g] for g in order], 1)
     return QuantizedWeight(codes.to(torch.uint8), scale_t.to(torch.float32), zero_t.to(torch.float32),
                            config.bits, group_size, None if mask is None else mask.to(torch.bool))
+
+
+def gptq_quantize_rows(weights: list[torch.Tensor], hessian: torch.Tensor, config: QuantizationConfig,
+                       masks: list[torch.Tensor] | None = None) -> list[QuantizedWeight]:
+    """GPTQ on several matrices fed the same inputs (q/k/v, gate/up): one pass over their stacked rows.
+
+    GPTQ treats each output row on its own (its grid, its rounding errors; the shared part, the inverse Hessian,
+    depends on the inputs only), so stacking gives each matrix what its own call would — up to the summation
+    order of one matrix product — with one column loop instead of one per matrix. Not for per-tensor grids,
+    which span every row of one matrix.
+    """
+    if config.granularity == "tensor":
+        raise ValueError("per-tensor grids span a whole matrix: quantize each matrix with gptq_quantize")
+    stacked = gptq_quantize(torch.cat(weights), hessian, config, None if masks is None else torch.cat(masks))
+    out, start = [], 0
+    for w in weights:
+        rows = slice(start, start + w.shape[0])
+        start = rows.stop
+        out.append(QuantizedWeight(stacked.codes[rows].clone(), stacked.scales[rows].clone(),
+                                   stacked.zeros[rows].clone(), stacked.bits, stacked.group_size,
+                                   None if stacked.mask is None else stacked.mask[rows].clone()))
+    return out
 
 
 def _lazy_grid(block, i, col, group_size, config, scales, zeros):

@@ -27,7 +27,7 @@ HEAD_FLOAT = "LM head bf16"
 def finish_real(run) -> None:
     """Codes onto the int4/int8 kernels, the LM head onto int8 (unless kept float), the rest of the model to bf16."""
     run.report("finish", 0, 1, "moving the codes onto the int4 / int8 kernels")
-    fallbacks = to_kernels_(run.model)
+    fallbacks = to_kernels_(run.model, check=run.check)
     by_reason: dict[str, list[str]] = {}
     for name, why in fallbacks.items():
         by_reason.setdefault(why, []).append(name)

@@ -292,8 +292,11 @@ def kernel_module(qw: QuantizedWeight, bias: torch.Tensor | None) -> tuple[nn.Mo
     return (Int8Linear(qw, bias), None) if refusal is None else (DequantLinear(qw, bias), refusal)
 
 
-def to_kernels_(model: nn.Module) -> dict[str, str]:
-    """Swap every layer holding codes for its kernel module; {name: why it fell back} for the fallbacks."""
+def to_kernels_(model: nn.Module, check=None) -> dict[str, str]:
+    """Swap every layer holding codes for its kernel module; {name: why it fell back} for the fallbacks.
+
+    ``check()`` (optional) is called before each layer and may raise to cancel.
+    """
     from .runtime import CompressedLinear
 
     fallbacks = {}
@@ -301,6 +304,8 @@ def to_kernels_(model: nn.Module) -> dict[str, str]:
         qw = module.quantized_weight() if isinstance(module, CompressedLinear) else None
         if qw is None:
             continue
+        if check is not None:
+            check()
         runtime, refusal = kernel_module(qw, module.bias)
         model.set_submodule(name, runtime)
         if refusal is not None:

@@ -318,41 +318,54 @@ def should_stop() -> bool:
     return bool(st.session_state.get("stop_requested"))
 
 
-# Where each stage of one evaluation sits on the single progress bar (the engine's own compression stages share
-# the first span); the spans follow the typical share of each stage's time on the default model.
-STAGE_SPANS = {"calibrate": (0.0, 0.35), "prune": (0.0, 0.35), "quantize": (0.0, 0.35), "distill": (0.0, 0.35),
-               "finish": (0.0, 0.35), "compress": (0.0, 0.35), "size": (0.35, 0.4), "latency": (0.4, 0.6),
-               "generate": (0.6, 0.8), "perplexity": (0.8, 1.0)}
+# Where each stage of one evaluation sits on the single progress bar, in the order evaluate runs them (the
+# engine's own compression stages share the first span): size, perplexity, the streamed generations, latency.
+STAGE_SPANS = {"calibrate": (0.0, 0.3), "prune": (0.0, 0.3), "quantize": (0.0, 0.3), "distill": (0.0, 0.3),
+               "finish": (0.0, 0.3), "compress": (0.0, 0.3), "size": (0.3, 0.35), "perplexity": (0.35, 0.6),
+               "generate": (0.6, 0.85), "latency": (0.85, 1.0)}
+BAR_INTERVAL_S = 0.1   # the bar is redrawn at most this often (the engine reports every layer, window and token)
 
 
 def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
     """A core Progress callback driving ONE st.progress bar across all stages (it never runs backwards), the
-    stage named in its text; ``on_metrics`` is an optional hook for partial results."""
-    shown = [0.0]
+    stage named in its text; ``on_metrics`` is an optional hook for partial results.
+
+    A slider moved during a run is noticed at the script's next Streamlit call (should_stop reads the session
+    state; redrawing the bar is another): Streamlit raises its rerun there, inside the engine, which reports
+    and asks should_stop per layer, window, generated token and timed run — so the run stops within one of them.
+    """
+    import time
+
+    shown, last = [0.0], [0.0]
 
     def callback(progress) -> None:
         total = max(int(progress.total or 0), 1)
         within = min(max(progress.step / total, 0.0), 1.0)
         low, high = STAGE_SPANS.get(progress.stage, (0.0, 1.0))
         shown[0] = max(shown[0], low + (high - low) * within)
-        bar.progress(shown[0], text=f"{progress.stage}: {progress.message}"[:120])
+        now = time.perf_counter()
+        if now - last[0] >= BAR_INTERVAL_S or progress.step >= total:
+            last[0] = now
+            bar.progress(shown[0], text=f"{progress.stage}: {progress.message}"[:160])
         if on_metrics is not None:
             on_metrics(progress)
     return callback
 
 
-def evaluate_live(loaded, config, protocol, bar, on_size: Callable[[dict], None]) -> dict:
-    """Compress and measure with progress; the size (cheap) is handed to ``on_size`` before the slow stages.
+def evaluate_live(loaded, config, protocol, bar, on_partial: Callable[[dict], None],
+                  on_stream: Callable[[dict], None] | None = None) -> dict:
+    """Compress and measure with progress. Each finished stage hands the report so far to ``on_partial`` (size,
+    then perplexity, generations, latency); ``on_stream`` gets every generated token ({"kind", "text"}).
 
     Returns the finished report as a plain dict. Raises compress.Cancelled when Stop was pressed.
     """
-    from dataclasses import asdict
-
     from lmcompress_core import measure
 
     def partial(progress) -> None:
-        if "size" in progress.metrics:
-            on_size({"size": asdict(progress.metrics["size"])})
+        if "partial" in progress.metrics:
+            on_partial(progress.metrics["partial"])
+        if on_stream is not None and "generation_stream" in progress.metrics:
+            on_stream(progress.metrics["generation_stream"])
 
     callback = progress_callback(bar, on_metrics=partial)
     with span("evaluate") as record:

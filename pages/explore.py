@@ -116,18 +116,35 @@ def _compute(loaded, config, protocol, slots, heading, key) -> dict | None:
     with running.container():
         st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
         bar = st.progress(0.0, text="starting")
+        stream = st.empty()
     try:
-        return common.evaluate_live(
-            loaded, config, protocol, bar,
-            lambda partial: slots["size"].plotly_chart(plots.size_figure(partial), width="stretch",
-                                                       key="chart-partial-size"))
+        drawn: set[str] = set()
+        return common.evaluate_live(loaded, config, protocol, bar,
+                                    lambda partial: _show_partial(partial, slots, drawn),
+                                    lambda event: _show_stream(event, stream))
     except Cancelled:
         st.info("Stopped: the charts show the previous result; nothing from this run was kept.")
     except ValueError as exc:
         common.error("Cannot run this configuration", exc)
     finally:
-        running.empty()   # no Stop button once nothing runs
+        running.empty()   # no Stop button and no half-done text once nothing runs
     return None
+
+
+def _show_partial(partial: dict, slots: dict, drawn: set) -> None:
+    """Each chart once, as soon as its stage is done, while the run goes on (the heading says it is computing)."""
+    for name, build in (("size", plots.size_figure), ("perplexity", plots.perplexity_figure),
+                        ("latency", plots.latency_figure)):
+        if partial.get(name) and name not in drawn:
+            drawn.add(name)
+            slots[name].plotly_chart(build(partial), width="stretch", key=f"chart-partial-{name}")
+
+
+def _show_stream(event: dict, stream) -> None:
+    label = {"greedy": "Compressed model, greedy", "sampled": "Compressed model, sampled"}[event["kind"]]
+    with stream.container():
+        st.caption(f"{label} (as it is generated):")
+        common.show_text(event["text"])
 
 
 def _previous(loaded) -> dict | None:
@@ -156,8 +173,9 @@ except ValueError as exc:
 
 heading = {"title": st.empty(), "badge": st.empty()}
 precise = st.toggle("Measure precisely", key="precise",
-                    help="The full protocol (2048 tokens scored, 5 timed runs) instead of the lighter one used "
-                         "while exploring.")
+                    help="The full protocol (2048 tokens scored; 5 runs of the base and the compressed model "
+                         "timed alternately, which gives the speed ratio) instead of the lighter one used while "
+                         "exploring (512 tokens; the compressed model timed alone, no ratio).")
 protocol = common.protocol(precise=precise)
 st.caption(f"Protocol: {common.md_escape(protocol.describe())}.")
 cols = st.columns(3)

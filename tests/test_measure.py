@@ -230,7 +230,7 @@ def test_evaluate_report_stages_and_json(loaded):
                                pruning=PruningConfig(sparsity=0.5), runtime="simulate")
     report = measure.evaluate(loaded, config, replace(FAST, prompt="a single man"), callback=seen.append)
     stages = [p.stage for p in seen if p.stage in ("compress", "size", "latency", "generate", "perplexity")]
-    assert list(dict.fromkeys(stages)) == ["compress", "size", "latency", "generate", "perplexity"]
+    assert list(dict.fromkeys(stages)) == ["compress", "size", "perplexity", "generate", "latency"]
     assert "done" not in {p.stage for p in seen}
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["perplexity"]["tokens"] == 93 and data["perplexity"]["text"] == "pasted text"
@@ -302,3 +302,99 @@ def test_base_continuations_are_computed_once_for_every_setting(loaded, monkeypa
     first = measure.evaluate(loaded, CompressionConfig(), protocol)
     second = measure.evaluate(loaded, CompressionConfig(pruning=PruningConfig(sparsity=0.5)), protocol)
     assert len(calls) == 1 and first.generation.base == second.generation.base
+
+
+def test_explore_protocol_times_the_compressed_model_alone_and_claims_no_ratio(loaded):
+    protocol = EvalProtocol.explore(eval_tokens=96, context=32, stride=32, new_tokens=4, latency_runs=2,
+                                    prompt_tokens=8, decode_tokens=2, text=TEXT)
+    report = measure.evaluate(loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), protocol)
+    assert report.base_latency is None and report.speed is None and report.latency.runs == 2
+    how = report.to_dict()["how"]
+    assert "compressed model alone" in how["latency"] and "No speed ratio" in how["latency"]
+    assert "float32" in how["perplexity"] and report.kernel in how["perplexity"]
+
+
+def test_base_scores_are_computed_once_and_give_the_numbers_of_a_fresh_pass(loaded, monkeypatch):
+    calls = []
+    real = measure.base_scores
+    monkeypatch.setattr(measure, "base_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    protocol = replace(FAST, latency=False, generation=False)
+    four = CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"), runtime="simulate")
+    measure.evaluate(loaded, CompressionConfig(pruning=PruningConfig(sparsity=0.5)), protocol)
+    reused = measure.evaluate(loaded, four, protocol)
+    assert len(calls) == 1   # the second configuration reused the base model's log-probabilities
+    measure.clear_cache()
+    fresh = measure.evaluate(loaded, four, protocol)
+    assert len(calls) == 2
+    assert reused.kl_to_base == fresh.kl_to_base and reused.perplexity == fresh.perplexity
+    assert reused.base_perplexity == fresh.base_perplexity and reused.quality_stats == fresh.quality_stats
+
+
+def test_generations_stream_token_by_token_and_the_stream_ends_as_the_report(loaded):
+    streamed = {"greedy": [], "sampled": []}
+
+    def listen(progress):
+        if "generation_stream" in progress.metrics:
+            event = progress.metrics["generation_stream"]
+            streamed[event["kind"]].append(event["text"])
+
+    config = CompressionConfig(quantization=QuantizationConfig(bits=3, granularity="channel"), runtime="simulate")
+    report = measure.evaluate(loaded, config, replace(FAST, prompt="a single man", new_tokens=6, latency=False),
+                              callback=listen)
+    gen = report.generation
+    assert len(streamed["greedy"]) == len(gen.compressed_tokens) > 1
+    assert streamed["greedy"][-1] == gen.compressed and streamed["sampled"][-1] == gen.sampled_compressed
+    assert all(later.startswith(earlier) for earlier, later in zip(streamed["greedy"], streamed["greedy"][1:]))
+
+
+def test_partial_reports_fill_in_stage_by_stage(loaded):
+    partials = []
+    measure.evaluate(loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), FAST,
+                     callback=lambda p: partials.append((p.stage, p.metrics["partial"])) if "partial" in p.metrics
+                     else None)
+    assert [stage for stage, _ in partials] == ["size", "perplexity", "generate", "latency"]
+    after_size, after_ppl = partials[0][1], partials[1][1]
+    assert after_size["size"] and after_size["perplexity"] is None and after_size["latency"] is None
+    assert after_ppl["perplexity"]["value"] > 0 and after_ppl["generation"] is None
+
+
+def _forward_counter(counts: list):
+    """Counts every forward of a whole causal LM (not of its submodules) in this process."""
+    from transformers import PreTrainedModel
+
+    return torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: counts.append(1) if isinstance(module, PreTrainedModel) else None)
+
+
+def test_an_abandoned_run_stops_within_one_unit_of_work_and_caches_nothing(loaded):
+    """Whenever should_stop turns True, at most one window, token or timed run (1 + decode_tokens forwards)
+    still runs before Cancelled; no report of that configuration is cached."""
+    from lmcompress_core.compress import Cancelled
+
+    config = CompressionConfig(quantization=QuantizationConfig(bits=5, granularity="channel"))
+    protocol = replace(FAST, prompt="a single man", latency_runs=2)
+    asked, all_forwards = [], []
+    handle = _forward_counter(all_forwards)
+    try:
+        measure.evaluate(loaded, config, protocol, should_stop=lambda: asked.append(1) and False, use_cache=False)
+    finally:
+        handle.remove()
+    assert len(all_forwards) > 2 * len(asked) // 3   # the counter sees the forwards the checks interleave with
+    for stop_at in range(1, len(asked), 3):
+        measure.clear_cache()
+        calls, forwards, flipped = [], [], []
+
+        def should_stop():
+            calls.append(1)
+            if len(calls) >= stop_at and not flipped:
+                flipped.append(len(forwards))
+            return bool(flipped)
+
+        handle = _forward_counter(forwards)
+        try:
+            with pytest.raises(Cancelled):
+                measure.evaluate(loaded, config, protocol, should_stop=should_stop)
+        finally:
+            handle.remove()
+        assert len(forwards) - flipped[0] <= 1 + protocol.decode_tokens, stop_at
+        assert measure.cached_report(loaded, config, protocol) is None

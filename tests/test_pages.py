@@ -403,3 +403,25 @@ def test_a_link_reproduces_a_configuration():
     no_exceptions(at)
     assert at.select_slider(key="bits").value == 8
     assert at.subheader[0].value.startswith("8-bit")
+
+
+def test_a_run_abandoned_while_generating_shows_only_the_previous_result(explore, monkeypatch):
+    """Partial charts and streamed tokens go while the run is abandoned mid-generation: nothing of it is kept."""
+    from lmcompress_core import Cancelled
+
+    explore.select_slider(key="bits").set_value(8).run()
+    before = list(explore.session_state["trail"])
+    shown = figure_titled(explore, "Perplexity")["data"][0]["y"]
+
+    def stops_after_one_token(*args, on_token=None, **kwargs):
+        on_token("greedy", "half a sentence")
+        raise Cancelled("a slider moved")
+
+    monkeypatch.setattr("lmcompress_core.measure.generate_side_by_side", stops_after_one_token)
+    explore.select_slider(key="bits").set_value(6).run()
+    no_exceptions(explore)
+    assert any("Stopped" in i.value for i in explore.info)
+    assert explore.session_state["trail"] == before
+    assert figure_titled(explore, "Perplexity")["data"][0]["y"] == shown   # the previous run's, not the partial
+    assert "half a sentence" not in html_text(explore)
+    assert not any("as it is generated" in c.value for c in explore.caption)

@@ -240,3 +240,98 @@ def test_mixed_precision_compresses_each_layer_at_its_bits(random_arch):
     assert {qw.bits for name, qw in quantized.items() if name != second} == {3}
     float_layer = linear_layers(cm.model)[first]
     assert torch.equal(weight_matrix(float_layer), weight_matrix(linear_layers(random_arch.model)[first]))
+
+
+# ---- calibration statistics reused across settings ---------------------------------------------------------
+
+def _codes(cm) -> dict:
+    return {name: m.quantized_weight() for name, m in cm.layers().items()}
+
+
+def _counting_statistics(monkeypatch) -> list:
+    import importlib
+
+    compress_module = importlib.import_module("lmcompress_core.compress")
+    calls, real = [], compress_module.input_statistics
+    monkeypatch.setattr(compress_module, "input_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_a_second_gptq_setting_reuses_the_hessians_and_quantizes_bit_identically(random_arch, monkeypatch):
+    from lmcompress_core.compress import CALIBRATION_STATS, compress
+
+    calls = _counting_statistics(monkeypatch)
+    model = random_arch.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    three, four = (CompressionConfig(quantization=QuantizationConfig(bits=b, group_size=32, method="gptq"),
+                                     runtime="simulate") for b in (3, 4))
+    CALIBRATION_STATS.clear()
+    fresh = compress(model, four, calibration=calib)
+    CALIBRATION_STATS.clear()
+    compress(model, three, calibration=calib)
+    progress = []
+    reused = compress(model, four, calibration=calib, callback=progress.append)
+    assert len(calls) == 2   # the third compression ran no calibration pass
+    assert any("reused" in p.message for p in progress if p.stage == "calibrate")
+    for name, qw in _codes(fresh).items():
+        again = _codes(reused)[name]
+        assert torch.equal(qw.codes, again.codes) and torch.equal(qw.scales, again.scales), name
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # the base is never touched
+
+
+def test_calibration_statistics_are_keyed_by_calibration_and_pruning(random_arch, monkeypatch):
+    from lmcompress_core.compress import CALIBRATION_STATS, compress
+    from lmcompress_core.prune import PruningConfig
+
+    calls = _counting_statistics(monkeypatch)
+    model = random_arch.model
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    gptq = QuantizationConfig(bits=4, group_size=32, method="gptq")
+    CALIBRATION_STATS.clear()
+    compress(model, CompressionConfig(quantization=gptq, runtime="simulate"), calibration=calib)
+    compress(model, CompressionConfig(pruning=PruningConfig(sparsity=0.3, method="wanda")), calibration=calib)
+    assert len(calls) == 1   # Wanda's input norms come from the same unpruned pass as GPTQ's Hessians
+    pruned = CompressionConfig(quantization=gptq, pruning=PruningConfig(sparsity=0.3), runtime="simulate")
+    compress(model, pruned, calibration=calib)
+    assert len(calls) == 2   # GPTQ after pruning sees the pruned copy's inputs: another pass
+    compress(model, CompressionConfig(quantization=gptq, runtime="simulate"), calibration=calib[:, 1:])
+    assert len(calls) == 3   # other calibration ids: another pass
+
+
+def test_gptq_reports_each_layer_with_the_time_left(random_arch):
+    from lmcompress_core.compress import CALIBRATION_STATS, compress
+
+    model = random_arch.model
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    CALIBRATION_STATS.clear()
+    seen = []
+    compress(model, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32, method="gptq"),
+                                      runtime="simulate"), calibration=calib, callback=seen.append)
+    layers = [p for p in seen if p.stage == "quantize"]
+    assert [p.step for p in layers] == list(range(1, len(layers) + 1)) and len(layers) > 1
+    assert all("s left" in p.message and p.metrics["remaining_s"] >= 0 for p in layers)
+    assert layers[-1].metrics["remaining_s"] == 0
+    assert len([p for p in seen if p.stage == "calibrate"]) > len(layers)   # every hooked layer of every batch
+
+
+def test_layers_fed_the_same_inputs_share_one_hessian_and_are_quantized_together_as_alone(random_arch):
+    """q/k/v (and gate/up) get bit-identical Hessians; GPTQ over their stacked rows gives each what its own call
+    gives, up to the summation order of one matrix product."""
+    from lmcompress_core.compress import CALIBRATION_STATS, compress
+    from lmcompress_core.layers import input_statistics, linear_layers, weight_matrix
+
+    model = random_arch.model
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    layers = linear_layers(model)
+    hessians = input_statistics(model, layers, calib, hessian=True).hessian
+    shared = [n for n in hessians if any(hessians[n] is hessians[o] for o in hessians if o != n)]
+    if random_arch.name.removeprefix("random-") in ("llama", "qwen2", "opt"):
+        assert any(n.endswith("q_proj") for n in shared) and any(n.endswith("k_proj") for n in shared)
+    cfg = QuantizationConfig(bits=3, group_size=32, method="gptq")
+    CALIBRATION_STATS.clear()
+    together = compress(model, CompressionConfig(quantization=cfg, runtime="simulate"), calibration=calib)
+    for name, qw in _codes(together).items():
+        alone = gptq_quantize(weight_matrix(layers[name]), hessians[name], cfg)
+        assert (qw.codes == alone.codes).float().mean() > 0.999, name
+        assert torch.allclose(qw.dequantize(), alone.dequantize(), atol=1e-4 * float(alone.scales.max()) + 1e-6)
