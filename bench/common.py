@@ -27,7 +27,8 @@ class Scale:
     context: int = 256               # perplexity window (non-overlapping: stride == context)
     runs: int = 5                    # timed repetitions behind every median
     calibration_samples: int = 16    # GPTQ / Wanda calibration sequences of `context` tokens
-    kd_steps: int = 50               # distillation steps per temperature
+    kd_steps: int = 100              # tiny-model distillation steps per temperature and seed (and per student)
+    kd_steps_default: int = 100      # SmolLM2 recovery distillation steps (3-bit RTN g64)
     prompt_tokens: int = 64          # latency: prefill length
     new_tokens: int = 16             # latency: decoded tokens
     include_default: bool = True     # False: skip everything that needs SmolLM2
@@ -38,7 +39,7 @@ class Scale:
 
 FULL = Scale()
 SMOKE = Scale(name="smoke", eval_tokens=256, tiny_eval_tokens=512, runs=5, calibration_samples=4,
-              kd_steps=5, prompt_tokens=16, new_tokens=4, include_default=False)
+              kd_steps=5, kd_steps_default=2, prompt_tokens=16, new_tokens=4, include_default=False)
 
 
 def median_time(fn, runs: int = 5, warmup: int = 1) -> tuple[float, list[float]]:

@@ -1,9 +1,17 @@
-"""Distillation on the tiny model: how much of the perplexity lost to pruning recovery KD wins back, per temperature.
+"""Distillation: how much of the perplexity lost to compression recovery KD wins back, and the smaller student.
 
-The pruned model (50% magnitude) is the student, the unpruned tiny model the teacher; `steps` recovery KD steps
-(masks kept) at T = 1, 2, 4, 8, each with SEEDS seeds, everything else at DistillationConfig's defaults.
-Recovered fraction = (ppl_pruned − ppl_after) / (ppl_pruned − ppl_base) on held-out text never trained on:
-1 = all of the loss recovered, 0 = none, negative = distillation made the model worse.
+Three measurements, all on held-out text never trained on (the first half of the evaluation text; KD trains on
+calibration windows from the tiny model's training text or the second half, `Context.calibration`):
+
+* tiny model, 70% magnitude pruning: `kd_steps` recovery steps at T = 1, 2, 4, 8, each with SEEDS seeds
+  (the recipe is DistillationConfig's defaults: kept weights, norms and biases train, masks stay);
+* SmolLM2, 3-bit RTN g64: `kd_steps_default` recovery steps at the temperature the tiny study found best
+  (the integer codes stay; the per-group scales, norms and biases train);
+* tiny model cut to every KEEP_EVERY-th block, trained `kd_steps` steps from the same initialisation on the same
+  windows, once with KD from the full model and once with cross-entropy only (alpha = 0).
+
+Recovered fraction = (ppl_compressed − ppl_after) / (ppl_compressed − ppl_base): 1 = all of the loss recovered,
+0 = none, negative = distillation made the model worse.
 """
 from __future__ import annotations
 
@@ -12,27 +20,37 @@ import time
 
 from bench.common import timed
 
-MODEL = "tiny"
 TEMPERATURES = (1, 2, 4, 8)
 SEEDS = (0, 1, 2)
+KEEP_EVERY = 2
 # what run() returns, key for key (bench/__main__.py checks it)
-KEYS = ("headline", "base_perplexity", "pruned_perplexity", "steps", "seeds", "rows", "eval_tokens", "seconds")
+KEYS = ("headline", "tiny", "smollm2", "student", "best_temperature", "eval_tokens", "seconds")
 
 
-def _config(temperature: float | None, steps: int, seed: int = 0):
-    from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.distill import DistillationConfig
+def tiny_compression():
     from lmcompress_core.prune import PruningConfig
 
-    distillation = None if temperature is None else DistillationConfig(
-        temperature=float(temperature), steps=steps, mode="recovery", seed=seed)
-    return CompressionConfig(pruning=PruningConfig(sparsity=0.5, method="magnitude"), distillation=distillation)
+    return {"pruning": PruningConfig(sparsity=0.7, method="magnitude")}
 
 
-def recovered_fraction(pruned: float, after: float, base: float) -> float | None:
-    """(pruned − after) / (pruned − base); None when pruning lost nothing (nothing to recover)."""
-    gap = pruned - base
-    return (pruned - after) / gap if gap > 0 else None
+def smollm2_compression():
+    from lmcompress_core.quantize import QuantizationConfig
+
+    return {"quantization": QuantizationConfig(bits=3, group_size=64, method="rtn")}
+
+
+def _config(compression: dict, **distillation):
+    from lmcompress_core.compress import CompressionConfig
+    from lmcompress_core.distill import DistillationConfig
+
+    kd = DistillationConfig(**distillation) if distillation else None
+    return CompressionConfig(**compression, distillation=kd)
+
+
+def recovered_fraction(compressed: float, after: float, base: float) -> float | None:
+    """(compressed − after) / (compressed − base); None when compression lost nothing (nothing to recover)."""
+    gap = compressed - base
+    return (compressed - after) / gap if gap > 0 else None
 
 
 def summary(rows: list[dict]) -> dict:
@@ -46,26 +64,80 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
-def run(ctx) -> dict:
+def best_temperature(by_temperature: dict) -> float | None:
+    """The T whose mean recovered fraction is highest (None when nothing was measured)."""
+    measured = {t: v["mean"] for t, v in by_temperature.items() if v.get("mean") is not None}
+    return float(max(measured, key=measured.get)) if measured else None
+
+
+def _recovery_rows(ctx, name: str, setting: str, compression: dict, temperatures, seeds, steps: int,
+                   calibration) -> dict:
     from lmcompress_core.compress import compress
 
-    start = time.perf_counter()
-    base = ctx.loaded(MODEL)
-    calibration = ctx.calibration(MODEL)
-    steps = ctx.scale.kd_steps
-    base_ppl = ctx.base_perplexity(MODEL)
-    pruned = compress(base.model, _config(None, steps), calibration=calibration)
-    pruned_ppl = ctx.perplexity(pruned.model, MODEL)
+    base = ctx.loaded(name)
+    base_ppl = ctx.base_perplexity(name)
+    compressed_ppl = ctx.perplexity(compress(base.model, _config(compression), calibration=calibration).model, name)
     rows = []
-    for temperature in TEMPERATURES:
-        for seed in SEEDS:
-            cm, seconds = timed(lambda: compress(base.model, _config(temperature, steps, seed), calibration=calibration))
-            ppl = ctx.perplexity(cm.model, MODEL)
-            rows.append({"temperature": temperature, "seed": seed, "steps": steps, "perplexity": ppl,
-                         "train_s": seconds, "recovered_fraction": recovered_fraction(pruned_ppl, ppl, base_ppl)})
+    for temperature in temperatures:
+        for seed in seeds:
+            config = _config(compression, temperature=float(temperature), steps=steps, seed=seed)
+            cm, seconds = timed(lambda: compress(base.model, config, calibration=calibration))
+            ppl = ctx.perplexity(cm.model, name)
+            rows.append({"temperature": temperature, "seed": seed, "steps": steps, "perplexity": ppl, "train_s": seconds,
+                         "recovered_fraction": recovered_fraction(compressed_ppl, ppl, base_ppl)})
             del cm
+    return {"model": name, "setting": setting, "compression": _describe(compression), "base_perplexity": base_ppl,
+            "compressed_perplexity": compressed_ppl, "steps": steps, "seeds": list(seeds),
+            "calibration_windows": int(calibration.shape[0]), "rows": rows}
+
+
+def _describe(compression: dict) -> dict:
+    from dataclasses import asdict
+
+    return {stage: asdict(config) for stage, config in compression.items()}
+
+
+def _calibration(ctx, name: str, steps: int):
+    from lmcompress_core.distill import DistillationConfig
+
+    return ctx.calibration(name, n_samples=DistillationConfig(steps=steps).calibration_windows(ctx.scale.context))
+
+
+def _student(ctx, temperature: float, steps: int, calibration) -> dict:
+    """The smaller student trained with KD (alpha 0.5) and with cross-entropy only (alpha 0): same steps, seed, data."""
+    from lmcompress_core.compress import compress
+
+    base = ctx.loaded("tiny")
+    out = {"keep_every": KEEP_EVERY, "steps": steps, "temperature": temperature}
+    for label, alpha in (("kd", 0.5), ("ce_only", 0.0)):
+        config = _config({}, mode="student", keep_every=KEEP_EVERY, temperature=temperature, alpha=alpha,
+                         steps=steps, lr=1e-3)
+        cm, seconds = timed(lambda: compress(base.model, config, calibration=calibration))
+        out[label] = {"alpha": alpha, "perplexity": ctx.perplexity(cm.model, "tiny"), "train_s": seconds}
+    out["kd_over_ce_only"] = out["kd"]["perplexity"] / out["ce_only"]["perplexity"]
+    return out
+
+
+def run(ctx) -> dict:
+    start = time.perf_counter()
+    steps = ctx.scale.kd_steps
+    calibration = _calibration(ctx, "tiny", steps)
+    tiny = _recovery_rows(ctx, "tiny", "70% magnitude pruning", tiny_compression(), TEMPERATURES, SEEDS, steps,
+                          calibration)
+    by_temperature = summary(tiny["rows"])
+    best = best_temperature(by_temperature) or 2.0
+    student = _student(ctx, best, steps, calibration)
+    smollm2 = None
+    if ctx.scale.include_default:
+        big_steps = ctx.scale.kd_steps_default
+        smollm2 = _recovery_rows(ctx, "default", "3-bit RTN g64", smollm2_compression(), (best,), (0,), big_steps,
+                                 _calibration(ctx, "default", big_steps))
     return {
-        "headline": {"kd_recovered_fraction_by_temperature": summary(rows)},
-        "base_perplexity": base_ppl, "pruned_perplexity": pruned_ppl, "steps": steps, "seeds": list(SEEDS),
-        "rows": rows, "eval_tokens": int(ctx.eval_ids(MODEL).numel()), "seconds": time.perf_counter() - start,
+        "headline": {"kd_recovered_fraction_by_temperature": by_temperature,
+                     "kd_recovered_fraction_smollm2": smollm2["rows"][0]["recovered_fraction"] if smollm2 else None,
+                     "kd_student_over_ce_only": student["kd_over_ce_only"]},
+        "tiny": tiny, "smollm2": smollm2, "student": student, "best_temperature": best,
+        "eval_tokens": {"tiny": int(ctx.eval_ids("tiny").numel()),
+                        "default": int(ctx.eval_ids("default").numel()) if smollm2 else None},
+        "seconds": time.perf_counter() - start,
     }

@@ -12,6 +12,7 @@ HEADLINE_KEYS = ["interactive_s_tiny", "interactive_s_default", "int8_speedup_pr
                  "ppl_ratio_rtn3_g64_vs_torchao", "ppl_new3_over_rtn3", "ppl_new4_g128_over_rtn4",
                  "autopilot_3p5_over_uniform4", "autopilot_3p5_size_over_uniform4", "autopilot_3p0_over_uniform3",
                  "ppl_gptq3_over_rtn3", "ppl_wanda50_over_magnitude50", "kd_recovered_fraction_by_temperature",
+                 "kd_recovered_fraction_smollm2", "kd_student_over_ce_only",
                  "eval_fraction_of_matmul_peak", "sweep_ray_over_serial_s", "llamacpp_ppl_ratio_q4",
                  "decode_ratio_vs_llamacpp_q4", "decode_ratio_vs_llamacpp_q8",
                  "browser_first_chart_s_default", "browser_all_charts_s_default", "browser_complete_s_default",

@@ -115,13 +115,30 @@ def _pruning(s: dict) -> list[str]:
 
 
 def _distillation(s: dict) -> list[str]:
-    out = [f"Tiny model, 50% magnitude pruning, then {s.get('steps')} recovery KD steps per temperature and seed "
-           f"(seeds {s.get('seeds')}); perplexity on {s.get('eval_tokens')} held-out tokens. Unpruned "
-           f"{fmt(s.get('base_perplexity'))}, pruned without KD {fmt(s.get('pruned_perplexity'))}. Recovered fraction = "
-           "(pruned − after) / (pruned − unpruned): 1 = all of the loss won back, negative = KD made it worse.", ""]
+    tiny, student, big = s.get("tiny") or {}, s.get("student") or {}, s.get("smollm2")
+    out = [f"Recovered fraction = (compressed − after) / (compressed − original) held-out perplexity, on text never "
+           "trained on: 1 = all of the loss won back, negative = KD made it worse. "
+           f"Tiny model, {tiny.get('setting')}: original {fmt(tiny.get('base_perplexity'))}, compressed without KD "
+           f"{fmt(tiny.get('compressed_perplexity'))}; {tiny.get('steps')} recovery steps per temperature and seed "
+           f"on {tiny.get('calibration_windows')} calibration windows.", ""]
+    out += _recovery_table(tiny)
+    if big:
+        out += [f"SmolLM2, {big.get('setting')}, T = {s.get('best_temperature')} (the tiny study's best): original "
+                f"{fmt(big.get('base_perplexity'))}, compressed {fmt(big.get('compressed_perplexity'))}.", ""]
+        out += _recovery_table(big)
+    if student:
+        out += [f"Smaller student (every {student.get('keep_every')}-th block of the tiny model), {student.get('steps')} "
+                f"steps, T = {student.get('temperature')}, same windows and seed: KD (α 0.5) perplexity "
+                f"{fmt((student.get('kd') or {}).get('perplexity'))}, cross-entropy only "
+                f"{fmt((student.get('ce_only') or {}).get('perplexity'))}, ratio {fmt(student.get('kd_over_ce_only'))}.",
+                ""]
+    return out
+
+
+def _recovery_table(part: dict) -> list[str]:
     rows = [[r["temperature"], r.get("seed"), r.get("perplexity"), r.get("recovered_fraction"), r.get("train_s")]
-            for r in s.get("rows", [])]
-    return out + md_table(["T", "seed", "perplexity", "recovered fraction", "train s"], rows)
+            for r in part.get("rows", [])]
+    return md_table(["T", "seed", "perplexity", "recovered fraction", "train s"], rows)
 
 
 def _throughput(s: dict) -> list[str]:
@@ -172,7 +189,7 @@ RENDERERS = {
     "speed": ("2. Real speedups on SmolLM2", _speed),
     "quality": ("3. Quality against torchao and optimum-quanto", _quality),
     "pruning": ("4. Pruning: magnitude vs Wanda", _pruning),
-    "distillation": ("5. Distillation recovery by temperature", _distillation),
+    "distillation": ("5. Distillation: recovery by temperature, SmolLM2, the smaller student", _distillation),
     "throughput": ("6. Evaluation throughput", _throughput),
     "sweep": ("7. Sweeps: serial against a local Ray", _sweep),
     "llamacpp": ("8. llama.cpp as the runtime peer", _llamacpp),

@@ -19,20 +19,20 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
+from . import recovery
 from .distill import DistillationConfig, distill_, keep_every_kth_block_
 from .layers import DEFAULT_EXCLUDE, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from .prune import PruningConfig, global_masks, layer_mask
-from .quantize import (QuantizationConfig, QuantizedWeight, cast_half_, fake_quantize, gptq_quantize_rows,
-                       half_round_trip, quantize_weight, requantize)
+from .quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
 from .runtime import CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers
 from .runtime_finish import KERNEL_INT8, KERNEL_INT8_DYNAMIC, KERNEL_SIMULATED  # noqa: F401 (re-exported labels)
 from .runtime_finish import finish_dynamic_int8, finish_real
 
 KERNEL_DENSE = "fp32 dense"
 SPARSE_SUFFIX = " + dense zeros — no sparse kernel"
+HELDOUT_WINDOWS = 4
 RUNTIMES = ("real", "simulate", "dynamic_int8")
 # GPTQ Hessians and Wanda input norms per base model and calibration set, shared by every setting and session
 CALIBRATION_STATS = StatisticsCache()
@@ -337,41 +337,33 @@ def _quantization_statistics(run: _Run, cfg: QuantizationConfig, layers: dict):
 @register(DistillationConfig)
 def _distill(run: _Run, cfg: DistillationConfig) -> None:
     ids = run.calibration_ids("distillation")
-    n_heldout = max(1, ids.shape[0] // 8) if ids.shape[0] >= 2 else 0
+    # an eighth of the windows (at most HELDOUT_WINDOWS: it is evaluated every tenth of training) for the curve
+    n_heldout = min(HELDOUT_WINDOWS, max(1, ids.shape[0] // 8)) if ids.shape[0] >= 2 else 0
     train, heldout = (ids[:-n_heldout], ids[-n_heldout:]) if n_heldout else (ids, None)
     if cfg.mode == "student":
         _shrink(run, cfg.keep_every)
-    constrained = _attach_constraints(run)
-    trainable = _trainable(run, cfg)
+    attached = recovery.attach_(run.model, run.layers(), run.half, cfg.trains, cfg.vectors)
+    if cfg.mode == "student":
+        for p in run.model.parameters():
+            p.requires_grad_(True)
+    trained = _describe_trained(run.model, cfg)
     try:
         run.history = distill_(run.model, run.base, cfg, train, heldout,
                                report=lambda step, total, row: run.report("distill", step, total, _describe(row), row),
                                check=run.check)
     finally:
-        for m in constrained:
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-        for p in run.model.parameters():
-            p.requires_grad_(True)
-    run.notes.append(f"distillation trained {trainable}")
+        recovery.detach_(run.model, attached)
+    run.notes.append(f"distillation trained {trained}")
     run.model.eval()
-    for m in compressed_layers(run.model).values():  # trained weights back onto their integer grids
-        qw = m.quantized_weight()
-        if qw is not None:
-            m.set_quantized_(requantize(weight_matrix(m), qw))
 
 
-def _trainable(run: _Run, cfg: DistillationConfig) -> str:
-    """Recovery trains only the chosen layers' weights (and biases): embeddings, norms and untouched layers stay
-    as the teacher's. With a few thousand calibration tokens, Adam's noise on every parameter costs more
-    perplexity than it wins back when the compressed model is already close to the original."""
+def _describe_trained(model: nn.Module, cfg: DistillationConfig) -> str:
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.mode == "student":
-        return "every parameter of the smaller student"
-    for p in run.model.parameters():
-        p.requires_grad_(False)
-    for m in run.layers().values():
-        for p in m.parameters():
-            p.requires_grad_(True)
-    return "the weights of the compressed layers only"
+        return f"every parameter of the smaller student ({count:,})"
+    what = "the quantization scales (codes frozen)" if cfg.trains == "grid" else "the latent weights (STE)"
+    return f"{what}, the kept weights of pruned layers" + (", norms and biases" if cfg.vectors else "") + \
+        f" ({count:,} values)"
 
 
 def _describe(row: dict) -> str:
@@ -383,41 +375,6 @@ def _shrink(run: _Run, keep_every: int) -> None:
     """Student mode: keep every k-th block; masks and codes live on their modules and move with them."""
     kept = keep_every_kth_block_(run.model, keep_every)
     run.notes.append(f"student keeps blocks {kept} of the original")
-
-
-class _Constrained(nn.Module):
-    """Parametrization: the forward sees quantize(w)·mask, gradients reach w straight through (STE)."""
-
-    def __init__(self, quantized: QuantizedWeight | None, mask: torch.Tensor | None, half: str | None,
-                 transpose: bool):
-        super().__init__()
-        self.half, self.transpose = half, transpose
-        self.grid = None if quantized is None else (quantized.bits, quantized.group_size)
-        self.register_buffer("scales", None if quantized is None else quantized.scales.clone())
-        self.register_buffer("zeros", None if quantized is None else quantized.zeros.clone())
-        self.register_buffer("mask", None if mask is None else mask.to(torch.float32))
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        m = w.t() if self.transpose else w
-        if self.grid is not None:
-            m = m + (fake_quantize(m, self.scales, self.zeros, *self.grid) - m).detach()
-        elif self.half is not None:
-            m = m + (half_round_trip(m, self.half) - m).detach()
-        if self.mask is not None:
-            m = m * self.mask
-        return m.t() if self.transpose else m
-
-
-def _attach_constraints(run: _Run) -> list[nn.Module]:
-    constrained = []
-    for m in run.layers().values():
-        held = isinstance(m, (CompressedLinear, CompressedEmbedding))
-        qw, mask = (m.quantized_weight(), m.keep_mask()) if held else (None, None)
-        if qw is None and mask is None and run.half is None:
-            continue
-        parametrize.register_parametrization(m, "weight", _Constrained(qw, mask, run.half, isinstance(m, Conv1D)))
-        constrained.append(m)
-    return constrained
 
 
 def _finish(run: _Run) -> None:

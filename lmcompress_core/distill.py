@@ -14,8 +14,10 @@ left in eval mode throughout (no dropout) so a few steps are deterministic for a
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,11 @@ from torch import nn
 from .layers import transformer_blocks
 
 MAX_STEPS = 10_000
+BENCH_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results.json"
+# Calibration windows distillation asks for at most: 512 × 256 = 131k tokens. With the 16 windows GPTQ uses
+# (4k tokens), 50 steps of 4 × 128 tokens see each token 6 times and the student fits those windows instead of
+# the teacher (held-out perplexity rose at 10× the learning rate).
+MAX_WINDOWS = 512
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,10 @@ class DistillationConfig:
     steps: int = 50               # optimiser steps, [0, 10000]
     mode: str = "recovery"        # "recovery" (student = compressed copy) | "student" (fewer layers, then recovery)
     keep_every: int = 2           # student mode: keep blocks 0, k, 2k, ...
-    lr: float = 1e-4
+    lr: float = 1e-4              # peak learning rate of float weights (linear warm-up, cosine decay to 0)
+    grid_lr: float = 1e-3         # peak learning rate of the scales' log gains, norms and biases
+    trains: str = "grid"          # quantized layers: "grid" (scales, codes frozen) | "weights" (latent weights, STE)
+    vectors: bool = True          # recovery also trains the 1-D parameters (norm gains, biases)
     batch_size: int = 4
     seq_len: int = 128
     seed: int = 0
@@ -52,9 +62,20 @@ class DistillationConfig:
         _integer("keep_every", self.keep_every, 1, 64)
         if not _is_number(self.lr) or not 0 < self.lr <= 1:
             raise ValueError(f"lr (learning rate) must be in (0, 1], typically 1e-4; got {self.lr!r}")
+        if not _is_number(self.grid_lr) or not 0 < self.grid_lr <= 1:
+            raise ValueError(f"grid_lr (learning rate of scales, norms, biases) must be in (0, 1], typically 1e-3; "
+                             f"got {self.grid_lr!r}")
+        if self.trains not in ("grid", "weights"):
+            raise ValueError(f"trains must be 'grid' (quantization scales) or 'weights' (latent weights, STE); "
+                             f"got {self.trains!r}")
         _integer("batch_size", self.batch_size, 1, 256)
         _integer("seq_len", self.seq_len, 8, 8192)
         _integer("seed", self.seed, 0, 2 ** 63 - 1)
+
+    def calibration_windows(self, window: int) -> int:
+        """Calibration windows of ``window`` tokens so training sees each token about once (capped at MAX_WINDOWS),
+        plus the held-out windows of the curve."""
+        return min(MAX_WINDOWS, math.ceil(self.steps * self.batch_size * self.seq_len / window) + 4)
 
 
 def _is_number(x) -> bool:
@@ -97,6 +118,37 @@ def next_token_distribution(model, tokenizer, prompt: str, temperature: float, t
     probs = torch.softmax(logits / temperature, dim=-1)
     top = torch.topk(probs, min(top_k, probs.numel()))
     return [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+@dataclass(frozen=True)
+class TemperatureStudy:
+    """What ``make bench`` measured: the recovered fraction of lost perplexity per temperature (mean, std)."""
+
+    by_temperature: dict          # {"T": {"mean": float | None, "std": float | None}}
+    best: float | None            # the T with the highest mean; None when nothing was measured
+    best_mean: float | None
+    setting: str                  # the model, compression and steps it was measured on, in words
+
+
+def temperature_study(path: Path = BENCH_RESULTS) -> TemperatureStudy | None:
+    """The temperature study of the committed bench run (bench/results.json), or None when it has none."""
+    try:
+        section = json.loads(Path(path).read_text(encoding="utf-8"))["sections"]["distillation"]
+        by_temperature = section["headline"]["kd_recovered_fraction_by_temperature"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    means = {t: v["mean"] for t, v in by_temperature.items() if isinstance(v, dict) and _is_number(v.get("mean"))}
+    best = max(means, key=means.get) if means else None
+    return TemperatureStudy(by_temperature, None if best is None else float(best),
+                            None if best is None else means[best], _study_setting(section))
+
+
+def _study_setting(section: dict) -> str:
+    tiny = section.get("tiny") or {}
+    steps = tiny.get("steps", section.get("steps"))
+    seeds = tiny.get("seeds", section.get("seeds")) or []
+    return ", ".join(["tiny model", *([tiny["setting"]] if tiny.get("setting") else []),
+                      f"{steps} recovery steps", f"{len(seeds)} seeds"])
 
 
 def keep_every_kth_block_(model: nn.Module, keep_every: int) -> list[int]:
@@ -157,8 +209,8 @@ def distill_(student: nn.Module, teacher: nn.Module, config: DistillationConfig,
     gen = torch.Generator().manual_seed(config.seed)
     teacher_run = teacher if device.type == "cpu" else copy.deepcopy(teacher).to(device)
     student.to(device)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(_param_groups(student, config), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
     eval_every = max(1, config.steps // 10)
     history = []
     try:
@@ -167,6 +219,8 @@ def distill_(student: nn.Module, teacher: nn.Module, config: DistillationConfig,
                 check()
             batch = _sample_batch(train_ids, config.batch_size, config.seq_len, gen).to(device)
             loss = _step(student, teacher_run, batch, config, optimizer, update=step > 0)
+            if step > 0:
+                schedule.step()
             row = {"step": step, "loss": loss}
             if heldout_ids is not None and (step % eval_every == 0 or step == config.steps):
                 row["ppl"] = heldout_perplexity(student, heldout_ids)
@@ -176,6 +230,27 @@ def distill_(student: nn.Module, teacher: nn.Module, config: DistillationConfig,
     finally:
         student.to("cpu")
     return history
+
+
+def _param_groups(student: nn.Module, config: DistillationConfig) -> list[dict]:
+    """Matrices at ``lr``; log gains, norms and biases (1-D or per-group, relative in size) at ``grid_lr``."""
+    matrices, small = [], []
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            (small if p.dim() == 1 or name.endswith("log_gain") else matrices).append(p)
+    return [g for g in ({"params": matrices, "lr": config.lr}, {"params": small, "lr": config.grid_lr})
+            if g["params"]]
+
+
+def _warmup_cosine(steps: int):
+    """Learning-rate factor per step: linear warm-up over the first 10% (at least 1 step), cosine decay to 0."""
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return factor
 
 
 def _step(student, teacher, batch, config: DistillationConfig, optimizer, update: bool) -> float:

@@ -445,6 +445,26 @@ def loss_curve_figure(history: Sequence[Mapping]) -> go.Figure:
     return fig
 
 
+def recovery_by_temperature_figure(by_temperature: Mapping[str, Mapping], best: float | None = None) -> go.Figure:
+    """Recovered fraction of the lost perplexity vs distillation temperature: mean ± std over seeds, best T marked.
+
+    ``by_temperature`` is the bench's ``kd_recovered_fraction_by_temperature``: {"T": {"mean", "std"}}.
+    """
+    points = sorted((float(t), v["mean"], v.get("std") or 0.0) for t, v in by_temperature.items()
+                    if v.get("mean") is not None)
+    fig = go.Figure(go.Scatter(x=[t for t, _, _ in points], y=[m for _, m, _ in points], mode="lines+markers",
+                               error_y={"type": "data", "array": [s for _, _, s in points], "visible": True},
+                               name="mean ± std over seeds", line={"color": COMPRESSED_COLOR}))
+    fig.add_hline(y=0, line={"color": MUTED_COLOR, "dash": "dot"})
+    fig.add_hline(y=1, line={"color": BASE_COLOR, "dash": "dot"}, annotation_text="all of the loss recovered")
+    if best is not None:
+        fig.add_vline(x=best, line={"color": ACCENT_COLOR, "dash": "dash"}, annotation_text=f"best T = {best:g}")
+    fig.update_xaxes(title_text="temperature T", type="log", tickvals=[t for t, _, _ in points],
+                     ticktext=[f"{t:g}" for t, _, _ in points])
+    fig.update_yaxes(title_text="recovered fraction of lost perplexity")
+    return _layout(fig, "Recovery distillation: recovered fraction vs temperature")
+
+
 def weight_histogram_figure(weights: Sequence[float], levels: Sequence[float], bits: int,
                             layer: str) -> go.Figure:
     """Histogram of one layer's weights with the 2**bits quantization levels drawn over it."""

@@ -103,6 +103,8 @@ def calibration_for(loaded, config, protocol: EvalProtocol | None = None, n_samp
                     seq_len: int = 256, force: bool = False) -> torch.Tensor | None:
     """Calibration token ids [n_samples, seq_len], or None when the config needs none (``force``: always).
 
+    Distillation raises n_samples to what its steps consume (``DistillationConfig.calibration_windows``).
+
     The tiny model calibrates on its training text; other models on the part of their evaluation text after
     the tokens the protocol scores, so calibration never sees a scored token.
     """
@@ -111,6 +113,8 @@ def calibration_for(loaded, config, protocol: EvalProtocol | None = None, n_samp
     protocol = protocol or EvalProtocol()
     if not (force or needs_calibration(config)):
         return None
+    if config.distillation is not None:  # training wants fresh tokens at every step, not 16 windows seen again
+        n_samples = max(n_samples, config.distillation.calibration_windows(seq_len))
     if loaded.name == "tiny" and protocol.text is None:
         return data.calibration_batches(loaded.tokenizer, data.load_text("tiny-train"), n_samples, seq_len)
     ids = data.token_ids(loaded.tokenizer, evaluation_text(loaded.name, protocol.text)[1])

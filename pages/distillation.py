@@ -5,7 +5,7 @@ import streamlit as st
 
 from lmcompress_core import measure, plots
 from lmcompress_core.compress import Cancelled, CompressionConfig
-from lmcompress_core.distill import DistillationConfig, next_token_distribution
+from lmcompress_core.distill import DistillationConfig, next_token_distribution, temperature_study
 from pages import common
 from pages.common import WIDGETS, build_config
 
@@ -14,13 +14,16 @@ loaded = common.current_model()
 if loaded is None:
     st.stop()
 settings = {**WIDGETS, **st.session_state["settings"]}
+study = temperature_study()
+# the measured best temperature is the page's default when some temperature measurably recovers quality
+recommended = study.best if study is not None and study.best is not None and study.best_mean > 0 else None
 
 st.subheader("Temperature softens the teacher")
 left, right = st.columns([1, 2])
 with left:
     prompt = st.text_input("Prompt", value=settings["prompt"], max_chars=2000, key="kd_prompt")
-    temperature = st.slider("Temperature T", 0.5, 10.0, value=float(settings["temperature"]), step=0.5,
-                            key="kd_temperature")
+    temperature = st.slider("Temperature T", 0.5, 10.0, value=float(recommended or settings["temperature"]),
+                            step=0.5, key="kd_temperature")
     top_k = st.slider("Top-k tokens shown", 3, 20, 10, key="kd_topk")
 with right:
     if not prompt.strip():
@@ -35,6 +38,22 @@ with right:
         common.figure(plots.topk_figure(at_one, at_t, temperature),
                       "softmax(z / T) of the original model's logits for the token after the prompt. "
                       "T > 1 spreads probability over the runner-up tokens: the 'dark knowledge' a student learns.")
+
+st.subheader("Which temperature recovers most (measured)")
+if study is None or study.best is None:
+    st.info("No temperature study has been measured yet: `make bench` writes one (bench/results.json, section 5).")
+else:
+    common.figure(plots.recovery_by_temperature_figure(study.by_temperature, study.best),
+                  f"Measured by make bench ({study.setting}): recovered fraction = "
+                  "(ppl compressed − ppl after KD) / (ppl compressed − ppl original) on held-out text never trained "
+                  "on; 1 = all of the lost perplexity recovered, below 0 = KD made it worse. Points: mean ± std over "
+                  "seeds.")
+    if recommended is not None:
+        st.success(f"Recommended temperature: T = {recommended:g} (it recovered {study.best_mean:.0%} of the lost "
+                   "perplexity on average, the most of the temperatures measured); the slider above starts there.")
+    else:
+        st.warning(f"No temperature recovered quality in the committed measurement (best mean "
+                   f"{study.best_mean:.2f} at T = {study.best:g}), so none is recommended.")
 
 st.subheader("Run knowledge distillation")
 c1, c2, c3, c4 = st.columns(4)

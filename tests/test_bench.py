@@ -39,7 +39,8 @@ def test_markdown_renders_a_partial_run(tmp_path):
     by_t = {"1": {"mean": -0.5, "std": 0.1}, "2": {"mean": 0.25, "std": None}}
     results["sections"] = {"speed": {"error": "RuntimeError: boom"},
                            "distillation": {"headline": {"kd_recovered_fraction_by_temperature": by_t},
-                                            "rows": [{"temperature": 1, "seed": 0, "perplexity": 30.0}], "steps": 5}}
+                                            "tiny": {"rows": [{"temperature": 1, "seed": 0, "perplexity": 30.0}],
+                                                     "steps": 5}}}
     report.finish(results, tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "This section failed: `RuntimeError: boom`" in text
@@ -86,12 +87,13 @@ def test_committed_headline_is_the_sections_values():
 
 def test_committed_recovered_fractions_come_from_the_rows():
     section = committed()["sections"]["distillation"]
+    tiny = section["tiny"]
     for temperature, summary in section["headline"]["kd_recovered_fraction_by_temperature"].items():
-        rows = [r for r in section["rows"] if str(r["temperature"]) == temperature]
-        assert len(rows) == len(section["seeds"]) >= 3
+        rows = [r for r in tiny["rows"] if str(r["temperature"]) == temperature]
+        assert len(rows) == len(tiny["seeds"]) >= 3
         for r in rows:
-            gap = section["pruned_perplexity"] - section["base_perplexity"]
-            assert r["recovered_fraction"] == pytest.approx((section["pruned_perplexity"] - r["perplexity"]) / gap)
+            gap = tiny["compressed_perplexity"] - tiny["base_perplexity"]
+            assert r["recovered_fraction"] == pytest.approx((tiny["compressed_perplexity"] - r["perplexity"]) / gap)
         assert summary["mean"] == pytest.approx(sum(r["recovered_fraction"] for r in rows) / len(rows))
 
 

@@ -68,7 +68,8 @@ def effective_weight(module) -> torch.Tensor | None:
         return None  # torch's dynamic int8 quantizes its input: an identity matrix does not read its weight
     if isinstance(getattr(module, "weight", None), torch.Tensor):
         return module.weight.detach().float()
-    return module(torch.eye(module.matrix_shape[1], dtype=torch.bfloat16)).float().t()
+    eye = torch.eye(module.matrix_shape[1], dtype=torch.bfloat16)
+    return (module(eye) - module(torch.zeros_like(eye[:1]))).float().t()  # minus the bias (distillation trains it)
 
 
 def assert_masks_and_codes_hold(cm: CompressedModel):

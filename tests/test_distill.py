@@ -6,6 +6,8 @@ import torch
 
 from lmcompress_core.distill import (DistillationConfig, distill_, keep_every_kth_block_, kd_loss,
                                      next_token_distribution)
+from lmcompress_core.prune import PruningConfig
+from lmcompress_core.quantize import QuantizationConfig
 
 torch.set_num_threads(2)
 
@@ -142,3 +144,121 @@ def test_next_token_distribution_is_sorted_and_temperature_flattens():
     assert cold[0][1] > hot[0][1]
     with pytest.raises(ValueError, match="prompt is empty"):
         next_token_distribution(Model(), Tokenizer(), "   ", 1.0)
+
+
+# ---- recovery and student distillation on the project's tiny model ------------------------------------------
+
+def _windows(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    from lmcompress_core.data import calibration_batches
+
+    return calibration_batches(tokenizer, text, n_samples=n, seq_len=seq_len, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_texts(tiny_loaded):
+    """(model, held-out windows of plays never trained on, calibration windows of the training text)."""
+    from lmcompress_core.data import load_text
+
+    tok = tiny_loaded.tokenizer
+    heldout = _windows(tok, load_text("tiny-heldout"), 6, 128, seed=1)
+    return tiny_loaded.model, heldout, _windows(tok, load_text("tiny-train"), 64, 128, seed=0)
+
+
+def _ppl(model, windows) -> float:
+    from lmcompress_core.distill import heldout_perplexity
+
+    return heldout_perplexity(model, windows)
+
+
+def _recovered(tiny_texts, compression: dict, **kd) -> tuple[float, object]:
+    """Recovered fraction of the lost held-out perplexity, and the distilled CompressedModel (simulated runtime)."""
+    from lmcompress_core.compress import CompressionConfig, compress
+
+    model, heldout, calib = tiny_texts
+    base = _ppl(model, heldout)
+    compressed = _ppl(compress(model, CompressionConfig(**compression, runtime="simulate")).model, heldout)
+    config = CompressionConfig(**compression, runtime="simulate", distillation=DistillationConfig(**kd))
+    cm = compress(model, config, calibration=calib)
+    return (compressed - _ppl(cm.model, heldout)) / (compressed - base), cm
+
+
+RECOVERY_KD = dict(steps=40, batch_size=4, seq_len=128, seed=0)
+
+
+@pytest.mark.parametrize("compression, floor", [
+    ({"pruning": PruningConfig(sparsity=0.7)}, 0.3),
+    ({"quantization": QuantizationConfig(bits=2, group_size=128)}, 0.1),
+], ids=["70% magnitude", "2-bit RTN"])
+def test_recovery_wins_back_part_of_the_lost_perplexity(tiny_texts, compression, floor):
+    fraction, _ = _recovered(tiny_texts, compression, **RECOVERY_KD)
+    assert fraction >= floor, fraction
+
+
+def _codes_and_masks(cm) -> dict:
+    return {name: (m.quantized_weight(), m.keep_mask()) for name, m in cm.layers().items()}
+
+
+@pytest.mark.parametrize("trains", ["grid", "weights"])
+def test_recovery_keeps_the_compression_and_its_size(tiny_texts, trains):
+    from lmcompress_core.compress import CompressionConfig, compress
+    from lmcompress_core.measure import measure_size
+
+    model, _, calib = tiny_texts
+    compression = dict(pruning=PruningConfig(sparsity=0.5), quantization=QuantizationConfig(bits=3, group_size=64),
+                       runtime="simulate")
+    plain = compress(model, CompressionConfig(**compression))
+    kd = DistillationConfig(steps=6, batch_size=2, seq_len=64, lr=1e-2, trains=trains)
+    trained = compress(model, CompressionConfig(**compression, distillation=kd), calibration=calib)
+    before, after = _codes_and_masks(plain), _codes_and_masks(trained)
+    assert before.keys() == after.keys() and len(after) == 5 * 7
+    moved = 0
+    for name, (qw, mask) in after.items():
+        old_qw, old_mask = before[name]
+        assert torch.equal(mask, old_mask), f"{name}: the keep-mask changed"
+        weight = trained.model.get_submodule(name).weight.detach()
+        assert torch.equal(weight, qw.dequantize()), f"{name}: the weight is not its codes on its grid"
+        assert not weight[~mask].any(), f"{name}: a pruned weight came back"
+        assert torch.equal(qw.scales.half().float(), qw.scales), f"{name}: scales are no longer float16 values"
+        if trains == "grid":
+            assert torch.equal(qw.codes, old_qw.codes) and torch.equal(qw.zeros, old_qw.zeros)
+            moved += not torch.equal(qw.scales, old_qw.scales)
+        else:
+            assert torch.equal(qw.scales, old_qw.scales)
+            moved += not torch.equal(qw.codes, old_qw.codes)
+    assert moved >= len(after) // 2, "training changed almost nothing"
+    size, plain_size = measure_size(trained, model), measure_size(plain, model)
+    for field in ("layers_packed_bytes", "dense_bytes", "theoretical_bytes"):
+        assert getattr(size, field) == getattr(plain_size, field), field
+    # the file's JSON header also records the distillation settings: a few hundred bytes, no tensor bytes
+    assert 0 < size.packed_bytes - plain_size.packed_bytes < 1024
+
+
+def test_a_distilled_student_beats_the_same_student_trained_on_labels_only(tiny_texts):
+    from lmcompress_core.compress import CompressionConfig, compress
+
+    model, heldout, calib = tiny_texts
+    ppl = {}
+    for alpha in (0.0, 0.5):
+        config = DistillationConfig(mode="student", keep_every=2, alpha=alpha, temperature=2.0, steps=30,
+                                    batch_size=4, seq_len=128, lr=1e-3)
+        student = compress(model, CompressionConfig(distillation=config), calibration=calib).model
+        assert student.config.num_hidden_layers == 3
+        ppl[alpha] = _ppl(student, heldout)
+    assert ppl[0.5] < ppl[0.0], ppl
+
+
+def test_temperature_study_reads_the_bench_result_and_picks_the_best_mean(tmp_path):
+    import json
+
+    from lmcompress_core.distill import temperature_study
+
+    by_t = {"1": {"mean": 0.2, "std": 0.05}, "2": {"mean": 0.45, "std": 0.1}, "4": {"mean": None, "std": None}}
+    section = {"headline": {"kd_recovered_fraction_by_temperature": by_t},
+               "tiny": {"setting": "70% magnitude pruning", "steps": 100, "seeds": [0, 1, 2]}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"sections": {"distillation": section}}))
+    study = temperature_study(path)
+    assert study.best == 2.0 and study.best_mean == 0.45
+    assert study.setting == "tiny model, 70% magnitude pruning, 100 recovery steps, 3 seeds"
+    path.write_text(json.dumps({"sections": {}}))
+    assert temperature_study(path) is None and temperature_study(tmp_path / "missing.json") is None

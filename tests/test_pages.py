@@ -284,6 +284,8 @@ def test_distillation_temperature_flattens_and_kd_runs():
     at = app(steps=2).run()
     at.switch_page("pages/distillation.py").run()
     no_exceptions(at)
+    measured = figure_titled(at, "Recovery distillation: recovered fraction vs temperature")["data"][0]
+    assert list(measured["x"]) == [1.0, 2.0, 4.0, 8.0]   # the committed bench study, mean ± std per T
     at.slider(key="kd_temperature").set_value(8.0).run()
     bars = figure_titled(at, "Teacher's next-token")["data"]
     assert max(bars[1]["y"]) < max(bars[0]["y"])          # T = 8 is flatter than T = 1

@@ -121,6 +121,14 @@ def test_topk_figure_groups_both_temperatures():
     assert list(spaced.data[0].x) == ["␣the", "↵"]
 
 
+def test_recovery_by_temperature_figure_draws_mean_and_std_and_marks_the_best():
+    fig = plots.recovery_by_temperature_figure({"4": {"mean": 0.5, "std": 0.1}, "1": {"mean": 0.2, "std": None},
+                                                "8": {"mean": None, "std": None}}, best=4.0)
+    assert list(fig.data[0].x) == [1.0, 4.0] and list(fig.data[0].y) == [0.2, 0.5]
+    assert list(fig.data[0].error_y.array) == [0.0, 0.1]
+    assert any(s.x0 == 4.0 for s in fig.layout.shapes)
+
+
 def test_loss_curve_and_learn_figures():
     fig = plots.loss_curve_figure([{"step": 0, "loss": 2.0, "ppl": 9.0}, {"step": 1, "loss": 1.5}])
     assert list(fig.data[0].y) == [2.0, 1.5] and list(fig.data[1].y) == [9.0]
