@@ -40,8 +40,9 @@ def test_toy_training_reduces_perplexity():
 
 
 # strict: once a retrained model meets the targets this XPASSes and fails, so the marker cannot outlive the fix
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 14: the shipped tiny model (0.5 training tokens per parameter) barely "
-                   "reacts to compression; 2-bit RTN g128 costs it 1.04x, not 2x")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 14: the shipped tiny model (0.5 training tokens per parameter) barely reacts to "
+                          "compression; 2-bit RTN g128 costs it 1.04x, not 2x")
 def test_shipped_model_degrades_under_compression_like_a_real_llm(tiny_loaded):
     """Issue 14's targets on 4,096 held-out tokens (Macbeth, never trained on): low bit-widths and 50% pruning
     hurt, 4- and 8-bit barely do, Wanda's activation-aware scores beat plain magnitude."""
