@@ -1,10 +1,12 @@
 """Train the project's tiny Shakespeare model (assets/models/tiny) from scratch on the CPU.
 
-    python -m lmcompress_core.train_tiny [--steps N] [--out DIR]
+    python -m lmcompress_core.train_tiny [--steps N] [--lr LR] ... [--init-from DIR] [--out DIR]
 
 A byte-level BPE tokenizer (the `tokenizers` library) and a small Llama-style causal LM are trained on
 assets/texts/tiny-train.txt.gz (Shakespeare from Project Gutenberg, public domain). The two plays in
-assets/texts/tiny-heldout.txt are never trained on; the model card reports perplexity on them.
+assets/texts/tiny-heldout.txt are never trained on; the model card reports perplexity on them and how much
+compression raises it (``compression_ratios``: issue 14 asks the tiny model to degrade like a real LLM).
+``--init-from`` continues a saved model (tokenizer kept) with a fresh schedule; the card lists every run.
 Seeded and re-runnable; bf16 autocast on the CPU is ~2.5x faster than float32 and the weights are
 stored in float32 (the compression baseline is therefore a genuine float model).
 """
@@ -22,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DIR = ROOT / "assets" / "models" / "tiny"
 SAMPLE_PROMPTS = ("ROMEO.\n", "KING.\nMy lords,", "To be, or not to be", "FIRST WITCH.\n")
+OPTIONS = ("steps", "batch_size", "lr", "warmup", "min_lr_fraction", "weight_decay", "intermediate_size", "threads")
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,15 @@ class TinyConfig:
     steps: int = 600              # 2.5M tokens, ~1.6 epochs: ~7 min on 2 idle cores, 35 min on busy ones
     lr: float = 2e-3
     warmup: int = 100
-    weight_decay: float = 0.1
+    min_lr_fraction: float = 0.1  # cosine decay ends at this fraction of the peak
+    weight_decay: float = 0.1     # on the matrices (embedding included); norms are not decayed
     seed: int = 0
     threads: int = 2              # use 1 on an oversubscribed machine: 2 threads then thrash badly
     eval_context: int = 256
     eval_stride: int = 256
+
+
+RATIO_TOKENS = 16_384  # held-out tokens (64 windows) the model card's compression ratios are measured on
 
 
 def train_tokenizer(text: str, vocab_size: int):
@@ -72,11 +79,12 @@ def build_model(cfg: TinyConfig, vocab_size: int):
 
 
 def lr_at(step: int, cfg: TinyConfig) -> float:
-    """Linear warm-up then cosine decay to 10% of the peak learning rate."""
+    """Linear warm-up then cosine decay to `min_lr_fraction` of the peak learning rate."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    floor = cfg.min_lr_fraction
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def random_batch(ids: torch.Tensor, cfg: TinyConfig, gen: torch.Generator) -> torch.Tensor:
@@ -102,8 +110,9 @@ def heldout_perplexity(model, ids: torch.Tensor, context: int = 256, stride: int
     return math.exp(nll / count)
 
 
-def train(cfg: TinyConfig, train_ids: torch.Tensor, model, log=print) -> float:
-    """AdamW with bf16 autocast on the CPU; logs loss and tokens/s; returns the wall time in seconds."""
+def train(cfg: TinyConfig, train_ids: torch.Tensor, model, log=print, heldout_ids: torch.Tensor | None = None) -> float:
+    """AdamW with bf16 autocast on the CPU; logs loss, tokens/s and (every 200 steps, given `heldout_ids`) the
+    perplexity of the first 2,048 held-out tokens, to watch for over-fitting; returns the wall time in seconds."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -128,9 +137,53 @@ def train(cfg: TinyConfig, train_ids: torch.Tensor, model, log=print) -> float:
             tok_s = (step + 1) * cfg.batch_size * cfg.seq_len / elapsed
             log(f"step {step + 1:5d}/{cfg.steps}  loss {smooth:.3f}  lr {lr_at(step, cfg):.2e}  "
                 f"{tok_s:,.0f} tok/s  {elapsed / 60:.1f} min", flush=True)
+        if heldout_ids is not None and (step + 1) % 200 == 0:
+            log(f"  held-out ppl (2,048 tokens) {heldout_perplexity(model, heldout_ids, max_tokens=2048):.2f}",
+                flush=True)
+            model.train()
     model.eval()
     return time.time() - t0
 
+
+
+def compression_checks() -> dict:
+    """The settings issue 14 asks the tiny model to react to as a real LLM does, by name: RTN per-group 128
+    (integer-zero grid, the defaults) at 2, 3, 4 and 8 bits, and 50% unstructured magnitude and Wanda pruning.
+    ``runtime="simulate"``: the de-quantized float32 weights run, so only the codes decide quality."""
+    from .compress import CompressionConfig
+    from .prune import PruningConfig
+    from .quantize import QuantizationConfig
+
+    checks = {f"rtn_{bits}bit_g128": QuantizationConfig(bits=bits, group_size=128) for bits in (2, 3, 4, 8)}
+    checks = {name: CompressionConfig(quantization=q, runtime="simulate") for name, q in checks.items()}
+    for method in ("magnitude", "wanda"):
+        checks[f"{method}_50"] = CompressionConfig(pruning=PruningConfig(0.5, method=method), runtime="simulate")
+    return checks
+
+
+def compression_ratios(model, tokenizer, heldout_ids: torch.Tensor) -> dict[str, float]:
+    """Held-out perplexity of each of ``compression_checks()`` over the uncompressed model's, on the same
+    non-overlapping 256-token windows; Wanda calibrates on 16 windows of 256 training tokens (seed 0)."""
+    from .compress import compress
+    from .data import calibration_batches, load_text
+
+    calibration = calibration_batches(tokenizer, load_text("tiny-train"), n_samples=16, seq_len=256)
+    base = heldout_perplexity(model, heldout_ids)
+    return {name: heldout_perplexity(compress(model, config, calibration=calibration).model, heldout_ids) / base
+            for name, config in compression_checks().items()}
+
+
+def earlier_stages(init_from: Path | None) -> list[dict]:
+    """The training stages behind the model a run continues from, read from its training_facts.json."""
+    if init_from is None:
+        return []
+    facts = json.loads((init_from / "training_facts.json").read_text())
+    if "stages" in facts:
+        return facts["stages"]
+    # facts written before stages were recorded: one run, at the default batch and sequence length
+    tokens = round(facts["tokens_per_s"] * facts["train_minutes"] * 60)
+    return [dict(command=facts["command"], steps=tokens // (TinyConfig.batch_size * TinyConfig.seq_len),
+                 tokens=tokens, minutes=facts["train_minutes"], tokens_per_s=facts["tokens_per_s"])]
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt: str, new_tokens: int = 60, seed: int = 0) -> str:
@@ -143,10 +196,17 @@ def sample(model, tokenizer, prompt: str, new_tokens: int = 60, seed: int = 0) -
 
 
 def write_card(out: Path, cfg: TinyConfig, facts: dict, samples: list[str]) -> None:
-    """MODEL_CARD.md: data source, licence, command, hyper-parameters, held-out perplexity, samples."""
+    """MODEL_CARD.md: data, licence, commands, hyper-parameters, held-out perplexity, compression, samples."""
+    stages = facts["stages"]
+    runs = "\n".join(f"{i}. `{st['command']}`: {st['steps']:,} steps, {st['tokens']:,} tokens, "
+                     f"{st['minutes']:.1f} min ({st['tokens_per_s']:,.0f} tokens/s)" for i, st in enumerate(stages, 1))
+    ratios = "\n".join(f"| {name} | {ratio:.3f} |" for name, ratio in facts["ratios"].items())
+    totals = dict(total_steps=sum(st["steps"] for st in stages), total_tokens=sum(st["tokens"] for st in stages),
+                  total_minutes=sum(st["minutes"] for st in stages))
     hp = "\n".join(f"| {k} | {v} |" for k, v in asdict(cfg).items())
     gens = "\n\n".join(f"```\n{s}\n```" for s in samples)
-    (out / "MODEL_CARD.md").write_text(CARD.format(hp=hp, gens=gens, **facts), encoding="utf-8")
+    text = CARD.format(hp=hp, gens=gens, runs=runs, ratio_table=ratios, **totals, **facts)
+    (out / "MODEL_CARD.md").write_text(text, encoding="utf-8")
 
 
 CARD = """# lmcompress tiny-shakespeare
@@ -162,15 +222,34 @@ make the app fast for teaching, distillation and tests; it is not a useful langu
   {heldout_tokens:,} tokens). The tokenizer was also trained on the training split only.
 - **Licence**: weights and tokenizer released under Apache-2.0, like this repository; the training
   text is public domain.
-- **Command**: `{command}` (seeded; bf16 autocast, weights stored in float32). It took
-  {train_minutes:.1f} min ({tokens_per_s:,.0f} tokens/s) on 2 CPU cores shared with other jobs; an idle
-  machine is several times faster.
+
+## Training
+
+Seeded; bf16 autocast, weights stored in float32. Each run after the first continues the previous one's
+weights (`--init-from`, tokenizer kept), with a fresh warm-up and cosine schedule:
+
+{runs}
+
+In all {total_steps:,} steps, {total_tokens:,} tokens ({total_minutes:.1f} min) on 2 CPU cores shared with
+other jobs; an idle machine is several times faster. The hyper-parameters below are the last run's.
 
 ## Held-out perplexity
 
 **{ppl:.2f}** on the held-out plays (all {heldout_tokens:,} tokens, context {context}, stride {stride}:
 non-overlapping windows, each scored from scratch, float32). For comparison, the last 20,000 tokens of the
 training text score {train_ppl:.2f}; the gap is how much better the model knows text it has seen.
+
+## Compression behaviour
+
+Held-out perplexity after compression over the uncompressed model's, on the first {ratio_tokens:,} held-out
+tokens (`train_tiny.compression_ratios`: compress() with the simulated runtime, RTN per-group 128 on the
+integer-zero grid, embeddings and LM head kept float; Wanda calibrated on 16 × 256 training tokens).
+tests/test_train_tiny.py checks these on 4,096 held-out tokens against issue 14's targets: 2-bit ≥ 2,
+3-bit ≥ 1.15, 4-bit ≤ 1.05, 8-bit ≤ 1.005, magnitude 50% ≥ 1.2, Wanda below magnitude.
+
+| setting | perplexity ratio |
+|---|---|
+{ratio_table}
 
 ## Hyper-parameters
 
@@ -183,43 +262,52 @@ training text score {train_ppl:.2f}; the gap is how much better the model knows 
 {gens}
 """
 
-
 def main(argv: list[str] | None = None) -> None:
     """Train the tokenizer and model, evaluate on the held-out plays, save everything to --out."""
     from lmcompress_core.data import load_text, token_ids
 
     parser = argparse.ArgumentParser(description="Train the tiny Shakespeare model.")
-    parser.add_argument("--steps", type=int, default=TinyConfig.steps)
-    parser.add_argument("--intermediate-size", type=int, default=TinyConfig.intermediate_size)
-    parser.add_argument("--threads", type=int, default=TinyConfig.threads)
+    for name in OPTIONS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(TinyConfig, name)),
+                            default=getattr(TinyConfig, name))
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue training the model saved in this folder (its tokenizer is kept)")
     parser.add_argument("--out", type=Path, default=TINY_DIR)
     args = parser.parse_args(argv)
-    cfg = TinyConfig(steps=args.steps, threads=args.threads, intermediate_size=args.intermediate_size)
-    command = (f"python -m lmcompress_core.train_tiny --steps {cfg.steps} "
-               f"--intermediate-size {cfg.intermediate_size} --threads {cfg.threads}")
+    cfg = TinyConfig(**{name: getattr(args, name) for name in OPTIONS})
+    command = "python -m lmcompress_core.train_tiny " + " ".join(
+        f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in OPTIONS)
     torch.set_num_threads(cfg.threads)
     train_text, heldout_text = load_text("tiny-train"), load_text("tiny-heldout")
-    tokenizer = train_tokenizer(train_text, cfg.vocab_size)
+    if args.init_from is None:
+        tokenizer = train_tokenizer(train_text, cfg.vocab_size)
+        model = build_model(cfg, len(tokenizer))
+    else:
+        from transformers import AutoTokenizer, LlamaForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        torch.manual_seed(cfg.seed)
     train_ids, heldout_ids = token_ids(tokenizer, train_text), token_ids(tokenizer, heldout_text)
-    model = build_model(cfg, len(tokenizer))
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f}M params, {train_ids.numel():,} train / {heldout_ids.numel():,} held-out tokens")
-    seconds = train(cfg, train_ids, model)
+    seconds = train(cfg, train_ids, model, heldout_ids=heldout_ids)
     ppl = heldout_perplexity(model, heldout_ids, cfg.eval_context, cfg.eval_stride)
     print(f"held-out perplexity {ppl:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    stage = dict(command=command, steps=cfg.steps, tokens=cfg.steps * cfg.batch_size * cfg.seq_len,
+                 minutes=seconds / 60, tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / seconds)
+    facts = dict(params_m=params / 1e6, vocab=len(tokenizer), train_tokens=train_ids.numel(),
+                 heldout_tokens=heldout_ids.numel(), stages=earlier_stages(args.init_from) + [stage], ppl=ppl,
+                 context=cfg.eval_context, stride=cfg.eval_stride,
+                 train_ppl=heldout_perplexity(model, train_ids[-20_000:], cfg.eval_context, cfg.eval_stride),
+                 ratio_tokens=RATIO_TOKENS, ratios=compression_ratios(model, tokenizer, heldout_ids[:RATIO_TOKENS]))
     samples = [sample(model, tokenizer, p) for p in SAMPLE_PROMPTS]
-    train_ppl = heldout_perplexity(model, train_ids[-20_000:], cfg.eval_context, cfg.eval_stride)
-    facts = dict(command=command, tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / seconds,
-                 params_m=params / 1e6, vocab=len(tokenizer), train_tokens=train_ids.numel(),
-                 heldout_tokens=heldout_ids.numel(), train_minutes=seconds / 60, ppl=ppl,
-                 context=cfg.eval_context, stride=cfg.eval_stride, train_ppl=train_ppl)
     write_card(args.out, cfg, facts, samples)
     (args.out / "training_facts.json").write_text(json.dumps(facts, indent=2))
+    print(json.dumps(facts["ratios"], indent=2))
     print("\n\n".join(samples))
-
 
 if __name__ == "__main__":
     main()

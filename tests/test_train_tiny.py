@@ -1,6 +1,8 @@
-"""The tiny model's training recipe, checked at toy scale (the real run takes ~20 min and is not repeated)."""
+"""The tiny model's training recipe at toy scale (the real run is not repeated) and how the shipped model compresses."""
+import json
 import math
 
+import pytest
 import torch
 
 from lmcompress_core.train_tiny import (TinyConfig, build_model, heldout_perplexity, lr_at, train,
@@ -15,6 +17,7 @@ def test_learning_rate_schedule():
     assert lr_at(0, cfg) == 1e-5 and math.isclose(lr_at(99, cfg), 1e-3)
     assert math.isclose(lr_at(999, cfg), 1e-4, rel_tol=1e-3)  # decays to 10% of the peak
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(100, 999))
+    assert lr_at(999, TinyConfig(steps=1000, warmup=100, lr=1e-3, min_lr_fraction=0.0)) < 1e-8  # anneals to 0
 
 
 def test_tokenizer_round_trips_and_learns_names():
@@ -34,3 +37,38 @@ def test_toy_training_reduces_perplexity():
     train(cfg, ids, model, log=lambda *a, **k: None)
     after = heldout_perplexity(model, ids, context=32, stride=32, max_tokens=256)
     assert after < before / 3
+
+
+# strict: once a retrained model meets the targets this XPASSes and fails, so the marker cannot outlive the fix
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 14: the shipped tiny model (0.5 training tokens per parameter) barely reacts to "
+                          "compression; 2-bit RTN g128 costs it 1.04x, not 2x")
+def test_shipped_model_degrades_under_compression_like_a_real_llm(tiny_loaded):
+    """Issue 14's targets on 4,096 held-out tokens (Macbeth, never trained on): low bit-widths and 50% pruning
+    hurt, 4- and 8-bit barely do, Wanda's activation-aware scores beat plain magnitude."""
+    from lmcompress_core.data import load_text, token_ids
+    from lmcompress_core.train_tiny import compression_ratios
+
+    heldout = token_ids(tiny_loaded.tokenizer, load_text("tiny-heldout"))[:4096]
+    ratios = compression_ratios(tiny_loaded.model, tiny_loaded.tokenizer, heldout)
+    assert ratios["rtn_2bit_g128"] >= 2.0, ratios
+    assert ratios["rtn_3bit_g128"] >= 1.15, ratios
+    assert ratios["rtn_4bit_g128"] <= 1.05, ratios
+    assert ratios["rtn_8bit_g128"] <= 1.005, ratios
+    assert ratios["magnitude_50"] >= 1.2, ratios
+    assert ratios["wanda_50"] < ratios["magnitude_50"], ratios
+
+
+def test_a_continued_run_keeps_the_earlier_stages(tmp_path):
+    from lmcompress_core.train_tiny import earlier_stages
+
+    assert earlier_stages(None) == []
+    stages = [{"command": "python -m lmcompress_core.train_tiny --steps 10", "steps": 10, "tokens": 40960,
+               "minutes": 1.0, "tokens_per_s": 682.7}]
+    (tmp_path / "training_facts.json").write_text(json.dumps({"stages": stages, "ppl": 50.0}))
+    assert earlier_stages(tmp_path) == stages
+    # a facts file from before stages were kept: one run of 600 default-sized batches
+    (tmp_path / "training_facts.json").write_text(json.dumps(
+        {"command": "python -m lmcompress_core.train_tiny --steps 600", "train_minutes": 34.9,
+         "tokens_per_s": 600 * 16 * 256 / (34.9 * 60)}))
+    assert earlier_stages(tmp_path)[0]["steps"] == 600 and earlier_stages(tmp_path)[0]["tokens"] == 2_457_600
