@@ -153,7 +153,7 @@ def group(config) -> str:
 
 def describe(settings: dict) -> tuple[object, str]:
     """(CompressionConfig, the heading Explore shows for it) for a dict of widget values."""
-    from lmcompress_core.plots import describe_config
+    from lmcompress_core.report.plots import describe_config
     from pages.common import build_config
 
     config = build_config(settings)
@@ -336,7 +336,7 @@ def measure_model(name: str, actions: list[Action]) -> dict:
     """A fresh server for `name`, one browser session: the cold start, then each action in turn."""
     from playwright.async_api import async_playwright
 
-    from lmcompress_core.models import prepare_default
+    from lmcompress_core.models.loading import prepare_default
 
     if name == "default":
         prepare_default()   # the cold start is measured once the model is prepared (`make run` does it first)

@@ -1,6 +1,6 @@
 """What every benchmark section shares: loaded models, the evaluation tokens, calibration batches, perplexity.
 
-All perplexities in bench/ come from `lmcompress_core.measure_quality.perplexity` on the same token ids, so ours and
+All perplexities in bench/ come from `lmcompress_core.measure.quality.perplexity` on the same token ids, so ours and
 the peers' numbers differ only by the model. The evaluation text is split in two halves by characters:
 the first half is evaluated, calibration windows (GPTQ, Wanda, distillation) are drawn from the second
 (the tiny model calibrates on its training text, as `measure.evaluate` does), so no method sees the tokens
@@ -26,9 +26,9 @@ class Context:
         return "default" if self.scale.include_default else "tiny"
 
     def loaded(self, name: str):
-        """`lmcompress_core.models.load_model(name)`, loaded once per bench run."""
+        """`lmcompress_core.models.loading.load_model(name)`, loaded once per bench run."""
         if name not in self._loaded:
-            from lmcompress_core.models import load_model
+            from lmcompress_core.models.loading import load_model
 
             self._loaded[name] = load_model(name)
         return self._loaded[name]
@@ -63,7 +63,7 @@ class Context:
 
     def perplexity(self, model, name: str) -> float:
         """Perplexity of `model` on the model family's evaluation tokens (non-overlapping windows)."""
-        from lmcompress_core.measure_quality import perplexity
+        from lmcompress_core.measure.quality import perplexity
 
         ids = self.eval_ids(name)
         with torch.inference_mode():

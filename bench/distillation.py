@@ -28,20 +28,20 @@ KEYS = ("headline", "tiny", "smollm2", "student", "best_temperature", "eval_toke
 
 
 def tiny_compression():
-    from lmcompress_core.prune import PruningConfig
+    from lmcompress_core.methods.prune import PruningConfig
 
     return {"pruning": PruningConfig(sparsity=0.7, method="magnitude")}
 
 
 def smollm2_compression():
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     return {"quantization": QuantizationConfig(bits=3, group_size=64, method="rtn")}
 
 
 def _config(compression: dict, **distillation):
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.distill import DistillationConfig
+    from lmcompress_core.methods.distill import DistillationConfig
 
     kd = DistillationConfig(**distillation) if distillation else None
     return CompressionConfig(**compression, distillation=kd)
@@ -98,7 +98,7 @@ def _describe(compression: dict) -> dict:
 
 
 def _calibration(ctx, name: str, steps: int):
-    from lmcompress_core.distill import DistillationConfig
+    from lmcompress_core.methods.distill import DistillationConfig
 
     return ctx.calibration(name, n_samples=DistillationConfig(steps=steps).calibration_windows(ctx.scale.context))
 

@@ -1,6 +1,6 @@
 """Interactivity: seconds from a configuration change to each result, as the Explore page computes them.
 
-The Report comes from `lmcompress_core.measure.evaluate` with the protocol the Explore page uses at its
+The Report comes from `lmcompress_core.measure.evaluation.evaluate` with the protocol the Explore page uses at its
 defaults (`app_protocol`, built by the page's own `protocol_from_settings`): while exploring, the compressed
 model is timed alone (no speed ratio) and the stages run size → perplexity → generations (streamed) → latency.
 Per model:
@@ -45,14 +45,14 @@ def app_protocol():
 
 def _config(bits: int, method: str = "rtn"):
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     return CompressionConfig(quantization=QuantizationConfig(bits=bits, group_size=128, method=method))
 
 
 def _one_report(loaded, config, protocol) -> dict:
     """Seconds to a complete Report and to the end of each stage (from the callback), plus the stage timings."""
-    from lmcompress_core.measure import evaluate
+    from lmcompress_core.measure.evaluation import evaluate
 
     start = time.perf_counter()
     marks = {}
@@ -71,7 +71,7 @@ def _one_report(loaded, config, protocol) -> dict:
 def _abandon_s(loaded, bits: int, protocol, after_s: float) -> float | None:
     """Seconds from should_stop turning True, ``after_s`` into a change, to evaluate raising Cancelled."""
     from lmcompress_core.compress import Cancelled
-    from lmcompress_core.measure import evaluate
+    from lmcompress_core.measure.evaluation import evaluate
 
     stop_at = time.perf_counter() + after_s
     try:
@@ -89,7 +89,7 @@ def _median(changes: list[dict], key: str) -> float | None:
 
 def _model(ctx, name: str, runs: int, protocol) -> dict:
     from lmcompress_core.compress import CALIBRATION_STATS
-    from lmcompress_core.measure import clear_cache, evaluate
+    from lmcompress_core.measure.evaluation import clear_cache, evaluate
 
     clear_cache()
     CALIBRATION_STATS.clear()

@@ -66,7 +66,7 @@ REAL = {"q4": dict(bits=4, group_size=32, symmetric=True), "q8": dict(bits=8, gr
 def _compressed(ctx, quantization: dict, runtime: str):
     """Our model with these quantization settings on ``runtime`` ("simulate": the file's weights in fp32)."""
     from lmcompress_core.compress import CompressionConfig, compress
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     config = CompressionConfig(quantization=QuantizationConfig(**quantization), runtime=runtime)
     return compress(ctx.loaded(ctx.main_model).model, config)
@@ -79,7 +79,7 @@ def _llama(llama_cpp, path: Path, n_ctx: int, logits_all: bool):
 
 def llamacpp_perplexity(llama_cpp, path: Path, ids: torch.Tensor, context: int) -> float:
     """exp(mean NLL) of llama.cpp over the same windows `measure_quality.perplexity` scores."""
-    from lmcompress_core.measure_quality import windows
+    from lmcompress_core.measure.quality import windows
 
     llm = _llama(llama_cpp, path, context, logits_all=True)
     tokens = ids.reshape(-1).tolist()
@@ -110,7 +110,7 @@ def llamacpp_decode_tokens_per_s(llama_cpp, path: Path, prompt: list[int], new_t
 
 
 def _ours_decode(ctx, cm) -> float:
-    from lmcompress_core.measure_speed import measure_latency
+    from lmcompress_core.measure.speed import measure_latency
 
     report = measure_latency(cm.model, ctx.loaded(ctx.main_model).tokenizer, cm.kernel,
                              prompt_tokens=ctx.scale.prompt_tokens, new_tokens=ctx.scale.new_tokens, runs=ctx.scale.runs)
@@ -119,7 +119,7 @@ def _ours_decode(ctx, cm) -> float:
 
 def _prompt_ids(ctx) -> list[int]:
     """The prompt `measure_latency` times (fixed random ids), so both runtimes decode after the same tokens."""
-    from lmcompress_core.measure_speed import latency_prompt
+    from lmcompress_core.measure.speed import latency_prompt
 
     loaded = ctx.loaded(ctx.main_model)
     return latency_prompt(loaded.model, loaded.tokenizer, ctx.scale.prompt_tokens, ctx.scale.new_tokens)[0].tolist()

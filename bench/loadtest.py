@@ -90,7 +90,7 @@ def expected_settings(session: Session) -> dict:
 
 def expected_label(session: Session) -> str:
     """The heading the page shows for the session's configuration (plain words, as Explore writes it)."""
-    from lmcompress_core.plots import describe_config
+    from lmcompress_core.report.plots import describe_config
 
     build_config = app_model()[3]
     return describe_config(build_config(expected_settings(session)).to_dict())
@@ -205,8 +205,8 @@ async def drive(server: Server, sessions: list[Session], rounds: int) -> list[di
 # ---------------------------------------------------------------- checking what each session shows
 def reference_reports(sessions: list[Session]) -> dict:
     """In-process Reports for the sessions' final configurations, computed as the page computes them."""
-    from lmcompress_core.measure import evaluate
-    from lmcompress_core.models import load_model
+    from lmcompress_core.measure.evaluation import evaluate
+    from lmcompress_core.models.loading import load_model
     from pages.common import protocol_from_settings
 
     _, prompt, widgets, build_config = app_model()
@@ -234,7 +234,7 @@ def check_session(session: Session, reference: dict) -> list[str]:
         problems.append(f"heading is not its own configuration '{label}'")
     report = reference[label]
     bars = session.final["bartext"]
-    from lmcompress_core.plots import MB
+    from lmcompress_core.report.plots import MB
 
     packed_mb = report["size"]["packed_bytes"] / MB
     size_numbers = _numbers(bars[0]) if bars else []

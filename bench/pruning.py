@@ -18,7 +18,7 @@ KEYS = (
 
 def _config(method: str, pattern: str):
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.prune import PruningConfig
+    from lmcompress_core.methods.prune import PruningConfig
 
     return CompressionConfig(pruning=PruningConfig(sparsity=0.5, method=method, pattern=pattern))
 

@@ -22,7 +22,7 @@ import torch
 from bench import peers
 from bench.common import median_time, timed
 from bench.interactivity import app_protocol
-from lmcompress_core import protocol
+from lmcompress_core.measure import protocol
 
 
 # what run() returns, key for key (bench/__main__.py checks it)
@@ -39,7 +39,7 @@ def our_configs() -> list[tuple[str, object]]:
     rows run on the real kernels exactly as the app does (its runtime, its int8 head, its calibration).
     """
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     def sim(**q):
         return CompressionConfig(quantization=QuantizationConfig(**q), runtime="simulate")
@@ -120,10 +120,10 @@ def _autopilot_label(target: float) -> str:
 def _autopilot_rows(ctx) -> list[dict]:
     """Autopilot allocations (MSE grid, groups of 128) at each target and the uniform RTN settings beside them,
     with the packed bytes of the quantized layers and of the whole file (embeddings stay fp32 in both)."""
-    from lmcompress_core import autopilot
+    from lmcompress_core.methods import autopilot
     from lmcompress_core.compress import CompressionConfig, compress
-    from lmcompress_core.measure import measure_size
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.measure.evaluation import measure_size
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     base = ctx.loaded(ctx.main_model).model
     ids = ctx.calibration(ctx.main_model, n_samples=4)
@@ -185,7 +185,7 @@ def _dense(weight):
 def weight_error_vs_torchao(ctx) -> dict | None:
     """Per-layer relative weight error ‖Ŵ−W‖²/‖W‖² of ours and torchao at int4 g64 asym: is ours a finer grid?"""
     from lmcompress_core.compress import CompressionConfig, compress
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     method = next((m for m in peers.peer_methods() if m.name == "torchao int4 g64 asym"), None)
     if method is None or peers.available().get("torchao"):

@@ -12,7 +12,7 @@ def _name(s: dict) -> str:
 
 
 def _interactivity(s: dict) -> list[str]:
-    out = ["Time from a configuration change to each result of a Report through `lmcompress_core.measure.evaluate` "
+    out = ["Time from a configuration change to each result of a Report through `lmcompress_core.measure.evaluation.evaluate` "
            "(no browser), median of the runs. Stages run size → perplexity → generations (streamed) → latency "
            "(while exploring, the compressed model timed alone). *Cold*: the first Report of a fresh process, model "
            "load and the base model's reusable results included. *Change*: the model is loaded and a slider moves "

@@ -5,7 +5,7 @@ fp32 (the base), bf16 (the whole model cast), int4 (4-bit g32 codes on aten int4
 the rest bf16), int8 (8-bit per-channel codes on aten int8pack, LM head int8, the rest bf16) and int8_dynamic
 (torch's dynamic int8 with activations quantized too, calibrated exactly as the app runs it: SmoothQuant and
 the SQNR floor on `measure.calibration_for` windows). Each variant is timed by
-`lmcompress_core.measure.measure_latency` (its own warm-up and median of `runs`); the variants are interleaved
+`lmcompress_core.measure.evaluation.measure_latency` (its own warm-up and median of `runs`); the variants are interleaved
 over `ROUNDS` rounds in this one process and the median of the round medians is kept, so a burst of load on
 the machine hits all of them alike. The roofline (runtime bytes streamed per decoded token against the measured
 memory bandwidth) is reported beside each, and the perplexity of the real int4 model beside the simulated
@@ -29,7 +29,7 @@ ROUNDS = 3
 
 def _configs():
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     channel8 = QuantizationConfig(bits=8, granularity="channel")
     return {"bf16": CompressionConfig(quantization=QuantizationConfig(bits=16, dtype16="bf16")),
@@ -41,7 +41,7 @@ def _configs():
 def _variants(ctx) -> dict:
     from lmcompress_core.compress import compress
     from bench.interactivity import app_protocol
-    from lmcompress_core.protocol import calibration_for
+    from lmcompress_core.measure.protocol import calibration_for
 
     base = ctx.loaded(ctx.main_model)
     variants = {"fp32": (base.model, "fp32 dense")}
@@ -67,7 +67,7 @@ def _perplexities(ctx, variants) -> dict:
 
 
 def _measure(ctx, model, kernel):
-    from lmcompress_core.measure_speed import measure_latency
+    from lmcompress_core.measure.speed import measure_latency
 
     return measure_latency(model, ctx.loaded(ctx.main_model).tokenizer, kernel,
                            prompt_tokens=ctx.scale.prompt_tokens, new_tokens=ctx.scale.new_tokens,
@@ -75,7 +75,7 @@ def _measure(ctx, model, kernel):
 
 
 def run(ctx) -> dict:
-    from lmcompress_core.measure_speed import runtime_bytes
+    from lmcompress_core.measure.speed import runtime_bytes
 
     start = time.perf_counter()
     variants = _variants(ctx)

@@ -28,7 +28,7 @@ def run(ctx) -> dict:
 
     from lmcompress_core import clear_cache, sweep
     from lmcompress_core.execute import RayExecutor
-    from lmcompress_core.protocol import EvalProtocol
+    from lmcompress_core.measure.protocol import EvalProtocol
 
     loaded = ctx.loaded("tiny")
     configs = sweep.grid(BITS, SPARSITIES, METHODS)

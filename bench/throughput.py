@@ -81,7 +81,7 @@ def evaluation_throughput(model, ids: torch.Tensor, context: int, perplexity_fn,
 def run(ctx) -> dict:
     """fp32 evaluation of the main model against the fp32 matmul peak (the headline), bf16 beside it."""
     from lmcompress_core.compress import CompressionConfig, compress
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     start = time.perf_counter()
     name = ctx.main_model

@@ -98,9 +98,9 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The CompressionConfig the flags describe; the configs' own ValueErrors say what is wrong."""
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.distill import DistillationConfig
-    from lmcompress_core.prune import PruningConfig
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.distill import DistillationConfig
+    from lmcompress_core.methods.prune import PruningConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     quantization = pruning = distillation = None
     if args.bits is not None:
@@ -124,8 +124,8 @@ def with_autopilot(args: argparse.Namespace, loaded, config):
     --bits/--group-size/--method flags give the base settings; default 4-bit groups of 128)."""
     from dataclasses import replace
 
-    from lmcompress_core.autopilot import BudgetConfig, allocate_for
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.methods.autopilot import BudgetConfig, allocate_for
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     if args.target_bpw is None and args.target_mb is None:
         return config
@@ -141,7 +141,7 @@ def with_autopilot(args: argparse.Namespace, loaded, config):
 
 # ---------------------------------------------------------------- commands
 def _cmd_models(args) -> int:
-    from lmcompress_core.models import list_models
+    from lmcompress_core.models.loading import list_models
 
     rows = list_models()
     if args.json:
@@ -155,7 +155,7 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from lmcompress_core.models import prepare_default
+    from lmcompress_core.models.loading import prepare_default
 
     folder = prepare_default(callback=ProgressBar())
     print(f"default model ready in {folder}")
@@ -164,9 +164,9 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_compress(args) -> int:
     from lmcompress_core.compress import compress
-    from lmcompress_core.models import load_model
-    from lmcompress_core.packing import save_compressed
-    from lmcompress_core.protocol import calibration_for
+    from lmcompress_core.models.loading import load_model
+    from lmcompress_core.runtime.packing import save_compressed
+    from lmcompress_core.measure.protocol import calibration_for
 
     loaded = load_model(args.model)
     config = with_autopilot(args, loaded, config_from_args(args))
@@ -195,8 +195,8 @@ def _cmd_export(args) -> int:
         summary = {"format": "recipe", "out": str(out.resolve()), "config": config.to_dict()}
     else:
         from lmcompress_core.compress import compress
-        from lmcompress_core.protocol import calibration_for
-        from lmcompress_core.models import load_model
+        from lmcompress_core.measure.protocol import calibration_for
+        from lmcompress_core.models.loading import load_model
 
         loaded = load_model(args.model)
         cm = compress(loaded.model, config, calibration=calibration_for(loaded, config), callback=ProgressBar())
@@ -216,9 +216,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from lmcompress_core.measure import evaluate
-    from lmcompress_core.models import load_model
-    from lmcompress_core.protocol import EvalProtocol
+    from lmcompress_core.measure.evaluation import evaluate
+    from lmcompress_core.models.loading import load_model
+    from lmcompress_core.measure.protocol import EvalProtocol
 
     protocol = EvalProtocol(eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or args.context,
                             prompt=args.prompt, new_tokens=args.new_tokens, seed=args.seed,
@@ -259,9 +259,9 @@ def _summary(data: dict) -> str:
 
 def _cmd_sweep(args) -> int:
     from lmcompress_core import sweep
-    from lmcompress_core.protocol import EvalProtocol
+    from lmcompress_core.measure.protocol import EvalProtocol
     from lmcompress_core.execute import make_executor
-    from lmcompress_core.models import load_model
+    from lmcompress_core.models.loading import load_model
 
     configs = sweep.grid(args.bits, args.sparsity, args.method,
                          quantization=config_from_args(_sweep_template(args)).quantization)
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from lmcompress_core.compress import Cancelled
-    from lmcompress_core.models import ModelError
+    from lmcompress_core.models.loading import ModelError
 
     _quiet_libraries()
     try:

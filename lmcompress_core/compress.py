@@ -4,7 +4,7 @@ Each stage's config type maps to a handler in ``_HANDLERS`` (adding a method = o
 The handlers share a ``_Run`` holding the copy and the finishing steps that must wait until distillation has
 trained it. A compressed weight lives on its module: pruning and quantization swap each chosen layer for a
 ``CompressedLinear`` / ``CompressedEmbedding`` (runtime.py) holding its codes and keep-mask, and the finish
-stage moves the codes onto the runtime the config names (``runtime_kernels.py``): real int4/int8 weight-only
+stage moves the codes onto the runtime the config names (``runtime/kernels.py``): real int4/int8 weight-only
 kernels with the rest of the model in bf16 (default), the fp32 simulation, or torch's dynamic int8. The base
 model is never touched: it is shared between app sessions.
 """
@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import recovery
-from .distill import DistillationConfig, distill_, keep_every_kth_block_
-from .layers import DEFAULT_EXCLUDE, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
-from .prune import PruningConfig, global_masks, layer_mask
-from .quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
-from .runtime import CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers
-from .runtime_finish import KERNEL_INT8, KERNEL_INT8_DYNAMIC, KERNEL_SIMULATED  # noqa: F401 (re-exported labels)
-from .runtime_finish import finish_dynamic_int8, finish_real
+from lmcompress_core.methods import recovery
+from lmcompress_core.methods.distill import DistillationConfig, distill_, keep_every_kth_block_
+from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
+from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask
+from lmcompress_core.methods.quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
+from lmcompress_core.runtime.modules import CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers
+from lmcompress_core.runtime.finish import KERNEL_INT8, KERNEL_INT8_DYNAMIC, KERNEL_SIMULATED  # noqa: F401 (re-exported labels)
+from lmcompress_core.runtime.finish import finish_dynamic_int8, finish_real
 
 KERNEL_DENSE = "fp32 dense"
 SPARSE_SUFFIX = " + dense zeros — no sparse kernel"

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .compress import KERNEL_DENSE, KERNEL_SIMULATED, SPARSE_SUFFIX, CompressionConfig, Progress, ProgressCallback
-from .execute import Executor, ResultLog, SerialExecutor
-from .execute.tasks import evaluate_config
-from .plots import as_dict, config_label, pareto_mask
-from .protocol import EvalProtocol
-from .prune import PruningConfig
-from .quantize import QuantizationConfig
+from lmcompress_core.compress import KERNEL_DENSE, KERNEL_SIMULATED, SPARSE_SUFFIX, CompressionConfig, Progress, ProgressCallback
+from lmcompress_core.execute import Executor, ResultLog, SerialExecutor
+from lmcompress_core.execute.tasks import evaluate_config
+from lmcompress_core.report.plots import as_dict, config_label, pareto_mask
+from lmcompress_core.measure.protocol import EvalProtocol
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig
 
 COLUMNS = ["label", "bits", "sparsity_pct", "method", "size_mb", "packed_bytes", "perplexity", "stderr",
            "kl_to_base", "top1_agreement", "prefill_ms", "decode_tokens_per_s", "kernel", "config",

@@ -4,9 +4,13 @@ from dataclasses import replace
 
 import streamlit as st
 
-from lmcompress_core import autopilot, measure, plots
+from lmcompress_core.methods import autopilot
+
+from lmcompress_core.measure import evaluation
+
+from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled, CompressionConfig
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.methods.quantize import QuantizationConfig
 from pages import common
 
 UNIFORM_BITS = (2, 3, 4, 8)
@@ -77,7 +81,7 @@ if st.button("Evaluate against uniform settings", key="budget_evaluate", type="p
         for i, (label, kind, bpw, config) in enumerate(configs):
             bar.progress(i / len(configs), text=f"evaluating {label}")
             # every point simulated in fp32: the same kernels for all, so only the codes differ
-            report = measure.evaluate(loaded, CompressionConfig(quantization=config, runtime="simulate"), protocol,
+            report = evaluation.evaluate(loaded, CompressionConfig(quantization=config, runtime="simulate"), protocol,
                                       should_stop=common.should_stop)
             points.append({"label": label, "kind": kind, "bits_per_weight": bpw,
                            "perplexity": report.perplexity.value, "stats": report.quality_stats})

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from lmcompress_core import plots
+from lmcompress_core.report import plots
 from lmcompress_core.compress import CompressionConfig
-from lmcompress_core.distill import DistillationConfig
-from lmcompress_core.prune import PruningConfig
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.methods.distill import DistillationConfig
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig
 from pages.spans import span
 
 HUB, LOCAL, UPLOAD = "Hugging Face id…", "Local folder…", "Upload an archive…"
@@ -134,7 +134,7 @@ def error(message: str, detail: object = "") -> None:
 
 @st.cache_data(ttl=60, show_spinner=False)
 def model_list() -> list[dict]:
-    from lmcompress_core.models import list_models
+    from lmcompress_core.models.loading import list_models
 
     return list_models()
 
@@ -147,14 +147,14 @@ def loaded_model(name: str):
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _load(name: str):
     # A ModelError is not cached: the next attempt (after fixing the path, say) tries again.
-    from lmcompress_core.models import load_model
+    from lmcompress_core.models.loading import load_model
 
     return load_model(name)
 
 
 def current_model():
     """Draw the model sidebar; the LoadedModel chosen there, or None after a clear message (the app stays usable)."""
-    from lmcompress_core.models import ModelError
+    from lmcompress_core.models.loading import ModelError
 
     model_sidebar()
     name = st.session_state.get("model_name")
@@ -246,7 +246,7 @@ def _uploaded_model(previous: str) -> str | None:
     extracted = st.session_state.setdefault("uploads", {})
     if upload.file_id in extracted:
         return extracted[upload.file_id]
-    from lmcompress_core.archive import ArchiveError, extract_model_archive
+    from lmcompress_core.models.archive import ArchiveError, extract_model_archive
 
     # The upload is untrusted: archive.py checks every member before writing anything into a temp folder.
     with tempfile.NamedTemporaryFile(prefix="lmcompress-archive-", suffix=".bin") as raw:
@@ -270,7 +270,7 @@ def protocol(precise: bool = False):
 
 def protocol_from_settings(s: dict, precise: bool = False):
     """Explore's widget values -> EvalProtocol (the benchmarks call this too, so they measure what the app does)."""
-    from lmcompress_core.protocol import EvalProtocol
+    from lmcompress_core.measure.protocol import EvalProtocol
 
     prompt = s["prompt"] if str(s["prompt"]).strip() else None
     kind = EvalProtocol.precise if precise else EvalProtocol.explore
@@ -336,7 +336,7 @@ def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
     """
     import time
 
-    shown, last = [0.0], [0.0]
+    shown, last, drawn = [0.0], [0.0], [-1.0]
 
     def callback(progress) -> None:
         total = max(int(progress.total or 0), 1)
@@ -344,8 +344,9 @@ def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
         low, high = STAGE_SPANS.get(progress.stage, (0.0, 1.0))
         shown[0] = max(shown[0], low + (high - low) * within)
         now = time.perf_counter()
-        if now - last[0] >= BAR_INTERVAL_S or progress.step >= total:
-            last[0] = now
+        # redraw at most every BAR_INTERVAL_S, except when the bar moved visibly (a sweep's finished configuration)
+        if now - last[0] >= BAR_INTERVAL_S or shown[0] - drawn[0] >= 0.01 or progress.step >= total:
+            last[0], drawn[0] = now, shown[0]
             bar.progress(shown[0], text=f"{progress.stage}: {progress.message}"[:160])
         if on_metrics is not None:
             on_metrics(progress)
@@ -359,7 +360,7 @@ def evaluate_live(loaded, config, protocol, bar, on_partial: Callable[[dict], No
 
     Returns the finished report as a plain dict. Raises compress.Cancelled when Stop was pressed.
     """
-    from lmcompress_core import measure
+    from lmcompress_core.measure import evaluation
 
     def partial(progress) -> None:
         if "partial" in progress.metrics:
@@ -369,7 +370,7 @@ def evaluate_live(loaded, config, protocol, bar, on_partial: Callable[[dict], No
 
     callback = progress_callback(bar, on_metrics=partial)
     with span("evaluate") as record:
-        report = measure.evaluate(loaded, config, protocol, callback=callback, should_stop=should_stop).to_dict()
+        report = evaluation.evaluate(loaded, config, protocol, callback=callback, should_stop=should_stop).to_dict()
         record["stages"] = report.get("timings")
     return report
 
@@ -387,7 +388,7 @@ def figure(fig, caption: str = "", key: str | None = None, on_select=None) -> No
 
 def generations(gen: dict | None) -> None:
     """Greedy continuations side by side with the first divergence highlighted; all text escaped."""
-    from lmcompress_core.report_html import generation_pair_html
+    from lmcompress_core.report.html_report import generation_pair_html
 
     if not gen:
         return

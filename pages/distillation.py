@@ -3,9 +3,11 @@ from dataclasses import replace
 
 import streamlit as st
 
-from lmcompress_core import measure, plots
+from lmcompress_core.measure import evaluation
+
+from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled, CompressionConfig
-from lmcompress_core.distill import DistillationConfig, next_token_distribution, temperature_study
+from lmcompress_core.methods.distill import DistillationConfig, next_token_distribution, temperature_study
 from pages import common
 from pages.common import WIDGETS, build_config
 
@@ -125,9 +127,9 @@ def run_distillation(notice, running) -> None:
                        generation=bool(prompt.strip()), latency=False)
     try:
         callback = common.progress_callback(bar, on_progress)
-        before = measure.evaluate(loaded, before_config, replace(protocol, generation=False), callback=callback,
+        before = evaluation.evaluate(loaded, before_config, replace(protocol, generation=False), callback=callback,
                                   should_stop=common.should_stop)
-        report = measure.evaluate(loaded, config, protocol, callback=callback, should_stop=common.should_stop)
+        report = evaluation.evaluate(loaded, config, protocol, callback=callback, should_stop=common.should_stop)
     except Cancelled:
         notice.info(stopped_message(st.session_state.get("kd_result")))
     except ValueError as exc:

@@ -3,7 +3,7 @@ import json
 
 import streamlit as st
 
-from lmcompress_core import plots
+from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled, CompressionConfig
 from pages import common
 from pages.common import BITS, WIDGETS, build_config
@@ -83,10 +83,10 @@ def run(loaded, config: CompressionConfig, protocol, slots: dict, heading: dict)
     While it computes, the previous result stays on screen, dimmed under a "previous result" badge, and the
     heading says which configuration is being computed; nothing half-done is ever shown as a result.
     """
-    from lmcompress_core import measure
+    from lmcompress_core.measure import evaluation
 
     key = json.dumps([loaded.name, config.key(), protocol.to_dict()], sort_keys=True)
-    cached = measure.cached_report(loaded, config, protocol)
+    cached = evaluation.cached_report(loaded, config, protocol)
     if cached is None and st.session_state.get("stop_requested") and st.session_state.get("pending_key") == key:
         st.info("Stopped: the charts show the previous result. Move a slider or press Run to compute this "
                 "configuration.")

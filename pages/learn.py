@@ -1,7 +1,9 @@
 """Learn: quantization grids (min-max and integer zero-point), pruning masks and the KD loss on the chosen model's real weights."""
 import streamlit as st
 
-from lmcompress_core import learn, plots
+from lmcompress_core.report import learn
+
+from lmcompress_core.report import plots
 from pages import common
 
 st.title("Learn")

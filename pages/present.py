@@ -1,7 +1,7 @@
 """Presentation mode: the current results in large type for a projector; no controls, no sidebar."""
 import streamlit as st
 
-from lmcompress_core import plots
+from lmcompress_core.report import plots
 from pages import common
 
 # Static CSS only (no user or model text): bigger type that still fits a 1024×768 projector, no sidebar or

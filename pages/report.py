@@ -3,7 +3,11 @@ original and how each was measured, the trail, the session's sweep, sensitivity 
 internals folded away; one click -> a self-contained HTML report; the runs history exported and imported as JSON."""
 import streamlit as st
 
-from lmcompress_core import plots, report_html, sweep
+from lmcompress_core import sweep
+
+from lmcompress_core.report import plots
+
+from lmcompress_core.report import html_report
 from pages import common
 
 st.title("Report")
@@ -18,7 +22,7 @@ def lead(report: dict) -> None:
     """The chosen setting in plain words, then size, speed and quality against the original, each with its how."""
     common.config_heading(report.get("config"))
     st.caption(common.md_escape(f"on {report.get('model')}"))
-    rows = report_html.summary_rows(report)
+    rows = html_report.summary_rows(report)
     for col, (what, value, how) in zip(st.columns(len(rows) or 1), rows):
         with col:
             st.markdown(f"**{what}**")
@@ -55,12 +59,12 @@ def session_results() -> None:
 
 def engine_details(report: dict) -> None:
     with st.expander("Engine details: the settings as the engine stores them, the protocol, every number"):
-        settings = report_html.flatten("", report.get("config") or {})
-        st.dataframe([{"setting": k, "value": report_html.format_value(v)} for k, v in settings], hide_index=True,
+        settings = html_report.flatten("", report.get("config") or {})
+        st.dataframe([{"setting": k, "value": html_report.format_value(v)} for k, v in settings], hide_index=True,
                      width="stretch")
         st.caption(common.md_escape("Protocol: " + ", ".join(
-            f"{k}={report_html.format_value(v)}" for k, v in (report.get("protocol") or {}).items())))
-        rows = [{"measure": k, "value": report_html.format_value(v)} for k, v in report_html.results_rows(report)]
+            f"{k}={html_report.format_value(v)}" for k, v in (report.get("protocol") or {}).items())))
+        rows = [{"measure": k, "value": html_report.format_value(v)} for k, v in html_report.results_rows(report)]
         st.dataframe(rows, hide_index=True, width="stretch", height=36 * (len(rows) + 1) + 4)
 
 
@@ -72,7 +76,7 @@ else:
     # Built only when clicked (plotly.js is inlined: ~5 MB), from this session's own results.
     st.download_button("Download the HTML report", type="primary", mime="text/html",
                        file_name="lmcompress-report.html",
-                       data=lambda: report_html.build_report(current, trail, title=title, **extras).encode("utf-8"))
+                       data=lambda: html_report.build_report(current, trail, title=title, **extras).encode("utf-8"))
     st.caption("One file with the same summary, the interactive charts, the generations, this session's sweep, "
                "sensitivity and distillation results, and the engine details folded at the end; it opens offline.")
     st.page_link("pages/present.py", label="Presentation mode (large type, no controls)", icon=":material/slideshow:")

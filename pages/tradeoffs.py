@@ -9,11 +9,13 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from lmcompress_core import plots, sweep
+from lmcompress_core import sweep
+
+from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled
 from lmcompress_core.execute import make_executor
-from lmcompress_core.protocol import calibration_for
-from lmcompress_core.sensitivity import layer_sensitivity
+from lmcompress_core.measure.protocol import calibration_for
+from lmcompress_core.measure.sensitivity import layer_sensitivity
 from pages import common
 from pages.common import WIDGETS, build_config
 

@@ -15,7 +15,7 @@ ARCHITECTURES = ("gpt2", "opt", "gpt_neox", "llama", "qwen2")
 @pytest.fixture(scope="session")
 def tiny_loaded():
     """The model trained by this project (assets/models/tiny), loaded once per test session."""
-    from lmcompress_core.models import load_model
+    from lmcompress_core.models.loading import load_model
 
     return load_model("tiny")
 
@@ -23,7 +23,7 @@ def tiny_loaded():
 @pytest.fixture(params=ARCHITECTURES)
 def random_arch(request):
     """A seeded, randomly initialised tiny model of each supported architecture, built offline."""
-    from lmcompress_core.models import tiny_random_model
+    from lmcompress_core.models.loading import tiny_random_model
 
     return tiny_random_model(request.param)
 

@@ -6,9 +6,9 @@ import zipfile
 
 import pytest
 
-from lmcompress_core import archive
-from lmcompress_core.archive import ArchiveError, extract_model_archive
-from lmcompress_core.models import ModelError, load_model, tiny_random_model
+from lmcompress_core.models import archive
+from lmcompress_core.models.archive import ArchiveError, extract_model_archive
+from lmcompress_core.models.loading import ModelError, load_model, tiny_random_model
 
 
 @pytest.fixture(autouse=True)

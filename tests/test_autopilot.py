@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-from lmcompress_core import autopilot
+from lmcompress_core.methods import autopilot
 from lmcompress_core.compress import CompressionConfig, compress
-from lmcompress_core.layers import linear_layers, weight_matrix
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.methods.layers import linear_layers, weight_matrix
+from lmcompress_core.methods.quantize import QuantizationConfig
 
 torch.set_num_threads(2)
 

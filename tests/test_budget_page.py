@@ -5,7 +5,7 @@ import json
 from streamlit.proto.WidgetStates_pb2 import WidgetState
 from test_pages import app, figure_titled
 
-from lmcompress_core import plots
+from lmcompress_core.report import plots
 
 
 def _chosen(fig: dict) -> dict[str, str]:

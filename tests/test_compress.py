@@ -8,9 +8,9 @@ from transformers.pytorch_utils import Conv1D
 
 from lmcompress_core.compress import (_HANDLERS, Cancelled, CompressedModel, CompressionConfig, Progress,
                                       compress)
-from lmcompress_core.distill import DistillationConfig
-from lmcompress_core.prune import PruningConfig
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.methods.distill import DistillationConfig
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig
 
 torch.set_num_threads(2)
 
@@ -41,7 +41,7 @@ KINDS = {
 
 @pytest.fixture(scope="module")
 def gpt2():
-    from lmcompress_core.models import tiny_random_model
+    from lmcompress_core.models.loading import tiny_random_model
 
     return tiny_random_model("gpt2").model
 
@@ -62,7 +62,7 @@ def assert_same_state(model, before):
 
 def effective_weight(module) -> torch.Tensor | None:
     """[out, in] weight a layer really applies: the float weight, or a kernel module run on an identity matrix."""
-    from lmcompress_core.runtime_kernels import ActivationInt8Linear
+    from lmcompress_core.runtime.kernels import ActivationInt8Linear
 
     if isinstance(module, ActivationInt8Linear):
         return None  # torch's dynamic int8 quantizes its input: an identity matrix does not read its weight
@@ -314,7 +314,7 @@ def test_tiny_recovery_distillation_wins_back_10_percent_after_pruning(tiny):
 
 
 def test_int8_notes_say_how_activations_are_quantized_and_whether_smoothing_ran(gpt2, tmp_path):
-    from lmcompress_core.packing import load_compressed, save_compressed
+    from lmcompress_core.runtime.packing import load_compressed, save_compressed
 
     plain = compress(gpt2, KINDS["int8-dynamic"])
     assert plain.kernel == "int8 (real, torch dynamic; activations quantized too)"

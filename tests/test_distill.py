@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from lmcompress_core.distill import (DistillationConfig, distill_, keep_every_kth_block_, kd_loss,
-                                     next_token_distribution)
-from lmcompress_core.prune import PruningConfig
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.methods.distill import (DistillationConfig, distill_, keep_every_kth_block_, kd_loss,
+                                             next_token_distribution)
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig
 
 torch.set_num_threads(2)
 
@@ -165,7 +165,7 @@ def tiny_texts(tiny_loaded):
 
 
 def _ppl(model, windows) -> float:
-    from lmcompress_core.distill import heldout_perplexity
+    from lmcompress_core.methods.distill import heldout_perplexity
 
     return heldout_perplexity(model, windows)
 
@@ -201,7 +201,7 @@ def _codes_and_masks(cm) -> dict:
 @pytest.mark.parametrize("trains", ["grid", "weights"])
 def test_recovery_keeps_the_compression_and_its_size(tiny_texts, trains):
     from lmcompress_core.compress import CompressionConfig, compress
-    from lmcompress_core.measure import measure_size
+    from lmcompress_core.measure.evaluation import measure_size
 
     model, _, calib = tiny_texts
     compression = dict(pruning=PruningConfig(sparsity=0.5), quantization=QuantizationConfig(bits=3, group_size=64),
@@ -250,7 +250,7 @@ def test_a_distilled_student_beats_the_same_student_trained_on_labels_only(tiny_
 def test_temperature_study_reads_the_bench_result_and_picks_the_best_mean(tmp_path):
     import json
 
-    from lmcompress_core.distill import temperature_study
+    from lmcompress_core.methods.distill import temperature_study
 
     by_t = {"1": {"mean": 0.2, "std": 0.05}, "2": {"mean": 0.45, "std": 0.1}, "4": {"mean": None, "std": None}}
     section = {"headline": {"kd_recovered_fraction_by_temperature": by_t},

@@ -14,10 +14,10 @@ from lmcompress_core import sweep
 from lmcompress_core.cli import main
 from lmcompress_core.compress import CompressionConfig
 from lmcompress_core.execute import RETRIES, Outcome, RayExecutor, SerialExecutor, make_executor
-from lmcompress_core.models import count_params, estimate_memory_bytes
-from lmcompress_core.protocol import EvalProtocol
-from lmcompress_core.quantize import QuantizationConfig
-from lmcompress_core.sensitivity import layer_sensitivity
+from lmcompress_core.models.loading import count_params, estimate_memory_bytes
+from lmcompress_core.measure.protocol import EvalProtocol
+from lmcompress_core.methods.quantize import QuantizationConfig
+from lmcompress_core.measure.sensitivity import layer_sensitivity
 
 ray = pytest.importorskip("ray")
 

@@ -21,10 +21,10 @@ from lmcompress_core.compress import CompressionConfig, compress
 from lmcompress_core.export import export_gguf, gguf_note
 from lmcompress_core.export.gguf import block_type
 from lmcompress_core.export._source import quantized_weights
-from lmcompress_core.layers import set_weight_matrix_
-from lmcompress_core.models import load_model, tiny_random_model
-from lmcompress_core.prune import PruningConfig
-from lmcompress_core.quantize import QuantizationConfig, _expand
+from lmcompress_core.methods.layers import set_weight_matrix_
+from lmcompress_core.models.loading import load_model, tiny_random_model
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig, _expand
 
 FP16_EPS = 2.0 ** -11          # fp16 round-to-nearest relative error
 LOGIT_TOLERANCE = 8 * FP16_EPS  # of max|logit|, see the module docstring

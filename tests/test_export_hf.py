@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmcompress_core.compress import CompressionConfig, compress
 from lmcompress_core.export import export_hf
 from lmcompress_core.export._source import quantized_weights
-from lmcompress_core.layers import weight_matrix
-from lmcompress_core.models import load_model
-from lmcompress_core.prune import PruningConfig
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.methods.layers import weight_matrix
+from lmcompress_core.models.loading import load_model
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lmcompress_core.compress import CompressionConfig, compress
-from lmcompress_core.grid_search import mse_grid
-from lmcompress_core.layers import input_statistics, linear_layers, weight_matrix
-from lmcompress_core.quantize import QuantizationConfig, grid_parameters, quantize_weight
+from lmcompress_core.methods.grid_search import mse_grid
+from lmcompress_core.methods.layers import input_statistics, linear_layers, weight_matrix
+from lmcompress_core.methods.quantize import QuantizationConfig, grid_parameters, quantize_weight
 
 torch.set_num_threads(2)
 

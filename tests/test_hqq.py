@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from lmcompress_core.hqq import fp16_exact, hqq_grid, shrink_lp
-from lmcompress_core.quantize import QuantizationConfig, quantize_weight
+from lmcompress_core.methods.hqq import fp16_exact, hqq_grid, shrink_lp
+from lmcompress_core.methods.quantize import QuantizationConfig, quantize_weight
 
 torch.set_num_threads(2)
 

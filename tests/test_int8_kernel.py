@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from lmcompress_core.int8_kernel import (SmoothedInt8Linear, int8_linear, output_sqnr_db, smoothing_factors,
-                                         to_int8_kernel_)
+from lmcompress_core.runtime.int8_dynamic import (SmoothedInt8Linear, int8_linear, output_sqnr_db, smoothing_factors,
+                                                  to_int8_kernel_)
 
 torch.set_num_threads(2)
 
@@ -50,7 +50,7 @@ def test_smoothing_factors_stay_finite_on_dead_channels_and_alpha_zero_is_off():
 
 
 def test_int8_kernel_with_calibration_smooths_and_keeps_hopeless_layers_float():
-    from lmcompress_core.models import tiny_random_model
+    from lmcompress_core.models.loading import tiny_random_model
 
     model = tiny_random_model("llama").model.eval()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lmcompress_core.layers import (DEFAULT_EXCLUDE, conv1d_to_linear_, input_statistics, linear_layers,
-                                    set_weight_matrix_, transformer_blocks, weight_matrix)
+from lmcompress_core.methods.layers import (DEFAULT_EXCLUDE, conv1d_to_linear_, input_statistics, linear_layers,
+                                            set_weight_matrix_, transformer_blocks, weight_matrix)
 
 torch.set_num_threads(2)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmcompress_core import learn
+from lmcompress_core.report import learn
 
 
 @pytest.fixture

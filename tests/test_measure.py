@@ -10,14 +10,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from conftest import byte_bpe_tokenizer
 
-from lmcompress_core import measure
+from lmcompress_core.measure import evaluation
 from lmcompress_core.compress import KERNEL_INT8, CompressionConfig, compress
-from lmcompress_core.measure_quality import first_divergence, perplexity, score_tokens, windows
-from lmcompress_core.measure_speed import measure_latency, ratio_text
-from lmcompress_core.protocol import EvalProtocol
-from lmcompress_core.packing import load_compressed, pack_model, save_compressed
-from lmcompress_core.prune import PruningConfig
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.measure.quality import first_divergence, perplexity, score_tokens, windows
+from lmcompress_core.measure.speed import measure_latency, ratio_text
+from lmcompress_core.measure.protocol import EvalProtocol
+from lmcompress_core.runtime.packing import load_compressed, pack_model, save_compressed
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. However little known the feelings or views of such a man may be. ") * 6
@@ -113,13 +113,13 @@ def test_kl_positive_for_a_different_model(gpt2, tokenizer, ids):
 def test_size_three_ways_and_packed_ratio(llama):
     cm = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
                                            runtime="simulate"))
-    size = measure.measure_size(cm, llama)
+    size = evaluation.measure_size(cm, llama)
     assert size.layers_packed_bytes <= 0.30 * size.layers_fp32_bytes
     assert size.simulated and "simulated" in size.note and size.runtime_bytes >= size.base_bytes
     assert size.theoretical_bytes < size.packed_bytes < size.base_bytes
     both = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
                                              pruning=PruningConfig(sparsity=0.5)))
-    assert measure.measure_size(both, llama).packed_bytes < size.packed_bytes
+    assert evaluation.measure_size(both, llama).packed_bytes < size.packed_bytes
 
 
 @pytest.mark.parametrize("config", [
@@ -155,7 +155,7 @@ def test_sparse_layers_store_only_kept_codes(llama):
 def test_kernel_labels_and_int8_runtime_bytes(gpt2):
     int8 = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel")))
     assert int8.kernel.startswith(KERNEL_INT8) and "(real" in int8.kernel
-    size = measure.measure_size(int8, gpt2)
+    size = evaluation.measure_size(int8, gpt2)
     assert not size.simulated and size.runtime_bytes < size.base_bytes
     four = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=4), runtime="simulate"))
     assert "simulated" in four.kernel
@@ -173,18 +173,18 @@ def test_generation_side_by_side(gpt2, tokenizer):
     other = copy.deepcopy(gpt2)  # a different head: greedy choices change
     torch.manual_seed(0)
     other.lm_head.weight = torch.nn.Parameter(torch.randn_like(gpt2.lm_head.weight))
-    same = measure.generate_side_by_side(gpt2, gpt2, tokenizer, "a single man", new_tokens=8, seed=1)
+    same = evaluation.generate_side_by_side(gpt2, gpt2, tokenizer, "a single man", new_tokens=8, seed=1)
     assert same.first_divergence is None and same.base == same.compressed
     assert same.sampled_base == same.sampled_compressed and len(same.compressed_logprobs) == 8
     assert all(lp <= 0 for lp in same.compressed_logprobs)
-    diff = measure.generate_side_by_side(gpt2, other, tokenizer, "a single man", new_tokens=8, seed=1)
+    diff = evaluation.generate_side_by_side(gpt2, other, tokenizer, "a single man", new_tokens=8, seed=1)
     assert diff.first_divergence is not None and diff.base == same.base
 
 
 def test_generation_prompt_checks(gpt2, tokenizer):
     with pytest.raises(ValueError, match="prompt is empty"):
-        measure.generate_side_by_side(gpt2, gpt2, tokenizer, "  \n", new_tokens=4)
-    long = measure.generate_side_by_side(gpt2, gpt2, tokenizer, TEXT * 3, new_tokens=4)
+        evaluation.generate_side_by_side(gpt2, gpt2, tokenizer, "  \n", new_tokens=4)
+    long = evaluation.generate_side_by_side(gpt2, gpt2, tokenizer, TEXT * 3, new_tokens=4)
     assert "truncated" in long.notice and long.prompt_tokens == 124
 
 
@@ -195,7 +195,7 @@ def test_first_divergence():
 
 
 def test_student_distillation_reloads_with_fewer_layers(llama, ids, tmp_path):
-    from lmcompress_core.distill import DistillationConfig
+    from lmcompress_core.methods.distill import DistillationConfig
 
     calibration = ids[:64].repeat(4, 1)
     config = CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32),
@@ -206,16 +206,16 @@ def test_student_distillation_reloads_with_fewer_layers(llama, ids, tmp_path):
     assert reloaded.config.num_hidden_layers == 1
     with torch.no_grad():
         assert torch.equal(reloaded(ids[None]).logits, cm.model(ids[None]).logits)
-    size = measure.measure_size(cm, llama)
+    size = evaluation.measure_size(cm, llama)
     assert not size.simulated and size.runtime_bytes < size.base_bytes
 
 
 # ---------------------------------------------------------------- evaluate -> Report
 @pytest.fixture
 def loaded(gpt2, tokenizer):
-    from lmcompress_core.models import LoadedModel, ModelCard
+    from lmcompress_core.models.loading import LoadedModel, ModelCard
 
-    measure.clear_cache()
+    evaluation.clear_cache()
     card = ModelCard("test-gpt2", "local", "random test model", "n/a", None, "")
     return LoadedModel(name="test-gpt2", model=gpt2, tokenizer=tokenizer, card=card)
 
@@ -228,7 +228,7 @@ def test_evaluate_report_stages_and_json(loaded):
     seen = []
     config = CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
                                pruning=PruningConfig(sparsity=0.5), runtime="simulate")
-    report = measure.evaluate(loaded, config, replace(FAST, prompt="a single man"), callback=seen.append)
+    report = evaluation.evaluate(loaded, config, replace(FAST, prompt="a single man"), callback=seen.append)
     stages = [p.stage for p in seen if p.stage in ("compress", "size", "latency", "generate", "perplexity")]
     assert list(dict.fromkeys(stages)) == ["compress", "size", "perplexity", "generate", "latency"]
     assert "done" not in {p.stage for p in seen}
@@ -249,27 +249,27 @@ def test_evaluate_report_stages_and_json(loaded):
 
 def test_evaluate_is_cached_and_uncompressed_model_agrees_with_base(loaded):
     config = CompressionConfig()
-    first = measure.evaluate(loaded, config, FAST)
+    first = evaluation.evaluate(loaded, config, FAST)
     assert first.kl_to_base == pytest.approx(0, abs=1e-6) and first.top1_agreement == 1.0
     assert first.perplexity.value == pytest.approx(first.base_perplexity, rel=1e-6)
-    again = measure.evaluate(loaded, config, FAST)
+    again = evaluation.evaluate(loaded, config, FAST)
     assert again.timings == {"cached": True} and again.perplexity == first.perplexity
-    assert measure.cached_report(loaded, config, FAST).perplexity == first.perplexity
-    other_prompt = measure.evaluate(loaded, config, replace(FAST, prompt="in want"))
+    assert evaluation.cached_report(loaded, config, FAST).perplexity == first.perplexity
+    other_prompt = evaluation.evaluate(loaded, config, replace(FAST, prompt="in want"))
     assert other_prompt.timings["perplexity"] == "cached"
-    assert measure.cached_report(loaded, config, replace(FAST, seed=9)) is None
+    assert evaluation.cached_report(loaded, config, replace(FAST, seed=9)) is None
 
 
 def test_evaluate_can_be_cancelled(loaded):
     from lmcompress_core.compress import Cancelled
 
     with pytest.raises(Cancelled):
-        measure.evaluate(loaded, CompressionConfig(), FAST, should_stop=lambda: True)
+        evaluation.evaluate(loaded, CompressionConfig(), FAST, should_stop=lambda: True)
 
 
 def test_evaluate_a_given_compressed_model(loaded):
     cm = compress(loaded.model, CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel")))
-    report = measure.evaluate(loaded, None, replace(FAST, generation=False), compressed=cm)
+    report = evaluation.evaluate(loaded, None, replace(FAST, generation=False), compressed=cm)
     assert "compress" not in report.timings and report.generation is None
     assert report.config == cm.config.to_dict() and report.latency.kernel == cm.kernel
     assert cm.kernel.startswith(KERNEL_INT8)
@@ -296,18 +296,18 @@ def test_protocol_validates_and_keys_by_text_hash():
 
 def test_base_continuations_are_computed_once_for_every_setting(loaded, monkeypatch):
     calls = []
-    real = measure.base_continuations
-    monkeypatch.setattr(measure, "base_continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = evaluation.base_continuations
+    monkeypatch.setattr(evaluation, "base_continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
     protocol = replace(FAST, latency=False, prompt="a single man")
-    first = measure.evaluate(loaded, CompressionConfig(), protocol)
-    second = measure.evaluate(loaded, CompressionConfig(pruning=PruningConfig(sparsity=0.5)), protocol)
+    first = evaluation.evaluate(loaded, CompressionConfig(), protocol)
+    second = evaluation.evaluate(loaded, CompressionConfig(pruning=PruningConfig(sparsity=0.5)), protocol)
     assert len(calls) == 1 and first.generation.base == second.generation.base
 
 
 def test_explore_protocol_times_the_compressed_model_alone_and_claims_no_ratio(loaded):
     protocol = EvalProtocol.explore(eval_tokens=96, context=32, stride=32, new_tokens=4, latency_runs=2,
                                     prompt_tokens=8, decode_tokens=2, text=TEXT)
-    report = measure.evaluate(loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), protocol)
+    report = evaluation.evaluate(loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), protocol)
     assert report.base_latency is None and report.speed is None and report.latency.runs == 2
     how = report.to_dict()["how"]
     assert "compressed model alone" in how["latency"] and "No speed ratio" in how["latency"]
@@ -316,15 +316,15 @@ def test_explore_protocol_times_the_compressed_model_alone_and_claims_no_ratio(l
 
 def test_base_scores_are_computed_once_and_give_the_numbers_of_a_fresh_pass(loaded, monkeypatch):
     calls = []
-    real = measure.base_scores
-    monkeypatch.setattr(measure, "base_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = evaluation.base_scores
+    monkeypatch.setattr(evaluation, "base_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     protocol = replace(FAST, latency=False, generation=False)
     four = CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"), runtime="simulate")
-    measure.evaluate(loaded, CompressionConfig(pruning=PruningConfig(sparsity=0.5)), protocol)
-    reused = measure.evaluate(loaded, four, protocol)
+    evaluation.evaluate(loaded, CompressionConfig(pruning=PruningConfig(sparsity=0.5)), protocol)
+    reused = evaluation.evaluate(loaded, four, protocol)
     assert len(calls) == 1   # the second configuration reused the base model's log-probabilities
-    measure.clear_cache()
-    fresh = measure.evaluate(loaded, four, protocol)
+    evaluation.clear_cache()
+    fresh = evaluation.evaluate(loaded, four, protocol)
     assert len(calls) == 2
     assert reused.kl_to_base == fresh.kl_to_base and reused.perplexity == fresh.perplexity
     assert reused.base_perplexity == fresh.base_perplexity and reused.quality_stats == fresh.quality_stats
@@ -339,7 +339,7 @@ def test_generations_stream_token_by_token_and_the_stream_ends_as_the_report(loa
             streamed[event["kind"]].append(event["text"])
 
     config = CompressionConfig(quantization=QuantizationConfig(bits=3, granularity="channel"), runtime="simulate")
-    report = measure.evaluate(loaded, config, replace(FAST, prompt="a single man", new_tokens=6, latency=False),
+    report = evaluation.evaluate(loaded, config, replace(FAST, prompt="a single man", new_tokens=6, latency=False),
                               callback=listen)
     gen = report.generation
     assert len(streamed["greedy"]) == len(gen.compressed_tokens) > 1
@@ -349,7 +349,7 @@ def test_generations_stream_token_by_token_and_the_stream_ends_as_the_report(loa
 
 def test_partial_reports_fill_in_stage_by_stage(loaded):
     partials = []
-    measure.evaluate(loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), FAST,
+    evaluation.evaluate(loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), FAST,
                      callback=lambda p: partials.append((p.stage, p.metrics["partial"])) if "partial" in p.metrics
                      else None)
     assert [stage for stage, _ in partials] == ["size", "perplexity", "generate", "latency"]
@@ -376,12 +376,12 @@ def test_an_abandoned_run_stops_within_one_unit_of_work_and_caches_nothing(loade
     asked, all_forwards = [], []
     handle = _forward_counter(all_forwards)
     try:
-        measure.evaluate(loaded, config, protocol, should_stop=lambda: asked.append(1) and False, use_cache=False)
+        evaluation.evaluate(loaded, config, protocol, should_stop=lambda: asked.append(1) and False, use_cache=False)
     finally:
         handle.remove()
     assert len(all_forwards) > 2 * len(asked) // 3   # the counter sees the forwards the checks interleave with
     for stop_at in range(1, len(asked), 3):
-        measure.clear_cache()
+        evaluation.clear_cache()
         calls, forwards, flipped = [], [], []
 
         def should_stop():
@@ -393,8 +393,8 @@ def test_an_abandoned_run_stops_within_one_unit_of_work_and_caches_nothing(loade
         handle = _forward_counter(forwards)
         try:
             with pytest.raises(Cancelled):
-                measure.evaluate(loaded, config, protocol, should_stop=should_stop)
+                evaluation.evaluate(loaded, config, protocol, should_stop=should_stop)
         finally:
             handle.remove()
         assert len(forwards) - flipped[0] <= 1 + protocol.decode_tokens, stop_at
-        assert measure.cached_report(loaded, config, protocol) is None
+        assert evaluation.cached_report(loaded, config, protocol) is None

@@ -3,8 +3,8 @@ import numpy as np
 import torch
 
 from lmcompress_core.compress import CompressionConfig, compress
-from lmcompress_core.measure_quality import score_tokens, windows
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.measure.quality import score_tokens, windows
+from lmcompress_core.methods.quantize import QuantizationConfig
 
 torch.set_num_threads(2)
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from lmcompress_core import models
+from lmcompress_core.models import loading
 from lmcompress_core.data import load_text, token_ids
-from lmcompress_core.models import ModelError, load_model, tiny_random_model
-from lmcompress_core.train_tiny import heldout_perplexity
+from lmcompress_core.models.loading import ModelError, load_model, tiny_random_model
+from lmcompress_core.models.train_tiny import heldout_perplexity
 
-ARCHITECTURES = models.RANDOM_ARCHITECTURES
+ARCHITECTURES = loading.RANDOM_ARCHITECTURES
 TINY_HELDOUT_PPL_MAX = 110.0  # measured 97.1 on the first 2048 held-out tokens (v1); see MODEL_CARD.md
 
 
@@ -152,7 +152,7 @@ def test_silent_hub_bounded_wait(empty_hf_cache, monkeypatch):
     silent.listen(1)  # never accept()ed, never answers
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "HUB_PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(loading, "HUB_PROBE_TIMEOUT_S", 1.0)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
     start = time.time()
     with pytest.raises(ModelError, match="needs download, offline"):
@@ -162,11 +162,11 @@ def test_silent_hub_bounded_wait(empty_hf_cache, monkeypatch):
 
 
 def test_list_models_offline(empty_hf_cache):
-    rows = {row["name"]: row for row in models.list_models()}
+    rows = {row["name"]: row for row in loading.list_models()}
     json.dumps(list(rows.values()))
     assert rows["default"]["available"] and rows["default"]["source"] == "embedded"
     assert rows["tiny"]["available"] and rows["tiny"]["source"] == "project" and rows["tiny"]["params"] > 1e6
-    for preset in models.PRESETS:
+    for preset in loading.PRESETS:
         assert rows[preset]["available"] is False and rows[preset]["status"] == "needs download, offline"
         assert rows[preset]["source"] == "hub" and rows[preset]["params"] > 1e7
 
@@ -177,14 +177,14 @@ def test_memory_estimate_from_meta_device():
     # Qwen2.5-0.5B's published shape: 494M parameters, built on the meta device (no memory allocated).
     config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
-    assert 490e6 < models.count_params(config) < 500e6
-    assert models.estimate_memory_bytes(config) == int(models.count_params(config) * 4 * 1.5) + (256 << 20)
+    assert 490e6 < loading.count_params(config) < 500e6
+    assert loading.estimate_memory_bytes(config) == int(loading.count_params(config) * 4 * 1.5) + (256 << 20)
 
 
 def test_preflight_refuses_before_loading(tmp_path, monkeypatch):
     _saved_random("llama", tmp_path)
     # Mock of the machine: pretend only 1 MiB of RAM is free.
-    monkeypatch.setattr(models, "available_ram_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(loading, "available_ram_bytes", lambda: 1 << 20)
     called = []
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: called.append(1))
     with pytest.raises(ModelError, match=r"needs about 0\.\d\d GiB .* only 0\.00 GiB"):
@@ -233,7 +233,7 @@ def test_tiny_model_second_load_is_fast(tiny_loaded):
 
 @pytest.mark.slow
 def test_default_model_loads_and_answers():
-    models.prepare_default()  # converts the GGUF once per machine (~20 s), then a no-op
+    loading.prepare_default()  # converts the GGUF once per machine (~20 s), then a no-op
     start = time.time()
     loaded = load_model("default")
     seconds = time.time() - start
@@ -250,18 +250,18 @@ def test_default_model_loads_and_answers():
 def fake_gguf(tmp_path, monkeypatch):
     """The default-model cache in tmp_path, with the slow GGUF de-quantization replaced by a tiny llama."""
     monkeypatch.setenv("LMCOMPRESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(loading, "gguf_path", lambda: tmp_path / "fake.gguf")
 
     def fake_load(source):
         loaded = tiny_random_model("llama")
         return loaded.model, loaded.tokenizer
 
-    monkeypatch.setattr(models, "_load_gguf", fake_load)
+    monkeypatch.setattr(loading, "_load_gguf", fake_load)
     return tmp_path / "cache"
 
 
 def test_default_cache_is_rebuilt_when_damaged(fake_gguf):
-    folder = models.prepare_default()
+    folder = loading.prepare_default()
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     loaded = load_model("default")
@@ -274,5 +274,5 @@ def test_interrupted_conversion_leaves_nothing(fake_gguf, monkeypatch):
 
     monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", boom)
     with pytest.raises(ModelError, match="disk full"):
-        models.prepare_default()
+        loading.prepare_default()
     assert list(fake_gguf.iterdir()) == []

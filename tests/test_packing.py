@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lmcompress_core.packing import (decode_mask, encode_mask, mask_encoding_nbytes, pack_codes, packed_nbytes,
-                                     unpack_codes)
+from lmcompress_core.runtime.packing import (decode_mask, encode_mask, mask_encoding_nbytes, pack_codes, packed_nbytes,
+                                             unpack_codes)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 16])
@@ -60,7 +60,7 @@ def test_mask_encodings_round_trip_and_pick_the_smaller(density):
 
 @pytest.fixture(scope="module")
 def int8_models():
-    from lmcompress_core.models import tiny_random_model
+    from lmcompress_core.models.loading import tiny_random_model
 
     return {arch: tiny_random_model(arch).model for arch in ("gpt2", "llama")}
 
@@ -72,11 +72,11 @@ def test_smoothed_int8_model_reloads_with_identical_logits(int8_models, arch, fl
     from safetensors.torch import load_file
 
     from lmcompress_core.compress import CompressionConfig, compress
-    from lmcompress_core.int8_kernel import SmoothedInt8Linear
-    from lmcompress_core.runtime import CompressedLinear
-    from lmcompress_core.runtime_kernels import ActivationInt8Linear
-    from lmcompress_core.packing import SMOOTHING_SUFFIX, WEIGHTS_FILE, load_compressed, save_compressed
-    from lmcompress_core.quantize import QuantizationConfig
+    from lmcompress_core.runtime.int8_dynamic import SmoothedInt8Linear
+    from lmcompress_core.runtime.modules import CompressedLinear
+    from lmcompress_core.runtime.kernels import ActivationInt8Linear
+    from lmcompress_core.runtime.packing import SMOOTHING_SUFFIX, WEIGHTS_FILE, load_compressed, save_compressed
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     base = int8_models[arch]
     ids = torch.randint(base.config.vocab_size, (8, 48), generator=torch.Generator().manual_seed(0))

@@ -124,7 +124,7 @@ def test_stop_keeps_the_previous_results(explore, monkeypatch):
     def cancelled(*args, **kwargs):
         raise Cancelled("stopped")
 
-    monkeypatch.setattr("lmcompress_core.measure.evaluate", cancelled)
+    monkeypatch.setattr("lmcompress_core.measure.evaluation.evaluate", cancelled)
     explore.select_slider(key="bits").set_value(5).run()
     no_exceptions(explore)
     assert any("Stopped" in i.value for i in explore.info)
@@ -229,16 +229,16 @@ def stop_on_call(monkeypatch, n: int) -> None:
     """Streamlit's own stop (StopException, as its Stop button raises it) at the n-th evaluation."""
     from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
-    from lmcompress_core import measure
+    from lmcompress_core.measure import evaluation
 
-    real, calls = measure.evaluate, []
+    real, calls = evaluation.evaluate, []
 
     def evaluate(*args, **kwargs):
         calls.append(1)
         if len(calls) == n:
             raise StopException()
         return real(*args, **kwargs)
-    monkeypatch.setattr(measure, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
 
 
 def run_sweep_form(at: AppTest, bits: list[int]) -> None:
@@ -419,7 +419,7 @@ def test_a_run_abandoned_while_generating_shows_only_the_previous_result(explore
         on_token("greedy", "half a sentence")
         raise Cancelled("a slider moved")
 
-    monkeypatch.setattr("lmcompress_core.measure.generate_side_by_side", stops_after_one_token)
+    monkeypatch.setattr("lmcompress_core.measure.evaluation.generate_side_by_side", stops_after_one_token)
     explore.select_slider(key="bits").set_value(6).run()
     no_exceptions(explore)
     assert any("Stopped" in i.value for i in explore.info)

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from lmcompress_core import plots
+from lmcompress_core.report import plots
 
 
 def fake_report(bits=4, ppl=12.0, packed=2_000_000, model="tiny"):

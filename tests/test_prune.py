@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lmcompress_core.prune import PruningConfig, global_masks, layer_mask, nm_mask
+from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask, nm_mask
 
 torch.set_num_threads(2)
 

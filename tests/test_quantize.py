@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lmcompress_core.compress import CompressionConfig
-from lmcompress_core.quantize import (QuantizationConfig, QuantizedWeight, gptq_quantize, grid_parameters,
-                                      quantize_tensor, requantize)
+from lmcompress_core.methods.quantize import (QuantizationConfig, QuantizedWeight, gptq_quantize, grid_parameters,
+                                              quantize_tensor, requantize)
 
 torch.set_num_threads(2)
 
@@ -183,7 +183,7 @@ def test_gptq_codes_reproduce_its_weights_and_keep_pruned_zeros():
 
 def test_gptq_cuts_the_output_error_of_every_layer_of_the_trained_tiny_model(tiny_loaded):
     from lmcompress_core.data import calibration_batches, load_text
-    from lmcompress_core.layers import input_statistics, linear_layers, weight_matrix
+    from lmcompress_core.methods.layers import input_statistics, linear_layers, weight_matrix
 
     calib = calibration_batches(tiny_loaded.tokenizer, load_text("tiny-train"), n_samples=8, seq_len=256)
     layers = linear_layers(tiny_loaded.model)
@@ -228,7 +228,7 @@ def test_layer_bits_round_trip_through_json():
 
 def test_mixed_precision_compresses_each_layer_at_its_bits(random_arch):
     from lmcompress_core.compress import compress
-    from lmcompress_core.layers import linear_layers, weight_matrix
+    from lmcompress_core.methods.layers import linear_layers, weight_matrix
 
     layers = list(linear_layers(random_arch.model))
     first, second = layers[0], layers[1]
@@ -282,7 +282,7 @@ def test_a_second_gptq_setting_reuses_the_hessians_and_quantizes_bit_identically
 
 def test_calibration_statistics_are_keyed_by_calibration_and_pruning(random_arch, monkeypatch):
     from lmcompress_core.compress import CALIBRATION_STATS, compress
-    from lmcompress_core.prune import PruningConfig
+    from lmcompress_core.methods.prune import PruningConfig
 
     calls = _counting_statistics(monkeypatch)
     model = random_arch.model
@@ -319,7 +319,7 @@ def test_layers_fed_the_same_inputs_share_one_hessian_and_are_quantized_together
     """q/k/v (and gate/up) get bit-identical Hessians; GPTQ over their stacked rows gives each what its own call
     gives, up to the summation order of one matrix product."""
     from lmcompress_core.compress import CALIBRATION_STATS, compress
-    from lmcompress_core.layers import input_statistics, linear_layers, weight_matrix
+    from lmcompress_core.methods.layers import input_statistics, linear_layers, weight_matrix
 
     model = random_arch.model
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -3,10 +3,10 @@ import pytest
 import yaml
 
 from lmcompress_core.compress import CompressionConfig
-from lmcompress_core.distill import DistillationConfig
+from lmcompress_core.methods.distill import DistillationConfig
 from lmcompress_core.export import recipes
-from lmcompress_core.prune import PruningConfig
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig
 
 
 def _config(**quantization):

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from lmcompress_core.compress import CompressionConfig, compress
-from lmcompress_core.measure_speed import runtime_bytes
-from lmcompress_core.quantize import QuantizationConfig, quantize_tensor
-from lmcompress_core.runtime_kernels import DequantLinear, Int4Linear, Int8Embedding, Int8Linear, kernel_module
+from lmcompress_core.measure.speed import runtime_bytes
+from lmcompress_core.methods.quantize import QuantizationConfig, quantize_tensor
+from lmcompress_core.runtime.kernels import DequantLinear, Int4Linear, Int8Embedding, Int8Linear, kernel_module
 
 torch.set_num_threads(2)
 
@@ -72,7 +72,7 @@ def test_layers_no_kernel_takes_fall_back_and_say_why():
 
 @pytest.fixture(scope="module")
 def models():
-    from lmcompress_core.models import load_model, tiny_random_model
+    from lmcompress_core.models.loading import load_model, tiny_random_model
 
     return {"tiny": load_model("tiny").model, "llama": tiny_random_model("llama").model}
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from lmcompress_core.compress import CompressionConfig
-from lmcompress_core.layers import linear_layers, weight_matrix
-from lmcompress_core.prune import PruningConfig
-from lmcompress_core.quantize import QuantizationConfig, quantize_tensor
-from lmcompress_core.sensitivity import layer_sensitivity
+from lmcompress_core.methods.layers import linear_layers, weight_matrix
+from lmcompress_core.methods.prune import PruningConfig
+from lmcompress_core.methods.quantize import QuantizationConfig, quantize_tensor
+from lmcompress_core.measure.sensitivity import layer_sensitivity
 
 torch.set_num_threads(2)
 

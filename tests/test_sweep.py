@@ -8,8 +8,8 @@ import pytest
 from lmcompress_core import sweep
 from lmcompress_core.cli import main
 from lmcompress_core.compress import Cancelled, CompressionConfig
-from lmcompress_core.protocol import EvalProtocol
-from lmcompress_core.quantize import QuantizationConfig
+from lmcompress_core.measure.protocol import EvalProtocol
+from lmcompress_core.methods.quantize import QuantizationConfig
 from test_plots import fake_report
 
 
@@ -93,7 +93,7 @@ def test_failed_configuration_is_retried_once_then_left_out_and_listed():
 
 
 def counting(calls):
-    from lmcompress_core.measure import evaluate
+    from lmcompress_core.measure.evaluation import evaluate
 
     def evaluate_and_count(loaded, config, **kwargs):
         report = evaluate(loaded, config, **kwargs)

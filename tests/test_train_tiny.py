@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lmcompress_core.train_tiny import (TinyConfig, build_model, heldout_perplexity, lr_at, train,
-                                        train_tokenizer)
+from lmcompress_core.models.train_tiny import (TinyConfig, build_model, heldout_perplexity, lr_at, train,
+                                               train_tokenizer)
 
 TEXT = ("ROMEO.\nBut soft, what light through yonder window breaks?\n\n"
         "JULIET.\nO Romeo, Romeo, wherefore art thou Romeo?\n\n") * 40
@@ -47,7 +47,7 @@ def test_shipped_model_degrades_under_compression_like_a_real_llm(tiny_loaded):
     """Issue 14's targets on 4,096 held-out tokens (Macbeth, never trained on): low bit-widths and 50% pruning
     hurt, 4- and 8-bit barely do, Wanda's activation-aware scores beat plain magnitude."""
     from lmcompress_core.data import load_text, token_ids
-    from lmcompress_core.train_tiny import compression_ratios
+    from lmcompress_core.models.train_tiny import compression_ratios
 
     heldout = token_ids(tiny_loaded.tokenizer, load_text("tiny-heldout"))[:4096]
     ratios = compression_ratios(tiny_loaded.model, tiny_loaded.tokenizer, heldout)
@@ -60,15 +60,15 @@ def test_shipped_model_degrades_under_compression_like_a_real_llm(tiny_loaded):
 
 
 def test_a_continued_run_keeps_the_earlier_stages(tmp_path):
-    from lmcompress_core.train_tiny import earlier_stages
+    from lmcompress_core.models.train_tiny import earlier_stages
 
     assert earlier_stages(None) == []
-    stages = [{"command": "python -m lmcompress_core.train_tiny --steps 10", "steps": 10, "tokens": 40960,
+    stages = [{"command": "python -m lmcompress_core.models.train_tiny --steps 10", "steps": 10, "tokens": 40960,
                "minutes": 1.0, "tokens_per_s": 682.7}]
     (tmp_path / "training_facts.json").write_text(json.dumps({"stages": stages, "ppl": 50.0}))
     assert earlier_stages(tmp_path) == stages
     # a facts file from before stages were kept: one run of 600 default-sized batches
     (tmp_path / "training_facts.json").write_text(json.dumps(
-        {"command": "python -m lmcompress_core.train_tiny --steps 600", "train_minutes": 34.9,
+        {"command": "python -m lmcompress_core.models.train_tiny --steps 600", "train_minutes": 34.9,
          "tokens_per_s": 600 * 16 * 256 / (34.9 * 60)}))
     assert earlier_stages(tmp_path)[0]["steps"] == 600 and earlier_stages(tmp_path)[0]["tokens"] == 2_457_600

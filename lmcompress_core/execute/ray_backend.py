@@ -44,7 +44,7 @@ def ray_imported() -> bool:
 
 def memory_per_worker(loaded) -> int:
     """Bytes one worker needs: the float32 pre-flight estimate for the base model plus the compressed copy."""
-    from lmcompress_core.models import count_params, estimate_memory_bytes
+    from lmcompress_core.models.loading import count_params, estimate_memory_bytes
 
     return estimate_memory_bytes(loaded.model.config) + 4 * count_params(loaded.model.config)
 
@@ -55,7 +55,7 @@ class ModelWorker:
     def __init__(self, model_name: str, threads: int):
         import torch
 
-        from lmcompress_core.models import load_model
+        from lmcompress_core.models.loading import load_model
 
         # Ray sets OMP_NUM_THREADS from the declared CPUs; torch's own pool is sized from it explicitly.
         torch.set_num_threads(max(1, threads))

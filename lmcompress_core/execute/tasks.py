@@ -14,8 +14,8 @@ def evaluate_config(loaded, payload: dict, evaluate: Callable | None = None, pro
     """``measure.evaluate`` of one configuration ({"config": CompressionConfig.to_dict()}) by the protocol
     (EvalProtocol.to_dict()) as a plain Report dict."""
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.measure import evaluate as measure_evaluate
-    from lmcompress_core.protocol import EvalProtocol
+    from lmcompress_core.measure.evaluation import evaluate as measure_evaluate
+    from lmcompress_core.measure.protocol import EvalProtocol
 
     report = (evaluate or measure_evaluate)(loaded, CompressionConfig.from_dict(payload["config"]),
                                             protocol=EvalProtocol(**(protocol or {})), should_stop=should_stop)
@@ -27,7 +27,7 @@ def sensitivity_at_bits(loaded, payload: dict, should_stop=None) -> dict:
     import torch
 
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.sensitivity import layer_sensitivity
+    from lmcompress_core.measure.sensitivity import layer_sensitivity
 
     calibration = payload.get("calibration")
     frame = layer_sensitivity(loaded.model, CompressionConfig.from_dict(payload["config"]), (payload["bits"],),

@@ -6,10 +6,10 @@
     gguf_note(config)                     -> str          what a GGUF export keeps exactly, before building it
     download_bytes(model, config, fmt)    -> bytes        one export as a file, for the app's download button
 """
-from .download import FORMATS, download_bytes, download_note
-from .gguf import GGUFExport, export_gguf, gguf_note
-from .hf import HFExport, export_hf
-from .recipes import Recipes, recipes
+from lmcompress_core.export.download import FORMATS, download_bytes, download_note
+from lmcompress_core.export.gguf import GGUFExport, export_gguf, gguf_note
+from lmcompress_core.export.hf import HFExport, export_hf
+from lmcompress_core.export.recipes import Recipes, recipes
 
 __all__ = ["FORMATS", "GGUFExport", "HFExport", "Recipes", "download_bytes", "download_note", "export_gguf", "export_hf",
            "gguf_note", "recipes"]

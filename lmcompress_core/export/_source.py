@@ -5,7 +5,7 @@ them in ``cm.quantized``. ``quantized_weights`` reads both, module first, so the
 """
 from __future__ import annotations
 
-from ..quantize import QuantizedWeight
+from lmcompress_core.methods.quantize import QuantizedWeight
 
 
 def quantized_weights(cm) -> dict[str, QuantizedWeight]:

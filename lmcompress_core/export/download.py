@@ -9,8 +9,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .gguf import export_gguf, gguf_note
-from .hf import export_hf
+from lmcompress_core.export.gguf import export_gguf, gguf_note
+from lmcompress_core.export.hf import export_hf
 
 FORMATS = {"gguf": ("GGUF (llama.cpp, Llama models)", "model.gguf", "application/octet-stream"),
            "hf": ("Hugging Face folder (zip)", "model-hf.zip", "application/zip")}
@@ -18,7 +18,7 @@ FORMATS = {"gguf": ("GGUF (llama.cpp, Llama models)", "model.gguf", "application
 
 def download_note(config_dict: dict, fmt: str) -> str:
     """What the download will hold, exact vs converted, shown before the button."""
-    from ..compress import CompressionConfig
+    from lmcompress_core.compress import CompressionConfig
 
     config = CompressionConfig.from_dict(config_dict)
     if fmt == "gguf":
@@ -30,8 +30,8 @@ def download_note(config_dict: dict, fmt: str) -> str:
 def download_bytes(loaded, config_dict: dict, fmt: str) -> bytes:
     """The export of ``loaded`` (a LoadedModel, never mutated) compressed by ``config_dict`` as the bytes of one
     file (GGUF, or a zip of the Hugging Face folder)."""
-    from ..compress import CompressionConfig, compress
-    from ..protocol import calibration_for
+    from lmcompress_core.compress import CompressionConfig, compress
+    from lmcompress_core.measure.protocol import calibration_for
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

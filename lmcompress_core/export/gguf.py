@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ..quantize import QuantizedWeight, _expand
-from ._source import config_metadata, quantized_weights
+from lmcompress_core.methods.quantize import QuantizedWeight, _expand
+from lmcompress_core.export._source import config_metadata, quantized_weights
 
 BLOCK = 32                                   # weights per Q4_0 / Q4_1 / Q8_0 block
 _SYMMETRIC_ZERO = {4: 8, 8: 128}             # our symmetric zero-point: 2**(bits-1)

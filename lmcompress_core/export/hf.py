@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..layers import set_weight_matrix_
-from ._source import config_metadata, quantized_weights
+from lmcompress_core.methods.layers import set_weight_matrix_
+from lmcompress_core.export._source import config_metadata, quantized_weights
 
 FORMAT_NOTE = ("de-quantized weights: every quantized layer holds (codes − zeros)·scales, pruned weights are 0; "
                "load with AutoModelForCausalLM.from_pretrained(folder)")

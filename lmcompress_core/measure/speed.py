@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from lmcompress_core.measure_quality import continue_with_cache, max_positions, model_device
+from lmcompress_core.measure.quality import continue_with_cache, max_positions, model_device
 
 
 @dataclass

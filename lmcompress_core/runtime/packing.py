@@ -189,7 +189,7 @@ def unpack_layer_parts(name: str, meta: dict, tensors: dict[str, torch.Tensor]):
         weight = torch.zeros(shape, dtype=values.dtype)
         weight[mask] = values
         return None, weight, mask
-    from lmcompress_core.quantize import QuantizedWeight
+    from lmcompress_core.methods.quantize import QuantizedWeight
 
     numel = math.prod(shape) if mask is None else meta["nnz"]
     kept = unpack_codes(tensors[prefix + "codes"], meta["bits"], numel)
@@ -213,8 +213,8 @@ def pack_model(cm, base_model=None, check=None) -> tuple[dict[str, torch.Tensor]
     The compressed layers are read from the modules themselves (``quantized_weight()`` / ``keep_mask()``).
     ``check()`` (optional) is called before each layer and may raise to cancel.
     """
-    from lmcompress_core.runtime import compressed_layers
-    from lmcompress_core.runtime_kernels import Int8Embedding
+    from lmcompress_core.runtime.modules import compressed_layers
+    from lmcompress_core.runtime.kernels import Int8Embedding
 
     held = compressed_layers(cm.model)
     tensors: dict[str, torch.Tensor] = {}
@@ -253,7 +253,7 @@ def pack_model(cm, base_model=None, check=None) -> tuple[dict[str, torch.Tensor]
 
 def _smoothing_tensors(name: str, module, meta: dict) -> dict[str, torch.Tensor]:
     """A SmoothQuant-smoothed int8 layer's factors s (fp32, one per input channel), counted in the layer's bytes."""
-    from lmcompress_core.int8_kernel import SmoothedInt8Linear
+    from lmcompress_core.runtime.int8_dynamic import SmoothedInt8Linear
 
     if not isinstance(getattr(module, "kernel", None), SmoothedInt8Linear):
         return {}
@@ -345,33 +345,34 @@ def load_compressed(folder, base_model) -> torch.nn.Module:
 
 def _rebuild_layer(layer: dict, old, qw, weight, mask, smooth):
     """The runtime module a packed layer was saved from, built from its codes (or pruned weight) and bias."""
-    from lmcompress_core import runtime, runtime_kernels
+    from lmcompress_core.runtime import modules
+    from lmcompress_core.runtime import kernels
 
     kind = layer["module"]
     if kind in ("Int4Linear", "Int8Linear", "DequantLinear"):
-        return getattr(runtime_kernels, kind)(qw, old.bias)
+        return getattr(kernels, kind)(qw, old.bias)
     if kind == "ActivationInt8Linear":
-        from lmcompress_core.int8_kernel import int8_linear
+        from lmcompress_core.runtime.int8_dynamic import int8_linear
 
         plain = torch.nn.Linear(qw.shape[1], qw.shape[0], bias=old.bias is not None)
         with torch.no_grad():
             plain.weight.copy_(qw.dequantize())
             if old.bias is not None:
                 plain.bias.copy_(old.bias)
-        return runtime_kernels.ActivationInt8Linear(qw, int8_linear(plain, smooth))
-    module = getattr(runtime, kind).from_layer(old)
+        return kernels.ActivationInt8Linear(qw, int8_linear(plain, smooth))
+    module = getattr(modules, kind).from_layer(old)
     module.to(getattr(torch, layer["dtype"]))  # before the codes: the fp32 grid must not be cast
     if qw is not None:
         module.set_quantized_(qw)
     else:
         with torch.no_grad():
             module.weight.copy_(weight)
-        module.mask_bits = runtime.pack_mask(mask)
+        module.mask_bits = modules.pack_mask(mask)
     return module
 
 
 def _rebuild_tied_embeddings_(model, tied: dict[str, str]) -> None:
-    from lmcompress_core.runtime_kernels import Int8Embedding
+    from lmcompress_core.runtime.kernels import Int8Embedding
 
     for embedding, head in tied.items():
         old = model.get_submodule(embedding)

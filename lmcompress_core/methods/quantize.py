@@ -26,7 +26,7 @@ from the unquantized weights first, so groups stay contiguous in the original co
 Layers are not processed block by block: one calibration pass through the (possibly pruned) float copy
 collects every layer's H at once, so each layer is fitted to float inputs. That costs one forward pass; the
 GPTQ paper's sequential variant (inputs from the already-quantized earlier blocks) costs one per block.
-Running 8-bit layers on torch's real int8 kernel (with smoothing and an SQNR floor) lives in ``int8_kernel.py``.
+Running 8-bit layers on torch's real int8 kernel (with smoothing and an SQNR floor) lives in ``runtime/int8_dynamic.py``.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .grid_search import mse_grid
-from .hqq import fp16_exact, hqq_grid
+from lmcompress_core.methods.grid_search import mse_grid
+from lmcompress_core.methods.hqq import fp16_exact, hqq_grid
 
 INTEGER_BITS = (2, 3, 4, 5, 6, 8)
 ALLOWED_BITS = INTEGER_BITS + (16,)

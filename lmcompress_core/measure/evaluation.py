@@ -1,7 +1,7 @@
 """Honest measurements of a compressed model and the one call that produces them all: ``evaluate`` -> ``Report``.
 
 Size is counted three ways (theoretical, packed on disk, runtime in memory); latency, perplexity, KL to the
-base and generations live in measure_speed.py and measure_quality.py. What is measured, on which text and with
+base and generations live in speed.py and quality.py. What is measured, on which text and with
 how many runs is one ``EvalProtocol`` (protocol.py), which is also the key of the one result cache. Every
 figure in a Report comes with a plain-language ``how`` label, written here and nowhere else.
 """
@@ -18,12 +18,12 @@ from typing import Callable
 
 import torch
 
-from lmcompress_core.measure_quality import (BaseScores, GenerationReport, PerplexityReport, base_continuations,
+from lmcompress_core.measure.quality import (BaseScores, GenerationReport, PerplexityReport, base_continuations,
                                              base_scores, generate_side_by_side, score_tokens)
-from lmcompress_core.measure_speed import (LatencyReport, SpeedRatio, measure_latency, measure_latency_pair,
+from lmcompress_core.measure.speed import (LatencyReport, SpeedRatio, measure_latency, measure_latency_pair,
                                            runtime_bytes)
-from lmcompress_core.packing import pack_model, write_packed
-from lmcompress_core.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
+from lmcompress_core.runtime.packing import pack_model, write_packed
+from lmcompress_core.measure.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
 
 __all__ = ["SizeReport", "Report", "measure_size", "evaluate", "cached_report", "clear_cache", "how_labels"]
 

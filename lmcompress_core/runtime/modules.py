@@ -9,16 +9,16 @@ exporters read the model itself (no dictionaries keyed by layer name):
 
 ``CompressedLinear`` / ``CompressedEmbedding`` are what prune -> quantize -> distill work on: a float weight
 (pruned, or de-quantized from the codes: quantization *simulated* in float) plus the codes and the mask
-(bit-packed, one bit per weight). ``runtime_kernels.py`` holds the modules that run codes on real kernels.
+(bit-packed, one bit per weight). ``kernels.py`` holds the modules that run codes on real kernels.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .layers import weight_matrix
-from .packing import pack_codes, unpack_codes
-from .quantize import QuantizedWeight
+from lmcompress_core.methods.layers import weight_matrix
+from lmcompress_core.runtime.packing import pack_codes, unpack_codes
+from lmcompress_core.methods.quantize import QuantizedWeight
 
 
 class _HoldsCodes:

@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
-from .quantize import QuantizedWeight, _expand, fake_quantize, half_round_trip, requantize
-from .runtime import CompressedEmbedding, CompressedLinear
+from lmcompress_core.methods.quantize import QuantizedWeight, _expand, fake_quantize, half_round_trip, requantize
+from lmcompress_core.runtime.modules import CompressedEmbedding, CompressedLinear
 
 
 class _OnGrid(nn.Module):

@@ -11,11 +11,11 @@ import math
 import pandas as pd
 import torch
 
-from .compress import CompressionConfig
-from .layers import input_statistics, weight_matrix
-from .models import LoadedModel
-from .prune import global_masks, layer_mask
-from .quantize import QuantizationConfig, half_round_trip, quantize_weight
+from lmcompress_core.compress import CompressionConfig
+from lmcompress_core.methods.layers import input_statistics, weight_matrix
+from lmcompress_core.models.loading import LoadedModel
+from lmcompress_core.methods.prune import global_masks, layer_mask
+from lmcompress_core.methods.quantize import QuantizationConfig, half_round_trip, quantize_weight
 
 
 def layer_sensitivity(model, config: CompressionConfig, bits_list=(2, 3, 4, 8),

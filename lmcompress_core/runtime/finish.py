@@ -1,6 +1,6 @@
 """The finish stage of compress(): the codes held by the simulation modules onto what really runs them.
 
-``finish_real`` swaps every layer holding codes for its kernel module (runtime_kernels.py), puts the LM head (and
+``finish_real`` swaps every layer holding codes for its kernel module (kernels.py), puts the LM head (and
 a tied embedding) on int8 unless the config keeps it float, casts the rest of the model to bf16 and writes the
 kernel label from the modules that are really there. ``finish_dynamic_int8`` is the explicit option that runs
 8-bit layers on torch's dynamic int8 (activations quantized too, SmoothQuant and an SQNR floor with calibration).
@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int8_kernel import to_int8_kernel_
-from .quantize import QuantizationConfig, quantize_weight
-from .runtime import CompressedLinear, compressed_layers
-from .runtime_kernels import (ActivationInt8Linear, DequantLinear, Int4Linear, Int8Linear, cast_rest_,
-                              quantize_head_, to_kernels_)
+from lmcompress_core.runtime.int8_dynamic import to_int8_kernel_
+from lmcompress_core.methods.quantize import QuantizationConfig, quantize_weight
+from lmcompress_core.runtime.modules import CompressedLinear, compressed_layers
+from lmcompress_core.runtime.kernels import (ActivationInt8Linear, DequantLinear, Int4Linear, Int8Linear, cast_rest_,
+                                             quantize_head_, to_kernels_)
 
 KERNEL_SIMULATED = "fp32 dense — quantization simulated"
 KERNEL_INT8_DYNAMIC = "int8 (real, torch dynamic; activations quantized too)"

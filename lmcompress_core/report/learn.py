@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers import linear_layers, weight_matrix
-from .prune import PruningConfig, layer_mask
-from .quantize import GRIDS, INTEGER_BITS, QuantizationConfig, grid_parameters, half_round_trip, quantize_tensor
+from lmcompress_core.methods.layers import linear_layers, weight_matrix
+from lmcompress_core.methods.prune import PruningConfig, layer_mask
+from lmcompress_core.methods.quantize import GRIDS, INTEGER_BITS, QuantizationConfig, grid_parameters, half_round_trip, quantize_tensor
 
 MAX_HISTOGRAM_SAMPLES = 20_000  # enough for a smooth histogram, small enough to ship to the browser
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .quantize import QuantizedWeight, _expand
-from .runtime import pack_mask, unpack_mask
+from lmcompress_core.methods.quantize import QuantizedWeight, _expand
+from lmcompress_core.runtime.modules import pack_mask, unpack_mask
 
 INT4_KERNEL_GROUPS = (128, 64, 32)   # group sizes the int4pack kernels accept, largest first
 BF16 = torch.bfloat16
@@ -297,7 +297,7 @@ def to_kernels_(model: nn.Module, check=None) -> dict[str, str]:
 
     ``check()`` (optional) is called before each layer and may raise to cancel.
     """
-    from .runtime import CompressedLinear
+    from lmcompress_core.runtime.modules import CompressedLinear
 
     fallbacks = {}
     for name, module in list(model.named_modules()):
@@ -316,7 +316,7 @@ def to_kernels_(model: nn.Module, check=None) -> dict[str, str]:
 def quantize_head_(model: nn.Module, quantize) -> str | None:
     """The LM head on int8pack (per-channel 8-bit codes from ``quantize(w)``), a tied embedding reading the same
     table. Returns a sentence when the head stays bf16 instead."""
-    from .layers import weight_matrix
+    from lmcompress_core.methods.layers import weight_matrix
 
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or not isinstance(head, nn.Linear) or type(head) is not nn.Linear:

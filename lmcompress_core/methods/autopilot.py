@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from .layers import input_statistics, linear_layers, set_weight_matrix_, weight_matrix
-from .quantize import FLOAT_LAYER, INTEGER_BITS, QuantizationConfig, quantize_weight
+from lmcompress_core.methods.layers import input_statistics, linear_layers, set_weight_matrix_, weight_matrix
+from lmcompress_core.methods.quantize import FLOAT_LAYER, INTEGER_BITS, QuantizationConfig, quantize_weight
 
 CHOICES = (2, 3, 4, 8)
 FISHER_SAMPLES = 2           # label draws per calibration sequence
@@ -208,7 +208,7 @@ def fisher_diagonal(model, ids: torch.Tensor, samples: int = FISHER_SAMPLES, see
 def measured_kl(model, ids: torch.Tensor, config: QuantizationConfig) -> float:
     """The real mean KL(p_base ‖ p) per token when ``config`` quantizes the model (calibrated on ``ids``), run
     simulated in fp32 as the damages are measured: only the codes differ, not the kernels."""
-    from .compress import CompressionConfig, compress
+    from lmcompress_core.compress import CompressionConfig, compress
 
     quantized = compress(model, CompressionConfig(quantization=config, runtime="simulate"), calibration=ids).model
     return _kl_to(quantized, ids, _log_probs(model, ids))
@@ -294,8 +294,8 @@ def uniform_bits_per_weight(model, bits: int, group_size: int) -> float:
 def calibration_ids(loaded, eval_tokens: int = 2048, text: str | None = None, n_samples: int = 4,
                     seq_len: int = 128) -> torch.Tensor:
     """A few calibration sequences, from the same place evaluate calibrates (never the scored tokens)."""
-    from .compress import CompressionConfig
-    from .protocol import EvalProtocol, calibration_for
+    from lmcompress_core.compress import CompressionConfig
+    from lmcompress_core.measure.protocol import EvalProtocol, calibration_for
 
     return calibration_for(loaded, CompressionConfig(), EvalProtocol(text=text, eval_tokens=eval_tokens),
                            n_samples=n_samples, seq_len=seq_len, force=True)

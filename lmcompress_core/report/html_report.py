@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
-from . import plots
+from lmcompress_core.report import plots
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "streamlit", "plotly", "pandas", "numpy")
 
@@ -271,7 +271,7 @@ def _current_html(data: Mapping, chart: _Charts) -> list[str]:
 def _sweep_html(result: Mapping | None, chart: _Charts) -> list[str]:
     if not result:
         return []
-    from . import sweep
+    from lmcompress_core import sweep
 
     table = sweep.with_original(result["table"])
     note = sweep.latency_frontier_note(table)

@@ -1,6 +1,6 @@
 """Train the project's tiny Shakespeare model (assets/models/tiny) from scratch on the CPU.
 
-    python -m lmcompress_core.train_tiny [--steps N] [--lr LR] ... [--init-from DIR] [--out DIR]
+    python -m lmcompress_core.models.train_tiny [--steps N] [--lr LR] ... [--init-from DIR] [--out DIR]
 
 A byte-level BPE tokenizer (the `tokenizers` library) and a small Llama-style causal LM are trained on
 assets/texts/tiny-train.txt.gz (Shakespeare from Project Gutenberg, public domain). The two plays in
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY_DIR = ROOT / "assets" / "models" / "tiny"
 SAMPLE_PROMPTS = ("ROMEO.\n", "KING.\nMy lords,", "To be, or not to be", "FIRST WITCH.\n")
 OPTIONS = ("steps", "batch_size", "lr", "warmup", "min_lr_fraction", "weight_decay", "intermediate_size", "threads")
@@ -150,9 +150,9 @@ def compression_checks() -> dict:
     """The settings issue 14 asks the tiny model to react to as a real LLM does, by name: RTN per-group 128
     (integer-zero grid, the defaults) at 2, 3, 4 and 8 bits, and 50% unstructured magnitude and Wanda pruning.
     ``runtime="simulate"``: the de-quantized float32 weights run, so only the codes decide quality."""
-    from .compress import CompressionConfig
-    from .prune import PruningConfig
-    from .quantize import QuantizationConfig
+    from lmcompress_core.compress import CompressionConfig
+    from lmcompress_core.methods.prune import PruningConfig
+    from lmcompress_core.methods.quantize import QuantizationConfig
 
     checks = {f"rtn_{bits}bit_g128": QuantizationConfig(bits=bits, group_size=128) for bits in (2, 3, 4, 8)}
     checks = {name: CompressionConfig(quantization=q, runtime="simulate") for name, q in checks.items()}
@@ -164,8 +164,8 @@ def compression_checks() -> dict:
 def compression_ratios(model, tokenizer, heldout_ids: torch.Tensor) -> dict[str, float]:
     """Held-out perplexity of each of ``compression_checks()`` over the uncompressed model's, on the same
     non-overlapping 256-token windows; Wanda calibrates on 16 windows of 256 training tokens (seed 0)."""
-    from .compress import compress
-    from .data import calibration_batches, load_text
+    from lmcompress_core.compress import compress
+    from lmcompress_core.data import calibration_batches, load_text
 
     calibration = calibration_batches(tokenizer, load_text("tiny-train"), n_samples=16, seq_len=256)
     base = heldout_perplexity(model, heldout_ids)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=TINY_DIR)
     args = parser.parse_args(argv)
     cfg = TinyConfig(**{name: getattr(args, name) for name in OPTIONS})
-    command = "python -m lmcompress_core.train_tiny " + " ".join(
+    command = "python -m lmcompress_core.models.train_tiny " + " ".join(
         f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in OPTIONS)
     torch.set_num_threads(cfg.threads)
     train_text, heldout_text = load_text("tiny-train"), load_text("tiny-heldout")

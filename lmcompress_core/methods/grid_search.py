@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .hqq import fp16_exact
+from lmcompress_core.methods.hqq import fp16_exact
 
 SHRINKS = tuple(round(1.12 - 0.04 * i, 2) for i in range(16))   # range kept: 112% down to 52% (100% = RTN)
 ZERO_SHIFTS = (-1, 0, 1)                             # zero-point candidates around the rounded one, in codes

@@ -27,7 +27,7 @@ def to_int8_kernel_(model: nn.Module, names, calibration: torch.Tensor | None = 
     and then layers whose int8 output SQNR on the calibration inputs stays below ``sqnr_floor_db`` are left in
     float. Returns the names left in float.
     """
-    from .layers import conv1d_to_linear_
+    from lmcompress_core.methods.layers import conv1d_to_linear_
 
     names = list(names)
     conv1d_to_linear_(model, names)

@@ -1,0 +1,12 @@
+"""Runtime: where a compressed weight lives and what runs it.
+
+    modules.py      CompressedLinear / CompressedEmbedding: integer codes, scales and keep-masks on the module
+    kernels.py      Int4Linear, Int8Linear, Int8Embedding (torch's real int4pack / int8pack kernels), DequantLinear
+    finish.py       the last stage of compress(): simulation modules onto the kernels that really run them
+    int8_dynamic.py torch's dynamic int8 Linear path (smoothed, SQNR-checked)
+    packing.py      bit-packing and the on-disk compressed format (safetensors + JSON)
+"""
+from lmcompress_core.runtime.modules import CompressedEmbedding, CompressedLinear, compressed_layers
+from lmcompress_core.runtime.packing import load_compressed, save_compressed
+
+__all__ = ["CompressedEmbedding", "CompressedLinear", "compressed_layers", "load_compressed", "save_compressed"]
