@@ -5,13 +5,13 @@ from dataclasses import replace
 import streamlit as st
 
 from lmcompress_core.methods import autopilot
-
 from lmcompress_core.measure import evaluation
-
 from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled, CompressionConfig
 from lmcompress_core.methods.quantize import QuantizationConfig
 from pages import common
+
+common.through_app()
 
 UNIFORM_BITS = (2, 3, 4, 8)
 

@@ -59,6 +59,19 @@ def build_config(s: dict) -> CompressionConfig:
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=])")
 
 
+def through_app() -> None:
+    """Run this page through app.py. Streamlit's old multipage mode (a ``pages/`` folder beside the entry script)
+    stays on in a fresh server until the first ``st.navigation`` call, so the first session opened on a page's
+    URL (a reload after a restart, a shared link) would run the page file alone, without the session defaults
+    and the navigation. Switch that mode off and run again: app.py then calls st.navigation and runs the page.
+    A no-op in every other run."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def init_session() -> None:
     fresh = "settings" not in st.session_state
     for key, value in SESSION_DEFAULTS.items():

@@ -4,12 +4,13 @@ from dataclasses import replace
 import streamlit as st
 
 from lmcompress_core.measure import evaluation
-
 from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled, CompressionConfig
 from lmcompress_core.methods.distill import DistillationConfig, next_token_distribution, temperature_study
 from pages import common
 from pages.common import WIDGETS, build_config
+
+common.through_app()
 
 st.title("Distillation")
 loaded = common.current_model()

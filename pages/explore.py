@@ -8,6 +8,8 @@ from lmcompress_core.compress import Cancelled, CompressionConfig
 from pages import common
 from pages.common import BITS, WIDGETS, build_config
 
+common.through_app()
+
 
 def restore_widgets() -> None:
     saved = st.session_state["settings"]

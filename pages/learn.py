@@ -2,9 +2,10 @@
 import streamlit as st
 
 from lmcompress_core.report import learn
-
 from lmcompress_core.report import plots
 from pages import common
+
+common.through_app()
 
 st.title("Learn")
 loaded = common.current_model()

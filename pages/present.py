@@ -4,6 +4,8 @@ import streamlit as st
 from lmcompress_core.report import plots
 from pages import common
 
+common.through_app()
+
 # Static CSS only (no user or model text): bigger type that still fits a 1024×768 projector, no sidebar or
 # toolbar. Metric values and labels wrap instead of ending in "…": a number cut short is worse than none.
 st.html("""<style>

@@ -4,11 +4,11 @@ internals folded away; one click -> a self-contained HTML report; the runs histo
 import streamlit as st
 
 from lmcompress_core import sweep
-
 from lmcompress_core.report import plots
-
 from lmcompress_core.report import html_report
 from pages import common
+
+common.through_app()
 
 st.title("Report")
 common.model_sidebar()

@@ -10,7 +10,6 @@ import pandas as pd
 import streamlit as st
 
 from lmcompress_core import sweep
-
 from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled
 from lmcompress_core.execute import make_executor
@@ -18,6 +17,8 @@ from lmcompress_core.measure.protocol import calibration_for
 from lmcompress_core.measure.sensitivity import layer_sensitivity
 from pages import common
 from pages.common import WIDGETS, build_config
+
+common.through_app()
 
 st.title("Trade-offs")
 st.caption("Evaluate a grid of configurations and keep the ones nothing else beats (the Pareto frontier).")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -48,8 +49,9 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) -> 
     raise TimeoutError("streamlit did not become healthy")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextmanager
+def running_server(tmp_path_factory):
+    """`streamlit run app.py` on a free port of 127.0.0.1, stopped on exit; yields its URL."""
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (make browser)")
     port = free_port()
@@ -70,6 +72,12 @@ def server(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +311,16 @@ def test_streamlits_own_stop_mid_sweep_leaves_a_usable_page(server, page, shots)
     message = page.get_by_text("Sweep stopped after").first.inner_text()
     assert re.search(r"after \d of 3 configurations", message) and "previous complete table is unchanged" in message
     page.screenshot(path=str(shots / "tradeoffs-after.png"), full_page=True)
+
+
+def test_a_fresh_server_opened_on_a_page_url_shows_that_page_through_the_app(tmp_path_factory, page):
+    """The first session of a new server opened on a page's URL (a reload after a restart, a shared link): Streamlit's
+    old pages/-folder mode would run the page file alone (no session defaults: a KeyError, and a sidebar listing
+    the files of pages/); the page must come up through app.py, with the app's own navigation."""
+    with running_server(tmp_path_factory) as url:
+        page.goto(f"{url}/tradeoffs?model={MODEL}", timeout=WAIT_MS)
+        page.get_by_role("button", name="Run sweep").wait_for(timeout=WAIT_MS)
+        wait_idle(page)
+        assert_no_exception(page)
+        assert page.get_by_role("link", name="Bit budget").first.is_visible()     # app.py's st.navigation
+        assert page.locator("[data-testid='stSidebarNav']").count() == 0           # not the pages/ file list
