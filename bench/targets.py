@@ -16,6 +16,8 @@ class Target:
     met: Callable[[float], bool]
     missed_by: Callable[[float], str]   # "by how much", from the value
     why: Callable[[dict], str]          # reason and what would close it, from the whole results dict
+    # a condition beyond the value (e.g. a time budget): None when it holds, else why the target is missed
+    beyond: Callable[[dict], str | None] | None = None
 
 
 def _get(results: dict, *path, default=None):
@@ -125,6 +127,18 @@ def _why_kd(results: dict) -> str:
             f"{_fmt(tiny.get('compressed_perplexity'))} held-out perplexity; {tiny.get('steps')} recovery steps win "
             "back less than the target. More steps, or more of the loss to recover (a model that degrades more), "
             "would close it: the recovered fraction still rose at the last step in the pilots.")
+
+
+def _kd_smollm2_over_time(results: dict) -> str | None:
+    """The SmolLM2 recovery target has a time budget too: 5 minutes of distillation."""
+    smollm2 = _get(results, "sections", "distillation", "smollm2", default={}) or {}
+    rows = smollm2.get("rows") or []
+    if not rows or rows[0].get("train_s") is None or rows[0]["train_s"] <= 300:
+        return None
+    row = rows[0]
+    return (f"{row['recovered_fraction']:.2f} of the loss recovered, but in {row['train_s']:.0f} s of distillation "
+            f"against 300 s ({row['steps']} steps). At this rate ~{300 / row['train_s'] * row['steps']:.0f} steps fit "
+            "in 5 minutes; fewer, larger steps or training the scales of the worst layers first would close it.")
 
 
 def _why_kd_smollm2(results: dict) -> str:
@@ -283,7 +297,7 @@ TARGETS = [
            lambda v: _best_recovery(v) >= 0.4, lambda v: f"best mean {_best_recovery(v):.2f} against 0.4",
            _why_kd),
     Target("kd_recovered_fraction_smollm2", "≥ 0.3 of the loss of 3-bit RTN g64 recovered in ≤ 5 min",
-           lambda v: v >= 0.3, lambda v: f"{v:.2f} against 0.3", _why_kd_smollm2),
+           lambda v: v >= 0.3, lambda v: f"{v:.2f} against 0.3", _why_kd_smollm2, beyond=_kd_smollm2_over_time),
     Target("kd_student_over_ce_only", "< 1 (KD student below the CE-only student's perplexity)", lambda v: v < 1.0,
            _ratio_missed(1.0, False), _why_student),
     Target("interactive_s_tiny", "≤ 1 s", lambda v: v <= 1.0,
@@ -332,6 +346,8 @@ def check(results: dict) -> list[dict]:
         row = {"key": target.key, "target": target.wanted, "value": value}
         if value is None:
             row.update(met=None, note="not measured in this run (see errors)")
+        elif target.met(value) and (beyond := target.beyond and target.beyond(results)):
+            row.update(met=False, note=f"Missed: {beyond}")
         elif target.met(value):
             row.update(met=True, note="")
         else:
