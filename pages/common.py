@@ -64,10 +64,10 @@ def through_app() -> None:
     stays on in a fresh server until the first ``st.navigation`` call, so the first session opened on a page's
     URL (a reload after a restart, a shared link) would run the page file alone, without the session defaults
     and the navigation. Switch that mode off and run again: app.py then calls st.navigation and runs the page.
-    A no-op in every other run."""
+    A no-op whenever app.py ran first (it sets the session defaults), e.g. in every AppTest."""
     from streamlit.runtime.pages_manager import PagesManager
 
-    if PagesManager.uses_pages_directory:
+    if PagesManager.uses_pages_directory and "settings" not in st.session_state:   # app.py has not run
         PagesManager.uses_pages_directory = False
         st.rerun()
 
