@@ -11,6 +11,7 @@ import html
 import json
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -347,8 +348,6 @@ def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
     state; redrawing the bar is another): Streamlit raises its rerun there, inside the engine, which reports
     and asks should_stop per layer, window, generated token and timed run — so the run stops within one of them.
     """
-    import time
-
     shown, last, drawn = [0.0], [0.0], [-1.0]
 
     def callback(progress) -> None:
