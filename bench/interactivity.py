@@ -8,9 +8,10 @@ Per model:
              the configuration-independent base results: log-probabilities, continuations)
   change     the model is loaded; the slider moves to a bit-width not seen before (median of distinct moves)
   cached     the slider comes back to a configuration already computed: evaluate's report cache
-  first chart / perplexity chart / generations / all charts
-             seconds from the change until the size, perplexity, generation and latency stages are done (the
-             page draws each as its stage ends; latency comes last, so "all charts" is the whole change)
+  first chart / perplexity chart / all charts / generations
+             seconds from the change until the size, perplexity, latency and generation stages are done (the
+             page draws each as its stage ends; while exploring the latency is read off the greedy generation,
+             so its chart comes when the greedy continuation ends and "generations" is the whole change)
   abandon    seconds from should_stop turning True (a new slider move) to evaluate giving up, at 10–90% of an
              uncached run of the same setting timed just before; the largest
   gptq       a first GPTQ setting (calibration pass + GPTQ) and a second one that reuses the model's

@@ -197,10 +197,10 @@ PHASE_WORDS = {  # the browser section's phases of one slider move, in the order
     "after_evaluate_s": "page after evaluate (figures, generations, trail)",
     "to_complete_after_script_s": "script end to complete page (last messages, Plotly drawing)",
 }
-BROWSER_REMEDIES = {
-    "first": "draw the size chart before anything else is computed (it is ready after compress + size)",
-    "all": "time latency last and after the other charts are drawn, or one timed run while exploring",
-    "complete": "stream the generations token by token after the charts",
+BROWSER_REMEDIES = {  # what each mark waits for, in the order evaluate runs (the stages' seconds are in the profile)
+    "first": "the size chart waits for compress and size (every layer packed to count its bytes)",
+    "all": "the last chart (latency) waits for perplexity and the greedy generation it is read off",
+    "complete": "the generations end with the sampled continuation, token by token after the greedy one",
     "cold": "import torch and load the model once per process before the first page is requested (prepare step)",
 }
 
@@ -238,8 +238,8 @@ def _why_browser(model: str, mark: str):
             moved += (f"A return to a configuration already computed (no evaluate: the page and the browser alone) "
                       f"completes in {_fmt(cached.get('complete_s'))} s. ")
         what = "The cold start" if mark == "cold" else "A median move"
-        return (f"{moved}{what} spends: {_phases(profile)}. What would close it: {BROWSER_REMEDIES[mark]}; "
-                "the engine's stages are the rest (see interactivity).")
+        return (f"{moved}{what} spends: {_phases(profile)}. Where it waits: {BROWSER_REMEDIES[mark]}; the "
+                "largest of evaluate's stages is what to cut next (see interactivity).")
     return why
 
 

@@ -337,10 +337,13 @@ def should_stop() -> bool:
 STAGE_SPANS = {"calibrate": (0.0, 0.3), "prune": (0.0, 0.3), "quantize": (0.0, 0.3), "distill": (0.0, 0.3),
                "finish": (0.0, 0.3), "compress": (0.0, 0.3), "size": (0.3, 0.35), "perplexity": (0.35, 0.6),
                "generate": (0.6, 0.85), "latency": (0.85, 1.0)}
-BAR_INTERVAL_S = 0.1   # the bar is redrawn at most this often (the engine reports every layer, window and token)
+# exploring reads the latency off the greedy generation: it is done halfway through the generations
+GENERATION_TIMED_SPANS = {**STAGE_SPANS, "generate": (0.6, 1.0), "latency": (0.6, 0.8)}
+BAR_INTERVAL_S = 0.25  # the bar (and streamed text) is redrawn at most this often: each redraw is work for the
+#                       browser too, which shares the 2 cores with the engine (the engine reports every layer, window, token)
 
 
-def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
+def progress_callback(bar, on_metrics: Callable[[object], None] | None = None, spans: dict = STAGE_SPANS):
     """A core Progress callback driving ONE st.progress bar across all stages (it never runs backwards), the
     stage named in its text; ``on_metrics`` is an optional hook for partial results.
 
@@ -353,11 +356,11 @@ def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
     def callback(progress) -> None:
         total = max(int(progress.total or 0), 1)
         within = min(max(progress.step / total, 0.0), 1.0)
-        low, high = STAGE_SPANS.get(progress.stage, (0.0, 1.0))
+        low, high = spans.get(progress.stage, (0.0, 1.0))
         shown[0] = max(shown[0], low + (high - low) * within)
         now = time.perf_counter()
         # redraw at most every BAR_INTERVAL_S, except when the bar moved visibly (a sweep's finished configuration)
-        if now - last[0] >= BAR_INTERVAL_S or shown[0] - drawn[0] >= 0.01 or progress.step >= total:
+        if now - last[0] >= BAR_INTERVAL_S or shown[0] - drawn[0] >= 0.05 or progress.step >= total:
             last[0], drawn[0] = now, shown[0]
             bar.progress(shown[0], text=f"{progress.stage}: {progress.message}"[:160])
         if on_metrics is not None:
@@ -368,19 +371,27 @@ def progress_callback(bar, on_metrics: Callable[[object], None] | None = None):
 def evaluate_live(loaded, config, protocol, bar, on_partial: Callable[[dict], None],
                   on_stream: Callable[[dict], None] | None = None) -> dict:
     """Compress and measure with progress. Each finished stage hands the report so far to ``on_partial`` (size,
-    then perplexity, generations, latency); ``on_stream`` gets every generated token ({"kind", "text"}).
+    then perplexity, then latency and generations in the protocol's order); ``on_stream`` gets the generated text
+    as it grows ({"kind", "text"}), at most every BAR_INTERVAL_S.
 
     Returns the finished report as a plain dict. Raises compress.Cancelled when Stop was pressed.
     """
     from lmcompress_core.measure import evaluation
 
+    streamed = [0.0]
+
     def partial(progress) -> None:
         if "partial" in progress.metrics:
             on_partial(progress.metrics["partial"])
-        if on_stream is not None and "generation_stream" in progress.metrics:
+        # the text so far, redrawn at most every BAR_INTERVAL_S: a redraw per token costs the page more than the
+        # token (each is a message to the browser), and the finished text replaces it anyway
+        now = time.perf_counter()
+        if on_stream is not None and "generation_stream" in progress.metrics and now - streamed[0] >= BAR_INTERVAL_S:
+            streamed[0] = now
             on_stream(progress.metrics["generation_stream"])
 
-    callback = progress_callback(bar, on_metrics=partial)
+    callback = progress_callback(bar, on_metrics=partial,
+                                 spans=GENERATION_TIMED_SPANS if protocol.times_generation() else STAGE_SPANS)
     with span("evaluate") as record:
         report = evaluation.evaluate(loaded, config, protocol, callback=callback, should_stop=should_stop).to_dict()
         record["stages"] = report.get("timings")

@@ -307,11 +307,50 @@ def test_base_continuations_are_computed_once_for_every_setting(loaded, monkeypa
 def test_explore_protocol_times_the_compressed_model_alone_and_claims_no_ratio(loaded):
     protocol = EvalProtocol.explore(eval_tokens=96, context=32, stride=32, new_tokens=4, latency_runs=2,
                                     prompt_tokens=8, decode_tokens=2, text=TEXT)
-    report = evaluation.evaluate(loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), protocol)
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4))
+    report = evaluation.evaluate(loaded, config, replace(protocol, generation=False))   # no generation: timed runs
     assert report.base_latency is None and report.speed is None and report.latency.runs == 2
+    assert report.latency.source == "timed runs" and report.latency.prompt_tokens == 8
     how = report.to_dict()["how"]
     assert "compressed model alone" in how["latency"] and "No speed ratio" in how["latency"]
     assert "float32" in how["perplexity"] and report.kernel in how["perplexity"]
+
+
+def test_exploring_reads_latency_off_the_greedy_generation_and_draws_it_before_the_sampled_one(loaded):
+    protocol = EvalProtocol.explore(eval_tokens=96, context=32, stride=32, new_tokens=5, text=TEXT,
+                                    prompt="a single man")
+    order = []
+    report = evaluation.evaluate(
+        loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), protocol,
+        callback=lambda p: order.append(p.stage if "partial" in p.metrics else p.metrics.get(
+            "generation_stream", {}).get("kind")))
+    lat = report.latency
+    assert report.base_latency is None and report.speed is None and lat.source == "greedy generation"
+    assert lat.new_tokens == len(report.generation.compressed_tokens) and lat.runs == 1
+    assert lat.prompt_tokens == report.generation.prompt_tokens and lat.decode_tokens_per_s > 0
+    assert "latency" not in report.timings   # no timed runs of its own
+    kept = [s for s in order if s is not None]
+    # the latency chart comes after the last greedy token and before the first sampled one
+    assert kept.index("latency") == max(i for i, s in enumerate(kept) if s == "greedy") + 1
+    assert kept.index("latency") < kept.index("sampled") and kept[-1] == "generate"
+    assert "greedy generation" in report.to_dict()["how"]["latency"]
+
+
+def test_decode_times_every_forward_pass_and_nothing_else(loaded, monkeypatch):
+    from lmcompress_core.measure import quality
+
+    # a clock that only moves when the model runs (1 per forward) or when on_token runs (100 per call)
+    clock = [0.0]
+    monkeypatch.setattr(quality.time, "perf_counter", lambda: clock[0])
+    hook = loaded.model.register_forward_pre_hook(lambda *_: clock.__setitem__(0, clock[0] + 1))
+    forward_s = []
+    try:
+        ids = loaded.tokenizer("a single man", return_tensors="pt").input_ids[0]
+        tokens, _ = quality.decode(loaded.model, ids, 4, forward_s=forward_s,
+                                   on_token=lambda toks: clock.__setitem__(0, clock[0] + 100))
+    finally:
+        hook.remove()
+    assert len(tokens) == 4 and forward_s == [1.0] * 5   # the prompt's pass, then one per new token; no on_token
 
 
 def test_base_scores_are_computed_once_and_give_the_numbers_of_a_fresh_pass(loaded, monkeypatch):

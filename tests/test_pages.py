@@ -427,3 +427,29 @@ def test_a_run_abandoned_while_generating_shows_only_the_previous_result(explore
     assert figure_titled(explore, "Perplexity")["data"][0]["y"] == shown   # the previous run's, not the partial
     assert "half a sentence" not in html_text(explore)
     assert not any("as it is generated" in c.value for c in explore.caption)
+
+
+def test_the_bar_reaches_the_end_only_with_the_last_token_when_latency_is_read_off_the_generation():
+    # exploring: the latency is done after the greedy half of the generations, so the bar must not jump to the end
+    # there (the sampled half still runs); the timed-runs order keeps latency last
+    from pages import common
+
+    class Bar:
+        def __init__(self):
+            self.values = []
+
+        def progress(self, value, text=""):
+            self.values.append(value)
+
+    class P:
+        def __init__(self, stage, step, total):
+            self.stage, self.step, self.total, self.message, self.metrics = stage, step, total, "", {}
+
+    events = [P("generate", i, 8) for i in range(1, 5)] + [P("latency", 1, 1)] + \
+             [P("generate", i, 8) for i in range(5, 9)]
+    bar = Bar()
+    callback = common.progress_callback(bar, spans=common.GENERATION_TIMED_SPANS)
+    for event in events:
+        callback(event)
+    assert max(bar.values[:-1]) <= 0.85 and bar.values[-1] == 1.0
+    assert common.STAGE_SPANS["latency"][0] >= common.STAGE_SPANS["generate"][1]

@@ -40,6 +40,31 @@ def test_int4_kernel_matches_the_float_reference_and_returns_its_codes(bits, gra
     assert torch.equal(back.codes, qw.codes) and torch.equal(back.scales, qw.scales)
 
 
+@pytest.mark.parametrize("shape, bits", [((1536, 576), 4), ((576, 1536), 2), ((48, 96), 3)])
+def test_int4_codes_read_through_the_nibble_order_equal_the_kernels_own_view(shape, bits):
+    # two independent readings of the packed bytes: the packer's nibble order (what quantized_weight uses on the
+    # CPU) and the kernel itself run on an identity matrix with scale 1 and zero 8 (the container codes)
+    w = random_weight(*shape)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(3)) > 0.3
+    qw = quantize_tensor(w * mask, QuantizationConfig(bits=bits, group_size=32))
+    qw = type(qw)(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size, mask)
+    module = Int4Linear(qw, None)
+    unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(shape[1] // 32, shape[0], 2).contiguous()
+    by_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(shape[1], dtype=torch.bfloat16), module.packed,
+                                                           32, unit).t().round().to(torch.int32) - module.shift
+    codes = module.quantized_weight().codes
+    assert torch.equal(codes.to(torch.int32), by_kernel)
+    assert torch.equal(codes[mask], qw.codes[mask])   # kept weights: their own codes; pruned ones the zero-point
+
+
+def test_dequant_fallback_holds_its_dense_bf16_matrix_once():
+    qw = quantize_tensor(random_weight(), QuantizationConfig(bits=6, group_size=32))
+    module, _ = kernel_module(qw, None)
+    assert module.dense.dtype == torch.bfloat16
+    assert torch.equal(module.dense, qw.dequantize().to(torch.bfloat16))
+    assert "dense" not in module.state_dict()   # the codes are what is stored; the dense matrix is rebuilt
+
+
 def test_group_128_on_576_wide_inputs_runs_as_kernel_groups_of_64():
     qw = quantize_tensor(random_weight(32, 576), QuantizationConfig(bits=4, group_size=128))
     module, refusal = kernel_module(qw, None)

@@ -20,8 +20,8 @@ import torch
 
 from lmcompress_core.measure.quality import (BaseScores, GenerationReport, PerplexityReport, base_continuations,
                                              base_scores, generate_side_by_side, score_tokens)
-from lmcompress_core.measure.speed import (LatencyReport, SpeedRatio, measure_latency, measure_latency_pair,
-                                           runtime_bytes)
+from lmcompress_core.measure.speed import (LatencyReport, SpeedRatio, latency_from_generation, measure_latency,
+                                           measure_latency_pair, runtime_bytes)
 from lmcompress_core.runtime.packing import pack_model, write_packed
 from lmcompress_core.measure.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
 
@@ -178,7 +178,14 @@ def _how_latency(report: Report) -> dict[str, str]:
             f"thread(s)")
     steps = (f"prefill = one forward pass over {lat.prompt_tokens} fixed prompt tokens; decode = {lat.new_tokens} "
              f"greedy steps with the KV cache; kernel: {lat.kernel}")
-    if report.base_latency is None:
+    if getattr(lat, "source", "") == "greedy generation":
+        how = {"latency": (
+            f"the compressed model alone while exploring, read off its greedy generation below on {lat.device} with "
+            f"{lat.threads} thread(s): prefill = the forward pass over the {lat.prompt_tokens}-token prompt (after one "
+            f"warm-up pass), decode = 1 ÷ the median of its {lat.new_tokens} per-token steps with the KV cache; "
+            f"kernel: {lat.kernel}. No speed ratio: comparing with the base needs both timed alternately in one "
+            "call under the same load — 'Measure precisely' does that")}
+    elif report.base_latency is None:
         how = {"latency": (
             f"the compressed model alone while exploring, {runs}: {steps}. No speed ratio: comparing with the base "
             "needs both timed alternately in one call under the same load — 'Measure precisely' does that")}
@@ -335,9 +342,9 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
                       ppl_key if use_cache else None)
     if protocol.generation:
         report.generation = stages.run("generate", "generating (the compressed model, token by token)",
-                                       lambda: _generate(loaded, cm, protocol, stages))
+                                       lambda: _generate(loaded, cm, protocol, stages, report))
         stages.finished("generate", report.generation)
-    if protocol.latency:
+    if protocol.latency and report.latency is None:
         report.base_latency, report.latency, report.speed = stages.run(
             "latency", _latency_message(protocol), lambda: _latency(loaded, cm, report.size, protocol, stages))
         stages.finished("latency", report.latency)
@@ -384,10 +391,13 @@ def _latency_message(protocol: EvalProtocol) -> str:
     return "timing the compressed model (no speed ratio while exploring)"
 
 
+_PACKED_BASIS = ("packed size: every byte of the packed file read once per token, as a kernel reading packed "
+                 "weights would")
+
+
 def _latency(loaded, cm, size: SizeReport, protocol: EvalProtocol, stages: _Stages):
     """(base LatencyReport or None, compressed LatencyReport, SpeedRatio or None) as the protocol asks."""
-    packed = ("packed size: every byte of the packed file read once per token, as a kernel reading packed weights "
-              "would")
+    packed = _PACKED_BASIS
     args = (protocol.prompt_tokens, protocol.decode_tokens, protocol.latency_runs)
     check = stages.ticker("latency", "timed run")
     if not protocol.latency_base:
@@ -400,9 +410,11 @@ def _latency(loaded, cm, size: SizeReport, protocol: EvalProtocol, stages: _Stag
         simulated=size.simulated, check=check)
 
 
-def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages) -> GenerationReport:
+def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages, report: Report) -> GenerationReport:
     """Side-by-side generations; every token of the compressed model's continuations goes out as it comes
-    (Progress metrics["generation_stream"] = {"kind": "greedy" | "sampled", "text": the continuation so far})."""
+    (Progress metrics["generation_stream"] = {"kind": "greedy" | "sampled", "text": the continuation so far}).
+    When the protocol reads latency off the generation, it is set (and its chart may be drawn) as soon as the
+    greedy continuation ends."""
     total, offset = 2 * protocol.new_tokens, {"greedy": 0, "sampled": protocol.new_tokens}
     counts = {"greedy": 0, "sampled": 0}
 
@@ -411,9 +423,17 @@ def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages) -> Generation
         stages.check("generate", offset[kind] + counts[kind], total, f"{kind} token {counts[kind]}",
                      {"generation_stream": {"kind": kind, "text": text}})
 
+    def after_greedy(forward_s: list[float], prompt_tokens: int) -> None:
+        if len(forward_s) < 2:   # the model stopped at once: no step to time, the timed runs will do it
+            return
+        report.latency = latency_from_generation(cm.model, cm.kernel, forward_s, prompt_tokens,
+                                                 bytes_per_token=report.size.packed_bytes, bytes_basis=_PACKED_BASIS)
+        stages.finished("latency", report.latency)
+
+    timed = after_greedy if protocol.times_generation() else None
     return generate_side_by_side(loaded.model, cm.model, loaded.tokenizer, prompt_for(loaded.name, protocol),
                                  protocol.new_tokens, protocol.seed, base=_base_continuations(loaded, protocol, stages),
-                                 on_token=on_token)
+                                 on_token=on_token, after_greedy=timed)
 
 
 def _base_continuations(loaded, protocol: EvalProtocol, stages: _Stages | None = None) -> dict:

@@ -29,6 +29,10 @@ class EvalProtocol:
     # compares two models under the same load. False (exploring): only the compressed model is timed, its
     # absolute speed is shown and no ratio is claimed (a base timed at another moment is not comparable)
     latency_base: bool = True
+    # True (exploring): the compressed model's latency is read off its greedy generation (the prompt's forward
+    # pass after a warm-up, and the median per-token step) instead of extra timed runs; needs generation and
+    # latency_base False, else the timed runs are used
+    latency_from_generation: bool = False
     prompt_tokens: int = 64       # latency: prefill length (fixed random token ids)
     decode_tokens: int = 16       # latency: greedy steps with the KV cache
     generation: bool = True
@@ -50,7 +54,8 @@ class EvalProtocol:
     def explore(cls, **changes) -> "EvalProtocol":
         """The lighter protocol used while moving sliders: fewer tokens scored, fewer timed runs of the compressed
         model alone (no speed ratio: that needs the base timed alternately, which `precise` does)."""
-        return replace(cls(eval_tokens=512, latency_runs=3, new_tokens=32, latency_base=False), **changes)
+        return replace(cls(eval_tokens=512, latency_runs=3, new_tokens=32, latency_base=False,
+                           latency_from_generation=True), **changes)
 
     @classmethod
     def precise(cls, **changes) -> "EvalProtocol":
@@ -66,12 +71,20 @@ class EvalProtocol:
         data["text"] = text_hash or data["text"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
+    def times_generation(self) -> bool:
+        """Whether the latency is read off the greedy generation rather than timed in runs of its own."""
+        return self.latency and self.latency_from_generation and self.generation and not self.latency_base
+
     def describe(self) -> str:
         """One line for a page: what every number on it was measured with."""
-        timing = (f"latency median of {self.latency_runs} runs, base and compressed timed alternately"
-                  if self.latency_base else
-                  f"latency median of {self.latency_runs} runs of the compressed model alone (no speed ratio "
-                  "while exploring)")
+        if self.latency_base:
+            timing = f"latency median of {self.latency_runs} runs, base and compressed timed alternately"
+        elif self.times_generation():
+            timing = ("latency read off the compressed model's greedy generation (prompt pass; median per-token "
+                      "step), no speed ratio while exploring")
+        else:
+            timing = (f"latency median of {self.latency_runs} runs of the compressed model alone (no speed ratio "
+                      "while exploring)")
         return (f"perplexity on {self.eval_tokens} tokens (windows of {self.context}, stride {self.stride}); "
                 f"{timing}; {self.new_tokens} generated tokens")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -206,15 +207,18 @@ def max_positions(model) -> int | None:
 
 @torch.inference_mode()
 def decode(model, prompt_ids: torch.Tensor, new_tokens: int, sample: bool = False, seed: int = 0,
-           stop_at: int | None = None,
-           on_token: Callable[[list[int]], None] | None = None) -> tuple[list[int], list[float]]:
+           stop_at: int | None = None, on_token: Callable[[list[int]], None] | None = None,
+           forward_s: list[float] | None = None) -> tuple[list[int], list[float]]:
     """Continue ``prompt_ids`` with a KV cache: (token ids, log-prob of each under the untempered distribution).
 
     ``on_token(tokens so far)`` is called after every new token (streaming; it may raise to cancel).
+    ``forward_s`` (a list) gets the wall time of every forward pass — the prompt's, then one per new token —
+    with the device synchronised around each and nothing else inside (not sampling, not ``on_token``).
     """
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
-    out = model(input_ids=prompt_ids.view(1, -1).to(device), use_cache=True)
+    forward = _timed_forward(model, device, forward_s)
+    out = forward(input_ids=prompt_ids.view(1, -1).to(device), use_cache=True)
     tokens, logprobs = [], []
     for _ in range(new_tokens):
         logits = out.logits[0, -1].float().cpu()
@@ -225,8 +229,32 @@ def decode(model, prompt_ids: torch.Tensor, new_tokens: int, sample: bool = Fals
         logprobs.append(float(F.log_softmax(logits, -1)[token]))
         if on_token is not None:
             on_token(list(tokens))
-        out = continue_with_cache(model, out, torch.tensor([[token]], device=device))
+        out = forward(out, torch.tensor([[token]], device=device))
     return tokens, logprobs
+
+
+def _timed_forward(model, device: torch.device, forward_s: list[float] | None):
+    """The prompt's pass (keyword arguments) or one cached step (the previous output and a token), timed into
+    ``forward_s`` when it is a list."""
+    def step(*args, **kwargs):
+        return continue_with_cache(model, *args) if args else model(**kwargs)
+
+    if forward_s is None:
+        return step
+
+    def timed(*args, **kwargs):
+        _synchronize(device)
+        start = time.perf_counter()
+        out = step(*args, **kwargs)
+        _synchronize(device)
+        forward_s.append(time.perf_counter() - start)
+        return out
+    return timed
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator) -> int:
@@ -273,18 +301,27 @@ def base_continuations(base_model, tokenizer, prompt: str, new_tokens: int = 32,
 
 def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens: int = 32,
                           seed: int = 0, base: dict | None = None,
-                          on_token: Callable[[str, str], None] | None = None) -> GenerationReport:
+                          on_token: Callable[[str, str], None] | None = None,
+                          after_greedy: Callable[[list[float], int], None] | None = None) -> GenerationReport:
     """Greedy and sampled continuations of one prompt by both models, same seed; where greedy outputs diverge.
 
     ``base`` (from base_continuations) skips decoding with the base model again. ``on_token(kind, text so far)``
     streams the compressed model's continuations ("greedy", then "sampled") token by token.
+    ``after_greedy(forward_s, prompt tokens)``, when given, gets the timed forward passes of the compressed
+    model's greedy continuation (``decode``'s ``forward_s``; one untimed warm-up pass over the prompt first)
+    before the sampled one starts: exploring reads its latency off them.
     """
     ids, notice = prompt_ids_for(model, tokenizer, prompt, new_tokens)
     eos = getattr(tokenizer, "eos_token_id", None)
     base = base or base_continuations(base_model, tokenizer, prompt, new_tokens, seed)
     text = lambda toks: tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
     stream = (lambda kind: None) if on_token is None else (lambda kind: lambda toks: on_token(kind, text(toks)))
-    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, on_token=stream("greedy"))
+    forward_s = None if after_greedy is None else []
+    if forward_s is not None:
+        decode(model, ids, 1)   # warm-up: the timed prompt pass must not pay first-call costs
+    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, on_token=stream("greedy"), forward_s=forward_s)
+    if after_greedy is not None:
+        after_greedy(forward_s, int(ids.numel()))
     sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos, on_token=stream("sampled"))
     pieces = lambda toks: [tokenizer.decode([t]) for t in toks]  # noqa: E731
     return GenerationReport(

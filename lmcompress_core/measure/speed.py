@@ -34,6 +34,7 @@ class LatencyReport:
     warmup: int = 1
     prefill_ms_runs: list | None = None         # every timed run, in order (the median is taken over these)
     decode_tokens_per_s_runs: list | None = None
+    source: str = "timed runs"     # or "greedy generation": read off the generation the page shows (exploring)
 
 
 @dataclass
@@ -146,7 +147,8 @@ def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_
         timings.append(_one_run(model, ids, new_tokens, device))
     _tick(check, warmup + runs, warmup + runs)
     timings = timings[warmup:]
-    return _latency_report(model, ids, kernel, new_tokens, timings, warmup, bytes_per_token, bytes_basis)
+    return _latency_report(model, int(ids.shape[1]), kernel, new_tokens, timings, warmup, bytes_per_token,
+                           bytes_basis)
 
 
 def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], prompt_tokens: int = 64,
@@ -171,7 +173,8 @@ def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], promp
     _tick(check, total, total)
     pairs = pairs[warmup:]
     models = zip((base, model), kernels, bytes_per_token, bytes_basis)
-    reports = [_latency_report(m, ids, kernel, new_tokens, [p[i] for p in pairs], warmup, nbytes, basis)
+    reports = [_latency_report(m, int(ids.shape[1]), kernel, new_tokens, [p[i] for p in pairs], warmup, nbytes,
+                               basis)
                for i, (m, kernel, nbytes, basis) in enumerate(models)]
     return reports[0], reports[1], speed_ratio(pairs, simulated)
 
@@ -204,7 +207,23 @@ def _check_runs(runs: int, new_tokens: int, prompt_tokens: int) -> None:
         raise ValueError("runs, new_tokens and prompt_tokens must all be at least 1")
 
 
-def _latency_report(model, ids, kernel, new_tokens, timings, warmup, bytes_per_token, bytes_basis) -> LatencyReport:
+def latency_from_generation(model, kernel: str, forward_s: list[float], prompt_tokens: int,
+                            bytes_per_token: int | None = None, bytes_basis: str = "") -> LatencyReport:
+    """Latency read off one greedy generation (``quality.decode``'s ``forward_s``: the prompt's forward pass, then
+    one per new token), so exploring times the model on the tokens it shows instead of on extra runs: prefill =
+    the prompt's pass (the caller warms the model up first), decode = 1 / the median per-token step."""
+    steps = forward_s[1:]
+    if not steps:
+        raise ValueError("latency from a generation needs at least one generated token")
+    step = statistics.median(steps)
+    report = _latency_report(model, prompt_tokens, kernel, len(steps), [(forward_s[0], step * len(steps))], 1,
+                             bytes_per_token, bytes_basis)
+    report.source = "greedy generation"
+    return report
+
+
+def _latency_report(model, prompt_tokens: int, kernel, new_tokens, timings, warmup, bytes_per_token,
+                    bytes_basis) -> LatencyReport:
     prefill = statistics.median(t[0] for t in timings)
     decode = statistics.median(t[1] for t in timings)
     if bytes_per_token is None:
@@ -213,7 +232,7 @@ def _latency_report(model, ids, kernel, new_tokens, timings, warmup, bytes_per_t
     bandwidth = memory_bandwidth_gb_s(str(device) if device.type == "cuda" else "cpu")
     return LatencyReport(
         prefill_ms=prefill * 1000, decode_tokens_per_s=new_tokens / decode, kernel=kernel,
-        threads=torch.get_num_threads(), prompt_tokens=int(ids.shape[1]), new_tokens=new_tokens, runs=len(timings),
+        threads=torch.get_num_threads(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=len(timings),
         roofline_tokens_per_s=bandwidth * 1e9 / bytes_per_token if bytes_per_token else None,
         bandwidth_gb_s=bandwidth, bytes_per_token=bytes_per_token, bytes_basis=bytes_basis,
         device=str(device), warmup=warmup, prefill_ms_runs=[t[0] * 1000 for t in timings],

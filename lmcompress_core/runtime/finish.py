@@ -33,7 +33,8 @@ def finish_real(run) -> None:
         by_reason.setdefault(why, []).append(name)
     for why, names in by_reason.items():
         run.notes.append(f"{len(names)} layer(s) run no integer kernel ({why}): their uint8 codes are de-quantized "
-                         f"to bf16 at every call: {', '.join(names)}")
+                         f"once to dense bf16 matrices (held beside the codes; bf16 speed, no saving): "
+                         f"{', '.join(names)}")
     head = _finish_head(run)
     cast_rest_(run.model, torch.bfloat16)
     run.kernel = _real_label(run.model, head)
@@ -72,8 +73,8 @@ def _real_label(model: nn.Module, head: str) -> str:
         parts.append(f"int8 weight-only (real, aten int8pack{codes})")
     dequant = [m for m in model.modules() if isinstance(m, DequantLinear)]
     if dequant:
-        parts.append(f"{len(dequant)} layer(s) de-quantized from uint8 codes to bf16 at every call (no kernel "
-                     "takes them)")
+        parts.append(f"{len(dequant)} layer(s) de-quantized once to dense bf16 (no kernel takes them: bf16 "
+                     "speed, codes and dense matrix both held)")
     return " + ".join(parts) + ", bf16 activations; " + head
 
 

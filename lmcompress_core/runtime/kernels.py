@@ -10,15 +10,19 @@
   is exact through a rank-1 correction: y = int8mm(x, c − o, s) + Σx · (o − z)·s.
 * ``Int8Embedding``: a tied input embedding that gathers rows from its LM head's int8 table (ties stay tied).
 * ``DequantLinear``: what runs when no kernel takes a layer (group-wise 5–8-bit codes, shapes the kernels
-  refuse, masks the container cannot express): uint8 codes de-quantized to bf16 at every call. It is stated.
+  refuse, masks the container cannot express): uint8 codes de-quantized once to a dense bf16 matrix, a plain
+  bf16 matmul at every call (no speed or memory gained over bf16). It is stated.
 * ``ActivationInt8Linear``: torch's dynamic int8 Linear (activations quantized too), the explicit option.
 
 None of them keeps a second copy of the codes next to the kernel's weight: ``quantized_weight()`` recovers them
-from the kernel's own storage (int4: the kernel run on an identity matrix with scale 1 and zero 8 returns the
-raw codes; int8: the int8 weight + 2^(bits−1)). Kernel modules follow device moves but keep their dtypes, so a
-model cast to bf16 never rounds the fp32 scales that packing stores.
+from the kernel's own storage (int4 on the CPU: the packed bytes read through the packer's nibble order, learnt
+once per shape from the packer itself; on CUDA: the kernel run on an identity matrix with scale 1 and zero 8
+returns the raw codes; int8: the int8 weight + 2^(bits−1)). Kernel modules follow device moves but keep their
+dtypes, so a model cast to bf16 never rounds the fp32 scales that packing stores.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -102,6 +106,26 @@ def _int4_pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _int4_nibble_order(out_features: int, in_features: int) -> torch.Tensor:
+    """Where each nibble of the CPU int4pack layout comes from: index k·(in) + j of the [out, in] codes matrix for
+    nibble 2·byte (low) and 2·byte + 1 (high). The layout is read off the packer itself: matrices whose codes are
+    the 4-bit digits of each weight's own index are packed, one per digit, and the digits read back. Raises when
+    the packer is not a plain permutation of nibbles (then the layout cannot be inverted this way)."""
+    index = torch.arange(out_features * in_features, dtype=torch.int64).view(out_features, in_features)
+    order = torch.zeros(out_features * in_features, dtype=torch.int64)
+    for digit in range(((index.numel() - 1).bit_length() + 3) // 4):
+        order |= _nibbles(_int4_pack(((index >> (4 * digit)) & 15).to(torch.int32))).to(torch.int64) << (4 * digit)
+    if not torch.equal(order.sort().values, index.view(-1)):
+        raise RuntimeError("the int4pack layout is not a permutation of nibbles")
+    return order.to(torch.int32)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    flat = packed.reshape(-1)
+    return torch.stack([flat & 15, flat >> 4], -1).reshape(-1)
+
+
 def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cuda":
         return torch.ops.aten._weight_int4pack_mm(x, packed, group, scales_and_zeros)
@@ -145,9 +169,14 @@ class Int4Linear(_KernelModule):
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     def int4_codes(self) -> torch.Tensor:
-        """The codes in the kernel's storage: the kernel on an identity matrix, scale 1 and zero 8, returns the container codes."""
+        """The codes in the kernel's storage: on the CPU read through the packer's nibble order; on CUDA the kernel
+        on an identity matrix, scale 1 and zero 8, returns the container codes."""
         out_features, in_features = self.matrix_shape
         device = self.packed.device
+        if device.type == "cpu":
+            container = torch.empty(out_features * in_features, dtype=torch.uint8)
+            container[_int4_nibble_order(out_features, in_features).long()] = _nibbles(self.packed)
+            return (container.view(out_features, in_features) - self.shift).to(torch.uint8)
         unit = torch.tensor([1.0, 8.0], dtype=BF16, device=device).expand(in_features // self.kernel_group,
                                                                            out_features, 2).contiguous()
         eye = torch.eye(in_features, dtype=BF16, device=device)
@@ -243,7 +272,9 @@ class Int8Embedding(_KernelModule):
 
 # ---------------------------------------------------------------- fallbacks and the dynamic option
 class DequantLinear(_KernelModule):
-    """uint8 codes de-quantized to bf16 at every call: what runs when no integer kernel takes the layer."""
+    """uint8 codes de-quantized once to a dense bf16 matrix that a plain bf16 matmul runs: what runs when no
+    integer kernel takes the layer. It holds both (the codes are what is stored and exported; the dense matrix
+    is what computes), so it saves no memory and no time over the bf16 base: its speed is the bf16 model's."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
@@ -253,13 +284,13 @@ class DequantLinear(_KernelModule):
         self.register_buffer("zeros", qw.zeros.float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
         self.register_buffer("mask_bits", pack_mask(qw.mask))
+        self.register_buffer("dense", qw.dequantize().to(BF16), persistent=False)
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized_weight().dequantize().to(BF16)
-        return F.linear(x.to(BF16), w, self.bias).to(x.dtype)
+        return F.linear(x.to(BF16), self.dense, self.bias).to(x.dtype)
 
 
 class ActivationInt8Linear(_KernelModule):

@@ -71,8 +71,10 @@ class CompressedLinear(_HoldsCodes, nn.Linear):
         if isinstance(layer, CompressedLinear):
             return layer
         w = weight_matrix(layer)
-        module = cls(w.shape[1], w.shape[0], bias=layer.bias is not None)
-        module.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        with torch.device("meta"):  # no random init: every value is overwritten below
+            module = cls(w.shape[1], w.shape[0], bias=layer.bias is not None)
+        module.to_empty(device=layer.weight.device)
+        module.to(dtype=layer.weight.dtype)
         module.weight.copy_(w)
         if layer.bias is not None:
             module.bias.copy_(layer.bias.detach())
