@@ -24,7 +24,8 @@ TEMPERATURES = (1, 2, 4, 8)
 SEEDS = (0, 1, 2)
 KEEP_EVERY = 2
 # what run() returns, key for key (bench/__main__.py checks it)
-KEYS = ("headline", "tiny", "smollm2", "student", "best_temperature", "eval_tokens", "seconds")
+KEYS = ("headline", "tiny", "smollm2", "student", "best_temperature", "eval_tokens", "tiny_behaviour", "seconds")
+TINY_RATIO_TOKENS = 4096   # held-out tokens the tiny model's compression behaviour is measured on (as its test)
 
 
 def tiny_compression():
@@ -118,8 +119,21 @@ def _student(ctx, temperature: float, steps: int, calibration) -> dict:
     return out
 
 
+def tiny_behaviour(ctx) -> dict:
+    """How the tiny model reacts to compression (issue 14 asks it to react as a real LLM does): held-out
+    perplexity after each of train_tiny's checks over the uncompressed model's — the function its model card and
+    tests/test_train_tiny.py use, on the first TINY_RATIO_TOKENS tokens of the held-out plays."""
+    from lmcompress_core.data import load_text, token_ids
+    from lmcompress_core.models.train_tiny import compression_ratios
+
+    loaded = ctx.loaded("tiny")
+    ids = token_ids(loaded.tokenizer, load_text("tiny-heldout"))[:TINY_RATIO_TOKENS]
+    return {"ratios": compression_ratios(loaded.model, loaded.tokenizer, ids), "tokens": int(ids.numel())}
+
+
 def run(ctx) -> dict:
     start = time.perf_counter()
+    behaviour = tiny_behaviour(ctx)
     steps = ctx.scale.kd_steps
     calibration = _calibration(ctx, "tiny", steps)
     tiny = _recovery_rows(ctx, "tiny", "70% magnitude pruning", tiny_compression(), TEMPERATURES, SEEDS, steps,
@@ -135,7 +149,10 @@ def run(ctx) -> dict:
     return {
         "headline": {"kd_recovered_fraction_by_temperature": by_temperature,
                      "kd_recovered_fraction_smollm2": smollm2["rows"][0]["recovered_fraction"] if smollm2 else None,
-                     "kd_student_over_ce_only": student["kd_over_ce_only"]},
+                     "kd_student_over_ce_only": student["kd_over_ce_only"],
+                     "tiny_ppl_ratio_2bit": behaviour["ratios"].get("rtn_2bit_g128"),
+                     "tiny_ppl_ratio_4bit": behaviour["ratios"].get("rtn_4bit_g128")},
+        "tiny_behaviour": behaviour,
         "tiny": tiny, "smollm2": smollm2, "student": student, "best_temperature": best,
         "eval_tokens": {"tiny": int(ctx.eval_ids("tiny").numel()),
                         "default": int(ctx.eval_ids("default").numel()) if smollm2 else None},
