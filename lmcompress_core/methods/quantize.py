@@ -394,12 +394,12 @@ class _ColumnLoop:
 
     def __init__(self, columns: torch.Tensor, hinv: torch.Tensor, bits: int, keep: torch.Tensor | None):
         self.columns, self.qmax, self.keep = columns, _qmax(bits), keep
-        # Row j of the factor over its diagonal: the raw error x − q then updates the later columns exactly as
-        # the textbook's (x − q)/d_j does with row j itself, and the division leaves the loop.
+        # Row j of the factor over its diagonal: the raw error x − q then updates the later columns as the
+        # textbook's (x − q)/d_j does with row j itself (equal up to float rounding), and the division leaves the loop.
         self.hinv = hinv / hinv.diagonal()[:, None]
         self.codes = torch.empty_like(columns)
-        self.rounded = torch.empty(columns.shape[1])
-        self.errors = torch.empty(_LAZY_BLOCK, columns.shape[1])
+        self.rounded = torch.empty(columns.shape[1], device=columns.device)
+        self.errors = torch.empty(_LAZY_BLOCK, columns.shape[1], device=columns.device)
 
     def run(self, grids) -> torch.Tensor:
         """The codes ``[in, out]``, float; ``grids(j)`` gives column j's (scale, zero) as ``[out]`` rows."""
