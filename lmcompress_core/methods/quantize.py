@@ -300,15 +300,37 @@ def fake_quantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
 
 
 def _cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); more damping if H is not positive definite."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, λ = damp · mean(diag H); more damping if H is not positive
+    definite. With J the reversal permutation, J(H + λI)J = LLᵀ gives H + λI = (JLJ)(JLJ)ᵀ, so U = J L⁻¹ J: one
+    Cholesky and one triangular inverse, a third of the work of inverting H and factoring the inverse."""
     mean_diag = h.diagonal().mean().clamp_min(1e-8)
     for attempt in range(6):
-        factor, info = torch.linalg.cholesky_ex(h + eye * (damp * 10 ** attempt * mean_diag))
+        damped = _reversed(h)
+        damped.diagonal().add_(damp * 10 ** attempt * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
-            inverse = torch.cholesky_solve(eye, factor)  # torch.cholesky_inverse is ~25x slower on CPU
-            return torch.linalg.cholesky(inverse, upper=True)
+            return _reversed(_lower_triangular_inverse(factor))
     raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping; use more calibration text")
+
+
+def _reversed(m: torch.Tensor) -> torch.Tensor:
+    """JMJ, m with rows and columns in reverse order (a copy): the flattened matrix reversed, 5x faster than
+    ``flip(0, 1)`` on CPU."""
+    return m.reshape(-1).flip(0).reshape(m.shape)
+
+
+def _lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ by halves, [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹BA⁻¹, C⁻¹]]: matrix products instead of one triangular
+    solve against the identity, which does not know its right-hand side is mostly zeros (2.3x faster at 1536)."""
+    n = lower.shape[0]
+    if n <= 256:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
+    k = n // 2
+    top, bottom = _lower_triangular_inverse(lower[:k, :k]), _lower_triangular_inverse(lower[k:, k:])
+    inverse = torch.zeros_like(lower)
+    inverse[:k, :k], inverse[k:, k:] = top, bottom
+    inverse[k:, :k] = -(bottom @ lower[k:, :k]) @ top
+    return inverse
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationConfig,
@@ -318,45 +340,28 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationCo
     Each column is rounded on its grid, and the rounding error, divided by the Cholesky diagonal, is pushed
     onto the not-yet-quantized columns (exact within a lazy batch, one matrix product for the rest).
     """
-    w = w.detach().to(torch.float32).clone()
+    w = w.detach().to(torch.float32)
     h = hessian.detach().to(torch.float32).clone()
-    out_features, in_features = w.shape
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0  # inputs never active carry no error signal; their columns are plain RTN
-    group_size = _group_size(config, in_features)
-    keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool).clone()
-    perm = torch.argsort(h.diagonal(), descending=True) if config.act_order else torch.arange(in_features)
+    group_size = _group_size(config, w.shape[1])
+    order = torch.argsort(h.diagonal(), descending=True) if config.act_order else None
+    # The loop runs on Wᵀ: column j of W is then the contiguous row j, and each step of a column is one vector op.
+    columns = _rows_in_order(w.t(), order)
+    keep = None if mask is None else _rows_in_order(mask.t().to(torch.float32), order)
     lazy = config.granularity == "group" and not config.act_order
-    grid_col = None if lazy else _FixedGrids(w, config, group_size)
-    w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
-    hinv = _cholesky_of_inverse(h, config.damp)
-    diagonal = hinv.diagonal().tolist()  # float32 values as Python floats: one tensor op less per column
-    codes = torch.zeros_like(w)
-    scales, zeros = {}, {}
-    for b0 in range(0, in_features, _LAZY_BLOCK):
-        b1 = min(b0 + _LAZY_BLOCK, in_features)
-        block, errors = w[:, b0:b1].clone(), torch.zeros(out_features, b1 - b0, dtype=w.dtype)
-        for i in range(b1 - b0):
-            col = b0 + i
-            scale, zero = _lazy_grid(block, i, col, group_size, config, scales, zeros) if lazy else grid_col(perm[col])
-            code = codes_on_grid(block[:, i:i + 1], scale, zero, config.bits)
-            q = (code - zero) * scale
-            if mask is not None:  # without a mask every weight is kept (× 1 changes nothing)
-                q *= keep[:, col:col + 1]
-            codes[:, col] = code[:, 0]
-            err = (block[:, i] - q[:, 0]) / diagonal[col]
-            block[:, i:] -= err[:, None] * hinv[col, col:b1][None, :]
-            errors[:, i] = err
-        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
-    inverse = torch.argsort(perm)
-    codes = codes[:, inverse]
-    if not lazy:
-        scale_t, zero_t = grid_col.tables
-    else:
-        order = sorted(scales)
-        scale_t, zero_t = torch.cat([scales[g] for g in order], 1), torch.cat([zeros[g] for g in order], 1)
-    return QuantizedWeight(codes.to(torch.uint8), scale_t.to(torch.float32), zero_t.to(torch.float32),
-                           config.bits, group_size, None if mask is None else mask.to(torch.bool))
+    grids = _LazyGrids(columns, config, group_size) if lazy else _FixedGrids(w, config, group_size, order)
+    hinv = _cholesky_of_inverse(h if order is None else h[order][:, order], config.damp)
+    codes = _ColumnLoop(columns, hinv, config.bits, keep).run(grids)
+    codes = (codes if order is None else codes[torch.argsort(order)]).to(torch.uint8).t().contiguous()
+    scales, zeros = grids.tables
+    return QuantizedWeight(codes, scales.to(torch.float32), zeros.to(torch.float32), config.bits, group_size,
+                           None if mask is None else mask.to(torch.bool))
+
+
+def _rows_in_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """A contiguous copy of t (never a view of the caller's tensor), its rows in ``order`` (None: as they are)."""
+    return t.clone(memory_format=torch.contiguous_format) if order is None else t.index_select(0, order)
 
 
 def gptq_quantize_rows(weights: list[torch.Tensor], hessian: torch.Tensor, config: QuantizationConfig,
@@ -381,27 +386,76 @@ def gptq_quantize_rows(weights: list[torch.Tensor], hessian: torch.Tensor, confi
     return out
 
 
-def _lazy_grid(block, i, col, group_size, config, scales, zeros):
-    group = col // group_size
-    if group not in scales:  # first column of a group: its grid comes from the already-updated weights
-        scales[group], zeros[group] = _grid(block[:, i:i + group_size], config)
-    return scales[group], zeros[group]
+class _ColumnLoop:
+    """GPTQ's sequential part on Wᵀ ``[in, out]`` (column j of W is row j): per column, rounding onto its grid and
+    a rank-1 update of the rest of its lazy batch with the rounding error; one matrix product per batch for the
+    columns after it. Preallocated buffers and in-place ops throughout, because at these sizes a column costs what
+    its tensor ops cost to dispatch (~1–3 µs each), not their arithmetic."""
+
+    def __init__(self, columns: torch.Tensor, hinv: torch.Tensor, bits: int, keep: torch.Tensor | None):
+        self.columns, self.qmax, self.keep = columns, _qmax(bits), keep
+        # Row j of the factor over its diagonal: the raw error x − q then updates the later columns as the
+        # textbook's (x − q)/d_j does with row j itself (equal up to float rounding), and the division leaves the loop.
+        self.hinv = hinv / hinv.diagonal()[:, None]
+        self.codes = torch.empty_like(columns)
+        self.rounded = torch.empty(columns.shape[1], device=columns.device)
+        self.errors = torch.empty(_LAZY_BLOCK, columns.shape[1], device=columns.device)
+
+    def run(self, grids) -> torch.Tensor:
+        """The codes ``[in, out]``, float; ``grids(j)`` gives column j's (scale, zero) as ``[out]`` rows."""
+        n = self.columns.shape[0]
+        for b0 in range(0, n, _LAZY_BLOCK):
+            b1 = min(b0 + _LAZY_BLOCK, n)
+            errors = self.errors[: b1 - b0]
+            for col, err in zip(range(b0, b1), errors):
+                self._column(col, b1, *grids(col), err)
+            self.columns[b1:].addmm_(self.hinv[b0:b1, b1:].t(), errors, alpha=-1)
+        return self.codes
+
+    def _column(self, col: int, b1: int, scale: torch.Tensor, zero: torch.Tensor, err: torch.Tensor) -> None:
+        x, code, q = self.columns[col], self.codes[col], self.rounded
+        torch.addcdiv(zero, x, scale, out=code).round_().clamp_(0, self.qmax)  # x / scale + zero, rounded
+        torch.sub(code, zero, out=q)
+        if self.keep is not None:  # without a mask every weight is kept (× 1 changes nothing)
+            q.mul_(self.keep[col])
+        torch.addcmul(x, q, scale, value=-1, out=err)  # x − (code − zero) · scale: the rounding error
+        self.columns[col + 1:b1].addr_(self.hinv[col, col + 1:b1], err, alpha=-1)
+
+
+class _LazyGrids:
+    """Per-group grids without act-order: fitted when a group's first column is reached, on the columns as GPTQ has
+    updated them so far (the lazy batch and the group size divide one another, so those columns are current)."""
+
+    def __init__(self, columns: torch.Tensor, config: QuantizationConfig, group_size: int):
+        self.columns, self.config, self.group_size = columns, config, group_size
+        self.scales, self.zeros = [], []
+
+    def __call__(self, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if col % self.group_size == 0:
+            scale, zero = _grid(self.columns[col:col + self.group_size].t(), self.config)
+            self.scales.append(scale[:, 0].contiguous()), self.zeros.append(zero[:, 0].contiguous())
+        return self.scales[-1], self.zeros[-1]
+
+    @property
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(self.scales, 1), torch.stack(self.zeros, 1)
 
 
 class _FixedGrids:
-    """Grids computed once from the unquantized matrix: per-tensor, per-channel, or per-group with act-order."""
+    """Grids computed once from the unquantized matrix: per-tensor, per-channel, or per-group with act-order
+    (groups stay contiguous in the original column order, whatever order the columns are quantized in)."""
 
-    def __init__(self, w: torch.Tensor, config: QuantizationConfig, group_size: int):
-        self.group_size = group_size
+    def __init__(self, w: torch.Tensor, config: QuantizationConfig, group_size: int, order: torch.Tensor | None):
         rows = w.reshape(1, -1) if group_size == -1 else w
         parts = [_grid(rows[:, c], config) for c in _column_groups(rows.shape[1], group_size)]
         self.tables = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
+        scale_rows, zero_rows = (t.t().contiguous() for t in self.tables)  # [n_groups, out]: one row per group
+        original = torch.arange(w.shape[1]) if order is None else order  # the original index of each column
+        groups = [0] * w.shape[1] if group_size == -1 else (original // group_size).tolist()
+        self._by_column = [(scale_rows[g], zero_rows[g]) for g in groups]
 
-    def __call__(self, original_col: torch.Tensor):
-        if self.group_size == -1:
-            return self.tables[0], self.tables[1]
-        g = int(original_col) // self.group_size
-        return self.tables[0][:, g:g + 1], self.tables[1][:, g:g + 1]
+    def __call__(self, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._by_column[col]
 
 
 # ---- whole-model transforms (used by compress.py) ----------------------------------------------------------
