@@ -34,7 +34,11 @@ base = QuantizationConfig(bits=4, group_size=group_size, method=method, int8_ker
 
 try:
     with st.spinner("Measuring per-layer sensitivity (once per model and grid)…"):
-        allocation = autopilot.allocate_for(loaded, autopilot.BudgetConfig(target_bpw=target, base=base))
+        bar = st.progress(0.0, text="Fisher information and per-kind KL")   # moving a control abandons the run
+        allocation = autopilot.allocate_for(loaded, autopilot.BudgetConfig(target_bpw=target, base=base),
+                                            callback=lambda done, total, what: bar.progress(
+                                                done / total, text=f"{what} widths measured ({done} of {total})"))
+        bar.empty()
 except ValueError as exc:
     common.error("Cannot meet this budget", exc)
     st.stop()
