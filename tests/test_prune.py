@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask, nm_mask
+from lmcompress_core.methods.prune import PROBES, PruningConfig, global_masks, kth_smallest, layer_mask, nm_mask
 
 torch.set_num_threads(2)
 
@@ -56,6 +56,39 @@ def test_global_scope_hits_the_target_over_all_layers_not_each():
     assert abs(removed - 0.5) <= 0.005
     assert (~masks["small"]).float().mean() > 0.8  # the small layer takes most of the cut
     assert (~masks["large"]).float().mean() < 0.2
+
+
+def _large_chunks(kind: str) -> list[torch.Tensor]:
+    """Three 1-D tensors large enough for kth_smallest's sampled bracket (n ≫ 4·PROBES)."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = (40 * PROBES // 8, 3 * PROBES, 11 * PROBES // 4)
+    chunks = [torch.randn(n, generator=gen).abs() * (i + 1) for i, n in enumerate(sizes)]
+    if kind == "ties":  # de-quantized weights (SmolLM2 comes from Q4_1) repeat a handful of magnitudes
+        chunks = [(c * 4).round() / 4 for c in chunks]
+    if kind == "aliased":  # every sampled position holds a zero: the sample is useless and the bracket misses
+        step = sum(c.numel() for c in chunks) // PROBES
+        chunks = [c + 1 for c in chunks]
+        for c in chunks:
+            c[::step] = 0.0
+    return chunks
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "aliased"])
+@pytest.mark.parametrize("fraction", [1e-6, 0.01, 0.5, 0.9, 1.0])
+def test_kth_smallest_equals_a_full_selection(kind, fraction):
+    chunks = _large_chunks(kind)
+    everything = torch.cat(chunks)
+    k = max(1, round(fraction * everything.numel()))
+    assert kth_smallest(chunks, k) == torch.kthvalue(everything, k).values
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_layer_magnitude_removes_exactly_k_on_large_layers_even_with_ties(tied):
+    w = torch.randn(512, 384, generator=torch.Generator().manual_seed(4))
+    w = (w * 4).round() / 4 if tied else w
+    mask = layer_mask(w, PruningConfig(sparsity=0.3))
+    assert (~mask).sum().item() == round(0.3 * w.numel())
+    assert w[~mask].abs().max() <= w[mask].abs().min()
 
 
 @pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ("4:8", 4, 8)])
