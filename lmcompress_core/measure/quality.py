@@ -243,16 +243,17 @@ def _timed_forward(model, device: torch.device, forward_s: list[float] | None):
         return step
 
     def timed(*args, **kwargs):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         out = step(*args, **kwargs)
-        _synchronize(device)
+        synchronize(device)
         forward_s.append(time.perf_counter() - start)
         return out
     return timed
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously) so that a clock around it times the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -318,7 +319,7 @@ def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens:
     stream = (lambda kind: None) if on_token is None else (lambda kind: lambda toks: on_token(kind, text(toks)))
     forward_s = None if after_greedy is None else []
     if forward_s is not None:
-        decode(model, ids, 1)   # warm-up: the timed prompt pass must not pay first-call costs
+        decode(model, ids, 0)   # warm-up: the timed prompt pass must not pay first-call costs
     comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, on_token=stream("greedy"), forward_s=forward_s)
     if after_greedy is not None:
         after_greedy(forward_s, int(ids.numel()))

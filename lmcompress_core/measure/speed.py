@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from lmcompress_core.measure.quality import continue_with_cache, max_positions, model_device
+from lmcompress_core.measure.quality import continue_with_cache, max_positions, model_device, synchronize
 
 
 @dataclass
@@ -54,11 +54,6 @@ class SpeedRatio:
     rounds: int
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @lru_cache(maxsize=4)
 def memory_bandwidth_gb_s(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Copy bandwidth in GB/s (read + write bytes / best time) of a large tensor; measured once per process."""
@@ -68,10 +63,10 @@ def memory_bandwidth_gb_s(device: str = "cpu", nbytes: int = 256 * 2**20, repeat
     dst.copy_(src)  # warm-up: page in both buffers
     best = float("inf")
     for _ in range(repeats):
-        _sync(dev)
+        synchronize(dev)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(dev)
+        synchronize(dev)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best / 1e9
 
@@ -116,17 +111,17 @@ def latency_prompt(model, tokenizer, prompt_tokens: int, new_tokens: int) -> tor
 
 @torch.inference_mode()
 def _one_run(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
-    _sync(device)
+    synchronize(device)
     prefill = time.perf_counter() - start
     token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = continue_with_cache(model, out, token)
         token = out.logits[:, -1:].argmax(-1)
-    _sync(device)
+    synchronize(device)
     return prefill, time.perf_counter() - start
 
 
