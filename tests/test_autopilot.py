@@ -25,8 +25,24 @@ def test_bad_budget_is_refused(kwargs, words):
 
 
 def test_layer_cost_counts_codes_scales_and_zeros():
-    assert autopilot.layer_cost_bits((10, 576), 4, 128) == 10 * 576 * 4 + 10 * 5 * 32  # 576 = 4.5 groups -> 5
+    # 576 inputs = 4.5 groups of 128 -> 5; per group a 16-bit scale and a 4-bit zero-point code (or a 16-bit float)
+    assert autopilot.layer_cost_bits((10, 576), 4, 128) == 10 * 576 * 4 + 10 * 5 * (16 + 4)
+    assert autopilot.layer_cost_bits((10, 576), 4, 128, integer_zeros=False) == 10 * 576 * 4 + 10 * 5 * 32
     assert autopilot.layer_cost_bits((10, 576), 16, 128) == 10 * 576 * 32
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("method", ["rtn", "mse", "hqq"])
+def test_layer_cost_is_what_the_packed_file_stores(bits, method):
+    """The budget the autopilot spends is the packed format's bytes, not a formula beside it."""
+    from lmcompress_core.methods.quantize import quantize_weight
+    from lmcompress_core.runtime.packing import pack_layer
+
+    w = torch.randn(40, 320, generator=torch.Generator().manual_seed(bits))  # 320 = 2.5 groups of 128
+    config = QuantizationConfig(bits=bits, group_size=128, method=method)
+    _, meta = pack_layer("layer", None, quantize_weight(w, config))
+    assert config.integer_zero_points and meta["scales_dtype"] == "float16"
+    assert meta["bytes"] == autopilot.layer_cost_bits((40, 320), bits, 128) // 8
 
 
 def _toy_damage():

@@ -106,3 +106,20 @@ def test_smoothed_int8_model_reloads_with_identical_logits(int8_models, arch, fl
         assert type(again) is CompressedLinear and SMOOTHING_SUFFIX not in str(layers[name])
         assert torch.equal(again.weight, saved[name].weight)
         assert torch.equal(again.weight, saved[name].quantized_weight().dequantize())
+
+
+@pytest.mark.parametrize("grid, symmetric, zeros_dtype", [("integer-zero", False, "codes"), ("integer-zero", True, "codes"),
+                                                          ("minmax", False, "float32")])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_zero_points_are_packed_at_the_code_width_when_they_are_codes(grid, symmetric, zeros_dtype, bits):
+    from lmcompress_core.methods.quantize import QuantizationConfig, quantize_tensor
+    from lmcompress_core.runtime.packing import pack_layer, unpack_layer_parts
+
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(bits))
+    qw = quantize_tensor(w, QuantizationConfig(bits=bits, group_size=64, grid=grid, symmetric=symmetric))
+    tensors, meta = pack_layer("layer", None, qw)
+    assert meta["zeros_dtype"] == zeros_dtype
+    if zeros_dtype == "codes":  # 24 rows × 4 groups of integer zero-points, `bits` bits each
+        assert tensors["layer.weight.zeros"].numel() == (24 * 4 * bits + 7) // 8
+    back, _, _ = unpack_layer_parts("layer", meta, tensors)
+    assert torch.equal(back.zeros, qw.zeros) and torch.equal(back.dequantize(), qw.dequantize())

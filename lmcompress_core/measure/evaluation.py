@@ -27,7 +27,7 @@ from lmcompress_core.measure.protocol import EvalProtocol, calibration_for, eval
 
 __all__ = ["SizeReport", "Report", "measure_size", "evaluate", "cached_report", "clear_cache", "how_labels"]
 
-SCALE_BITS = 16  # theoretical size: a scale and a zero-point per group at 16 bits each (the usual fp16 storage)
+SCALE_BITS = 16  # theoretical size: a 16-bit scale per group, and a zero-point: an integer code or a 16-bit float
 CACHE_SIZE = 64
 BASE_SCORES_CACHE_SIZE = 3
 
@@ -125,7 +125,8 @@ def _theoretical_bits(layer: dict) -> int:
     kept = layer.get("nnz", numel)
     mask_bits = 8 * min(layer["sparse_sizes"].values()) if layer.get("sparse") else 0
     if layer["kind"] == "quantized":
-        return kept * layer["bits"] + 2 * layer["groups"] * SCALE_BITS + mask_bits
+        zero_bits = layer["bits"] if layer.get("zeros_dtype") == "codes" else SCALE_BITS
+        return kept * layer["bits"] + layer["groups"] * (SCALE_BITS + zero_bits) + mask_bits
     return kept * torch.finfo(getattr(torch, layer["dtype"])).bits + mask_bits
 
 
@@ -160,10 +161,12 @@ def how_labels(report: Report) -> dict[str, str]:
 
 def _how_size(s: SizeReport) -> dict[str, str]:
     how = {
-        "theoretical_bytes": "Σ weights × bits + a 16-bit scale and zero-point per group; pruned layers count their "
-                             "kept weights plus the smaller sparse mask; every other tensor at its dtype",
+        "theoretical_bytes": "Σ weights × bits + per group a 16-bit scale and a zero-point (an integer code at the "
+                             "layer's bits, else 16-bit); pruned layers count their kept weights plus the smaller "
+                             "sparse mask; every other tensor at its dtype",
         "packed_bytes": "bytes of the safetensors + JSON files save_compressed writes: codes bit-packed, scales/zeros "
-                        f"as {'/'.join(s.scale_dtypes) or 'n/a'} (fp16 only when lossless), pruned layers as a bitmask "
+                        f"as {'/'.join(s.scale_dtypes) or 'n/a'} (fp16 only when lossless; 'codes': integer "
+                        "zero-points bit-packed like the codes), pruned layers as a bitmask "
                         "or bit-packed column indices (the smaller per layer) with only kept weights, other tensors "
                         "as they are",
         "runtime_bytes": "bytes of parameters and buffers the running model holds" + (f"; {s.note}" if s.note else ""),
@@ -178,7 +181,7 @@ def _how_latency(report: Report) -> dict[str, str]:
             f"thread(s)")
     steps = (f"prefill = one forward pass over {lat.prompt_tokens} fixed prompt tokens; decode = {lat.new_tokens} "
              f"greedy steps with the KV cache; kernel: {lat.kernel}")
-    if getattr(lat, "source", "") == "greedy generation":
+    if lat.source == "greedy generation":
         how = {"latency": (
             f"the compressed model alone while exploring, read off its greedy generation below on {lat.device} with "
             f"{lat.threads} thread(s): prefill = the forward pass over the {lat.prompt_tokens}-token prompt (after one "

@@ -1,7 +1,7 @@
 """Bit-budget autopilot: which layers can be squeezed and which must stay wide, for a target size.
 
 The user gives a budget — average bits per weight of the quantized layers (packed: codes plus the float16 scale
-and zero-point of every group), or a packed file size in MB — and ``allocate`` returns a ``QuantizationConfig``
+and the zero-point of every group), or a packed file size in MB — and ``allocate`` returns a ``QuantizationConfig``
 whose ``layer_bits`` gives each layer its bit-width, chosen to minimise the predicted damage under the budget.
 
 Damage of a layer at b bits = the KL divergence KL(p_base ‖ p) that quantizing that layer alone adds to the
@@ -45,7 +45,8 @@ from lmcompress_core.methods.quantize import FLOAT_LAYER, INTEGER_BITS, Quantiza
 CHOICES = (2, 3, 4, 8)
 FISHER_SAMPLES = 2           # label draws per calibration sequence
 MEASURE_BELOW = 8            # widths below this get their prediction rescaled by a measured KL (8 bits: quadratic)
-SCALE_ZERO_BITS = 32         # float16 scale + float16 zero-point per group, as the packed file stores them
+SCALE_BITS = 16              # a float16 scale per group, as the packed file stores it
+FLOAT_ZERO_BITS = 16         # a zero-point that is not an integer code: float16 (integer ones take the codes' width)
 FLOAT_BITS = 32              # a layer kept float is stored at float32 in the packed file
 _CACHE: dict = {}
 
@@ -83,12 +84,14 @@ class Allocation:
     config: QuantizationConfig                 # base settings + layer_bits for every layer off the base width
 
 
-def layer_cost_bits(shape: tuple[int, int], bits: int, group_size: int) -> int:
-    """Packed bits of one [out, in] layer at ``bits``: codes plus a 16-bit scale and zero per group."""
+def layer_cost_bits(shape: tuple[int, int], bits: int, group_size: int, integer_zeros: bool = True) -> int:
+    """Packed bits of one [out, in] layer at ``bits``: codes plus, per group, a 16-bit scale and a zero-point (an
+    integer code at ``bits`` bits, or a 16-bit float when ``integer_zeros`` is False), as packing.py writes them."""
     out_features, in_features = shape
     if bits == FLOAT_LAYER:
         return out_features * in_features * FLOAT_BITS
-    return out_features * in_features * bits + out_features * math.ceil(in_features / group_size) * SCALE_ZERO_BITS
+    per_group = SCALE_BITS + (bits if integer_zeros else FLOAT_ZERO_BITS)
+    return out_features * in_features * bits + out_features * math.ceil(in_features / group_size) * per_group
 
 
 def _cache_key(model_name: str, ids: torch.Tensor, base: QuantizationConfig, choices) -> tuple:
@@ -215,10 +218,10 @@ def measured_kl(model, ids: torch.Tensor, config: QuantizationConfig) -> float:
 
 
 def allocate_bits(damage: dict[str, dict[int, float]], shapes: dict[str, tuple[int, int]], budget_bits: float,
-                  group_size: int) -> dict[str, int]:
+                  group_size: int, integer_zeros: bool = True) -> dict[str, int]:
     """Greedy: all layers at their narrowest choice, then the upgrade with the most damage saved per extra bit
     that still fits, until none fits. Raises ValueError when even the narrowest widths exceed the budget."""
-    cost = {n: {b: layer_cost_bits(shapes[n], b, group_size) for b in damage[n]} for n in damage}
+    cost = {n: {b: layer_cost_bits(shapes[n], b, group_size, integer_zeros) for b in damage[n]} for n in damage}
     chosen = {n: min(damage[n]) for n in damage}
     spent = sum(cost[n][b] for n, b in chosen.items())
     if spent > budget_bits:
@@ -264,14 +267,15 @@ def allocate(model, ids: torch.Tensor, budget: BudgetConfig, model_name: str = "
     """Measure (or reuse) per-layer damage on ``ids`` and assign bits per layer under ``budget``."""
     damage = measure_damage(model, ids, budget.base, budget.choices, model_name=model_name, callback=callback)
     shapes = {n: tuple(weight_matrix(m).shape) for n, m in linear_layers(model).items()}
-    chosen = allocate_bits(damage, shapes, budget_bits(budget, model, shapes), budget.base.group_size)
+    chosen = allocate_bits(damage, shapes, budget_bits(budget, model, shapes), budget.base.group_size,
+                           budget.base.integer_zero_points)
     return allocation_from(chosen, damage, shapes, budget.base)
 
 
 def allocation_from(bits: dict[str, int], damage: dict, shapes: dict, base: QuantizationConfig) -> Allocation:
     """An Allocation for given widths (the autopilot's, or with a person's overrides applied)."""
     numel = {n: math.prod(s) for n, s in shapes.items()}
-    spent = sum(layer_cost_bits(shapes[n], b, base.group_size) for n, b in bits.items())
+    spent = sum(layer_cost_bits(shapes[n], b, base.group_size, base.integer_zero_points) for n, b in bits.items())
     return Allocation(dict(bits), damage, numel, dict(shapes), spent / sum(numel.values()),
                       sum(damage[n][b] for n, b in bits.items() if b in damage[n]), config_for(bits, base))
 

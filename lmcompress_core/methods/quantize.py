@@ -107,6 +107,12 @@ class QuantizationConfig:
     def is_integer(self) -> bool:
         return self.bits in INTEGER_BITS
 
+    @property
+    def integer_zero_points(self) -> bool:
+        """Zero-points are integer codes, which the packed file stores at the codes' width (0 is on the grid:
+        symmetric, or the integer-zero grid, whatever fits the scale); the seed's min-max rule's are fractional."""
+        return self.symmetric or self.grid == "integer-zero"
+
     def for_layer(self, name: str) -> "QuantizationConfig | None":
         """The setting the layer called ``name`` gets: the first ``layer_bits`` pattern found in the name
         decides its bits (16: None, the layer stays float); no match: this config's own bits."""

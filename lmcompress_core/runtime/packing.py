@@ -4,7 +4,10 @@ Written by hand because it is the point of the project: the *packed* size the ap
 count of the files written here, not an estimate. The format:
 
 * quantized layers: integer codes bit-packed densely (two 4-bit codes per byte; 3-, 5-, 6-bit codes
-  run across byte boundaries), scales and zero-points per group (fp16 when that is lossless, else fp32);
+  run across byte boundaries), a scale per group (fp16 when that is lossless, else fp32) and a zero-point per
+  group: bit-packed at the codes' width when it is an integer code (the integer-zero and symmetric grids: 0 lies
+  on the grid, so the zero-point is one of the codes; llama.cpp's K-quants likewise store small integers, not
+  floats), else as a float like the scales (HQQ's fitted and the seed's min-max zero-points are fractional);
 * pruned layers: only the kept weights (or kept codes) plus the keep-mask in a real sparse format,
   a bitmask (1 bit per weight) or row-compressed column indices (bit-packed), the smaller per layer;
 * every other tensor (embeddings, norms, biases, layers left float) stored as it is, tied tensors once;
@@ -28,8 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "lmcompress-packed"
-FORMAT_VERSION = 3          # 3: each layer names the runtime module it reloads into (Int4Linear, ...)
-_READABLE_VERSIONS = (3,)
+FORMAT_VERSION = 4          # 3: each layer names its runtime module (Int4Linear, ...); 4: integer zero-points packed
+_READABLE_VERSIONS = (3, 4)
 SMOOTHING_SUFFIX = ".int8_smoothing_factors"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "compression.json"
@@ -149,6 +152,14 @@ def _compact_float(t: torch.Tensor) -> tuple[torch.Tensor, str]:
     return t, "float32"
 
 
+def _compact_zeros(zeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, str]:
+    """Zero-points that are integer codes, bit-packed at ``bits`` like the codes ("codes"); others as floats."""
+    z = zeros.detach().to(torch.float32)
+    if torch.equal(z, z.round()) and bool(((z >= 0) & (z < 2 ** bits)).all()):
+        return pack_codes(z.to(torch.int64), bits), "codes"
+    return _compact_float(z)
+
+
 def pack_layer(name: str, weight: torch.Tensor | None, qweight=None, mask: torch.Tensor | None = None):
     """Pack one [out, in] weight: (tensors keyed '<name>.weight.<part>', metadata dict)."""
     prefix = f"{name}.weight."
@@ -158,8 +169,8 @@ def pack_layer(name: str, weight: torch.Tensor | None, qweight=None, mask: torch
         shape = tuple(codes.shape)
         meta = {"kind": "quantized", "shape": list(shape), "bits": int(qweight.bits),
                 "group_size": int(qweight.group_size)}
-        for part in ("scales", "zeros"):
-            tensors[prefix + part], meta[f"{part}_dtype"] = _compact_float(getattr(qweight, part))
+        tensors[prefix + "scales"], meta["scales_dtype"] = _compact_float(qweight.scales)
+        tensors[prefix + "zeros"], meta["zeros_dtype"] = _compact_zeros(qweight.zeros, qweight.bits)
         meta["groups"] = int(qweight.scales.numel())
         kept = codes if mask is None else codes[mask]
         tensors[prefix + "codes"] = pack_codes(kept, qweight.bits)
@@ -194,8 +205,11 @@ def unpack_layer_parts(name: str, meta: dict, tensors: dict[str, torch.Tensor]):
     numel = math.prod(shape) if mask is None else meta["nnz"]
     kept = unpack_codes(tensors[prefix + "codes"], meta["bits"], numel)
     codes = kept.view(shape) if mask is None else torch.zeros(shape, dtype=torch.uint8).masked_scatter_(mask, kept)
-    qw = QuantizedWeight(codes=codes, scales=tensors[prefix + "scales"].to(torch.float32),
-                         zeros=tensors[prefix + "zeros"].to(torch.float32),
+    scales = tensors[prefix + "scales"].to(torch.float32)
+    zeros = tensors[prefix + "zeros"]
+    if meta.get("zeros_dtype") == "codes":
+        zeros = unpack_codes(zeros, meta["bits"], scales.numel()).view(scales.shape)
+    qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros.to(torch.float32),
                          bits=meta["bits"], group_size=meta["group_size"], mask=mask)
     return qw, None, mask
 
