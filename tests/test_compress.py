@@ -275,18 +275,19 @@ def test_tiny_perplexity_rises_as_bits_fall_and_8_bit_is_within_1_percent(tiny):
     base = perplexity(model, heldout)
     by_bits = [quantized_ppl(tiny, bits=b, runtime="simulate") for b in (8, 4, 3, 2)]
     assert by_bits[1:] == sorted(by_bits[1:]), by_bits
-    # with 0 on the grid, 4-bit g128 sits within the tiny model's noise of 8-bit (under-trained: issue 14)
-    assert by_bits[1] >= 0.99 * by_bits[0], by_bits
+    assert by_bits[1] >= 0.99 * by_bits[0], by_bits  # 4-bit g128 is never better than 8-bit beyond noise
     assert by_bits[0] <= 1.01 * base
-    assert by_bits[-1] > 1.02 * base  # 2 bits does hurt, so the ordering above is not all noise
+    assert by_bits[-1] > 1.5 * base  # 2 bits hurts as in a real LLM (measured ×2.3), so the ordering is not noise
     # the real int8 weight-only kernel, rest of the model in bf16, LM head int8
     assert quantized_ppl(tiny, bits=8, granularity="channel") <= 1.01 * base
 
 
-def test_tiny_gptq_beats_rtn_at_3_bits(tiny):
-    rtn = quantized_ppl(tiny, bits=3)
-    gptq = quantized_ppl(tiny, bits=3, method="gptq")
-    assert gptq < rtn, (gptq, rtn)
+def test_tiny_gptq_beats_rtn_at_2_bits(tiny):
+    """Where RTN does real damage (2-bit g128: held-out perplexity ×2.3 on the shipped model) GPTQ takes back much
+    of it (measured: 126 against RTN's 193). At 3 bits RTN costs this model ~7% and GPTQ is within noise of it."""
+    rtn = quantized_ppl(tiny, bits=2)
+    gptq = quantized_ppl(tiny, bits=2, method="gptq")
+    assert gptq < 0.85 * rtn, (gptq, rtn)
 
 
 @pytest.mark.parametrize("pruning", [PruningConfig(pattern="2:4"), PruningConfig(0.7)], ids=["2:4", "70%"])

@@ -39,24 +39,36 @@ def test_toy_training_reduces_perplexity():
     assert after < before / 3
 
 
-# strict: once a retrained model meets the targets this XPASSes and fails, so the marker cannot outlive the fix
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 14: the shipped tiny model (0.5 training tokens per parameter) barely reacts to "
-                          "compression; 2-bit RTN g128 costs it 1.04x, not 2x")
-def test_shipped_model_degrades_under_compression_like_a_real_llm(tiny_loaded):
-    """Issue 14's targets on 4,096 held-out tokens (Macbeth, never trained on): low bit-widths and 50% pruning
-    hurt, 4- and 8-bit barely do, Wanda's activation-aware scores beat plain magnitude."""
+# Issue 14's targets for the shipped model: (setting, ≥ or ≤, bound) of held-out perplexity over the base's.
+TARGETS = [("rtn_2bit_g128", ">=", 2.0), ("rtn_3bit_g128", ">=", 1.15), ("rtn_4bit_g128", "<=", 1.05),
+           ("rtn_8bit_g128", "<=", 1.005), ("magnitude_50", ">=", 1.2)]
+# strict: once a retrained model meets one of these it XPASSes and fails, so a marker cannot outlive its fix
+MISSED = {"rtn_3bit_g128": "issue 14: 3-bit RTN g128 costs the shipped model ~1.08x, not 1.15x: 1.58 M tokens of "
+                           "Shakespeare (10 passes) leave it more robust to rounding than a real LLM; see the model card"}
+
+
+@pytest.fixture(scope="module")
+def shipped_ratios(tiny_loaded):
+    """compression_ratios of the shipped model on 4,096 held-out tokens (Macbeth, never trained on)."""
     from lmcompress_core.data import load_text, token_ids
     from lmcompress_core.models.train_tiny import compression_ratios
 
     heldout = token_ids(tiny_loaded.tokenizer, load_text("tiny-heldout"))[:4096]
-    ratios = compression_ratios(tiny_loaded.model, tiny_loaded.tokenizer, heldout)
-    assert ratios["rtn_2bit_g128"] >= 2.0, ratios
-    assert ratios["rtn_3bit_g128"] >= 1.15, ratios
-    assert ratios["rtn_4bit_g128"] <= 1.05, ratios
-    assert ratios["rtn_8bit_g128"] <= 1.005, ratios
-    assert ratios["magnitude_50"] >= 1.2, ratios
-    assert ratios["wanda_50"] < ratios["magnitude_50"], ratios
+    return compression_ratios(tiny_loaded.model, tiny_loaded.tokenizer, heldout)
+
+
+@pytest.mark.parametrize("name, op, bound", [
+    pytest.param(*t, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=MISSED[t[0]]))
+    if t[0] in MISSED else t for t in TARGETS])
+def test_shipped_model_degrades_under_compression_like_a_real_llm(shipped_ratios, name, op, bound):
+    """Low bit-widths and 50% pruning hurt, 4- and 8-bit barely do."""
+    value = shipped_ratios[name]
+    assert (value >= bound if op == ">=" else value <= bound), shipped_ratios
+
+
+def test_wanda_beats_magnitude_on_the_shipped_model(shipped_ratios):
+    """Wanda's activation-aware scores keep more of the model than plain magnitude at the same 50%."""
+    assert shipped_ratios["wanda_50"] < shipped_ratios["magnitude_50"], shipped_ratios
 
 
 def test_a_continued_run_keeps_the_earlier_stages(tmp_path):
