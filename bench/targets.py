@@ -174,9 +174,9 @@ def _why_tiny_behaviour(results: dict) -> str:
     seen = sum(stage["tokens"] for stage in earlier_stages(folder))
     return (f"Held-out perplexity ratios of the shipped tiny model: {shown}. It has seen {seen / 1e6:.1f} M training "
             f"tokens, {seen / facts['train_tokens']:.1f} passes over its {facts['train_tokens'] / 1e6:.2f} M-token corpus "
-            f"({seen / 1e6 / facts['params_m']:.1f} per parameter): the held-out perplexity stopped improving after "
-            "about three passes while the training loss kept falling, so more steps memorise rather than learn, and "
-            "the corpus is the limit. A real LLM's sensitivity to low-bit rounding grows with the unique tokens each "
+            f"({seen / 1e6 / facts['params_m']:.1f} per parameter); its training text scores {facts['train_ppl']:.1f} "
+            f"against {facts['ppl']:.1f} held out, so further passes memorise more than they teach: the corpus is the "
+            "limit. A real LLM's sensitivity to low-bit rounding grows with the unique tokens each "
             "parameter has absorbed (SmolLM2-135M: about 15,000); closing the gap needs tens of millions of tokens of "
             "public-domain English that can ship offline with the app (tests/test_train_tiny.py keeps the missed "
             "thresholds as strict xfails).")
