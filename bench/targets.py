@@ -192,12 +192,15 @@ def _why_llamacpp(results: dict) -> str:
 REMEDIES = {  # what would shorten each stage of a Report, by stage name in Report.timings
     "latency": "fewer timed runs or decode tokens while dragging (exploring already times the compressed model "
                "alone; it comes last, after the generations)",
-    "generate": "fewer tokens while dragging (tokens already stream as they come and the base model's "
-                "continuations are computed once per prompt)",
-    "perplexity": "score fewer tokens while dragging (the base model's log-probabilities are already computed "
-                  "once per text and reused)",
-    "compress": "reuse the previous quantized layers when only pruning changes",
-    "size": "count packed bytes without writing the file",
+    "generate": "a compiled decode step or fewer tokens while dragging (exploring already generates the greedy "
+                "continuation alone, streamed, the base model's computed once per prompt; 5- and 6-bit codes in "
+                "groups run de-quantized in bf16, no grouped int8 kernel, about half the int4 kernel's decode speed)",
+    "perplexity": "score fewer tokens while dragging (the base model's log-probabilities and the text's tokens are "
+                  "already computed once per text and reused)",
+    "compress": "reuse the previous quantized layers when only pruning changes (magnitude keep-masks and the LM "
+                "head's int8 codes are already computed once per model and setting)",
+    "size": "count the packed bytes from the layout instead of packing every layer (selecting a pruned layer's "
+            "kept codes is most of it)",
 }
 
 
@@ -225,7 +228,8 @@ PHASE_WORDS = {  # the browser section's phases of one slider move, in the order
 BROWSER_REMEDIES = {  # what each mark waits for, in the order evaluate runs (the stages' seconds are in the profile)
     "first": "the size chart waits for compress and size (every layer packed to count its bytes)",
     "all": "the last chart (latency) waits for perplexity and the greedy generation it is read off",
-    "complete": "the generations end with the sampled continuation, token by token after the greedy one",
+    "complete": "the generations end with the greedy continuation, token by token (exploring generates no sampled "
+                "one: Explore shows greedy side by side)",
     "cold": "import torch and load the model once per process before the first page is requested (prepare step)",
 }
 

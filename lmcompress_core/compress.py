@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lmcompress_core.methods import recovery
 from lmcompress_core.methods.distill import DistillationConfig, distill_, keep_every_kth_block_
-from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
+from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, BaseModelCache, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask
 from lmcompress_core.methods.quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
 from lmcompress_core.runtime.modules import CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers
@@ -36,6 +36,9 @@ HELDOUT_WINDOWS = 4
 RUNTIMES = ("real", "simulate", "dynamic_int8")
 # GPTQ Hessians and Wanda input norms per base model and calibration set, shared by every setting and session
 CALIBRATION_STATS = StatisticsCache()
+# magnitude keep-masks per base model and pruning setting (bit-packed, 1 bit per weight: 17 MB for SmolLM2-135M):
+# they depend on the base weights alone, so moving the bit-width slider at a fixed sparsity prunes once
+MAGNITUDE_MASKS = BaseModelCache(per_model=4)
 HEADS = ("int8", "float")
 
 
@@ -229,17 +232,29 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
     if cfg.effective_sparsity == 0:
         return  # 0% leaves every weight bit-identical
     layers = run.layers()
+    key = (json.dumps(asdict(cfg), sort_keys=True), tuple(layers))
+    packed = MAGNITUDE_MASKS.get(run.base, key) if cfg.method == "magnitude" else None
+    masks = _masks(run, cfg, layers) if packed is None else {}
+    held = {}
+    for i, name in enumerate(layers):
+        module = as_compressed_(run.model, name)
+        if packed is None:
+            module.set_mask_(masks.pop(name))   # popped: the bool masks go as their packed bits come
+        else:
+            module.set_mask_(packed=packed[name])
+        held[name] = module.mask_bits.clone()
+        run.report("prune", i + 1, len(layers), name)
+    if cfg.method == "magnitude" and packed is None:
+        MAGNITUDE_MASKS.put(run.base, key, held)
+    run.model_state = "pruned " + json.dumps(asdict(cfg), sort_keys=True)  # later calibration sees this copy
+
+
+def _masks(run: _Run, cfg: PruningConfig, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     stats = run.input_statistics(layers, hessian=False) if cfg.method == "wanda" else None
     if cfg.scope == "global" and cfg.pattern == "unstructured":
-        masks = global_masks({name: weight_matrix(m) for name, m in layers.items()}, cfg.sparsity)
-    else:
-        masks = {}
-        for name, m in layers.items():
-            masks[name] = layer_mask(weight_matrix(m), cfg, stats.sq_norm.get(name) if stats else None)
-    for i, name in enumerate(layers):
-        as_compressed_(run.model, name).set_mask_(masks[name])
-        run.report("prune", i + 1, len(layers), name)
-    run.model_state = "pruned " + json.dumps(asdict(cfg), sort_keys=True)  # later calibration sees this copy
+        return global_masks({name: weight_matrix(m) for name, m in layers.items()}, cfg.sparsity)
+    return {name: layer_mask(weight_matrix(m), cfg, stats.sq_norm.get(name) if stats else None)
+            for name, m in layers.items()}
 
 
 @register(QuantizationConfig)

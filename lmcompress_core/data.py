@@ -43,7 +43,15 @@ def default_text_for(model_name: str) -> str:
 
 
 def token_ids(tokenizer, text: str) -> torch.LongTensor:
-    """The whole text as one 1-D tensor of token ids, without special tokens (no BOS per chunk)."""
+    """The whole text as one 1-D tensor of token ids, without special tokens (no BOS per chunk).
+
+    Tokenized once per (tokenizer, text): every evaluation of a model reads the same text, and tokenizing it
+    costs more than scoring a short protocol (a fresh copy each call, so a caller may change it freely)."""
+    return _token_ids(tokenizer, text).clone()
+
+
+@lru_cache(maxsize=8)
+def _token_ids(tokenizer, text: str) -> torch.LongTensor:
     ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
     return torch.tensor(ids, dtype=torch.long)
 

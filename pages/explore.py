@@ -69,18 +69,28 @@ def controls() -> None:
         st.query_params.from_dict(query)
 
 
-def show_report(report: dict, slots: dict, previous: bool = False) -> None:
-    """The three charts into their slots; a previous result is drawn dimmed (CSS on the keyed container)."""
-    how = plots.report_how(report)
-    for name, build in (("size", plots.size_figure), ("latency", plots.latency_figure),
-                        ("perplexity", plots.perplexity_figure)):
-        key = f"{'previous' if previous else 'result'}-{name}"
-        with slots[name].container(key=key):
-            common.figure(build(report), "" if previous else how.get(name, ""), key=f"chart-{key}")
+FIGURES = {"size": plots.size_figure, "perplexity": plots.perplexity_figure, "latency": plots.latency_figure}
 
 
-def run(loaded, config: CompressionConfig, protocol, slots: dict, heading: dict) -> dict | None:
-    """The report for this configuration (cached, or computed with progress), or None when stopped/failed.
+def show_report(report: dict, slots: dict, previous: bool = False, drawn: frozenset = frozenset()) -> None:
+    """The three charts into their slots (but those ``drawn`` already by this run as their stage finished); a
+    previous result is drawn dimmed (CSS on the keyed container)."""
+    for name in FIGURES:
+        if name not in drawn:
+            show_chart(name, report, slots[name], "previous" if previous else "result")
+
+
+def show_chart(name: str, report: dict, slot, kind: str = "result") -> None:
+    """One chart: a result ("result"; "live" while the run goes on), or the previous result dimmed ("previous")."""
+    key = f"{kind}-{name}"
+    with slot.container(key=key):
+        common.figure(FIGURES[name](report), "" if kind == "previous" else plots.report_how(report).get(name, ""),
+                      key=f"chart-{key}")
+
+
+def run(loaded, config: CompressionConfig, protocol, slots: dict, heading: dict, drawn: set) -> dict | None:
+    """The report for this configuration (cached, or computed with progress), or None when stopped/failed;
+    ``drawn`` collects the charts drawn while computing (each as its stage finished: final, not drawn again).
 
     While it computes, the previous result stays on screen, dimmed under a "previous result" badge, and the
     heading says which configuration is being computed; nothing half-done is ever shown as a result.
@@ -98,14 +108,14 @@ def run(loaded, config: CompressionConfig, protocol, slots: dict, heading: dict)
     if cached is not None:
         report = cached.to_dict()
     else:
-        report = _compute(loaded, config, protocol, slots, heading, key)
+        report = _compute(loaded, config, protocol, slots, heading, key, drawn)
         if report is None:
             return None
     common.record_run(report, key)
     return st.session_state["current"]
 
 
-def _compute(loaded, config, protocol, slots, heading, key) -> dict | None:
+def _compute(loaded, config, protocol, slots, heading, key, drawn: set) -> dict | None:
     st.session_state["pending_key"] = key
     previous = _previous(loaded)
     heading["title"].subheader(f"Computing: {common.describe_config(config.to_dict())}")
@@ -120,9 +130,8 @@ def _compute(loaded, config, protocol, slots, heading, key) -> dict | None:
         bar = st.progress(0.0, text="starting")
         stream = st.empty()
     try:
-        drawn: set[str] = set()
         return common.evaluate_live(loaded, config, protocol, bar,
-                                    lambda partial: _show_partial(partial, slots, drawn),
+                                    lambda partial: _show_partial(partial, slots, drawn, heading),
                                     lambda event: _show_stream(event, stream))
     except Cancelled:
         st.info("Stopped: the charts show the previous result; nothing from this run was kept.")
@@ -130,16 +139,23 @@ def _compute(loaded, config, protocol, slots, heading, key) -> dict | None:
         common.error("Cannot run this configuration", exc)
     finally:
         running.empty()   # no Stop button and no half-done text once nothing runs
+    drawn.clear()   # stopped or failed: the charts go back to the previous result, whole
     return None
 
 
-def _show_partial(partial: dict, slots: dict, drawn: set) -> None:
-    """Each chart once, as soon as its stage is done, while the run goes on (the heading says it is computing)."""
-    for name, build in (("size", plots.size_figure), ("perplexity", plots.perplexity_figure),
-                        ("latency", plots.latency_figure)):
+def _show_partial(partial: dict, slots: dict, drawn: set, heading: dict) -> None:
+    """Each chart once, final as soon as its stage is done, while the run goes on (the heading says it is
+    computing); once all three show this configuration, the heading names it and only the generations are
+    still coming."""
+    for name in FIGURES:
         if partial.get(name) and name not in drawn:
             drawn.add(name)
-            slots[name].plotly_chart(build(partial), width="stretch", key=f"chart-partial-{name}")
+            show_chart(name, partial, slots[name], "live")
+    if drawn.issuperset(FIGURES) and "heading" not in drawn:
+        drawn.add("heading")
+        with heading["title"].container():
+            common.config_heading(partial.get("config"))
+        heading["badge"].empty()
 
 
 def _show_stream(event: dict, stream) -> None:
@@ -182,12 +198,14 @@ protocol = common.protocol(precise=precise)
 st.caption(f"Protocol: {common.md_escape(protocol.describe())}.")
 cols = st.columns(3)
 slots = {name: col.empty() for name, col in zip(("size", "latency", "perplexity"), cols)}
-report = run(loaded, config, protocol, slots, heading) or _previous(loaded)
+drawn: set[str] = set()
+report = run(loaded, config, protocol, slots, heading, drawn) or _previous(loaded)
 if report is not None:
-    with heading["title"].container():   # the heading always names what the charts show
-        common.config_heading(report.get("config"))
-    heading["badge"].empty()
-    show_report(report, slots)
+    if "heading" not in drawn:
+        with heading["title"].container():   # the heading always names what the charts show
+            common.config_heading(report.get("config"))
+        heading["badge"].empty()
+    show_report(report, slots, drawn=frozenset(drawn))
     for note in report.get("notes") or []:   # the engine's remarks: layers kept fp32, smoothing, GPTQ fallbacks
         st.caption(common.md_escape(note))
     gen_col, trail_col = st.columns([3, 2])

@@ -146,6 +146,51 @@ def test_zero_sparsity_is_bit_identical(random_arch):
     assert_same_state(cm.model, snapshot(model))
 
 
+def _masks(cm):
+    """Keep-masks of the pruned layers (the int8 LM head holds codes, no mask)."""
+    masks = {name: m.keep_mask() for name, m in cm.layers().items()}
+    return {name: mask for name, mask in masks.items() if mask is not None}
+
+
+@pytest.mark.parametrize("pruning", [PruningConfig(sparsity=0.5), PruningConfig(sparsity=0.7, scope="global"),
+                                     PruningConfig(pattern="2:4")])
+def test_magnitude_masks_are_reused_across_bit_widths_and_equal_fresh_ones(random_arch, pruning):
+    from lmcompress_core.compress import MAGNITUDE_MASKS
+
+    model = random_arch.model
+    MAGNITUDE_MASKS.clear()
+    fresh = compress(model, CompressionConfig(pruning=pruning, quantization=QuantizationConfig(bits=3, group_size=32)))
+    assert MAGNITUDE_MASKS.models.get(model)   # kept for this base model
+    reused = compress(model, CompressionConfig(pruning=pruning, quantization=QuantizationConfig(bits=4, group_size=32)))
+    MAGNITUDE_MASKS.clear()
+    recomputed = compress(model, CompressionConfig(pruning=pruning, quantization=QuantizationConfig(bits=4,
+                                                                                                  group_size=32)))
+    masks = _masks(reused)
+    assert masks.keys() == _masks(fresh).keys() and masks
+    assert all(torch.equal(masks[n], _masks(fresh)[n]) and torch.equal(masks[n], _masks(recomputed)[n]) for n in masks)
+    for name in masks:   # the reused mask really zeroes the weights it removes
+        module = reused.layers()[name]
+        assert torch.equal(module.quantized_weight().dequantize()[~masks[name]],
+                           torch.zeros(int((~masks[name]).sum())))
+    out = lambda cm: cm.model(input_ids=calibration(model, 1)).logits.float()
+    assert torch.equal(out(reused), out(recomputed))
+
+
+def test_cached_head_codes_are_the_heads_own_and_a_changed_head_is_quantized_afresh(gpt2):
+    from lmcompress_core.methods.layers import weight_matrix
+    from lmcompress_core.methods.quantize import quantize_weight
+    from lmcompress_core.runtime.finish import _head_codes
+
+    per_channel = QuantizationConfig(bits=8, granularity="channel")
+    w = weight_matrix(gpt2.get_output_embeddings())
+    first, again = _head_codes(gpt2, w), _head_codes(gpt2, w.clone())
+    assert again is first and torch.equal(first.codes, quantize_weight(w, per_channel).codes)
+    changed = w.clone()
+    changed[0, 0] += 1.0   # e.g. a head trained by distillation: never the base model's codes
+    assert torch.equal(_head_codes(gpt2, changed).codes, quantize_weight(changed, per_channel).codes)
+    assert not torch.equal(_head_codes(gpt2, changed).scales, first.scales)
+
+
 def test_int8_kernel_runs_real_int8_and_stays_close(gpt2):
     ids = calibration(gpt2, 2)
     simulated = compress(gpt2, CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel",

@@ -49,3 +49,14 @@ def test_calibration_from_short_text_repeats(tiny_loaded):
     assert batch.shape == (2, 16)
     with pytest.raises(ValueError):
         calibration_batches(tiny_loaded.tokenizer, "", n_samples=2, seq_len=16)
+
+
+def test_token_ids_are_computed_once_and_handed_out_as_copies():
+    from lmcompress_core.models.loading import load_model
+
+    tokenizer = load_model("tiny").tokenizer
+    text = load_text("tiny-heldout")[:5000]
+    first = token_ids(tokenizer, text)
+    first[:] = -1   # a caller changing its copy changes nothing for the next one
+    again = token_ids(tokenizer, text)
+    assert torch.equal(again, torch.tensor(tokenizer(text, add_special_tokens=False).input_ids))

@@ -238,7 +238,9 @@ def test_evaluate_report_stages_and_json(loaded):
     assert data["base_perplexity"] > 0 and data["size"]["packed_bytes"] < data["size"]["base_bytes"]
     assert {"size", "latency", "roofline", "perplexity", "kl_to_base", "top1_agreement", "generation"} <= set(
         data["how"])
-    assert "simulated" in data["how"]["size"] and f"{torch.get_num_threads()} thread" in data["how"]["latency"]
+    # a model this small runs on one torch thread (runtime/threads.py), and the label says so
+    assert "simulated" in data["how"]["size"] and "on cpu with 1 thread" in data["how"]["latency"]
+    assert data["latency"]["threads"] == 1 and data["base_latency"]["threads"] == 1
     base = data["base_latency"]   # the base model timed alternately with the compressed one
     assert base["kernel"] == "float32 dense (base)" and base["prompt_tokens"] == data["latency"]["prompt_tokens"]
     assert base["prefill_ms"] > 0 and base["decode_tokens_per_s"] > 0 and len(base["prefill_ms_runs"]) == 5
@@ -316,9 +318,25 @@ def test_explore_protocol_times_the_compressed_model_alone_and_claims_no_ratio(l
     assert "float32" in how["perplexity"] and report.kernel in how["perplexity"]
 
 
+def test_exploring_generates_greedy_only_and_precise_adds_the_sampled_pair(loaded):
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4))
+    kinds = []
+    listen = lambda p: kinds.append(p.metrics["generation_stream"]["kind"]) if "generation_stream" in p.metrics \
+        else None  # noqa: E731
+    explore = EvalProtocol.explore(eval_tokens=96, context=32, stride=32, new_tokens=5, text=TEXT, prompt="a single man")
+    gen = evaluation.evaluate(loaded, config, explore, callback=listen).generation
+    assert gen.sampled_base is None and gen.sampled_compressed is None and set(kinds) == {"greedy"}
+    assert "greedy only" in explore.describe()
+    precise = replace(EvalProtocol.precise(eval_tokens=96, context=32, stride=32, new_tokens=5, text=TEXT,
+                                           prompt="a single man"), latency=False)
+    full = evaluation.evaluate(loaded, config, precise).generation
+    assert full.sampled_base and full.sampled_compressed and full.compressed == gen.compressed
+    assert "greedy only" not in precise.describe()
+
+
 def test_exploring_reads_latency_off_the_greedy_generation_and_draws_it_before_the_sampled_one(loaded):
     protocol = EvalProtocol.explore(eval_tokens=96, context=32, stride=32, new_tokens=5, text=TEXT,
-                                    prompt="a single man")
+                                    prompt="a single man", sampled=True)
     order = []
     report = evaluation.evaluate(
         loaded, CompressionConfig(quantization=QuantizationConfig(bits=4)), protocol,

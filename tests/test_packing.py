@@ -34,9 +34,24 @@ def test_three_bit_codes_cross_byte_boundaries():
     assert int.from_bytes(bytes(packed.tolist()), "little") == stream
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_packed_stream_matches_python_integers(bits, dtype):
+    # independent reference: the whole stream as one Python integer, code i at bit i*bits
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 if dtype == torch.bool else 2 ** bits, (37,), generator=gen).to(dtype)
+    stream = sum(int(c) << (bits * i) for i, c in enumerate(codes.tolist()))
+    expected = stream.to_bytes(packed_nbytes(codes.numel(), bits), "little")
+    assert bytes(pack_codes(codes, bits).tolist()) == expected
+
+
 def test_codes_out_of_range_refused():
     with pytest.raises(ValueError, match="codes must lie"):
         pack_codes(torch.tensor([16]), 4)
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack_codes(torch.tensor([8], dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack_codes(torch.tensor([-1, 2]), 3)
     with pytest.raises(ValueError, match="bits"):
         pack_codes(torch.tensor([1]), 0)
 

@@ -158,3 +158,18 @@ def test_cuda_dispatch_gives_the_cpu_result():
         gpu = copy.deepcopy(cpu).to("cuda")
         assert rel(gpu(x.cuda()).cpu(), expected) < 2 ** -6
         assert torch.equal(gpu.quantized_weight().codes.cpu(), qw.codes)
+
+
+def test_small_models_run_on_one_thread_large_ones_keep_the_setting_and_it_comes_back():
+    from lmcompress_core.runtime import threads
+
+    before = torch.get_num_threads()
+    small = nn.Linear(256, 256)
+    large = nn.Linear(6000, 6000, device="meta")   # 36 M parameters, never allocated
+    assert threads.threads_for(small) == 1 and threads.threads_for(large) == before
+    with threads.running(small):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), threads.running(small):
+        raise RuntimeError("a cancelled run")
+    assert torch.get_num_threads() == before

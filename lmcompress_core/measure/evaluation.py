@@ -22,6 +22,7 @@ from lmcompress_core.measure.quality import (BaseScores, GenerationReport, Perpl
                                              base_scores, generate_side_by_side, score_tokens)
 from lmcompress_core.measure.speed import (LatencyReport, SpeedRatio, latency_from_generation, measure_latency,
                                            measure_latency_pair, runtime_bytes)
+from lmcompress_core.runtime import threads
 from lmcompress_core.runtime.packing import pack_model, write_packed
 from lmcompress_core.measure.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
 
@@ -331,7 +332,16 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
     cached = _CACHE.get(report_key) if use_cache else None
     if cached is not None:
         return _from_cache(cached)
-    stages = _Stages(callback, should_stop)
+    with threads.running(loaded.model):
+        report = _evaluate(loaded, config, protocol, compressed, calibration, _Stages(callback, should_stop),
+                           (text_label, text_body, text_hash), ppl_key if use_cache else None)
+    if use_cache:
+        _CACHE.put(report_key, copy.deepcopy(report))
+    return report
+
+
+def _evaluate(loaded, config, protocol: EvalProtocol, compressed, calibration, stages: "_Stages",
+              text: tuple[str, str, str], ppl_key) -> Report:
     cm = compressed if compressed is not None else _compress(loaded, config, protocol, calibration, stages)
     report = stages.report = Report(
         model=loaded.name, config=config.to_dict(), protocol=protocol.to_dict(), size=None, latency=None,
@@ -341,8 +351,7 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
     report.size = stages.run("size", "counting bytes (writing the packed file)",
                              lambda: measure_size(cm, loaded.model, check=lambda: stages.check("size", 0, 1, "packing")))
     stages.finished("size", report.size)
-    _perplexity_stage(report, cm, loaded, (text_label, text_body, text_hash), protocol, stages,
-                      ppl_key if use_cache else None)
+    _perplexity_stage(report, cm, loaded, text, protocol, stages, ppl_key)
     if protocol.generation:
         report.generation = stages.run("generate", "generating (the compressed model, token by token)",
                                        lambda: _generate(loaded, cm, protocol, stages, report))
@@ -351,8 +360,6 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
         report.base_latency, report.latency, report.speed = stages.run(
             "latency", _latency_message(protocol), lambda: _latency(loaded, cm, report.size, protocol, stages))
         stages.finished("latency", report.latency)
-    if use_cache:
-        _CACHE.put(report_key, copy.deepcopy(report))
     return report
 
 
@@ -418,7 +425,8 @@ def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages, report: Repor
     (Progress metrics["generation_stream"] = {"kind": "greedy" | "sampled", "text": the continuation so far}).
     When the protocol reads latency off the generation, it is set (and its chart may be drawn) as soon as the
     greedy continuation ends."""
-    total, offset = 2 * protocol.new_tokens, {"greedy": 0, "sampled": protocol.new_tokens}
+    total = protocol.new_tokens * (2 if protocol.sampled else 1)
+    offset = {"greedy": 0, "sampled": protocol.new_tokens}
     counts = {"greedy": 0, "sampled": 0}
 
     def on_token(kind: str, text: str) -> None:
@@ -436,19 +444,19 @@ def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages, report: Repor
     timed = after_greedy if protocol.times_generation() else None
     return generate_side_by_side(loaded.model, cm.model, loaded.tokenizer, prompt_for(loaded.name, protocol),
                                  protocol.new_tokens, protocol.seed, base=_base_continuations(loaded, protocol, stages),
-                                 on_token=on_token, after_greedy=timed)
+                                 on_token=on_token, after_greedy=timed, sampled=protocol.sampled)
 
 
 def _base_continuations(loaded, protocol: EvalProtocol, stages: _Stages | None = None) -> dict:
     """The base model's continuations, computed once per (model, prompt, tokens, seed) and shared by every setting."""
     prompt = prompt_for(loaded.name, protocol)
-    key = ("base-continuations", loaded.name, prompt, protocol.new_tokens, protocol.seed)
+    key = ("base-continuations", loaded.name, prompt, protocol.new_tokens, protocol.seed, protocol.sampled)
     found = _CACHE.get(key)
     if found is None:
         tick = None if stages is None else (lambda toks: stages.check("generate", 0, 1, "the base model's continuations "
                                                                       "(once per prompt)"))
         found = base_continuations(loaded.model, loaded.tokenizer, prompt, protocol.new_tokens, protocol.seed,
-                                   on_token=tick)
+                                   on_token=tick, sampled=protocol.sampled)
         _CACHE.put(key, found)
     return found
 

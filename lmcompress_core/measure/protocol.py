@@ -39,6 +39,9 @@ class EvalProtocol:
     prompt: str | None = None     # None = the model's default prompt
     new_tokens: int = 32          # generated tokens per continuation
     seed: int = 0                 # sampled continuations
+    # True: a seeded sampled continuation per model besides the greedy ones (the HTML report shows it). Exploring
+    # generates the greedy ones only: Explore shows greedy side by side, and a sampled pair doubles the wait
+    sampled: bool = True
 
     def __post_init__(self):
         for name, low in (("eval_tokens", 1), ("context", 2), ("stride", 1), ("latency_runs", 1),
@@ -55,7 +58,7 @@ class EvalProtocol:
         """The lighter protocol used while moving sliders: fewer tokens scored, fewer timed runs of the compressed
         model alone (no speed ratio: that needs the base timed alternately, which `precise` does)."""
         return replace(cls(eval_tokens=512, latency_runs=3, new_tokens=32, latency_base=False,
-                           latency_from_generation=True), **changes)
+                           latency_from_generation=True, sampled=False), **changes)
 
     @classmethod
     def precise(cls, **changes) -> "EvalProtocol":
@@ -86,7 +89,9 @@ class EvalProtocol:
             timing = (f"latency median of {self.latency_runs} runs of the compressed model alone (no speed ratio "
                       "while exploring)")
         return (f"perplexity on {self.eval_tokens} tokens (windows of {self.context}, stride {self.stride}); "
-                f"{timing}; {self.new_tokens} generated tokens")
+                f"{timing}; {self.new_tokens} generated tokens" +
+                ("" if self.sampled or not self.generation else " (greedy only; a sampled continuation too when "
+                                                                "measuring precisely)"))
 
 
 def prompt_for(model_name: str, protocol: EvalProtocol) -> str:

@@ -42,8 +42,8 @@ class GenerationReport:
     compressed: str                   # greedy continuation of the compressed model
     first_divergence: int | None      # index of the first differing greedy token; None when identical
     compressed_logprobs: list[float]  # compressed model's log-prob of each token it generated (greedy)
-    sampled_base: str
-    sampled_compressed: str
+    sampled_base: str | None          # seeded sampled continuations; None when the protocol asked for greedy only
+    sampled_compressed: str | None
     seed: int
     base_tokens: list[str] | None = None
     compressed_tokens: list[str] | None = None
@@ -290,21 +290,27 @@ def prompt_ids_for(model, tokenizer, prompt: str, new_tokens: int) -> tuple[torc
 
 
 def base_continuations(base_model, tokenizer, prompt: str, new_tokens: int = 32, seed: int = 0,
-                       on_token: Callable[[list[int]], None] | None = None) -> dict:
-    """The base model's greedy and sampled token ids for a prompt: they do not depend on any compression setting,
-    so evaluate computes them once per (model, prompt, new_tokens, seed) and reuses them. ``on_token`` as decode's.
+                       on_token: Callable[[list[int]], None] | None = None, sampled: bool = True) -> dict:
+    """The base model's greedy and (``sampled``) sampled token ids for a prompt: they do not depend on any
+    compression setting, so evaluate computes them once per (model, prompt, new_tokens, seed) and reuses them.
+    ``on_token`` as decode's.
     """
     ids, _ = prompt_ids_for(base_model, tokenizer, prompt, new_tokens)
     eos = getattr(tokenizer, "eos_token_id", None)
-    return {"greedy": decode(base_model, ids, new_tokens, stop_at=eos, on_token=on_token)[0],
+    greedy = decode(base_model, ids, new_tokens, stop_at=eos, on_token=on_token)[0]
+    if not sampled:
+        return {"greedy": greedy, "sampled": None}
+    return {"greedy": greedy,
             "sampled": decode(base_model, ids, new_tokens, sample=True, seed=seed, stop_at=eos, on_token=on_token)[0]}
 
 
 def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens: int = 32,
                           seed: int = 0, base: dict | None = None,
                           on_token: Callable[[str, str], None] | None = None,
-                          after_greedy: Callable[[list[float], int], None] | None = None) -> GenerationReport:
-    """Greedy and sampled continuations of one prompt by both models, same seed; where greedy outputs diverge.
+                          after_greedy: Callable[[list[float], int], None] | None = None,
+                          sampled: bool = True) -> GenerationReport:
+    """Greedy and (``sampled``) sampled continuations of one prompt by both models, same seed; where greedy outputs
+    diverge.
 
     ``base`` (from base_continuations) skips decoding with the base model again. ``on_token(kind, text so far)``
     streams the compressed model's continuations ("greedy", then "sampled") token by token.
@@ -314,7 +320,7 @@ def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens:
     """
     ids, notice = prompt_ids_for(model, tokenizer, prompt, new_tokens)
     eos = getattr(tokenizer, "eos_token_id", None)
-    base = base or base_continuations(base_model, tokenizer, prompt, new_tokens, seed)
+    base = base or base_continuations(base_model, tokenizer, prompt, new_tokens, seed, sampled=sampled)
     text = lambda toks: tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
     stream = (lambda kind: None) if on_token is None else (lambda kind: lambda toks: on_token(kind, text(toks)))
     forward_s = None if after_greedy is None else []
@@ -323,11 +329,15 @@ def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens:
     comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, on_token=stream("greedy"), forward_s=forward_s)
     if after_greedy is not None:
         after_greedy(forward_s, int(ids.numel()))
-    sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos, on_token=stream("sampled"))
+    sampled_comp = None
+    if sampled:
+        sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos,
+                                 on_token=stream("sampled"))
     pieces = lambda toks: [tokenizer.decode([t]) for t in toks]  # noqa: E731
     return GenerationReport(
         prompt=prompt, base=text(base["greedy"]), compressed=text(comp),
         first_divergence=first_divergence(base["greedy"], comp), compressed_logprobs=comp_logprobs,
-        sampled_base=text(base["sampled"]), sampled_compressed=text(sampled_comp), seed=seed,
+        sampled_base=None if sampled_comp is None else text(base["sampled"]),
+        sampled_compressed=None if sampled_comp is None else text(sampled_comp), seed=seed,
         base_tokens=pieces(base["greedy"]), compressed_tokens=pieces(comp), prompt_tokens=int(ids.numel()),
         notice=notice)

@@ -173,15 +173,11 @@ def input_statistics(model: nn.Module, modules: dict[str, nn.Module], calibratio
     return stats
 
 
-class StatisticsCache:
-    """Calibration statistics kept per base model, so a second GPTQ or Wanda setting skips the calibration pass.
+class BaseModelCache:
+    """Results that depend on a base model and a key alone, kept per base model for every setting and session.
 
-    They depend on the model the calibration text runs through (the base model, or its copy pruned by one
-    pruning setting), the calibration ids and the layers hooked — the key — and on no quantization setting:
-    GPTQ here fits every layer to the float model's inputs (one pass, not block by block), so its Hessians are
-    the same for every bit-width. Entries hang off the base model (a weak reference: they go when it goes) and
-    only the last ``per_model`` keys are kept (SmolLM2-135M's Hessians are about 0.5 GB). Callers read entries,
-    never change them.
+    Entries hang off the base model (a weak reference: they go when it goes) and only the last ``per_model``
+    keys are kept. Callers read entries, never change them (the base model is never mutated either).
     """
 
     def __init__(self, per_model: int = 2):
@@ -189,6 +185,33 @@ class StatisticsCache:
         import weakref
 
         self.per_model, self.lock, self.models = per_model, threading.Lock(), weakref.WeakKeyDictionary()
+
+    def get(self, base: nn.Module, key):
+        with self.lock:
+            return self.models.get(base, {}).get(key)
+
+    def put(self, base: nn.Module, key, value) -> None:
+        with self.lock:
+            entries = self.models.setdefault(base, {})
+            entries.pop(key, None)
+            entries[key] = value
+            while len(entries) > self.per_model:
+                entries.pop(next(iter(entries)))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.models.clear()
+
+
+class StatisticsCache(BaseModelCache):
+    """Calibration statistics kept per base model, so a second GPTQ or Wanda setting skips the calibration pass.
+
+    They depend on the model the calibration text runs through (the base model, or its copy pruned by one
+    pruning setting), the calibration ids and the layers hooked — the key — and on no quantization setting:
+    GPTQ here fits every layer to the float model's inputs (one pass, not block by block), so its Hessians are
+    the same for every bit-width. Only the last ``per_model`` keys are kept (SmolLM2-135M's Hessians are about
+    0.5 GB).
+    """
 
     @staticmethod
     def key(calibration: torch.Tensor, layer_names, model_state: str = "") -> tuple:
@@ -198,19 +221,6 @@ class StatisticsCache:
         digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
         return digest, tuple(ids.shape), tuple(layer_names), model_state
 
-    def get(self, base: nn.Module, key: tuple, hessian: bool) -> InputStatistics | None:
-        with self.lock:
-            found = self.models.get(base, {}).get(key)
+    def get(self, base: nn.Module, key: tuple, hessian: bool = False) -> InputStatistics | None:
+        found = super().get(base, key)
         return found if found is not None and (found.want_hessian or not hessian) else None
-
-    def put(self, base: nn.Module, key: tuple, stats: InputStatistics) -> None:
-        with self.lock:
-            entries = self.models.setdefault(base, {})
-            entries.pop(key, None)
-            entries[key] = stats
-            while len(entries) > self.per_model:
-                entries.pop(next(iter(entries)))
-
-    def clear(self) -> None:
-        with self.lock:
-            self.models.clear()

@@ -5,6 +5,7 @@
     finish.py       the last stage of compress(): simulation modules onto the kernels that really run them
     int8_dynamic.py torch's dynamic int8 Linear path (smoothed, SQNR-checked)
     packing.py      bit-packing and the on-disk compressed format (safetensors + JSON)
+    threads.py      how many CPU threads torch runs a model with (one for small models)
 """
 from lmcompress_core.runtime.modules import CompressedEmbedding, CompressedLinear, compressed_layers
 from lmcompress_core.runtime.packing import load_compressed, save_compressed

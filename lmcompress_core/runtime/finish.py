@@ -46,14 +46,34 @@ def _finish_head(run) -> str:
     if run.config.head == "float":
         run.notes.append("LM head kept float (bf16), as asked")
         return HEAD_FLOAT
-    per_channel = QuantizationConfig(bits=8, granularity="channel")
-    refused = quantize_head_(run.model, lambda w: quantize_weight(w, per_channel))
+    refused = quantize_head_(run.model, lambda w: _head_codes(run.base, w))
     if refused is not None:
         run.notes.append(refused)
         return HEAD_FLOAT
     run.notes.append("LM head quantized to 8 bits per output channel (RTN) and run on int8pack; a tied input "
                      "embedding gathers its rows from the same int8 table")
     return HEAD_INT8
+
+
+HEAD_CACHE_SIZE = 4   # base models whose int8 LM head codes are kept (one table each, 1 byte per weight)
+_HEAD_CODES: dict[tuple, object] = {}   # (base, its head tensor) -> QuantizedWeight
+
+
+def _head_codes(base: nn.Module, w: torch.Tensor):
+    """The head's per-channel 8-bit RTN codes. They depend on the head's weights alone, which every configuration
+    leaves as they are (unless distillation trained them): such a head is the base model's (checked element
+    by element), and its codes are computed once per base model (the base is never mutated)."""
+    per_channel = QuantizationConfig(bits=8, granularity="channel")
+    head = base.get_output_embeddings()
+    source = getattr(head, "weight", None)
+    if not isinstance(source, torch.Tensor) or source.shape != w.shape or not torch.equal(source.to(w.dtype), w):
+        return quantize_weight(w, per_channel)
+    key = (id(base), source.data_ptr(), tuple(source.shape), source.dtype)
+    if key not in _HEAD_CODES:
+        while len(_HEAD_CODES) >= HEAD_CACHE_SIZE:
+            _HEAD_CODES.pop(next(iter(_HEAD_CODES)))
+        _HEAD_CODES[key] = quantize_weight(w, per_channel)
+    return _HEAD_CODES[key]
 
 
 def _real_label(model: nn.Module, head: str) -> str:

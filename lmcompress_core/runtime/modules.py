@@ -42,10 +42,14 @@ class _HoldsCodes:
         return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
 
     @torch.no_grad()
-    def set_mask_(self, mask: torch.Tensor) -> None:
-        """Prune: keep only the weights where mask is True (the float weight's zeros are real zeros)."""
-        self.mask_bits = pack_mask(mask)
-        self.weight.mul_(mask.to(self.weight.dtype))
+    def set_mask_(self, mask: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> None:
+        """Prune: keep only the weights where mask is True (the float weight's zeros are real zeros); the mask
+        comes as a bool matrix or already bit-packed (``packed``, as ``pack_mask`` gives it: kept as a copy)."""
+        if (mask is None) == (packed is None):
+            raise ValueError("set_mask_ takes a bool mask or its packed bits, one of the two")
+        self.mask_bits = pack_mask(mask) if packed is None else packed.clone()
+        keep = mask if mask is not None else self.keep_mask()
+        self.weight.mul_(keep.to(self.weight.dtype))
 
     @torch.no_grad()
     def set_quantized_(self, qw: QuantizedWeight) -> None:

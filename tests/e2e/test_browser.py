@@ -293,6 +293,10 @@ def test_streamlits_own_stop_mid_sweep_leaves_a_usable_page(server, page, shots)
     page.screenshot(path=str(shots / "tradeoffs-first.png"), full_page=True)
 
     set_chips(page, "Bit-widths", ["2", "3", "8"])
+    tokens = page.locator("[data-testid='stSlider']", has_text="Evaluation tokens").get_by_role("slider")
+    tokens.focus()
+    tokens.press("End")   # the longest protocol: the tiny model's sweep lasts long enough to be stopped mid-way
+    wait_idle(page)
     page.get_by_role("button", name="Run sweep").click()
     page.get_by_text("previous result shown").first.wait_for(timeout=WAIT_MS)   # drawn before the sweep starts
     page.locator("[data-testid='stProgress']", has_text="done").wait_for(timeout=WAIT_MS)
