@@ -85,6 +85,25 @@ def test_int8_kernel_is_exact_with_an_asymmetric_zero_point(bits, symmetric):
     assert module.weight_int8.dtype == torch.int8 and not hasattr(module, "codes")  # one copy of the codes
 
 
+@pytest.mark.parametrize("rows", [1, 47, 48, 256])
+def test_int8_layers_widen_their_codes_for_many_rows_and_give_the_kernels_result(rows, monkeypatch):
+    from lmcompress_core.runtime import kernels
+
+    qw = quantize_tensor(random_weight() + 0.7, QuantizationConfig(bits=8, granularity="channel"))
+    module = Int8Linear(qw, None)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    calls = []
+    real = torch.ops.aten._weight_int8pack_mm
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    y = module(x)
+    monkeypatch.undo()
+    assert bool(calls) == (rows < kernels.INT8_WIDEN_FROM_ROWS)   # one token at a time on int8pack, many widened
+    direct = real(x, module.weight_int8, module.kernel_scales)
+    direct.addcmul_(x.sum(-1, keepdim=True), module.correction)
+    assert rel(y, direct.float()) < 2 ** -7   # both bf16 results of the same codes
+    assert rel(y, x.float() @ qw.dequantize().t()) < 2 ** -6
+
+
 def test_layers_no_kernel_takes_fall_back_and_say_why():
     grouped = quantize_tensor(random_weight(), QuantizationConfig(bits=6, group_size=32))
     narrow = quantize_tensor(random_weight(40, 48), QuantizationConfig(bits=4, group_size=32))

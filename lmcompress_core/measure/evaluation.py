@@ -23,6 +23,7 @@ from lmcompress_core.measure.quality import (BaseScores, GenerationReport, Perpl
 from lmcompress_core.measure.speed import (LatencyReport, SpeedRatio, latency_from_generation, measure_latency,
                                            measure_latency_pair, runtime_bytes)
 from lmcompress_core.runtime import threads
+from lmcompress_core.runtime.kernels import INT8_WIDEN_NOTE
 from lmcompress_core.runtime.packing import pack_model, write_packed
 from lmcompress_core.measure.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
 
@@ -198,6 +199,8 @@ def _how_latency(report: Report) -> dict[str, str]:
             f"{runs}, the base and the compressed model timed alternately in the same call: {steps}. ×N = median "
             "over rounds of base time ÷ compressed time; ≈ 1× when the rounds disagree (inside the noise) or when "
             "the model only simulates its compression")}
+    if "int8pack" in (lat.kernel or ""):
+        how["latency"] += f". {INT8_WIDEN_NOTE[0].upper()}{INT8_WIDEN_NOTE[1:]}"
     if lat.roofline_tokens_per_s:
         how["roofline"] = (
             f"upper bound on decode speed = measured copy bandwidth {lat.bandwidth_gb_s:.1f} GB/s ÷ "
