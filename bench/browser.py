@@ -16,7 +16,7 @@ median); GPTQ and Wanda moves are reported apart, and so is a move back to a con
 Where the time goes: the server writes timing spans (pages/spans.py, switched on by LMCOMPRESS_SPANS) for each
 script run and for `measure.evaluate` with its stage timings; the websocket frames the browser receives are
 counted. Each move is split into: release -> script start (browser, websocket, Streamlit scheduling), script
-start -> evaluate (the page's preamble: sidebar, model cache, widgets, the dimmed previous charts), evaluate
+start -> evaluate (the page's preamble: sidebar, model cache, widgets), evaluate
 (its timed stages, and outside them: calibration data, cache look-ups, the page's progress callbacks and partial
 chart), evaluate -> script end (figures, generations, trail), and
 script end -> complete (the last messages and Plotly drawing in the browser).

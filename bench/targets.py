@@ -220,7 +220,7 @@ def _why_interactive(model: str, limit: float):
 
 PHASE_WORDS = {  # the browser section's phases of one slider move, in the order they happen
     "to_script_s": "release to script start (browser, websocket, Streamlit)",
-    "preamble_s": "page before evaluate (sidebar, model cache, widgets, dimmed previous charts)",
+    "preamble_s": "page before evaluate (sidebar, model cache, widgets)",
     "evaluate_s": "measure.evaluate",
     "after_evaluate_s": "page after evaluate (figures, generations, trail)",
     "to_complete_after_script_s": "script end to complete page (last messages, Plotly drawing)",

@@ -72,28 +72,44 @@ def controls() -> None:
 FIGURES = {"size": plots.size_figure, "perplexity": plots.perplexity_figure, "latency": plots.latency_figure}
 
 
-def show_report(report: dict, slots: dict, previous: bool = False, drawn: frozenset = frozenset()) -> None:
-    """The three charts into their slots (but those ``drawn`` already by this run as their stage finished); a
-    previous result is drawn dimmed (CSS on the keyed container)."""
+class Slots:
+    """One placeholder per chart column, made when a chart is first drawn into it. Until then the column still
+    shows the chart the script's previous run drew there: Streamlit keeps it, faded as stale, while the script
+    runs. So while a new setting computes, the previous result stays on screen without being drawn again (three
+    Plotly charts redrawn cost Chromium ~0.9 s of CPU per slider move, on the cores the engine needs)."""
+
+    def __init__(self, columns: dict, keep_previous: bool):
+        self.columns, self.made = columns, {}
+        if not keep_previous:   # another model's charts (or none): cleared at once
+            for name in columns:
+                self[name]
+
+    def __getitem__(self, name: str):
+        if name not in self.made:
+            self.made[name] = self.columns[name].empty()
+        return self.made[name]
+
+
+def show_report(report: dict, slots: Slots, drawn: frozenset = frozenset()) -> None:
+    """The three charts into their slots, but those ``drawn`` already by this run as their stage finished."""
     for name in FIGURES:
         if name not in drawn:
-            show_chart(name, report, slots[name], "previous" if previous else "result")
+            show_chart(name, report, slots[name])
 
 
 def show_chart(name: str, report: dict, slot, kind: str = "result") -> None:
-    """One chart: a result ("result"; "live" while the run goes on), or the previous result dimmed ("previous")."""
+    """One chart with its caption: a finished result ("result"), or drawn as its stage ended ("live")."""
     key = f"{kind}-{name}"
     with slot.container(key=key):
-        common.figure(FIGURES[name](report), "" if kind == "previous" else plots.report_how(report).get(name, ""),
-                      key=f"chart-{key}")
+        common.figure(FIGURES[name](report), plots.report_how(report).get(name, ""), key=f"chart-{key}")
 
 
-def run(loaded, config: CompressionConfig, protocol, slots: dict, heading: dict, drawn: set) -> dict | None:
+def run(loaded, config: CompressionConfig, protocol, slots: Slots, heading: dict, drawn: set) -> dict | None:
     """The report for this configuration (cached, or computed with progress), or None when stopped/failed;
     ``drawn`` collects the charts drawn while computing (each as its stage finished: final, not drawn again).
 
-    While it computes, the previous result stays on screen, dimmed under a "previous result" badge, and the
-    heading says which configuration is being computed; nothing half-done is ever shown as a result.
+    While it computes, the previous result stays on screen, faded (see Slots) under a "previous result" badge, and
+    the heading says which configuration is being computed; nothing half-done is ever shown as a result.
     """
     from lmcompress_core.measure import evaluation
 
@@ -122,8 +138,6 @@ def _compute(loaded, config, protocol, slots, heading, key, drawn: set) -> dict 
     if previous is not None:
         heading["badge"].badge(f"previous result shown: {common.describe_config(previous.get('config'))}",
                                color="gray")
-    if previous is not None:
-        show_report(previous, slots, previous=True)
     running = st.empty()
     with running.container():
         st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
@@ -143,7 +157,7 @@ def _compute(loaded, config, protocol, slots, heading, key, drawn: set) -> dict 
     return None
 
 
-def _show_partial(partial: dict, slots: dict, drawn: set, heading: dict) -> None:
+def _show_partial(partial: dict, slots: Slots, drawn: set, heading: dict) -> None:
     """Each chart once, final as soon as its stage is done, while the run goes on (the heading says it is
     computing); once all three show this configuration, the heading names it and only the generations are
     still coming."""
@@ -197,7 +211,7 @@ precise = st.toggle("Measure precisely", key="precise",
 protocol = common.protocol(precise=precise)
 st.caption(f"Protocol: {common.md_escape(protocol.describe())}.")
 cols = st.columns(3)
-slots = {name: col.empty() for name, col in zip(("size", "latency", "perplexity"), cols)}
+slots = Slots(dict(zip(("size", "latency", "perplexity"), cols)), keep_previous=_previous(loaded) is not None)
 drawn: set[str] = set()
 report = run(loaded, config, protocol, slots, heading, drawn) or _previous(loaded)
 if report is not None:
