@@ -235,17 +235,16 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
     key = (json.dumps(asdict(cfg), sort_keys=True), tuple(layers))
     packed = MAGNITUDE_MASKS.get(run.base, key) if cfg.method == "magnitude" else None
     masks = _masks(run, cfg, layers) if packed is None else {}
-    held = {}
     for i, name in enumerate(layers):
         module = as_compressed_(run.model, name)
         if packed is None:
             module.set_mask_(masks.pop(name))   # popped: the bool masks go as their packed bits come
         else:
             module.set_mask_(packed=packed[name])
-        held[name] = module.mask_bits.clone()
         run.report("prune", i + 1, len(layers), name)
-    if cfg.method == "magnitude" and packed is None:
-        MAGNITUDE_MASKS.put(run.base, key, held)
+    if cfg.method == "magnitude" and packed is None:   # a copy: the cache never shares this model's buffers
+        MAGNITUDE_MASKS.put(run.base, key, {name: run.model.get_submodule(name).mask_bits.clone()
+                                            for name in layers})
     run.model_state = "pruned " + json.dumps(asdict(cfg), sort_keys=True)  # later calibration sees this copy
 
 

@@ -183,6 +183,9 @@ def test_cached_head_codes_are_the_heads_own_and_a_changed_head_is_quantized_afr
 
     per_channel = QuantizationConfig(bits=8, granularity="channel")
     w = weight_matrix(gpt2.get_output_embeddings())
+    from lmcompress_core.runtime.finish import HEAD_CODES
+
+    HEAD_CODES.clear()
     first, again = _head_codes(gpt2, w), _head_codes(gpt2, w.clone())
     assert again is first and torch.equal(first.codes, quantize_weight(w, per_channel).codes)
     changed = w.clone()

@@ -200,7 +200,7 @@ def _how_latency(report: Report) -> dict[str, str]:
             "over rounds of base time ÷ compressed time; ≈ 1× when the rounds disagree (inside the noise) or when "
             "the model only simulates its compression")}
     if "int8pack" in (lat.kernel or ""):
-        how["latency"] += f". {INT8_WIDEN_NOTE[0].upper()}{INT8_WIDEN_NOTE[1:]}"
+        how["latency"] += f". {INT8_WIDEN_NOTE}"
     if lat.roofline_tokens_per_s:
         how["roofline"] = (
             f"upper bound on decode speed = measured copy bandwidth {lat.bandwidth_gb_s:.1f} GB/s ÷ "
@@ -343,7 +343,7 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
     return report
 
 
-def _evaluate(loaded, config, protocol: EvalProtocol, compressed, calibration, stages: "_Stages",
+def _evaluate(loaded, config, protocol: EvalProtocol, compressed, calibration, stages: _Stages,
               text: tuple[str, str, str], ppl_key) -> Report:
     cm = compressed if compressed is not None else _compress(loaded, config, protocol, calibration, stages)
     report = stages.report = Report(

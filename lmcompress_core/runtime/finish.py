@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmcompress_core.runtime.int8_dynamic import to_int8_kernel_
+from lmcompress_core.methods.layers import BaseModelCache
 from lmcompress_core.methods.quantize import QuantizationConfig, quantize_weight
 from lmcompress_core.runtime.modules import CompressedLinear, compressed_layers
 from lmcompress_core.runtime.kernels import (ActivationInt8Linear, DequantLinear, Int4Linear, Int8Linear, cast_rest_,
@@ -55,8 +56,8 @@ def _finish_head(run) -> str:
     return HEAD_INT8
 
 
-HEAD_CACHE_SIZE = 4   # base models whose int8 LM head codes are kept (one table each, 1 byte per weight)
-_HEAD_CODES: dict[tuple, object] = {}   # (base, its head tensor) -> QuantizedWeight
+# the LM head's int8 codes per base model (a weak reference: they go when the model goes)
+HEAD_CODES = BaseModelCache(per_model=1)
 
 
 def _head_codes(base: nn.Module, w: torch.Tensor):
@@ -64,16 +65,15 @@ def _head_codes(base: nn.Module, w: torch.Tensor):
     leaves as they are (unless distillation trained them): such a head is the base model's (checked element
     by element), and its codes are computed once per base model (the base is never mutated)."""
     per_channel = QuantizationConfig(bits=8, granularity="channel")
-    head = base.get_output_embeddings()
-    source = getattr(head, "weight", None)
+    source = getattr(base.get_output_embeddings(), "weight", None)
     if not isinstance(source, torch.Tensor) or source.shape != w.shape or not torch.equal(source.to(w.dtype), w):
         return quantize_weight(w, per_channel)
-    key = (id(base), source.data_ptr(), tuple(source.shape), source.dtype)
-    if key not in _HEAD_CODES:
-        while len(_HEAD_CODES) >= HEAD_CACHE_SIZE:
-            _HEAD_CODES.pop(next(iter(_HEAD_CODES)))
-        _HEAD_CODES[key] = quantize_weight(w, per_channel)
-    return _HEAD_CODES[key]
+    key = (source.data_ptr(), tuple(source.shape), source.dtype)
+    codes = HEAD_CODES.get(base, key)
+    if codes is None:
+        codes = quantize_weight(w, per_channel)
+        HEAD_CODES.put(base, key, codes)
+    return codes
 
 
 def _real_label(model: nn.Module, head: str) -> str:

@@ -208,9 +208,9 @@ def int8_refusal(qw: QuantizedWeight) -> str | None:
 # int8pack vs widened: SmolLM2's 49152x576 LM head 29 vs 31 ms at 32 rows, 60 vs 38 ms at 64, 223 vs 63 ms at 256;
 # a 1536x576 layer 0.78 vs 0.47 ms at 64 rows. Decoding (one row per step) stays on int8pack (0.11 vs 0.20 ms).
 INT8_WIDEN_FROM_ROWS = 48
-INT8_WIDEN_NOTE = (f"int8 layers take {INT8_WIDEN_FROM_ROWS}+ tokens at once (a prompt, a perplexity window) as "
-                   "one bf16 GEMM on their codes widened to bf16 per call (int8pack, row by row, is up to 3.5x "
-                   "slower there); one token at a time on int8pack")
+INT8_WIDEN_NOTE = (f"Int8 layers take {INT8_WIDEN_FROM_ROWS}+ tokens at once (a prompt, a perplexity window) as "
+                   "one bf16 GEMM on their codes widened to bf16 per call (int8pack works row by row and is slower "
+                   "there); one token at a time on int8pack")
 
 
 def _int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
