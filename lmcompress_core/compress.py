@@ -267,7 +267,7 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
     eta, done, quantized = _Eta(), 0, 0
     for group in _quantize_groups(layers, cfg, stats):
         for (name, _, _, _), qw in zip(group, _quantize_group(group)):
-            as_compressed_(run.model, name).set_quantized_(qw)
+            as_compressed_(run.model, name).set_quantized_(qw, own_mask=True)   # qw.mask is the layer's keep_mask()
             quantized, done = quantized + 1, done + costs[name]
             run.report("quantize", quantized, len(layers), f"layer {quantized} of {len(layers)}: {name}" +
                        eta.text(done, sum(costs.values())), eta.metrics(done, sum(costs.values())))

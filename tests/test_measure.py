@@ -354,6 +354,23 @@ def test_exploring_reads_latency_off_the_greedy_generation_and_draws_it_before_t
     assert "greedy generation" in report.to_dict()["how"]["latency"]
 
 
+def test_exploring_hands_the_latency_over_once_the_protocols_decode_steps_are_timed(loaded):
+    protocol = EvalProtocol.explore(eval_tokens=96, context=32, stride=32, new_tokens=12, decode_tokens=4,
+                                    text=TEXT, prompt="a single man")
+    order = []
+    report = evaluation.evaluate(
+        loaded, CompressionConfig(quantization=QuantizationConfig(bits=3)), protocol,
+        callback=lambda p: order.append(p.stage if "partial" in p.metrics else p.metrics.get(
+            "generation_stream", {}).get("kind")))
+    assert len(report.generation.compressed_tokens) == 12
+    lat = report.latency
+    assert lat.source == "greedy generation" and lat.new_tokens == 4 and lat.runs == 1
+    kept = [s for s in order if s is not None]
+    # drawn while the continuation goes on: after the 4th timed step, i.e. before the 5th token is streamed
+    assert kept[:kept.index("latency")].count("greedy") == 4 and kept.count("greedy") == 12
+    assert "median of its first 4 per-token steps" in report.to_dict()["how"]["latency"]
+
+
 def test_decode_times_every_forward_pass_and_nothing_else(loaded, monkeypatch):
     from lmcompress_core.measure import quality
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from lmcompress_core.methods.prune import PROBES, PruningConfig, global_masks, kth_smallest, layer_mask, nm_mask
+from lmcompress_core.methods.prune import (PROBES, PruningConfig, count_kept, global_masks, kept_values, kth_smallest,
+                                          layer_mask, nm_mask)
 
 torch.set_num_threads(2)
 
@@ -112,3 +113,16 @@ def test_wanda_keeps_weights_on_loud_inputs_and_ranks_per_row():
     mask = layer_mask(w, PruningConfig(sparsity=0.5, method="wanda"), norms)
     assert mask[:, :4].all()
     assert torch.all(mask.sum(dim=1) == 32)  # every output row loses exactly half
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kept_values_and_their_count_are_torchs_boolean_indexing(dtype, transposed):
+    gen = torch.Generator().manual_seed(4)
+    t = (torch.randn(70, 90, generator=gen) * 50).to(dtype)
+    mask = torch.rand(70, 90, generator=gen) > 0.3
+    if transposed:   # not contiguous: row-major order of the logical layout all the same
+        t, mask = t.t(), mask.t()
+    kept = kept_values(t, mask)
+    assert kept.dtype == dtype and torch.equal(kept, t[mask])
+    assert count_kept(mask) == int(mask.sum()) and count_kept(torch.zeros(3, dtype=torch.bool)) == 0

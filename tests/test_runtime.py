@@ -65,6 +65,23 @@ def test_dequant_fallback_holds_its_dense_bf16_matrix_once():
     assert "dense" not in module.state_dict()   # the codes are what is stored; the dense matrix is rebuilt
 
 
+def test_dequant_fallback_takes_the_simulation_weight_only_while_it_still_is_the_codes():
+    from lmcompress_core.runtime.modules import CompressedLinear
+
+    layer = CompressedLinear.from_layer(nn.Linear(128, 48))
+    qw = quantize_tensor(random_weight(), QuantizationConfig(bits=6, group_size=32))
+    layer.set_quantized_(qw)
+    dense = layer.simulated_weight()
+    assert dense is not None and torch.equal(dense, qw.dequantize())
+    module, _ = kernel_module(layer.quantized_weight(), None, layer.mask_bits, dense)
+    assert torch.equal(module.dense, qw.dequantize().to(torch.bfloat16))
+    with torch.no_grad():
+        layer.weight.add_(0.5)   # trained, say: no longer what the codes de-quantize to
+    assert layer.simulated_weight() is None
+    layer.set_quantized_(qw)
+    assert torch.equal(layer.simulated_weight(), qw.dequantize())
+
+
 def test_group_128_on_576_wide_inputs_runs_as_kernel_groups_of_64():
     qw = quantize_tensor(random_weight(32, 576), QuantizationConfig(bits=4, group_size=128))
     module, refusal = kernel_module(qw, None)

@@ -187,7 +187,7 @@ def _how_latency(report: Report) -> dict[str, str]:
         how = {"latency": (
             f"the compressed model alone while exploring, read off its greedy generation below on {lat.device} with "
             f"{lat.threads} thread(s): prefill = the forward pass over the {lat.prompt_tokens}-token prompt (after one "
-            f"warm-up pass), decode = 1 ÷ the median of its {lat.new_tokens} per-token steps with the KV cache; "
+            f"warm-up pass), decode = 1 ÷ the median of its first {lat.new_tokens} per-token steps with the KV cache; "
             f"kernel: {lat.kernel}. No speed ratio: comparing with the base needs both timed alternately in one "
             "call under the same load — 'Measure precisely' does that")}
     elif report.base_latency is None:
@@ -427,7 +427,7 @@ def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages, report: Repor
     """Side-by-side generations; every token of the compressed model's continuations goes out as it comes
     (Progress metrics["generation_stream"] = {"kind": "greedy" | "sampled", "text": the continuation so far}).
     When the protocol reads latency off the generation, it is set (and its chart may be drawn) as soon as the
-    greedy continuation ends."""
+    greedy continuation has taken the protocol's ``decode_tokens`` steps (the step count timed runs take)."""
     total = protocol.new_tokens * (2 if protocol.sampled else 1)
     offset = {"greedy": 0, "sampled": protocol.new_tokens}
     counts = {"greedy": 0, "sampled": 0}
@@ -447,7 +447,8 @@ def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages, report: Repor
     timed = after_greedy if protocol.times_generation() else None
     return generate_side_by_side(loaded.model, cm.model, loaded.tokenizer, prompt_for(loaded.name, protocol),
                                  protocol.new_tokens, protocol.seed, base=_base_continuations(loaded, protocol, stages),
-                                 on_token=on_token, after_greedy=timed, sampled=protocol.sampled)
+                                 on_token=on_token, after_greedy=timed, sampled=protocol.sampled,
+                                 timed_steps=protocol.decode_tokens)
 
 
 def _base_continuations(loaded, protocol: EvalProtocol, stages: _Stages | None = None) -> dict:

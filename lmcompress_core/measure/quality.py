@@ -308,15 +308,17 @@ def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens:
                           seed: int = 0, base: dict | None = None,
                           on_token: Callable[[str, str], None] | None = None,
                           after_greedy: Callable[[list[float], int], None] | None = None,
-                          sampled: bool = True) -> GenerationReport:
+                          sampled: bool = True, timed_steps: int | None = None) -> GenerationReport:
     """Greedy and (``sampled``) sampled continuations of one prompt by both models, same seed; where greedy outputs
     diverge.
 
     ``base`` (from base_continuations) skips decoding with the base model again. ``on_token(kind, text so far)``
     streams the compressed model's continuations ("greedy", then "sampled") token by token.
     ``after_greedy(forward_s, prompt tokens)``, when given, gets the timed forward passes of the compressed
-    model's greedy continuation (``decode``'s ``forward_s``; one untimed warm-up pass over the prompt first)
-    before the sampled one starts: exploring reads its latency off them.
+    model's greedy continuation (``decode``'s ``forward_s``; one untimed warm-up pass over the prompt first):
+    exploring reads its latency off them. With ``timed_steps`` it gets the prompt's pass and the first
+    ``timed_steps`` steps as soon as they are done, while the continuation goes on; else (or when the
+    continuation stops sooner) all of them once it ends.
     """
     ids, notice = prompt_ids_for(model, tokenizer, prompt, new_tokens)
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -324,11 +326,23 @@ def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens:
     text = lambda toks: tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
     stream = (lambda kind: None) if on_token is None else (lambda kind: lambda toks: on_token(kind, text(toks)))
     forward_s = None if after_greedy is None else []
+    pending, greedy_stream = after_greedy, stream("greedy")
+
+    def on_greedy(toks: list[int]) -> None:
+        nonlocal pending
+        # when the n-th token is out, forward_s holds the prompt's pass and n − 1 steps
+        if pending is not None and timed_steps is not None and len(forward_s) > timed_steps:
+            hand, pending = pending, None
+            hand(forward_s[:timed_steps + 1], int(ids.numel()))
+        if greedy_stream is not None:
+            greedy_stream(toks)
+
     if forward_s is not None:
         decode(model, ids, 0)   # warm-up: the timed prompt pass must not pay first-call costs
-    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, on_token=stream("greedy"), forward_s=forward_s)
-    if after_greedy is not None:
-        after_greedy(forward_s, int(ids.numel()))
+    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, forward_s=forward_s,
+                                 on_token=None if after_greedy is None and on_token is None else on_greedy)
+    if pending is not None:
+        pending(forward_s, int(ids.numel()))
     sampled_comp = None
     if sampled:
         sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos,

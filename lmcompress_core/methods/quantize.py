@@ -262,6 +262,9 @@ def quantize_tensor(w: torch.Tensor, config: QuantizationConfig,
     rows = w.reshape(1, -1) if group_size == -1 else w
     fit_on_moment = config.method == "mse" and second_moment is not None and group_size != -1
     moment = _damped(second_moment, config.damp) if fit_on_moment else None
+    step = rows.shape[1] if group_size == -1 else group_size
+    if config.method == "rtn":
+        return _round_groups(rows, config, step, w.shape, group_size)
     codes, scales, zeros = [], [], []
     for cols in _column_groups(rows.shape[1], -1 if group_size == -1 else group_size):
         x = rows[:, cols]
@@ -271,6 +274,25 @@ def quantize_tensor(w: torch.Tensor, config: QuantizationConfig,
         codes.append(code), scales.append(scale), zeros.append(zero)
     return QuantizedWeight(torch.cat(codes, 1).reshape(w.shape).to(torch.uint8), torch.cat(scales, 1),
                            torch.cat(zeros, 1), config.bits, group_size)
+
+
+def _round_groups(rows: torch.Tensor, config: QuantizationConfig, step: int, shape: torch.Size,
+                  group_size: int) -> QuantizedWeight:
+    """RTN of every group at once, as the rows of one [rows · groups, step] matrix: a grid per row is a grid per
+    group and no value depends on another group, so this is the loop over groups with one pass per operation. A
+    short last group is filled up with copies of its own last column, which change neither its minimum, maximum
+    nor absolute maximum (all an RTN grid reads); their codes are dropped."""
+    cols = rows.shape[1]
+    short = -cols % step
+    filled = rows if not short else torch.cat([rows, rows[:, -1:].expand(-1, short)], 1)
+    x = filled.reshape(-1, step)
+    scale, zero = _grid(x, config)
+    seed_rule = not config.symmetric and config.grid == "minmax"
+    code = _seed_codes(x, config.bits) if seed_rule else codes_on_grid(x, scale, zero, config.bits)
+    groups = filled.shape[1] // step
+    code = code.reshape(rows.shape[0], -1)[:, :cols].to(torch.uint8).contiguous()
+    return QuantizedWeight(code.reshape(shape), scale.reshape(rows.shape[0], groups),
+                           zero.reshape(rows.shape[0], groups), config.bits, group_size)
 
 
 def quantize_weight(w: torch.Tensor, config: QuantizationConfig, hessian: torch.Tensor | None = None,

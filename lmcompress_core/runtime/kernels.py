@@ -44,6 +44,10 @@ class _KernelModule(nn.Module):
     def keep_mask(self) -> torch.Tensor | None:
         return unpack_mask(self.mask_bits, self.matrix_shape)
 
+    def _hold_mask(self, qw: QuantizedWeight, mask_bits: torch.Tensor | None) -> None:
+        """qw's keep-mask, bit-packed: ``mask_bits`` when the caller holds it packed already (read only)."""
+        self.register_buffer("mask_bits", pack_mask(qw.mask) if mask_bits is None or qw.mask is None else mask_bits)
+
     def _apply(self, fn, recurse=True):
         # Follow .to(device) but not .to(dtype): a bf16 cast of the model must not round fp32 scales or codes.
         device = next(iter(self._buffers.values())).device
@@ -71,9 +75,13 @@ def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _zeros_at_pruned_are_codes(qw: QuantizedWeight, top: int) -> bool:
     """Pruned weights must de-quantize to 0, so their code must equal an integral zero-point in range."""
-    if qw.mask is None:
+    if qw.mask is None or _integral_in_range(qw.zeros, top):   # every zero-point is a code: so are the pruned ones
         return True
     z = _expand(qw.zeros, qw.group_size, qw.shape)[~qw.mask]
+    return _integral_in_range(z, top)
+
+
+def _integral_in_range(z: torch.Tensor, top: int) -> bool:
     return bool(((z == z.round()) & (z >= 0) & (z <= top)).all())
 
 
@@ -121,6 +129,17 @@ def _int4_nibble_order(out_features: int, in_features: int) -> torch.Tensor:
     return order.to(torch.int32)
 
 
+@functools.lru_cache(maxsize=16)
+def _int4_blocked(out_features: int, in_features: int) -> bool:
+    """Whether the packer's nibble order (learnt above) is this one: blocks of 64 output rows; per block and input
+    column 32 bytes, byte b holding rows b (low nibble) and 32 + b (high). Then the codes come back by a reshape
+    instead of a scatter through the learnt order (5x faster on a 1536x576 layer, measured here)."""
+    if out_features % 64:
+        return False
+    index = torch.arange(out_features * in_features).view(out_features // 64, 2, 32, in_features)
+    return torch.equal(_int4_nibble_order(out_features, in_features).long(), index.permute(0, 3, 2, 1).reshape(-1))
+
+
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     flat = packed.reshape(-1)
     return torch.stack([flat & 15, flat >> 4], -1).reshape(-1)
@@ -135,7 +154,7 @@ def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros
 class Int4Linear(_KernelModule):
     """2–4-bit codes on torch's int4pack weight-only kernel (bf16 activations)."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: torch.Tensor | None = None):
         super().__init__()
         self.matrix_shape, self.bits, self.group_size = qw.shape, int(qw.bits), int(qw.group_size)
         self.kernel_group = int4_kernel_group(qw)
@@ -154,13 +173,14 @@ class Int4Linear(_KernelModule):
         self.register_buffer("scales", qw.scales.float().clone())
         self.register_buffer("zeros", qw.zeros.float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
-        self.register_buffer("mask_bits", pack_mask(qw.mask))
+        self._hold_mask(qw, mask_bits)
 
     def _container_codes(self, qw: QuantizedWeight) -> torch.Tensor:
-        codes = qw.codes.to(torch.int32)
+        codes = qw.codes.to(torch.uint8)
         if qw.mask is not None:  # pruned weights: the code equal to the (integral) zero-point de-quantizes to 0
-            codes = torch.where(qw.mask, codes, _expand(qw.zeros, qw.group_size, qw.shape).round().to(torch.int32))
-        return codes + self.shift
+            zeros = qw.zeros.round().to(torch.uint8)   # read at pruned weights only: checked in range by int4_refusal
+            codes = torch.where(qw.mask, codes, _expand(zeros, qw.group_size, qw.shape))
+        return codes.to(torch.int32) + self.shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _int4_mm(_flat(x), self.packed, self.kernel_group, self.scales_and_zeros)
@@ -173,6 +193,9 @@ class Int4Linear(_KernelModule):
         on an identity matrix, scale 1 and zero 8, returns the container codes."""
         out_features, in_features = self.matrix_shape
         device = self.packed.device
+        if device.type == "cpu" and _int4_blocked(out_features, in_features):
+            blocks = _nibbles(self.packed).view(out_features // 64, in_features, 32, 2).permute(0, 3, 2, 1)
+            return (blocks.reshape(out_features, in_features) - self.shift).to(torch.uint8)
         if device.type == "cpu":
             container = torch.empty(out_features * in_features, dtype=torch.uint8)
             container[_int4_nibble_order(out_features, in_features).long()] = _nibbles(self.packed)
@@ -222,7 +245,7 @@ def _int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> tor
 class Int8Linear(_KernelModule):
     """5–8-bit per-channel codes on torch's int8pack weight-only kernel (bf16 activations)."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: torch.Tensor | None = None):
         super().__init__()
         self.matrix_shape, self.bits, self.group_size = qw.shape, int(qw.bits), int(qw.group_size)
         self.offset = 2 ** (qw.bits - 1)
@@ -240,7 +263,7 @@ class Int8Linear(_KernelModule):
         self.register_buffer("scales", qw.scales.float().clone())
         self.register_buffer("zeros", qw.zeros.float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
-        self.register_buffer("mask_bits", pack_mask(qw.mask))
+        self._hold_mask(qw, mask_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _flat(x)
@@ -286,15 +309,18 @@ class DequantLinear(_KernelModule):
     integer kernel takes the layer. It holds both (the codes are what is stored and exported; the dense matrix
     is what computes), so it saves no memory and no time over the bf16 base: its speed is the bf16 model's."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: torch.Tensor | None = None,
+                 dense: torch.Tensor | None = None):
+        """``dense`` (optional): qw.dequantize() already computed, in fp32 or bf16 (a simulation module's weight)."""
         super().__init__()
         self.matrix_shape, self.bits, self.group_size = qw.shape, int(qw.bits), int(qw.group_size)
         self.register_buffer("codes", qw.codes.to(torch.uint8).clone())
         self.register_buffer("scales", qw.scales.float().clone())
         self.register_buffer("zeros", qw.zeros.float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
-        self.register_buffer("mask_bits", pack_mask(qw.mask))
-        self.register_buffer("dense", qw.dequantize().to(BF16), persistent=False)
+        self._hold_mask(qw, mask_bits)
+        exact = dense is not None and dense.dtype in (torch.float32, BF16)   # one rounding to bf16, as from fp32
+        self.register_buffer("dense", (dense if exact else qw.dequantize()).to(BF16), persistent=False)
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
@@ -324,13 +350,14 @@ class ActivationInt8Linear(_KernelModule):
 
 
 # ---------------------------------------------------------------- the compressed model onto the kernels
-def kernel_module(qw: QuantizedWeight, bias: torch.Tensor | None) -> tuple[nn.Module, str | None]:
-    """The module that runs ``qw`` on a real kernel, and why it had to fall back (None: it did not)."""
-    if qw.bits <= 4:
-        refusal = int4_refusal(qw)
-        return (Int4Linear(qw, bias), None) if refusal is None else (DequantLinear(qw, bias), refusal)
-    refusal = int8_refusal(qw)
-    return (Int8Linear(qw, bias), None) if refusal is None else (DequantLinear(qw, bias), refusal)
+def kernel_module(qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: torch.Tensor | None = None,
+                  dense: torch.Tensor | None = None) -> tuple[nn.Module, str | None]:
+    """The module that runs ``qw`` on a real kernel, and why it had to fall back (None: it did not).
+    Optional, from a simulation module: ``mask_bits`` (qw.mask bit-packed), ``dense`` (qw de-quantized)."""
+    refusal = int4_refusal(qw) if qw.bits <= 4 else int8_refusal(qw)
+    if refusal is not None:
+        return DequantLinear(qw, bias, mask_bits, dense), refusal
+    return (Int4Linear if qw.bits <= 4 else Int8Linear)(qw, bias, mask_bits), None
 
 
 def to_kernels_(model: nn.Module, check=None) -> dict[str, str]:
@@ -347,7 +374,7 @@ def to_kernels_(model: nn.Module, check=None) -> dict[str, str]:
             continue
         if check is not None:
             check()
-        runtime, refusal = kernel_module(qw, module.bias)
+        runtime, refusal = kernel_module(qw, module.bias, module.mask_bits, module.simulated_weight())
         model.set_submodule(name, runtime)
         if refusal is not None:
             fallbacks[name] = refusal

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from lmcompress_core.methods.layers import weight_matrix
 from lmcompress_core.runtime.packing import pack_codes, unpack_codes
 from lmcompress_core.methods.quantize import QuantizedWeight
 
@@ -52,13 +52,25 @@ class _HoldsCodes:
         self.weight.mul_(keep.to(self.weight.dtype))
 
     @torch.no_grad()
-    def set_quantized_(self, qw: QuantizedWeight) -> None:
-        """Quantize: hold qw's codes and grid, and write its de-quantized matrix into the float weight."""
-        if qw.mask is not None:
+    def set_quantized_(self, qw: QuantizedWeight, own_mask: bool = False) -> None:
+        """Quantize: hold qw's codes and grid, and write its de-quantized matrix into the float weight.
+        ``own_mask``: qw.mask is this module's own keep_mask(), already held bit-packed (not packed again)."""
+        if qw.mask is not None and not (own_mask and self.mask_bits is not None):
             self.mask_bits = pack_mask(qw.mask)
         self.codes, self.scales, self.zeros = qw.codes.to(torch.uint8), qw.scales.float(), qw.zeros.float()
         self.bits, self.group_size = int(qw.bits), int(qw.group_size)
         self.weight.copy_(qw.dequantize().to(self.weight.dtype))
+        # what quantized_weight() de-quantizes to (its mask is the held one): unless qw came without the mask
+        same = qw.mask is not None or self.mask_bits is None
+        self._written = (self.weight.data_ptr(), self.weight._version) if same else None
+
+    def simulated_weight(self) -> torch.Tensor | None:
+        """The float weight while it still is exactly what set_quantized_ wrote, quantized_weight().dequantize()
+        in the weight's dtype (nothing has written to it since: training, pruning); else None."""
+        written = getattr(self, "_written", None)
+        if written is None or self.codes is None or written != (self.weight.data_ptr(), self.weight._version):
+            return None
+        return self.weight.detach()
 
 
 class CompressedLinear(_HoldsCodes, nn.Linear):
@@ -74,7 +86,8 @@ class CompressedLinear(_HoldsCodes, nn.Linear):
         """A copy of an nn.Linear or GPT-2 Conv1D (transposed to [out, in]) in the layer's dtype and device."""
         if isinstance(layer, CompressedLinear):
             return layer
-        w = weight_matrix(layer)
+        w = layer.weight.detach()
+        w = w.t() if isinstance(layer, Conv1D) else w   # a view: copied once, below
         with torch.device("meta"):  # no random init: every value is overwritten below
             module = cls(w.shape[1], w.shape[0], bias=layer.bias is not None)
         module.to_empty(device=layer.weight.device)
@@ -106,13 +119,17 @@ class CompressedEmbedding(_HoldsCodes, nn.Embedding):
 
 def pack_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """A bool keep-mask as one bit per weight (uint8), so holding it costs 1/32 of an fp32 weight."""
-    return None if mask is None else pack_codes(mask.reshape(-1).to(torch.uint8).cpu(), 1).to(mask.device)
+    if mask is None:
+        return None
+    flat = mask.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat.to(torch.uint8)   # a bool is a 0/1 byte
+    return pack_codes(flat.cpu(), 1).to(mask.device)
 
 
 def unpack_mask(bits: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
     if bits is None:
         return None
-    return unpack_codes(bits.cpu(), 1, shape[0] * shape[1]).view(shape).bool().to(bits.device)
+    return unpack_codes(bits.cpu(), 1, shape[0] * shape[1]).view(shape).view(torch.bool).to(bits.device)  # 0/1 bytes
 
 
 def as_compressed_(model: nn.Module, name: str) -> nn.Module:

@@ -28,8 +28,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from lmcompress_core.methods.prune import count_kept, kept_values
 
 FORMAT = "lmcompress-packed"
 FORMAT_VERSION = 4          # 3: each layer names its runtime module (Int4Linear, ...); 4: integer zero-points packed
@@ -77,6 +80,8 @@ def _pack_narrow(flat: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes of 1..8 bits -> the packed stream (8 codes of ``bits`` bits make exactly ``bits`` bytes)."""
     if bits == 8:
         return flat.contiguous()
+    if bits == 1 and flat.device.type == "cpu":   # keep-masks: numpy's packbits (12x the shifts' speed)
+        return torch.from_numpy(np.packbits(flat.contiguous().numpy(), bitorder="little"))
     per_group = 8 // bits if bits in (1, 2, 4) else 8   # whole codes per byte, else 8 codes per `bits` bytes
     groups = torch.nn.functional.pad(flat, (0, (-flat.numel()) % per_group)).view(-1, per_group)
     if bits in (1, 2, 4):
@@ -102,8 +107,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     flat = packed.reshape(-1)
     if bits == 8:
         return flat[:numel].clone()
-    if bits == 1:   # keep-masks: each byte's 8 bits looked up at once (2.6x the shifts' speed)
-        return torch.nn.functional.embedding(flat.long(), _BIT_TABLE).reshape(-1)[:numel]
+    if bits == 1 and flat.device.type == "cpu":   # keep-masks: numpy's unpackbits (3x a table lookup's speed)
+        return torch.from_numpy(np.unpackbits(flat.contiguous().numpy(), count=numel, bitorder="little"))
     if bits in (1, 2, 4):
         per_byte = 8 // bits
         codes = torch.stack([(flat >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], 1)
@@ -117,9 +122,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     stream = ((flat.to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)
     planes = stream[: numel * bits].view(numel, bits).to(torch.int64)
     return (planes << torch.arange(bits, dtype=torch.int64)).sum(1)
-
-
-_BIT_TABLE = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)   # byte -> its 8 bits, LSB first
 
 
 def _check_bits(bits: int) -> None:
@@ -195,16 +197,16 @@ def pack_layer(name: str, weight: torch.Tensor | None, qweight=None, mask: torch
         tensors[prefix + "scales"], meta["scales_dtype"] = _compact_float(qweight.scales)
         tensors[prefix + "zeros"], meta["zeros_dtype"] = _compact_zeros(qweight.zeros, qweight.bits)
         meta["groups"] = int(qweight.scales.numel())
-        kept = codes if mask is None else torch.masked_select(codes, mask)   # 1.5x indexing's speed here
+        kept = codes if mask is None else kept_values(codes, mask)
         tensors[prefix + "codes"] = pack_codes(kept, qweight.bits)
     else:
         shape = tuple(weight.shape)
         meta = {"kind": "pruned", "shape": list(shape)}
-        tensors[prefix + "values"] = torch.masked_select(weight, mask)
+        tensors[prefix + "values"] = kept_values(weight, mask)
     meta["dtype"] = str(weight.dtype).replace("torch.", "") if weight is not None else "float32"
     if mask is not None:
         mask = mask.cpu().bool()
-        nnz = int(mask.sum())
+        nnz = count_kept(mask)
         fmt, parts = encode_mask(mask, nnz)
         meta.update(sparse=fmt, nnz=nnz, sparse_sizes=mask_encoding_nbytes(mask, nnz))
         tensors.update({prefix + k: v for k, v in parts.items()})
