@@ -193,14 +193,18 @@ REMEDIES = {  # what would shorten each stage of a Report, by stage name in Repo
     "latency": "fewer timed runs or decode tokens while dragging (exploring already times the compressed model "
                "alone; it comes last, after the generations)",
     "generate": "a compiled decode step or fewer tokens while dragging (exploring already generates the greedy "
-                "continuation alone, streamed, the base model's computed once per prompt; 5- and 6-bit codes in "
-                "groups run de-quantized in bf16, no grouped int8 kernel, about half the int4 kernel's decode speed)",
+                "continuation alone, streamed, and reads the latency off its first decode steps; the base model's "
+                "is computed once per prompt). 5- and 6-bit codes in groups run de-quantized in bf16: a decode step "
+                "reads 2 bytes per weight, about half the int4 kernel's speed (one int8pack call per group of 128 "
+                "inputs was slower still, 37 vs 32 ms a step, timed here outside the bench)",
     "perplexity": "score fewer tokens while dragging (the base model's log-probabilities and the text's tokens are "
                   "already computed once per text and reused)",
-    "compress": "reuse the previous quantized layers when only pruning changes (magnitude keep-masks and the LM "
-                "head's int8 codes are already computed once per model and setting)",
-    "size": "count the packed bytes from the layout instead of packing every layer (selecting a pruned layer's "
-            "kept codes is most of it)",
+    "compress": "build the kernel modules straight from the codes: every chosen layer is still de-quantized into "
+                "a float weight first, which the int4 kernel then drops (magnitude keep-masks and the LM head's int8 "
+                "codes are computed once per model and setting, the copy's own weights move into the compressed "
+                "modules, the bf16 fallback takes the de-quantized weight as it is)",
+    "size": "count the packed bytes from the layout instead of packing every layer (bit-packing 5- and 6-bit "
+            "codes, which straddle bytes, is most of it)",
 }
 
 
@@ -227,7 +231,8 @@ PHASE_WORDS = {  # the browser section's phases of one slider move, in the order
 }
 BROWSER_REMEDIES = {  # what each mark waits for, in the order evaluate runs (the stages' seconds are in the profile)
     "first": "the size chart waits for compress and size (every layer packed to count its bytes)",
-    "all": "the last chart (latency) waits for perplexity and the greedy generation it is read off",
+    "all": "the last chart (latency) waits for perplexity and the first decode steps of the greedy generation "
+           "it is read off",
     "complete": "the generations end with the greedy continuation, token by token (exploring generates no sampled "
                 "one: Explore shows greedy side by side)",
     "cold": "import torch and load the model once per process before the first page is requested (prepare step)",

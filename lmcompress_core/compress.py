@@ -26,7 +26,8 @@ from lmcompress_core.methods.distill import DistillationConfig, distill_, keep_e
 from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, BaseModelCache, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask
 from lmcompress_core.methods.quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
-from lmcompress_core.runtime.modules import CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers
+from lmcompress_core.runtime.modules import (CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers,
+                                             shared_parameters)
 from lmcompress_core.runtime.finish import KERNEL_INT8, KERNEL_INT8_DYNAMIC, KERNEL_SIMULATED  # noqa: F401 (re-exported labels)
 from lmcompress_core.runtime.finish import finish_dynamic_int8, finish_real
 
@@ -157,9 +158,15 @@ class _Run:
     kernel: str = ""                          # the label the finish stage writes
     history: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    shared: set = field(default_factory=set)   # ids of the copy's tied Parameters (copied, never handed over)
 
     def layers(self) -> dict[str, nn.Module]:
         return self.config.chosen_layers(self.model)
+
+    def compressed(self, name: str) -> nn.Module:
+        """The named layer of the copy as its compressed module (swapped in on first use; the copy's own weight
+        moves into it unless tied)."""
+        return as_compressed_(self.model, name, self.shared)
 
     def check(self) -> None:
         if self.should_stop is not None and self.should_stop():
@@ -216,6 +223,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: torch.Ten
     if calibration is not None and calibration.dim() == 1:
         calibration = calibration[None, :]
     run = _Run(model, copy.deepcopy(model).eval(), config, calibration, callback, should_stop)
+    run.shared = shared_parameters(run.model)
     for stage in _STAGES:
         stage_config = getattr(config, stage)
         if stage_config is not None:
@@ -236,7 +244,7 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
     packed = MAGNITUDE_MASKS.get(run.base, key) if cfg.method == "magnitude" else None
     masks = _masks(run, cfg, layers) if packed is None else {}
     for i, name in enumerate(layers):
-        module = as_compressed_(run.model, name)
+        module = run.compressed(name)
         if packed is None:
             module.set_mask_(masks.pop(name))   # popped: the bool masks go as their packed bits come
         else:
@@ -267,7 +275,7 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
     eta, done, quantized = _Eta(), 0, 0
     for group in _quantize_groups(layers, cfg, stats):
         for (name, _, _, _), qw in zip(group, _quantize_group(group)):
-            as_compressed_(run.model, name).set_quantized_(qw, own_mask=True)   # qw.mask is the layer's keep_mask()
+            run.compressed(name).set_quantized_(qw, own_mask=True)   # qw.mask is the layer's keep_mask()
             quantized, done = quantized + 1, done + costs[name]
             run.report("quantize", quantized, len(layers), f"layer {quantized} of {len(layers)}: {name}" +
                        eta.text(done, sum(costs.values())), eta.metrics(done, sum(costs.values())))

@@ -82,6 +82,26 @@ def test_dequant_fallback_takes_the_simulation_weight_only_while_it_still_is_the
     assert torch.equal(layer.simulated_weight(), qw.dequantize())
 
 
+def test_a_layer_leaving_its_model_hands_its_weight_over_unless_it_is_tied():
+    from lmcompress_core.runtime.modules import as_compressed_, shared_parameters
+
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 16))
+    model[1].weight = model[0].weight   # tied
+    own, tied = model[2].weight, model[0].weight
+    shared = shared_parameters(model)
+    assert shared == {id(tied)}
+    as_compressed_(model, "2", shared)
+    as_compressed_(model, "0", shared)
+    assert model[2].weight is own                                    # moved, not copied
+    assert model[0].weight is not tied and torch.equal(model[0].weight, tied)
+    model[0].set_quantized_(quantize_tensor(tied.detach(), QuantizationConfig(bits=2, group_size=32)))
+    assert model[1].weight is tied and not torch.equal(model[0].weight, tied)   # its twin keeps its weight
+    copied = nn.Sequential(nn.Linear(32, 16))
+    before = copied[0].weight
+    as_compressed_(copied, "0")                                      # without `shared`: always a copy
+    assert copied[0].weight is not before and torch.equal(copied[0].weight, before)
+
+
 def test_group_128_on_576_wide_inputs_runs_as_kernel_groups_of_64():
     qw = quantize_tensor(random_weight(32, 576), QuantizationConfig(bits=4, group_size=128))
     module, refusal = kernel_module(qw, None)

@@ -13,6 +13,8 @@ exporters read the model itself (no dictionaries keyed by layer name):
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -82,10 +84,17 @@ class CompressedLinear(_HoldsCodes, nn.Linear):
 
     @classmethod
     @torch.no_grad()
-    def from_layer(cls, layer: nn.Module) -> "CompressedLinear":
-        """A copy of an nn.Linear or GPT-2 Conv1D (transposed to [out, in]) in the layer's dtype and device."""
+    def from_layer(cls, layer: nn.Module, take: bool = False) -> "CompressedLinear":
+        """A copy of an nn.Linear or GPT-2 Conv1D (transposed to [out, in]) in the layer's dtype and device.
+        ``take``: an nn.Linear's own weight and bias Parameters are taken over instead of copied (for a layer that
+        leaves its model and shares them with nothing)."""
         if isinstance(layer, CompressedLinear):
             return layer
+        if take and isinstance(layer, nn.Linear):
+            with torch.device("meta"):
+                module = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            module.weight, module.bias = layer.weight, layer.bias
+            return module
         w = layer.weight.detach()
         w = w.t() if isinstance(layer, Conv1D) else w   # a view: copied once, below
         with torch.device("meta"):  # no random init: every value is overwritten below
@@ -132,14 +141,26 @@ def unpack_mask(bits: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tens
     return unpack_codes(bits.cpu(), 1, shape[0] * shape[1]).view(shape).view(torch.bool).to(bits.device)  # 0/1 bytes
 
 
-def as_compressed_(model: nn.Module, name: str) -> nn.Module:
-    """The named layer as a CompressedLinear / CompressedEmbedding, swapped into ``model`` (Conv1D becomes Linear)."""
+def as_compressed_(model: nn.Module, name: str, shared: set[int] | None = None) -> nn.Module:
+    """The named layer as a CompressedLinear / CompressedEmbedding, swapped into ``model`` (Conv1D becomes Linear).
+    ``shared``: the ids of the model's tied Parameters (``shared_parameters``); given, a linear layer whose weight
+    is not among them hands its weight and bias over to its replacement instead of having them copied (the caller
+    owns the model: it is a copy). A tied weight is copied: compressing one holder must not change the other."""
     layer = model.get_submodule(name)
     if isinstance(layer, (CompressedLinear, CompressedEmbedding)):
         return layer
-    module = (CompressedEmbedding if isinstance(layer, nn.Embedding) else CompressedLinear).from_layer(layer)
+    if isinstance(layer, nn.Embedding):
+        module = CompressedEmbedding.from_layer(layer)
+    else:
+        module = CompressedLinear.from_layer(layer, take=shared is not None and id(layer.weight) not in shared)
     model.set_submodule(name, module)
     return module
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """The ids of the Parameters held by more than one module of the model (tied weights)."""
+    counts = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    return {key for key, n in counts.items() if n > 1}
 
 
 def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
