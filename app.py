@@ -18,6 +18,7 @@ st.set_page_config(page_title="LM Compression Lab", page_icon=str(ICON), layout=
 st.html("<style>[data-testid='stStatusWidget'] button {display: none !important;}"
         "body:has([data-testid='stStatusWidget']) [class*='st-key-previous-'] {opacity: 0.45; filter: grayscale(0.7);}"
         "body:not(:has([data-testid='stStatusWidget'])) [class*='st-key-running-'] {display: none !important;}"
+        "*, *::before, *::after {transition: none !important;}"
         "</style>")
 common.init_session()
 

@@ -240,7 +240,8 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
     if cfg.effective_sparsity == 0:
         return  # 0% leaves every weight bit-identical
     layers = run.layers()
-    key = (json.dumps(asdict(cfg), sort_keys=True), tuple(layers))
+    setting = json.dumps(asdict(cfg), sort_keys=True)
+    key = (setting, tuple(layers))
     packed = MAGNITUDE_MASKS.get(run.base, key) if cfg.method == "magnitude" else None
     masks = _masks(run, cfg, layers) if packed is None else {}
     for i, name in enumerate(layers):
@@ -253,7 +254,7 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
     if cfg.method == "magnitude" and packed is None:   # a copy: the cache never shares this model's buffers
         MAGNITUDE_MASKS.put(run.base, key, {name: run.model.get_submodule(name).mask_bits.clone()
                                             for name in layers})
-    run.model_state = "pruned " + json.dumps(asdict(cfg), sort_keys=True)  # later calibration sees this copy
+    run.model_state = "pruned " + setting  # later calibration sees this copy
 
 
 def _masks(run: _Run, cfg: PruningConfig, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

@@ -142,7 +142,7 @@ def _compute(loaded, config, protocol, slots, heading, key, drawn: set) -> dict 
     with running.container():
         st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
         bar = st.progress(0.0, text="starting")
-        stream = st.empty()
+        stream = {"label": st.empty(), "text": st.empty(), "kind": None}
     try:
         return common.evaluate_live(loaded, config, protocol, bar,
                                     lambda partial: _show_partial(partial, slots, drawn, heading),
@@ -161,21 +161,23 @@ def _show_partial(partial: dict, slots: Slots, drawn: set, heading: dict) -> Non
     """Each chart once, final as soon as its stage is done, while the run goes on (the heading says it is
     computing); once all three show this configuration, the heading names it and only the generations are
     still coming."""
-    for name in FIGURES:
-        if partial.get(name) and name not in drawn:
-            drawn.add(name)
-            show_chart(name, partial, slots[name], "live")
-    if drawn.issuperset(FIGURES) and "heading" not in drawn:
-        drawn.add("heading")
+    new = [name for name in FIGURES if partial.get(name) and name not in drawn]
+    for name in new:
+        drawn.add(name)
+        show_chart(name, partial, slots[name], "live")
+    if new and drawn.issuperset(FIGURES):
         with heading["title"].container():
             common.config_heading(partial.get("config"))
         heading["badge"].empty()
 
 
-def _show_stream(event: dict, stream) -> None:
-    label = {"greedy": "Compressed model, greedy", "sampled": "Compressed model, sampled"}[event["kind"]]
-    with stream.container():
-        st.caption(f"{label} (as it is generated):")
+def _show_stream(event: dict, stream: dict) -> None:
+    """The text generated so far: one message to the browser per redraw (the label only when it changes)."""
+    if event["kind"] != stream["kind"]:
+        stream["kind"] = event["kind"]
+        label = {"greedy": "Compressed model, greedy", "sampled": "Compressed model, sampled"}[event["kind"]]
+        stream["label"].caption(f"{label} (as it is generated):")
+    with stream["text"]:
         common.show_text(event["text"])
 
 
@@ -215,8 +217,8 @@ slots = Slots(dict(zip(("size", "latency", "perplexity"), cols)), keep_previous=
 drawn: set[str] = set()
 report = run(loaded, config, protocol, slots, heading, drawn) or _previous(loaded)
 if report is not None:
-    if "heading" not in drawn:
-        with heading["title"].container():   # the heading always names what the charts show
+    if not drawn.issuperset(FIGURES):   # else named as the last chart was drawn: the heading names what they show
+        with heading["title"].container():
             common.config_heading(report.get("config"))
         heading["badge"].empty()
     show_report(report, slots, drawn=frozenset(drawn))

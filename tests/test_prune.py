@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lmcompress_core.methods.prune import (PROBES, PruningConfig, count_kept, global_masks, kept_values, kth_smallest,
+from lmcompress_core.methods.prune import (PROBES, PruningConfig, _lowest_k_flat_mask, count_kept, global_masks, kept_values, kth_smallest,
                                           layer_mask, nm_mask)
 
 torch.set_num_threads(2)
@@ -81,6 +81,27 @@ def test_kth_smallest_equals_a_full_selection(kind, fraction):
     everything = torch.cat(chunks)
     k = max(1, round(fraction * everything.numel()))
     assert kth_smallest(chunks, k) == torch.kthvalue(everything, k).values
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties"])
+def test_numpy_and_torch_selection_paths_agree(kind):
+    """float32 contiguous CPU tensors take numpy's compares; float64 (or strided) ones torch's: same answers, and
+    of tied scores at the threshold the first ones (by position) go on both paths."""
+    chunks = _large_chunks(kind)
+    k = round(0.3 * sum(c.numel() for c in chunks))
+    assert kth_smallest(chunks, k) == kth_smallest([c.double() for c in chunks], k)
+    scores = chunks[0]
+    k = round(0.4 * scores.numel())
+    fast, slow = _lowest_k_flat_mask(scores, k), _lowest_k_flat_mask(scores.double(), k)
+    strided = _lowest_k_flat_mask(torch.stack([scores, scores], 1)[:, 0], k)
+    assert torch.equal(fast, slow) and torch.equal(fast, strided) and (~fast).sum().item() == k
+    threshold = scores[~fast].max()
+    tied = (scores == threshold).nonzero().squeeze(1)
+    removed = tied[~fast[tied]]
+    if kind == "ties":
+        assert 0 < removed.numel() < tied.numel()   # the threshold splits its ties
+    kept = tied[fast[tied]]
+    assert removed.numel() == 0 or kept.numel() == 0 or removed.max() < kept.min()
 
 
 @pytest.mark.parametrize("tied", [False, True])

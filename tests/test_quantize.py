@@ -87,6 +87,26 @@ def test_integer_zero_grid_matches_an_independent_reference(bits, width):
     assert torch.equal(qw.zeros, qw.zeros.round())
 
 
+# (rows, width, group_size, scales shape): whole groups, a short last group, one short group, channel, tensor
+@pytest.mark.parametrize("rows, width, group, grid", [(8, 96, 32, (8, 3)), (8, 80, 32, (8, 3)), (8, 20, 32, (8, 1)),
+                                                      (8, 96, 96, (8, 1)), (8, 96, -1, (1, 1))])
+@pytest.mark.parametrize("masked", [False, True])
+def test_dequantize_is_the_per_weight_formula_bit_for_bit(rows, width, group, grid, masked):
+    gen = torch.Generator().manual_seed(width + group)
+    codes = torch.randint(0, 16, (rows, width), generator=gen, dtype=torch.uint8)
+    scales, zeros = torch.rand(grid, generator=gen) * 0.1, torch.rand(grid, generator=gen) * 15
+    mask = torch.rand(rows, width, generator=gen) > 0.3 if masked else None
+    got = QuantizedWeight(codes, scales, zeros, 4, group, mask).dequantize()
+    # reference: each weight's own group index spelled out, in float32 like the formula
+    index = torch.zeros(width, dtype=torch.long) if group == -1 else torch.arange(width) // group
+    per_weight = (lambda t: t.expand(rows, width) if group == -1 else t[:, index])
+    expected = (codes.float() - per_weight(zeros)) * per_weight(scales)
+    if masked:
+        expected = expected * mask
+    assert got.is_contiguous() and torch.equal(got, expected)
+    assert torch.equal(torch.signbit(got), torch.signbit(expected))   # even the sign of each zero
+
+
 def test_zero_is_exactly_on_the_integer_zero_grid_only():
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
     w[:, ::3] = 0

@@ -14,7 +14,7 @@ from torch import nn
 from lmcompress_core.compress import CompressionConfig, compress
 from lmcompress_core.measure.speed import runtime_bytes
 from lmcompress_core.methods.quantize import QuantizationConfig, quantize_tensor
-from lmcompress_core.runtime.kernels import DequantLinear, Int4Linear, Int8Embedding, Int8Linear, kernel_module
+from lmcompress_core.runtime.kernels import DequantLinear, Int4Linear, Int8Embedding, Int8Linear, _where_kept, kernel_module
 
 torch.set_num_threads(2)
 
@@ -229,3 +229,14 @@ def test_small_models_run_on_one_thread_large_ones_keep_the_setting_and_it_comes
     with pytest.raises(RuntimeError), threads.running(small):
         raise RuntimeError("a cancelled run")
     assert torch.get_num_threads() == before
+
+
+def test_kept_codes_by_arithmetic_equal_torch_where():
+    """The kernels fill pruned positions by uint8 arithmetic modulo 256 instead of torch.where: same bytes, for
+    every pair of codes, with the fill per weight or broadcast per row."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat_interleave(256).view(256, 256)
+    fill = torch.arange(256, dtype=torch.uint8).repeat(256).view(256, 256)
+    mask = torch.rand(256, 256, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.equal(_where_kept(mask, codes, fill), torch.where(mask, codes, fill))
+    row_fill = fill[:, :1]
+    assert torch.equal(_where_kept(mask, codes, row_fill), torch.where(mask, codes, row_fill))

@@ -80,14 +80,49 @@ def kth_smallest(chunks: list[torch.Tensor], k: int) -> torch.Tensor:
     lo_rank, hi_rank = int(rank - margin), int(rank + margin) + 1
     lo = torch.kthvalue(probe, lo_rank).values if lo_rank >= 1 else probe.new_tensor(float("-inf"))
     hi = torch.kthvalue(probe, hi_rank).values if hi_rank <= probe.numel() else probe.new_tensor(float("inf"))
-    below = sum(count_kept(c < lo) for c in chunks)
-    band = torch.cat([kept_values(c, (c >= lo) & (c <= hi)) for c in chunks])
+    below = sum(_count_below(c, lo) for c in chunks)
+    band = torch.cat([_between(c, lo, hi) for c in chunks])
     if below < k <= below + band.numel():
         return torch.kthvalue(band, k - below).values
     return torch.kthvalue(torch.cat(chunks), k).values  # the sample missed (rare): select over everything
 
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray | None:
+    """A contiguous float32 CPU tensor as a numpy array over the same memory (None for anything else). numpy
+    compares and picks such arrays in one thread at 2–3x torch's speed here (a 1536x576 layer: count below a
+    value 0.09 vs 0.23 ms, values in a range 0.41 vs 0.69 ms), which matters on a core shared with a browser."""
+    if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+        return None
+    return t.detach().numpy()
+
+
+def _count_below(t: torch.Tensor, value: torch.Tensor) -> int:
+    a = _as_numpy(t)
+    return count_kept(t < value) if a is None else int(np.count_nonzero(a < value.item()))
+
+
+def _between(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """t's values v with lo <= v <= hi, in order (1-D t)."""
+    a = _as_numpy(t)
+    if a is None:
+        return kept_values(t, (t >= lo) & (t <= hi))
+    return torch.from_numpy(a[(a >= lo.item()) & (a <= hi.item())])
+
+
+def _above(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    a = _as_numpy(t)
+    return t > value if a is None else torch.from_numpy(a > value.item())
+
+
+def _positions_equal(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Indices of the entries of 1-D t equal to value, ascending."""
+    a = _as_numpy(t)
+    if a is None:
+        return (t == value).nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(a == value.item()))
 
 
 def count_kept(mask: torch.Tensor) -> int:
@@ -115,10 +150,10 @@ def _lowest_k_flat_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = kth_smallest([scores], k)
-    keep = scores > threshold
+    keep = _above(scores, threshold)
     surplus = scores.numel() - count_kept(keep) - k  # ties at the threshold removed beyond k
     if surplus > 0:
-        keep[(scores == threshold).nonzero().squeeze(1)[-surplus:]] = True
+        keep[_positions_equal(scores, threshold)[-surplus:]] = True
     return keep
 
 

@@ -89,14 +89,35 @@ def _pack_narrow(flat: torch.Tensor, bits: int) -> torch.Tensor:
         for i in range(1, per_group):
             out |= groups[:, i] << (bits * i)
         return out
-    words = torch.zeros(groups.shape[0], dtype=torch.int64)
-    for i in range(8):   # one int64 word per 8 codes (<= 56 bits), built column by column
-        words |= groups[:, i].to(torch.int64) << (bits * i)
-    if sys.byteorder == "little":  # the word's low `bits` bytes, in memory order, are the stream
-        out = words.view(torch.uint8).view(-1, 8)[:, :bits]
+    if sys.byteorder == "little":  # 8 codes -> one int64 word (<= 56 bits); its low `bits` bytes are the stream
+        out = _squeeze_words(groups.contiguous().view(torch.int64), bits).view(torch.uint8).view(-1, 8)[:, :bits]
     else:
+        words = torch.zeros(groups.shape[0], dtype=torch.int64)
+        for i in range(8):   # one int64 word per 8 codes, built column by column
+            words |= groups[:, i].to(torch.int64) << (bits * i)
         out = ((words[:, None] >> (8 * torch.arange(bits, dtype=torch.int64))) & 0xFF).to(torch.uint8)
     return out.reshape(-1)[:packed_nbytes(flat.numel(), bits)]
+
+
+def _as_int64(mask: int) -> int:
+    return mask - (1 << 64) if mask >= 1 << 63 else mask
+
+
+# (low-half mask, high-half mask, lane width) of the three halving steps of _squeeze_words
+_SQUEEZE_STEPS = tuple((_as_int64(low), _as_int64(low ^ 0xFFFFFFFFFFFFFFFF), lane) for low, lane in (
+    (0x00FF00FF00FF00FF, 8), (0x0000FFFF0000FFFF, 16), (0x00000000FFFFFFFF, 32)))
+
+
+def _squeeze_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 words holding 8 codes (< 2**bits, bits < 8), one per byte (code i at bit 8i), -> the same codes
+    back to back (code i at bit bits·i). Three halving steps: each moves the upper code (pair, quad) of every
+    lane down against the lower one, so the whole word is rewritten in 6 passes instead of 8 strided columns.
+    The top bit never carries a code (it stays clear), so the arithmetic shift is safe."""
+    width = bits
+    for low, high, lane in _SQUEEZE_STEPS:
+        words = (words & low) | ((words & high) >> (lane - width))
+        width *= 2
+    return words
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -134,7 +155,7 @@ def mask_encoding_nbytes(mask: torch.Tensor, nnz: int | None = None) -> dict[str
     """Bytes of each sparse encoding of a bool keep-mask [out, in]: 'bitmask' and 'index' (row counts + columns).
     ``nnz``: the mask's count of kept weights, when the caller has it already."""
     rows, cols = mask.shape
-    nnz = int(mask.sum()) if nnz is None else nnz
+    nnz = count_kept(mask) if nnz is None else nnz
     index = packed_nbytes(rows, _width(cols)) + packed_nbytes(nnz, _width(cols - 1))
     return {"bitmask": packed_nbytes(mask.numel(), 1), "index": index}
 
