@@ -231,8 +231,8 @@ PHASE_WORDS = {  # the browser section's phases of one slider move, in the order
     "to_complete_after_script_s": "script end to complete page (last messages, Plotly drawing)",
 }
 BROWSER_REMEDIES = {  # what each mark waits for, in the order evaluate runs (the stages' seconds are in the profile)
-    "first": "the size chart waits for compress and size (every layer packed to count its bytes); a move to a new "
-             "sparsity adds the exact per-layer selection and the pruned layers' packing to both",
+    "first": "the size chart waits for compress and size (every layer laid out to count its bytes: codes not packed, "
+             "nothing written); a move to a new sparsity adds the exact per-layer selection to both",
     "all": "the last chart (latency) waits for perplexity and the first decode steps of the greedy generation "
            "it is read off",
     "complete": "the generations end with the greedy continuation, token by token (exploring generates no sampled "

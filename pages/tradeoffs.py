@@ -133,7 +133,7 @@ def show_sweep(result: dict, previous: bool = False) -> None:
     size_fig, latency_fig = plots.sweep_figures(table, note)
     left, right = st.columns(2)
     with left:
-        common.figure(size_fig, "" if previous else "Size: bytes really written for each compressed setting, fp32 "
+        common.figure(size_fig, "" if previous else "Size: bytes of the packed files of each compressed setting, fp32 "
                       "bytes for the original; perplexity on the model's evaluation text, the same tokens for every "
                       "point.", key=f"{key}-size-chart")
     with right:

@@ -143,6 +143,34 @@ def test_reload_gives_identical_logits(request, arch, config, ids, tmp_path):
     assert json.loads((tmp_path / "compression.json").read_text())["kernel"] == cm.kernel
 
 
+@pytest.mark.parametrize("config", [
+    CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)),
+    CompressionConfig(quantization=QuantizationConfig(bits=5, group_size=32), pruning=PruningConfig(sparsity=0.3)),
+    CompressionConfig(quantization=QuantizationConfig(bits=3, granularity="channel", symmetric=True),
+                      pruning=PruningConfig(sparsity=0.5)),
+    CompressionConfig(quantization=QuantizationConfig(bits=4, grid="minmax"), runtime="simulate"),
+    CompressionConfig(quantization=QuantizationConfig(bits=3, method="hqq", group_size=32)),
+    CompressionConfig(quantization=QuantizationConfig(bits=2, granularity="tensor"), pruning=PruningConfig(sparsity=0.9)),
+    CompressionConfig(pruning=PruningConfig(sparsity=0.9)),
+    CompressionConfig(quantization=QuantizationConfig(bits=16), pruning=PruningConfig(sparsity=0.5, pattern="2:4")),
+    CompressionConfig(quantization=QuantizationConfig(bits=8)),
+    CompressionConfig(quantization=QuantizationConfig(bits=6, layer_bits=(("fc|mlp", 4), ("attn", 16)))),
+], ids=["4bit-g32", "5bit-g32-pruned", "3bit-sym-pruned", "minmax-sim", "hqq", "2bit-tensor-pruned90", "pruned90",
+        "bf16-2:4", "int8", "mixed"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_size_is_counted_from_the_layout_byte_for_byte(request, arch, config, tmp_path):
+    """The size stage lays the format out (pack_model planned: no codes packed, nothing written): the same
+    metadata and the same tensor names, dtypes and shapes as packing, and the byte count of the files written."""
+    base = request.getfixturevalue(arch)
+    cm = compress(base, config)
+    tensors, meta = pack_model(cm, base)
+    planned, planned_meta = pack_model(cm, base, planned=True)
+    assert planned_meta == meta
+    assert ({k: (t.dtype, tuple(t.shape)) for k, t in planned.items()}
+            == {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
+    assert evaluation.measure_size(cm, base).packed_bytes == save_compressed(cm, base, tmp_path)
+
+
 def test_sparse_layers_store_only_kept_codes(llama):
     cm = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
                                            pruning=PruningConfig(sparsity=0.5)))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lmcompress_core.runtime.packing import (decode_mask, encode_mask, mask_encoding_nbytes, pack_codes, packed_nbytes,
-                                             unpack_codes)
+from lmcompress_core.runtime.packing import (Planned, decode_mask, encode_mask, mask_encoding_nbytes, pack_codes,
+                                             packed_nbytes, safetensors_nbytes, unpack_codes)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 16])
@@ -71,6 +71,35 @@ def test_mask_encodings_round_trip_and_pick_the_smaller(density):
         assert fmt == "index"
 
 
+@pytest.mark.parametrize("density", [0.5, 0.02])
+def test_a_planned_mask_encoding_has_the_encoded_dtypes_and_shapes(density):
+    mask = torch.rand(48, 300, generator=torch.Generator().manual_seed(1)) < density
+    fmt, parts = encode_mask(mask)
+    planned_fmt, planned = encode_mask(mask, planned=True)
+    assert planned_fmt == fmt and all(isinstance(p, Planned) for p in planned.values())
+    assert {k: (p.dtype, p.shape) for k, p in planned.items()} == {k: (p.dtype, tuple(p.shape)) for k, p in parts.items()}
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "lmcompress-packed"}])
+def test_file_size_from_the_layout_is_what_safetensors_writes(metadata):
+    """safetensors_nbytes against the library's own bytes, from real tensors and from Planned stand-ins: ten dtypes,
+    empty and 0-d tensors, sizes that carry the offsets across digit counts (so the library's order of the tensors,
+    by dtype then name, must be followed), non-ASCII names."""
+    from safetensors.torch import save
+
+    dtypes = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+              torch.float32, torch.float64, torch.bool]
+    shapes = [(0,), (), (7,), (3, 5), (1000,), (12345,), (2, 0, 3)]
+    tensors = {f"layers.{i * 7919 % 101}.w{i}" + ("é" if i % 13 == 0 else ""): torch.zeros(shapes[i % len(shapes)],
+                                                                                           dtype=dtypes[i % len(dtypes)])
+               for i in range(70)}
+    expected = len(save(tensors, metadata=metadata))
+    assert safetensors_nbytes(tensors, metadata) == expected
+    assert safetensors_nbytes({k: Planned(t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata) == expected
+    one = {"only": torch.zeros(3, dtype=torch.float16)}
+    assert safetensors_nbytes(one, metadata) == len(save(one, metadata=metadata))
+
+
 # ---- the int8 kernel path: smoothed layers and layers the SQNR floor kept fp32 reload exactly -------------
 
 @pytest.fixture(scope="module")
@@ -87,6 +116,7 @@ def test_smoothed_int8_model_reloads_with_identical_logits(int8_models, arch, fl
     from safetensors.torch import load_file
 
     from lmcompress_core.compress import CompressionConfig, compress
+    from lmcompress_core.measure.evaluation import measure_size
     from lmcompress_core.runtime.int8_dynamic import SmoothedInt8Linear
     from lmcompress_core.runtime.modules import CompressedLinear
     from lmcompress_core.runtime.kernels import ActivationInt8Linear
@@ -99,6 +129,7 @@ def test_smoothed_int8_model_reloads_with_identical_logits(int8_models, arch, fl
     cm = compress(base, CompressionConfig(quantization=config, runtime="dynamic_int8"), calibration=ids)
     written = save_compressed(cm, base, tmp_path)
     assert written == sum(f.stat().st_size for f in tmp_path.iterdir())
+    assert measure_size(cm, base).packed_bytes == written   # counted from the layout, smoothing factors included
     reloaded = load_compressed(tmp_path, base)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids[:2]).logits, cm.model(input_ids=ids[:2]).logits)

@@ -161,8 +161,8 @@ def _size_summary(data: Mapping) -> tuple[str, str, str] | None:
     memory = (" In memory while it runs it still takes the original's bytes (the compression is simulated)."
               if size.get("simulated") else "")
     return ("Size", f"{packed / plots.MB:.3g} MB, {packed / base:.0%} of the original's {base / plots.MB:.3g} MB.",
-            "Bytes of the compressed files really written (codes bit-packed with their scales); the original "
-            "counted at 32-bit floats." + memory)
+            "Bytes of the compressed files (codes bit-packed with their scales; counted from their layout, equal "
+            "to the files written); the original counted at 32-bit floats." + memory)
 
 
 def _speed_summary(data: Mapping) -> tuple[str, str, str] | None:

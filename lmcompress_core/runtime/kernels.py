@@ -44,6 +44,16 @@ class _KernelModule(nn.Module):
     def keep_mask(self) -> torch.Tensor | None:
         return unpack_mask(self.mask_bits, self.matrix_shape)
 
+    def quantized_weight(self, codes: bool = True) -> QuantizedWeight:
+        """The layer's codes, grid and keep-mask. ``codes=False``: the codes only by their shape (an empty uint8
+        tensor on the meta device), nothing read out of the kernel's storage, for what needs the grid alone."""
+        held = self._codes() if codes else torch.empty(self.matrix_shape, dtype=torch.uint8, device="meta")
+        return QuantizedWeight(held, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
+
+    def _codes(self) -> torch.Tensor:
+        """The uint8 codes [out, in], read out of the kernel's storage."""
+        return self.codes
+
     def _hold_mask(self, qw: QuantizedWeight, mask_bits: torch.Tensor | None) -> None:
         """qw's keep-mask, bit-packed: ``mask_bits`` when the caller holds it packed already (read only)."""
         self.register_buffer("mask_bits", pack_mask(qw.mask) if mask_bits is None or qw.mask is None else mask_bits)
@@ -212,9 +222,8 @@ class Int4Linear(_KernelModule):
         container = _int4_mm(eye, self.packed, self.kernel_group, unit).t().round().to(torch.int32)
         return (container - self.shift).to(torch.uint8)
 
-    def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.int4_codes(), self.scales, self.zeros, self.bits, self.group_size,
-                               self.keep_mask())
+    def _codes(self) -> torch.Tensor:
+        return self.int4_codes()
 
     def _moved(self, qw, device):
         self.packed = _int4_pack(self._container_codes(qw).to(device))
@@ -281,9 +290,8 @@ class Int8Linear(_KernelModule):
             y.add_(self.bias)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
-    def quantized_weight(self) -> QuantizedWeight:
-        codes = (self.weight_int8.to(torch.int16) + self.offset).to(torch.uint8)
-        return QuantizedWeight(codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
+    def _codes(self) -> torch.Tensor:
+        return (self.weight_int8.to(torch.int16) + self.offset).to(torch.uint8)
 
 
 class Int8Embedding(_KernelModule):
@@ -306,8 +314,8 @@ class Int8Embedding(_KernelModule):
     def is_compressed(self) -> bool:
         return False  # its table is the head's; packing and size count it there
 
-    def quantized_weight(self) -> QuantizedWeight:
-        return self._head[0].quantized_weight()
+    def quantized_weight(self, codes: bool = True) -> QuantizedWeight:
+        return self._head[0].quantized_weight(codes)
 
 
 # ---------------------------------------------------------------- fallbacks and the dynamic option
@@ -329,9 +337,6 @@ class DequantLinear(_KernelModule):
         exact = dense is not None and dense.dtype in (torch.float32, BF16)   # one rounding to bf16, as from fp32
         self.register_buffer("dense", (dense if exact else qw.dequantize()).to(BF16), persistent=False)
 
-    def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(BF16), self.dense, self.bias).to(x.dtype)
 
@@ -348,9 +353,6 @@ class ActivationInt8Linear(_KernelModule):
         self.register_buffer("scales", qw.scales.float().clone())
         self.register_buffer("zeros", qw.zeros.float().clone())
         self.register_buffer("mask_bits", pack_mask(qw.mask))
-
-    def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)

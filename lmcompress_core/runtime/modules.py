@@ -4,7 +4,7 @@ Every compressed module answers two questions, whatever runs inside it, so packi
 exporters read the model itself (no dictionaries keyed by layer name):
 
 * ``quantized_weight()`` -> the layer's ``QuantizedWeight`` (uint8 codes [out, in], fp32 scales and zeros,
-  bits, group_size, keep-mask) or None when it only was pruned;
+  bits, group_size, keep-mask) or None when it only was pruned (``codes=False``: the codes by their shape only);
 * ``keep_mask()`` -> the bool keep-mask [out, in] of pruning, or None.
 
 ``CompressedLinear`` / ``CompressedEmbedding`` are what prune -> quantize -> distill work on: a float weight
@@ -38,10 +38,12 @@ class _HoldsCodes:
     def keep_mask(self) -> torch.Tensor | None:
         return unpack_mask(self.mask_bits, self.matrix_shape)
 
-    def quantized_weight(self) -> QuantizedWeight | None:
+    def quantized_weight(self, codes: bool = True) -> QuantizedWeight | None:
+        """None when only pruned; ``codes=False``: the codes by their shape only (on the meta device), as kernels'."""
         if self.codes is None:
             return None
-        return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
+        held = self.codes if codes else torch.empty(self.matrix_shape, dtype=torch.uint8, device="meta")
+        return QuantizedWeight(held, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
 
     @torch.no_grad()
     def set_mask_(self, mask: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> None:

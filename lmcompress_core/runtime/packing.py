@@ -1,7 +1,9 @@
 """Bit-packing of integer codes and the on-disk compressed format (safetensors + a JSON metadata file).
 
 Written by hand because it is the point of the project: the *packed* size the app shows is the byte
-count of the files written here, not an estimate. The format:
+count of the files written here, not an estimate. ``packed_file_bytes`` gives that count from the format's
+layout (``pack_model(..., planned=True)``: every tensor's dtype and shape, the bulky ones not computed) without
+writing anything; the tests check it against the files written. The format:
 
 * quantized layers: integer codes bit-packed densely (two 4-bit codes per byte; 3-, 5-, 6-bit codes
   run across byte boundaries), a scale per group (fp16 when that is lossless, else fp32) and a zero-point per
@@ -22,15 +24,17 @@ count of the files written here, not an estimate. The format:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from lmcompress_core.methods.prune import count_kept, kept_values
 
@@ -151,6 +155,25 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an integer in 1..32, got {bits!r}")
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A tensor of the packed format known by its dtype and shape only (``pack_model(..., planned=True)``): what
+    its size needs, with the tensor's ``numel()`` and ``element_size()``, not its data."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @classmethod
+    def bytes(cls, n: int) -> "Planned":
+        """A 1-D uint8 stream of ``n`` bytes (bit-packed codes, a packed mask)."""
+        return cls(torch.uint8, (n,))
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
 # ---------------------------------------------------------------- sparse keep-masks
 def mask_encoding_nbytes(mask: torch.Tensor, nnz: int | None = None) -> dict[str, int]:
     """Bytes of each sparse encoding of a bool keep-mask [out, in]: 'bitmask' and 'index' (row counts + columns).
@@ -161,12 +184,20 @@ def mask_encoding_nbytes(mask: torch.Tensor, nnz: int | None = None) -> dict[str
     return {"bitmask": packed_nbytes(mask.numel(), 1), "index": index}
 
 
-def encode_mask(mask: torch.Tensor, nnz: int | None = None) -> tuple[str, dict[str, torch.Tensor]]:
-    """Encode a keep-mask in the smaller of the two sparse formats; returns (format name, tensors)."""
+def encode_mask(mask: torch.Tensor, nnz: int | None = None,
+                planned: bool = False) -> tuple[str, dict[str, torch.Tensor]]:
+    """Encode a keep-mask in the smaller of the two sparse formats; returns (format name, tensors).
+    ``planned``: the tensors as ``Planned`` (dtype and shape only; nothing encoded)."""
     sizes = mask_encoding_nbytes(mask, nnz)
-    if sizes["bitmask"] <= sizes["index"]:
-        return "bitmask", {"mask": pack_codes(mask.reshape(-1).to(torch.uint8), 1)}
     rows, cols = mask.shape
+    if sizes["bitmask"] <= sizes["index"]:
+        if planned:
+            return "bitmask", {"mask": Planned.bytes(sizes["bitmask"])}
+        return "bitmask", {"mask": pack_codes(mask.reshape(-1).to(torch.uint8), 1)}
+    if planned:
+        nnz = count_kept(mask) if nnz is None else nnz
+        return "index", {"row_counts": Planned.bytes(packed_nbytes(rows, _width(cols))),
+                         "columns": Planned.bytes(packed_nbytes(nnz, _width(cols - 1)))}
     counts = mask.sum(1)
     columns = mask.nonzero()[:, 1]  # row-major order, matching weight[mask]
     return "index", {"row_counts": pack_codes(counts, _width(cols)),
@@ -207,29 +238,35 @@ def _compact_zeros(zeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, str]:
     return _compact_float(z)
 
 
-def pack_layer(name: str, weight: torch.Tensor | None, qweight=None, mask: torch.Tensor | None = None):
-    """Pack one [out, in] weight: (tensors keyed '<name>.weight.<part>', metadata dict)."""
+def pack_layer(name: str, weight: torch.Tensor | None, qweight=None, mask: torch.Tensor | None = None,
+               planned: bool = False):
+    """Pack one [out, in] weight: (tensors keyed '<name>.weight.<part>', metadata dict). ``planned``: the
+    bulky tensors (codes, kept values, the mask's encoding) as ``Planned``, not computed; scales and zero-points
+    are computed either way (their dtype depends on their values); the metadata is the same."""
     prefix = f"{name}.weight."
     tensors: dict[str, torch.Tensor] = {}
+    nnz = None if mask is None else count_kept(mask)
     if qweight is not None:
-        codes = qweight.codes.to(torch.uint8)
-        shape = tuple(codes.shape)
+        shape = tuple(qweight.shape)
         meta = {"kind": "quantized", "shape": list(shape), "bits": int(qweight.bits),
                 "group_size": int(qweight.group_size)}
         tensors[prefix + "scales"], meta["scales_dtype"] = _compact_float(qweight.scales)
         tensors[prefix + "zeros"], meta["zeros_dtype"] = _compact_zeros(qweight.zeros, qweight.bits)
         meta["groups"] = int(qweight.scales.numel())
-        kept = codes if mask is None else kept_values(codes, mask)
-        tensors[prefix + "codes"] = pack_codes(kept, qweight.bits)
+        if planned:
+            tensors[prefix + "codes"] = Planned.bytes(packed_nbytes(math.prod(shape) if nnz is None else nnz,
+                                                                    qweight.bits))
+        else:
+            codes = qweight.codes.to(torch.uint8)
+            tensors[prefix + "codes"] = pack_codes(codes if mask is None else kept_values(codes, mask), qweight.bits)
     else:
         shape = tuple(weight.shape)
         meta = {"kind": "pruned", "shape": list(shape)}
-        tensors[prefix + "values"] = kept_values(weight, mask)
+        tensors[prefix + "values"] = Planned(weight.dtype, (nnz,)) if planned else kept_values(weight, mask)
     meta["dtype"] = str(weight.dtype).replace("torch.", "") if weight is not None else "float32"
     if mask is not None:
         mask = mask.cpu().bool()
-        nnz = count_kept(mask)
-        fmt, parts = encode_mask(mask, nnz)
+        fmt, parts = encode_mask(mask, nnz, planned)
         meta.update(sparse=fmt, nnz=nnz, sparse_sizes=mask_encoding_nbytes(mask, nnz))
         tensors.update({prefix + k: v for k, v in parts.items()})
     meta["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -270,11 +307,12 @@ def unpack_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> tor
 
 
 # ---------------------------------------------------------------- whole model
-def pack_model(cm, base_model=None, check=None) -> tuple[dict[str, torch.Tensor], dict]:
+def pack_model(cm, base_model=None, check=None, planned: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors and the metadata of the packed format for a CompressedModel (nothing written).
 
     The compressed layers are read from the modules themselves (``quantized_weight()`` / ``keep_mask()``).
-    ``check()`` (optional) is called before each layer and may raise to cancel.
+    ``check()`` (optional) is called before each layer and may raise to cancel. ``planned``: each layer's bulky
+    tensors as ``Planned`` (see pack_layer): what ``packed_file_bytes`` needs, in a fraction of the time.
     """
     from lmcompress_core.runtime.modules import compressed_layers
     from lmcompress_core.runtime.kernels import Int8Embedding
@@ -285,7 +323,7 @@ def pack_model(cm, base_model=None, check=None) -> tuple[dict[str, torch.Tensor]
     for name, module in sorted(held.items()):
         if check is not None:
             check()
-        parts, layers[name] = _pack_module(name, module)
+        parts, layers[name] = _pack_module(name, module, planned)
         tensors.update(parts)
     names = {id(m): n for n, m in cm.model.named_modules()}
     tied_embeddings = {n: names[id(m._head[0])] for n, m in cm.model.named_modules() if isinstance(m, Int8Embedding)}
@@ -307,11 +345,11 @@ def pack_model(cm, base_model=None, check=None) -> tuple[dict[str, torch.Tensor]
     return tensors, meta
 
 
-def _pack_module(name: str, module) -> tuple[dict[str, torch.Tensor], dict]:
-    qweight = module.quantized_weight()
+def _pack_module(name: str, module, planned: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    qweight = module.quantized_weight(codes=not planned)
     mask = qweight.mask if qweight is not None else module.keep_mask()
     weight = None if qweight is not None else module.weight.detach()
-    parts, meta = pack_layer(name, weight, qweight, mask)
+    parts, meta = pack_layer(name, weight, qweight, mask, planned)
     meta["module"] = type(module).__name__
     if isinstance(getattr(module, "weight", None), torch.Tensor):
         meta["dtype"] = str(module.weight.dtype).replace("torch.", "")
@@ -374,9 +412,50 @@ def write_packed(tensors: dict[str, torch.Tensor], meta: dict, folder) -> int:
     """Write what :func:`pack_model` returned; the bytes written (safetensors file + JSON file)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata=_FILE_METADATA)
+    (folder / META_FILE).write_bytes(_meta_json(meta))
     return os.path.getsize(folder / WEIGHTS_FILE) + os.path.getsize(folder / META_FILE)
+
+
+def packed_file_bytes(tensors: dict, meta: dict) -> int:
+    """The bytes :func:`write_packed` writes for these tensors (data or ``Planned``) and metadata, nothing written."""
+    return safetensors_nbytes(tensors, _FILE_METADATA) + len(_meta_json(meta))
+
+
+_FILE_METADATA = {"format": FORMAT}
+
+
+def _meta_json(meta: dict) -> bytes:
+    return json.dumps(meta, indent=1, default=str).encode()
+
+
+def safetensors_nbytes(tensors: dict, metadata: dict[str, str] | None = None) -> int:
+    """The size of the file safetensors' ``save_file`` writes for ``tensors`` (data or ``Planned``), not writing
+    it: 8 bytes giving the header's length, the JSON header (each tensor's dtype, shape and data offsets) padded
+    with spaces to a multiple of 8, then the data. The offsets, and so their digits, follow the library's order
+    of the tensors (by dtype, then by name), which is read off the library itself, with its dtype names."""
+    rank, names = _safetensors_dtypes(tuple(sorted({t.dtype for t in tensors.values()}, key=str)))
+    header: dict = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
+    for key in sorted(tensors, key=lambda k: (rank[tensors[k].dtype], k)):
+        tensor = tensors[key]
+        end = offset + tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + text + (-text) % 8 + offset
+
+
+@functools.lru_cache(maxsize=32)
+def _safetensors_dtypes(dtypes: tuple[torch.dtype, ...]) -> tuple[dict, dict]:
+    """({dtype: its place in safetensors' order}, {dtype: its name in the header}), from one small file that
+    the library writes with one one-element tensor of each dtype (its data offsets give the order)."""
+    blob = save({f"t{i}": torch.zeros(1, dtype=d) for i, d in enumerate(dtypes)})
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    header.pop("__metadata__", None)
+    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    return ({dtypes[int(k[1:])]: i for i, k in enumerate(order)},
+            {dtypes[int(k[1:])]: header[k]["dtype"] for k in order})
 
 
 def load_compressed(folder, base_model) -> torch.nn.Module:
