@@ -274,15 +274,25 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
     stats = _quantization_statistics(run, cfg, layers)
     costs = dict(zip(layers, _quantize_costs(layers, cfg.method == "gptq")))
     eta, done, quantized = _Eta(), 0, 0
+    kernels_next = _kernels_next(run, cfg)
     for group in _quantize_groups(layers, cfg, stats):
         for (name, _, _, _), qw in zip(group, _quantize_group(group)):
-            run.compressed(name).set_quantized_(qw, own_mask=True)   # qw.mask is the layer's keep_mask()
+            module = run.compressed(name)
+            onto_kernel = kernels_next and isinstance(module, CompressedLinear)
+            module.set_quantized_(qw, own_mask=True, keep_weight=not onto_kernel)   # qw.mask: its keep_mask()
             quantized, done = quantized + 1, done + costs[name]
             run.report("quantize", quantized, len(layers), f"layer {quantized} of {len(layers)}: {name}" +
                        eta.text(done, sum(costs.values())), eta.metrics(done, sum(costs.values())))
     if cfg.method == "gptq" and stats is not None and quantized > len(stats.tokens):
         run.notes.append("layers without calibration inputs (embeddings) were quantized with RTN")
     run.runtime = "simulate" if cfg.bits == 8 and not cfg.int8_kernel else run.config.runtime
+
+
+def _kernels_next(run: _Run, cfg: QuantizationConfig) -> bool:
+    """Whether the codes go straight onto kernel modules (the real runtime, nothing trained after): then the float
+    weights of the linear layers are never read again and need not be written (finish_real reads the codes)."""
+    simulated_int8 = cfg.bits == 8 and not cfg.int8_kernel
+    return run.config.runtime == "real" and not simulated_int8 and run.config.distillation is None
 
 
 def _quantize_groups(layers: dict[str, nn.Module], cfg: QuantizationConfig, stats) -> list[list[tuple]]:
@@ -402,14 +412,14 @@ def _shrink(run: _Run, keep_every: int) -> None:
 
 def _finish(run: _Run) -> None:
     held = compressed_layers(run.model)
-    if any(m.quantized_weight() is not None for m in held.values()):
+    if any(m.is_quantized() for m in held.values()):
         {"real": finish_real, "simulate": _finish_simulated, "dynamic_int8": finish_dynamic_int8}[run.runtime](run)
     elif run.half is not None:
         cast_half_(run.model, run.half)
         run.kernel = run.half
     else:
         run.kernel = KERNEL_DENSE
-    if any(m.keep_mask() is not None for m in held.values()):
+    if any(m.is_pruned() for m in held.values()):
         run.kernel += SPARSE_SUFFIX
 
 

@@ -139,6 +139,38 @@ def test_kernel_says_what_really_runs(gpt2, kind, kernel):
     assert compress(gpt2, KINDS[kind], calibration=calibration(gpt2)).kernel == kernel
 
 
+@pytest.mark.parametrize("config, dequantized", [   # dequantized: 5-8-bit codes in groups (no kernel: bf16 matrices)
+    (CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)), False),
+    (CompressionConfig(quantization=QuantizationConfig(bits=5, group_size=32), pruning=PruningConfig(0.5)), True),
+    (CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel"), pruning=PruningConfig(0.3)), False),
+    (CompressionConfig(quantization=QuantizationConfig(bits=6, group_size=32, layer_bits=(("mlp", 3), (r"\.0\.", 16)))),
+     True),
+], ids=["4bit", "5bit-pruned", "8bit-pruned", "mixed"])
+def test_codes_go_onto_kernels_without_their_float_weights_and_the_model_is_the_same(random_arch, config, dequantized,
+                                                                                      monkeypatch):
+    """The real runtime releases each linear layer's float weight instead of writing the de-quantized matrix
+    into it (the kernel modules read the codes): the model that comes out is the one the written weights gave,
+    tensor for tensor, and nothing of it is left on the meta device."""
+    import sys
+
+    base = random_arch.model
+    released = compress(base, config)
+    monkeypatch.setattr(sys.modules["lmcompress_core.compress"], "_kernels_next", lambda run, cfg: False)
+    written = compress(base, config)
+    assert released.kernel == written.kernel and released.notes == written.notes
+    ours, theirs = released.model.state_dict(), written.model.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    from lmcompress_core.runtime.kernels import DequantLinear
+
+    pairs = zip(released.model.modules(), written.model.modules())
+    dense = [(a.dense, b.dense) for a, b in pairs if isinstance(a, DequantLinear)]
+    assert all(torch.equal(a, b) for a, b in dense) and bool(dense) == dequantized
+    assert not any(t.is_meta for t in list(released.model.parameters()) + list(released.model.buffers()))
+    ids = torch.randint(base.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(released.model(ids).logits, written.model(ids).logits)
+
+
 def test_zero_sparsity_is_bit_identical(random_arch):
     model = random_arch.model
     cm = compress(model, CompressionConfig(pruning=PruningConfig(sparsity=0.0)))

@@ -105,6 +105,8 @@ def test_dequantize_is_the_per_weight_formula_bit_for_bit(rows, width, group, gr
         expected = expected * mask
     assert got.is_contiguous() and torch.equal(got, expected)
     assert torch.equal(torch.signbit(got), torch.signbit(expected))   # even the sign of each zero
+    bf16 = QuantizedWeight(codes, scales, zeros, 4, group, mask).dequantize(torch.bfloat16)   # rounded as stored
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16.view(torch.int16), expected.bfloat16().view(torch.int16))
 
 
 def test_zero_is_exactly_on_the_integer_zero_grid_only():

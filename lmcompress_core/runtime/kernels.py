@@ -41,6 +41,12 @@ class _KernelModule(nn.Module):
     def is_compressed(self) -> bool:
         return True
 
+    def is_quantized(self) -> bool:
+        return True
+
+    def is_pruned(self) -> bool:
+        return self.mask_bits is not None
+
     def keep_mask(self) -> torch.Tensor | None:
         return unpack_mask(self.mask_bits, self.matrix_shape)
 
@@ -335,7 +341,7 @@ class DequantLinear(_KernelModule):
         self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
         self._hold_mask(qw, mask_bits)
         exact = dense is not None and dense.dtype in (torch.float32, BF16)   # one rounding to bf16, as from fp32
-        self.register_buffer("dense", (dense if exact else qw.dequantize()).to(BF16), persistent=False)
+        self.register_buffer("dense", dense.to(BF16) if exact else qw.dequantize(BF16), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(BF16), self.dense, self.bias).to(x.dtype)

@@ -29,6 +29,12 @@ class _HoldsCodes:
     def is_compressed(self) -> bool:
         return self.codes is not None or self.mask_bits is not None
 
+    def is_quantized(self) -> bool:
+        return self.codes is not None
+
+    def is_pruned(self) -> bool:
+        return self.mask_bits is not None
+
     def _init_storage(self, shape: tuple[int, int]) -> None:
         self.matrix_shape = tuple(shape)
         self.bits, self.group_size = None, None
@@ -56,13 +62,19 @@ class _HoldsCodes:
         self.weight.mul_(keep)   # bool promotes to the weight's dtype (no float copy of the mask)
 
     @torch.no_grad()
-    def set_quantized_(self, qw: QuantizedWeight, own_mask: bool = False) -> None:
+    def set_quantized_(self, qw: QuantizedWeight, own_mask: bool = False, keep_weight: bool = True) -> None:
         """Quantize: hold qw's codes and grid, and write its de-quantized matrix into the float weight.
-        ``own_mask``: qw.mask is this module's own keep_mask(), already held bit-packed (not packed again)."""
+        ``own_mask``: qw.mask is this module's own keep_mask(), already held bit-packed (not packed again).
+        ``keep_weight=False``: the float weight is released instead of written (left on the meta device, so a
+        forward fails loudly), for a layer whose codes go onto a kernel module next, which reads codes only."""
         if qw.mask is not None and not (own_mask and self.mask_bits is not None):
             self.mask_bits = pack_mask(qw.mask)
         self.codes, self.scales, self.zeros = qw.codes.to(torch.uint8), qw.scales.float(), qw.zeros.float()
         self.bits, self.group_size = int(qw.bits), int(qw.group_size)
+        if not keep_weight:
+            self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), requires_grad=False)
+            self._written = None
+            return
         self.weight.copy_(qw.dequantize().to(self.weight.dtype))
         # what quantized_weight() de-quantizes to (its mask is the held one): unless qw came without the mask
         same = qw.mask is not None or self.mask_bits is None
