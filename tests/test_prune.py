@@ -147,3 +147,18 @@ def test_kept_values_and_their_count_are_torchs_boolean_indexing(dtype, transpos
     kept = kept_values(t, mask)
     assert kept.dtype == dtype and torch.equal(kept, t[mask])
     assert count_kept(mask) == int(mask.sum()) and count_kept(torch.zeros(3, dtype=torch.bool)) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zeroing_pruned_weights_is_the_bool_product_bit_for_bit(dtype):
+    """zero_pruned_ reads the mask's bytes as 0/1: the product by the bool mask, sign of each zero included, also
+    through a transposed (non-contiguous) mask."""
+    from lmcompress_core.methods.prune import zero_pruned_
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 80, generator=gen).to(dtype)
+    for mask in (torch.rand(48, 80, generator=gen) > 0.4, (torch.rand(80, 48, generator=gen) > 0.4).t()):
+        expected = w * mask
+        got = zero_pruned_(w.clone(), mask)
+        assert got.dtype == dtype and torch.equal(got, expected)
+        assert torch.equal(torch.signbit(got), torch.signbit(expected)) and bool(torch.signbit(got[~mask]).any())

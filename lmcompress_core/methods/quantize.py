@@ -38,6 +38,7 @@ from torch import nn
 
 from lmcompress_core.methods.grid_search import mse_grid
 from lmcompress_core.methods.hqq import fp16_exact, hqq_grid
+from lmcompress_core.methods.prune import zero_pruned_
 
 INTEGER_BITS = (2, 3, 4, 5, 6, 8)
 ALLOWED_BITS = INTEGER_BITS + (16,)
@@ -193,7 +194,7 @@ class QuantizedWeight:
                           out=w[:, :whole].view(grouped))
             if whole < width:   # a short last group
                 torch.mul(codes[:, whole:] - self.zeros[:, n:], self.scales[:, n:], out=w[:, whole:])
-        return w if self.mask is None else w.mul_(self.mask)
+        return w if self.mask is None else zero_pruned_(w, self.mask)
 
 
 def _group_size(config: QuantizationConfig, in_features: int) -> int:

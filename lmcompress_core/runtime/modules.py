@@ -20,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmcompress_core.runtime.packing import pack_codes, unpack_codes
+from lmcompress_core.methods.prune import zero_pruned_
 from lmcompress_core.methods.quantize import QuantizedWeight
 
 
@@ -59,7 +60,7 @@ class _HoldsCodes:
             raise ValueError("set_mask_ takes a bool mask or its packed bits, one of the two")
         self.mask_bits = pack_mask(mask) if packed is None else packed.clone()
         keep = mask if mask is not None else self.keep_mask()
-        self.weight.mul_(keep)   # bool promotes to the weight's dtype (no float copy of the mask)
+        zero_pruned_(self.weight, keep)
 
     @torch.no_grad()
     def set_quantized_(self, qw: QuantizedWeight, own_mask: bool = False, keep_weight: bool = True) -> None:
