@@ -199,13 +199,13 @@ REMEDIES = {  # what would shorten each stage of a Report, by stage name in Repo
                 "inputs was slower still, 37 vs 32 ms a step, timed here outside the bench)",
     "perplexity": "score fewer tokens while dragging (the base model's log-probabilities and the text's tokens are "
                   "already computed once per text and reused)",
-    "compress": "build the kernel modules straight from the codes (every chosen layer is still de-quantized into "
-                "a float weight first, which the int4 kernel then drops) and copy only what the compression keeps "
-                "(the deep copy of the base model copies weights that quantization overwrites); a new sparsity "
-                "also selects each layer's k-th smallest magnitude exactly (numpy, ~1.2 ms a layer). Magnitude "
+    "compress": "copy only what the compression keeps (the deep copy of the base model copies weights that "
+                "quantization then releases; kernel modules are already built from the codes alone); a pruned "
+                "layer's mask is unpacked again at each step (prune, quantize, kernels); a new sparsity also "
+                "selects each layer's k-th smallest magnitude exactly (numpy, ~1.2 ms a layer). Magnitude "
                 "keep-masks and the LM head's int8 codes are computed once per model and setting",
-    "size": "count the packed bytes from the layout instead of packing every layer (a pruned layer's kept codes "
-            "are picked out and its mask encoded, ~0.2 s more than unpruned; the figure is the bytes written)",
+    "size": "little left: the packed bytes are counted from the format's layout (no layer packed, nothing "
+            "written; equal to the files written, tested); what remains is reading each layer's grid and mask",
 }
 
 
