@@ -10,7 +10,6 @@ model is never touched: it is shared between app sessions.
 """
 from __future__ import annotations
 
-import copy
 import json
 import re
 import time
@@ -26,8 +25,8 @@ from lmcompress_core.methods.distill import DistillationConfig, distill_, keep_e
 from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, BaseModelCache, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask
 from lmcompress_core.methods.quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
-from lmcompress_core.runtime.modules import (CompressedEmbedding, CompressedLinear, as_compressed_, compressed_layers,
-                                             shared_parameters)
+from lmcompress_core.runtime.modules import (CompressedEmbedding, CompressedLinear, as_compressed_, borrowing_copy,
+                                             compressed_layers, own_borrowed_, shared_parameters)
 from lmcompress_core.runtime.finish import KERNEL_INT8, KERNEL_INT8_DYNAMIC, KERNEL_SIMULATED  # noqa: F401 (re-exported labels)
 from lmcompress_core.runtime.finish import finish_dynamic_int8, finish_real
 
@@ -159,6 +158,7 @@ class _Run:
     history: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     shared: set = field(default_factory=set)   # ids of the copy's tied Parameters (copied, never handed over)
+    borrowed: set = field(default_factory=set)  # storage addresses of the base weights the copy borrows (read only)
 
     def layers(self) -> dict[str, nn.Module]:
         return self.config.chosen_layers(self.model)
@@ -167,6 +167,10 @@ class _Run:
         """The named layer of the copy as its compressed module (swapped in on first use; the copy's own weight
         moves into it unless tied)."""
         return as_compressed_(self.model, name, self.shared)
+
+    def own(self, module: nn.Module) -> None:
+        """Give a module about to be written in place its own copy of any weight it borrows from the base."""
+        own_borrowed_(module, self.borrowed)
 
     def check(self) -> None:
         if self.should_stop is not None and self.should_stop():
@@ -216,19 +220,23 @@ def register(config_type: type):
 def compress(model: nn.Module, config: CompressionConfig, calibration: torch.Tensor | None = None, tokenizer=None,
              callback: ProgressCallback | None = None, should_stop: Callable[[], bool] | None = None) -> CompressedModel:
     """Compress a deep copy of ``model`` (never mutated) by ``config``: prune, then quantize, then distill.
+    When the codes go straight onto kernel modules the copy borrows the float weights it only reads
+    (``_borrowable``); the model that comes out shares no memory with ``model``.
 
     ``calibration`` is token ids [n, seq_len] (GPTQ, Wanda and distillation need it); ``tokenizer`` is unused
     and accepted for symmetry with the other entry points. Raises Cancelled when should_stop() turns True.
     """
     if calibration is not None and calibration.dim() == 1:
         calibration = calibration[None, :]
-    run = _Run(model, copy.deepcopy(model).eval(), config, calibration, callback, should_stop)
+    working, borrowed = borrowing_copy(model, _borrowable(model, config))
+    run = _Run(model, working.eval(), config, calibration, callback, should_stop, borrowed=borrowed)
     run.shared = shared_parameters(run.model)
     for stage in _STAGES:
         stage_config = getattr(config, stage)
         if stage_config is not None:
             _HANDLERS[type(stage_config)](run, stage_config)
     _finish(run)
+    own_borrowed_(run.model, borrowed)
     run.report("done", 1, 1, "done")
     return CompressedModel(run.model, config, run.kernel, run.history, run.notes)
 
@@ -246,10 +254,11 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
     masks = _masks(run, cfg, layers) if packed is None else {}
     for i, name in enumerate(layers):
         module = run.compressed(name)
-        if packed is None:
-            module.set_mask_(masks.pop(name))   # popped: the bool masks go as their packed bits come
+        borrowed = module.weight.untyped_storage().data_ptr() in run.borrowed
+        if packed is None:   # popped: the bool masks go as their packed bits come
+            module.set_mask_(masks.pop(name), borrowed=borrowed)
         else:
-            module.set_mask_(packed=packed[name])
+            module.set_mask_(packed=packed[name], borrowed=borrowed)
         run.report("prune", i + 1, len(layers), name)
     if cfg.method == "magnitude" and packed is None:   # a copy: the cache never shares this model's buffers
         MAGNITUDE_MASKS.put(run.base, key, {name: run.model.get_submodule(name).mask_bits.clone()
@@ -279,6 +288,8 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
         for (name, _, _, _), qw in zip(group, _quantize_group(group)):
             module = run.compressed(name)
             onto_kernel = kernels_next and isinstance(module, CompressedLinear)
+            if not onto_kernel:
+                run.own(module)   # its de-quantized matrix is written into the weight
             module.set_quantized_(qw, own_mask=True, keep_weight=not onto_kernel)   # qw.mask: its keep_mask()
             quantized, done = quantized + 1, done + costs[name]
             run.report("quantize", quantized, len(layers), f"layer {quantized} of {len(layers)}: {name}" +
@@ -291,8 +302,30 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
 def _kernels_next(run: _Run, cfg: QuantizationConfig) -> bool:
     """Whether the codes go straight onto kernel modules (the real runtime, nothing trained after): then the float
     weights of the linear layers are never read again and need not be written (finish_real reads the codes)."""
+    return _onto_kernels(run.config, cfg)
+
+
+def _onto_kernels(config: CompressionConfig, cfg: QuantizationConfig) -> bool:
     simulated_int8 = cfg.bits == 8 and not cfg.int8_kernel
-    return run.config.runtime == "real" and not simulated_int8 and run.config.distillation is None
+    return config.runtime == "real" and not simulated_int8 and config.distillation is None
+
+
+def _borrowable(model: nn.Module, config: CompressionConfig) -> list[torch.Tensor]:
+    """The base weights the working copy may borrow instead of copying (``borrowing_copy``): when the codes go
+    straight onto kernel modules, each quantized linear layer's float weight is only read (to prune, calibrate
+    and quantize; a pruned one is written into a new tensor) and then released, and the LM head's (with a tied
+    embedding) only read by quantize_head_, replaced or cast. Nothing else: what could be written in place
+    (compressed embeddings, trained or simulated weights) is copied."""
+    q = config.quantization
+    if q is None or not q.is_integer or not _onto_kernels(config, q):
+        return []
+    tied = shared_parameters(model)
+    borrow = [m.weight for name, m in config.chosen_layers(model).items()
+              if not isinstance(m, nn.Embedding) and id(m.weight) not in tied and q.for_layer(name) is not None]
+    head = None if config.include_embeddings else model.get_output_embeddings()
+    if head is not None and isinstance(getattr(head, "weight", None), nn.Parameter):
+        borrow.append(head.weight)
+    return borrow
 
 
 def _quantize_groups(layers: dict[str, nn.Module], cfg: QuantizationConfig, stats) -> list[list[tuple]]:
@@ -373,6 +406,7 @@ def _distill(run: _Run, cfg: DistillationConfig) -> None:
     # an eighth of the windows (at most HELDOUT_WINDOWS: it is evaluated every tenth of training) for the curve
     n_heldout = min(HELDOUT_WINDOWS, max(1, ids.shape[0] // 8)) if ids.shape[0] >= 2 else 0
     train, heldout = (ids[:-n_heldout], ids[-n_heldout:]) if n_heldout else (ids, None)
+    run.own(run.model)   # training writes in place (nothing is borrowed when distillation follows: a safeguard)
     if cfg.mode == "student":
         _shrink(run, cfg.keep_every)
     attached = recovery.attach_(run.model, run.layers(), run.half, cfg.trains, cfg.vectors)

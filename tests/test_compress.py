@@ -154,9 +154,11 @@ def test_codes_go_onto_kernels_without_their_float_weights_and_the_model_is_the_
     import sys
 
     base = random_arch.model
+    before = snapshot(base)
     released = compress(base, config)
     monkeypatch.setattr(sys.modules["lmcompress_core.compress"], "_kernels_next", lambda run, cfg: False)
-    written = compress(base, config)
+    written = compress(base, config)   # the weights it borrows are its own before they are written
+    assert_same_state(base, before)
     assert released.kernel == written.kernel and released.notes == written.notes
     ours, theirs = released.model.state_dict(), written.model.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -169,6 +171,62 @@ def test_codes_go_onto_kernels_without_their_float_weights_and_the_model_is_the_
     ids = torch.randint(base.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(released.model(ids).logits, written.model(ids).logits)
+
+
+@pytest.mark.parametrize("config", [
+    CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)),
+    CompressionConfig(quantization=QuantizationConfig(bits=5, group_size=32), pruning=PruningConfig(0.5)),
+    CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32, method="gptq"),
+                      pruning=PruningConfig(0.3, method="wanda")),
+    CompressionConfig(quantization=QuantizationConfig(bits=6, group_size=32, layer_bits=((r"\.0\.", 16),)),
+                      pruning=PruningConfig(pattern="2:4"), head="float"),
+    CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32), include_embeddings=True),
+], ids=["4bit", "5bit-magnitude", "gptq-wanda", "mixed-nm-head-float", "embeddings"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_borrowed_weights_leave_the_base_untouched_and_the_model_is_a_copys(random_arch, config, dtype, monkeypatch):
+    """When codes go straight onto kernels, the working copy borrows the base's linear and LM-head weights
+    instead of copying them: the base keeps every value and never sees an in-place write (version counters), the
+    compressed model shares no memory with it, and it equals, tensor for tensor, the model a full deep copy gives
+    (twice: the second pruning reads its masks from the cache)."""
+    import sys
+
+    base = random_arch.model.to(dtype)
+    before = snapshot(base)
+    versions = {k: v._version for k, v in base.state_dict(keep_vars=True).items()}
+    calib = calibration(base)
+    borrowed = [compress(base, config, calibration=calib) for _ in range(2)]
+    monkeypatch.setattr(sys.modules["lmcompress_core.compress"], "_borrowable", lambda model, cfg: [])
+    copied = compress(base, config, calibration=calib)
+    assert_same_state(base, before)
+    assert {k: v._version for k, v in base.state_dict(keep_vars=True).items()} == versions
+    memory = {t.untyped_storage().data_ptr() for t in list(base.parameters()) + list(base.buffers())}
+    for cm in borrowed:
+        held = [t for t in list(cm.model.parameters()) + list(cm.model.buffers()) if not t.is_meta]
+        assert not any(t.untyped_storage().data_ptr() in memory for t in held)
+        assert cm.kernel == copied.kernel and cm.notes == copied.notes
+        ours, theirs = cm.model.state_dict(), copied.model.state_dict()
+        assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_borrowed_weight_written_in_place_would_be_caught():
+    """The check above can fail: an in-place write into a borrowed weight changes the base."""
+    from lmcompress_core.models.loading import tiny_random_model
+    from lmcompress_core.runtime.modules import borrowing_copy, own_borrowed_
+
+    base = tiny_random_model("llama").model
+    layer = "model.layers.0.mlp.up_proj"
+    copy_, borrowed = borrowing_copy(base, [base.get_submodule(layer).weight])
+    assert copy_.get_submodule(layer).weight is not base.get_submodule(layer).weight
+    version = base.get_submodule(layer).weight._version
+    with torch.no_grad():
+        copy_.get_submodule(layer).weight.mul_(0)
+    assert base.get_submodule(layer).weight._version > version and not base.get_submodule(layer).weight.any()
+    fresh = tiny_random_model("llama").model
+    copy_, borrowed = borrowing_copy(fresh, [fresh.get_submodule(layer).weight])
+    assert own_borrowed_(copy_, borrowed) == 1
+    with torch.no_grad():
+        copy_.get_submodule(layer).weight.mul_(0)
+    assert fresh.get_submodule(layer).weight.any()
 
 
 def test_zero_sparsity_is_bit_identical(random_arch):

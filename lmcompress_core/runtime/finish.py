@@ -66,7 +66,7 @@ def _head_codes(base: nn.Module, w: torch.Tensor):
     by element), and its codes are computed once per base model (the base is never mutated)."""
     per_channel = QuantizationConfig(bits=8, granularity="channel")
     source = getattr(base.get_output_embeddings(), "weight", None)
-    if not isinstance(source, torch.Tensor) or source.shape != w.shape or not torch.equal(source.to(w.dtype), w):
+    if not isinstance(source, torch.Tensor) or source.shape != w.shape or not _same_values(source, w):
         return quantize_weight(w, per_channel)
     key = (source.data_ptr(), tuple(source.shape), source.dtype)
     codes = HEAD_CODES.get(base, key)
@@ -74,6 +74,13 @@ def _head_codes(base: nn.Module, w: torch.Tensor):
         codes = quantize_weight(w, per_channel)
         HEAD_CODES.put(base, key, codes)
     return codes
+
+
+def _same_values(source: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether w holds the source's values: the same memory (a borrowed weight, compress.py) or equal elements."""
+    if source.dtype == w.dtype and source.data_ptr() == w.data_ptr() and source.stride() == w.stride():
+        return True
+    return torch.equal(source.to(w.dtype), w)
 
 
 def _real_label(model: nn.Module, head: str) -> str:

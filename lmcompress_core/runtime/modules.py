@@ -13,6 +13,7 @@ exporters read the model itself (no dictionaries keyed by layer name):
 """
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import torch
@@ -53,14 +54,21 @@ class _HoldsCodes:
         return QuantizedWeight(held, self.scales, self.zeros, self.bits, self.group_size, self.keep_mask())
 
     @torch.no_grad()
-    def set_mask_(self, mask: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> None:
+    def set_mask_(self, mask: torch.Tensor | None = None, packed: torch.Tensor | None = None,
+                  borrowed: bool = False) -> None:
         """Prune: keep only the weights where mask is True (the float weight's zeros are real zeros); the mask
-        comes as a bool matrix or already bit-packed (``packed``, as ``pack_mask`` gives it: kept as a copy)."""
+        comes as a bool matrix or already bit-packed (``packed``, as ``pack_mask`` gives it: kept as a copy).
+        ``borrowed``: the float weight shares memory with a model that must not change (see ``borrowing_copy``),
+        so the pruned weight goes into a new tensor instead of being zeroed in place."""
         if (mask is None) == (packed is None):
             raise ValueError("set_mask_ takes a bool mask or its packed bits, one of the two")
         self.mask_bits = pack_mask(mask) if packed is None else packed.clone()
         keep = mask if mask is not None else self.keep_mask()
-        zero_pruned_(self.weight, keep)
+        if borrowed:
+            kept = keep.view(torch.uint8) if keep.dtype == torch.bool else keep   # as zero_pruned_ multiplies
+            self.weight = nn.Parameter(self.weight.detach() * kept, requires_grad=self.weight.requires_grad)
+        else:
+            zero_pruned_(self.weight, keep)
 
     @torch.no_grad()
     def set_quantized_(self, qw: QuantizedWeight, own_mask: bool = False, keep_weight: bool = True) -> None:
@@ -176,6 +184,28 @@ def as_compressed_(model: nn.Module, name: str, shared: set[int] | None = None) 
         module = CompressedLinear.from_layer(layer, take=shared is not None and id(layer.weight) not in shared)
     model.set_submodule(name, module)
     return module
+
+
+def borrowing_copy(model: nn.Module, borrow: list[torch.Tensor]) -> tuple[nn.Module, set[int]]:
+    """A deep copy of ``model`` whose Parameters in ``borrow`` are new Parameter objects over the same memory
+    (not copied), and the storage addresses borrowed. For a caller that only reads those weights, replaces or
+    releases them, or reassigns their ``.data``, and never writes into them in place; ``own_borrowed_`` at the
+    end copies whatever is still borrowed, so the result shares no memory with ``model``."""
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in borrow}
+    return copy.deepcopy(model, memo), {p.untyped_storage().data_ptr() for p in borrow}
+
+
+@torch.no_grad()
+def own_borrowed_(model: nn.Module, borrowed: set[int]) -> int:
+    """Give every Parameter or buffer of ``model`` still over borrowed memory its own copy; returns how many."""
+    copied = 0
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.device.type != "meta" and t.untyped_storage().data_ptr() in borrowed:
+                    t.data = t.data.clone()
+                    copied += 1
+    return copied
 
 
 def shared_parameters(model: nn.Module) -> set[int]:
