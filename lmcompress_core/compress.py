@@ -268,9 +268,10 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
 
 def _masks(run: _Run, cfg: PruningConfig, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     stats = run.input_statistics(layers, hessian=False) if cfg.method == "wanda" else None
+    # the masks read the weights (their scores are new tensors): no copies
     if cfg.scope == "global" and cfg.pattern == "unstructured":
-        return global_masks({name: weight_matrix(m) for name, m in layers.items()}, cfg.sparsity)
-    return {name: layer_mask(weight_matrix(m), cfg, stats.sq_norm.get(name) if stats else None)
+        return global_masks({name: weight_matrix(m, copy=False) for name, m in layers.items()}, cfg.sparsity)
+    return {name: layer_mask(weight_matrix(m, copy=False), cfg, stats.sq_norm.get(name) if stats else None)
             for name, m in layers.items()}
 
 
@@ -357,8 +358,8 @@ def _mask(m: nn.Module) -> torch.Tensor | None:
 
 def _quantize_group(group: list[tuple]) -> list[QuantizedWeight]:
     name, m, layer_cfg, hessian = group[0]
-    if len(group) == 1:
-        return [quantize_weight(weight_matrix(m), layer_cfg, hessian, _mask(m))]
+    if len(group) == 1:   # RTN only reads its matrix (no copy); the other methods work on a copy
+        return [quantize_weight(weight_matrix(m, copy=layer_cfg.method != "rtn"), layer_cfg, hessian, _mask(m))]
     return gptq_quantize_rows([weight_matrix(job[1]) for job in group], hessian, layer_cfg)
 
 

@@ -335,7 +335,8 @@ def should_stop() -> bool:
 # Where each stage of one evaluation sits on the single progress bar, in the order evaluate runs them (the
 # engine's own compression stages share the first span): size, perplexity, the streamed generations, latency.
 STAGE_SPANS = {"calibrate": (0.0, 0.3), "prune": (0.0, 0.3), "quantize": (0.0, 0.3), "distill": (0.0, 0.3),
-               "finish": (0.0, 0.3), "compress": (0.0, 0.3), "size": (0.3, 0.35), "perplexity": (0.35, 0.6),
+               "finish": (0.0, 0.3), "compress": (0.0, 0.3), "size": (0.3, 0.35), "prepare": (0.35, 0.35),
+               "perplexity": (0.35, 0.6),
                "generate": (0.6, 0.85), "latency": (0.85, 1.0)}
 # exploring reads the latency off the greedy generation: it is done halfway through the generations
 GENERATION_TIMED_SPANS = {**STAGE_SPANS, "generate": (0.6, 1.0), "latency": (0.6, 0.8)}

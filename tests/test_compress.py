@@ -160,6 +160,12 @@ def test_codes_go_onto_kernels_without_their_float_weights_and_the_model_is_the_
     written = compress(base, config)   # the weights it borrows are its own before they are written
     assert_same_state(base, before)
     assert released.kernel == written.kernel and released.notes == written.notes
+    from lmcompress_core.runtime.kernels import DequantLinear, prepare_
+
+    # released codes make their dense bf16 matrices when first needed; the written weights hand theirs over
+    lazy = sum(isinstance(m, DequantLinear) for m in released.model.modules())
+    assert prepare_(written.model) == 0 and prepare_(released.model) == lazy and bool(lazy) == dequantized
+    assert prepare_(released.model) == 0
     ours, theirs = released.model.state_dict(), written.model.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     from lmcompress_core.runtime.kernels import DequantLinear

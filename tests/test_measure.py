@@ -252,6 +252,30 @@ FAST = EvalProtocol(eval_tokens=96, context=32, stride=32, new_tokens=4, latency
                     decode_tokens=2, text=TEXT)
 
 
+def test_codes_no_kernel_takes_are_de_quantized_after_size_before_anything_is_timed(loaded, monkeypatch):
+    """Group-wise 6-bit codes run as dense bf16 matrices: they are made in their own stage after the size (which
+    reads the codes only) and before perplexity, so no timed pass (the prompt pass the latency reads) makes them."""
+    from lmcompress_core.runtime import kernels
+
+    made_at = []
+    real_matrix = kernels.DequantLinear.dense_matrix
+
+    def spy(module):
+        if module.dense.is_meta:
+            made_at.append(stage[-1])
+        return real_matrix(module)
+
+    stage = [""]
+    monkeypatch.setattr(kernels.DequantLinear, "dense_matrix", spy)
+    config = CompressionConfig(quantization=QuantizationConfig(bits=6, group_size=32))
+    report = evaluation.evaluate(loaded, config, replace(FAST, prompt="a single man"),
+                                 callback=lambda p: stage.append(p.stage))
+    assert made_at and set(made_at) == {"prepare"}
+    assert "prepare" in report.timings and list(report.timings).index("prepare") < list(report.timings).index(
+        "perplexity")
+    assert "de-quantized once to dense bf16" in report.kernel
+
+
 def test_evaluate_report_stages_and_json(loaded):
     seen = []
     config = CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),

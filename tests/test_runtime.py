@@ -57,12 +57,21 @@ def test_int4_codes_read_through_the_nibble_order_equal_the_kernels_own_view(sha
     assert torch.equal(codes[mask], qw.codes[mask])   # kept weights: their own codes; pruned ones the zero-point
 
 
-def test_dequant_fallback_holds_its_dense_bf16_matrix_once():
+def test_dequant_fallback_holds_its_dense_bf16_matrix_once_made_at_first_use():
+    from lmcompress_core.measure.speed import runtime_bytes
+
     qw = quantize_tensor(random_weight(), QuantizationConfig(bits=6, group_size=32))
     module, _ = kernel_module(qw, None)
-    assert module.dense.dtype == torch.bfloat16
+    assert module.dense.is_meta and module.dense.dtype == torch.bfloat16 and module.dense.shape == qw.shape
+    before = runtime_bytes(module)   # counts the matrix it will hold
+    x = torch.randn(3, qw.shape[1])
+    y = module(x)
+    assert not module.dense.is_meta and runtime_bytes(module) == before
     assert torch.equal(module.dense, qw.dequantize().to(torch.bfloat16))
+    assert torch.equal(y, torch.nn.functional.linear(x.to(torch.bfloat16), module.dense).float())
     assert "dense" not in module.state_dict()   # the codes are what is stored; the dense matrix is rebuilt
+    twin, _ = kernel_module(qw, None)   # two stand-ins of one shape are two matrices, not one shared
+    assert runtime_bytes(torch.nn.Sequential(twin, kernel_module(qw, None)[0])) == 2 * before
 
 
 def test_dequant_fallback_takes_the_simulation_weight_only_while_it_still_is_the_codes():

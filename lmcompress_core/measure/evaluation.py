@@ -22,7 +22,7 @@ from lmcompress_core.measure.quality import (BaseScores, GenerationReport, Perpl
 from lmcompress_core.measure.speed import (LatencyReport, SpeedRatio, latency_from_generation, measure_latency,
                                            measure_latency_pair, runtime_bytes)
 from lmcompress_core.runtime import threads
-from lmcompress_core.runtime.kernels import INT8_WIDEN_NOTE
+from lmcompress_core.runtime.kernels import INT8_WIDEN_NOTE, pending_dense, prepare_
 from lmcompress_core.runtime.packing import pack_model, packed_file_bytes
 from lmcompress_core.measure.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
 
@@ -355,6 +355,9 @@ def _evaluate(loaded, config, protocol: EvalProtocol, compressed, calibration, s
     report.size = stages.run("size", "counting bytes (the packed file's layout)",
                              lambda: measure_size(cm, loaded.model, check=lambda: stages.check("size", 0, 1, "laying out")))
     stages.finished("size", report.size)
+    if pending_dense(cm.model):   # before anything is timed: the first forward would make them
+        stages.run("prepare", "de-quantizing the codes no integer kernel takes to bf16 matrices",
+                   lambda: prepare_(cm.model, check=lambda: stages.check("prepare", 0, 1, "de-quantizing")))
     _perplexity_stage(report, cm, loaded, text, protocol, stages, ppl_key)
     if protocol.generation:
         report.generation = stages.run("generate", "generating (the compressed model, token by token)",

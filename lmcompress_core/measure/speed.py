@@ -88,7 +88,8 @@ def runtime_bytes(model) -> int:
     """Bytes of parameters and buffers the model holds while it runs (shared tensors once; int8 packed weights)."""
     total, seen = 0, set()
     for tensor in list(model.parameters()) + list(model.buffers()):
-        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        # a meta stand-in (a matrix made on first use) has no memory to share: counted by itself
+        key = id(tensor) if tensor.is_meta else (tensor.data_ptr(), tensor.numel(), tensor.dtype)
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()

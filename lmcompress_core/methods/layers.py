@@ -53,12 +53,15 @@ def linear_layers(model: nn.Module, include=(), exclude=DEFAULT_EXCLUDE, embeddi
     return chosen
 
 
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """A float32 copy of the module's weight as ``[out_features, in_features]`` (Conv1D transposed)."""
+def weight_matrix(module: nn.Module, copy: bool = True) -> torch.Tensor:
+    """A float32 copy of the module's weight as ``[out_features, in_features]`` (Conv1D transposed).
+    ``copy=False``: no copy where the weight already is float32 (the weight itself or its transposed view: to
+    read only)."""
     w = module.weight.detach()
     if isinstance(module, Conv1D):
         w = w.t()
-    return w.to(torch.float32).clone()
+    w = w.to(torch.float32)
+    return w.clone() if copy else w
 
 
 @torch.no_grad()

@@ -184,7 +184,7 @@ class QuantizedWeight:
         if self.group_size == -1:   # one [1, 1] scale and zero-point
             w = ((codes - self.zeros) * self.scales).to(dtype)
         else:
-            w = torch.empty(codes.shape, dtype=dtype)
+            w = torch.empty(codes.shape, dtype=dtype, device=codes.device)
             rows, width = self.shape
             n = width // self.group_size
             whole = n * self.group_size
@@ -269,7 +269,8 @@ def _column_groups(in_features: int, group_size: int) -> list[slice]:
 def quantize_tensor(w: torch.Tensor, config: QuantizationConfig,
                     second_moment: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of an ``[out, in]`` matrix with the config's bits, grid and granularity
-    (with ``method="hqq"`` or ``"mse"``, onto the grid that method fits; GPTQ is ``gptq_quantize``).
+    (with ``method="hqq"`` or ``"mse"``, onto the grid that method fits; GPTQ is ``gptq_quantize``). RTN never
+    writes into ``w`` (compress hands it the layer's weight itself, possibly the base model's).
     ``second_moment`` [in, in] (method "mse"): E[x xᵀ] of the layer's inputs on calibration text (GPTQ's H/2)."""
     if not config.is_integer:
         raise ValueError(f"quantize_tensor makes integer codes (2–8 bits); bits={config.bits} is a dtype cast")

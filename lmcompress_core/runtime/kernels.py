@@ -72,7 +72,7 @@ class _KernelModule(nn.Module):
             return self
         before = self.quantized_weight()
         for name, t in self._buffers.items():
-            if t is not None:
+            if t is not None and not t.is_meta:   # a meta stand-in is made later, where the codes are
                 self._buffers[name] = t.to(target)
         self._moved(before, target)
         return self
@@ -328,7 +328,11 @@ class Int8Embedding(_KernelModule):
 class DequantLinear(_KernelModule):
     """uint8 codes de-quantized once to a dense bf16 matrix that a plain bf16 matmul runs: what runs when no
     integer kernel takes the layer. It holds both (the codes are what is stored and exported; the dense matrix
-    is what computes), so it saves no memory and no time over the bf16 base: its speed is the bf16 model's."""
+    is what computes), so it saves no memory and no time over the bf16 base: its speed is the bf16 model's.
+
+    Unless handed over, the dense matrix is made when first needed (``dense_matrix``: the first forward, or
+    ``prepare_`` before anything is timed): what comes before, like the size of the packed file, reads the codes
+    only. Until then a meta-device tensor of its shape and dtype holds its place (``runtime_bytes`` counts it)."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: torch.Tensor | None = None,
                  dense: torch.Tensor | None = None):
@@ -341,10 +345,33 @@ class DequantLinear(_KernelModule):
         self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
         self._hold_mask(qw, mask_bits)
         exact = dense is not None and dense.dtype in (torch.float32, BF16)   # one rounding to bf16, as from fp32
-        self.register_buffer("dense", dense.to(BF16) if exact else qw.dequantize(BF16), persistent=False)
+        later = torch.empty(qw.shape, dtype=BF16, device="meta")
+        self.register_buffer("dense", dense.to(BF16) if exact else later, persistent=False)
+
+    def dense_matrix(self) -> torch.Tensor:
+        """The bf16 matrix that computes, made from the codes on first use."""
+        if self.dense.is_meta:
+            self.dense = self.quantized_weight().dequantize(BF16).to(self.codes.device)
+        return self.dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(BF16), self.dense, self.bias).to(x.dtype)
+        return F.linear(x.to(BF16), self.dense_matrix(), self.bias).to(x.dtype)
+
+
+def pending_dense(model: nn.Module) -> bool:
+    """Whether a DequantLinear of the model has not made its dense matrix yet."""
+    return any(isinstance(m, DequantLinear) and m.dense.is_meta for m in model.modules())
+
+
+def prepare_(model: nn.Module, check=None) -> int:
+    """Make now every dense matrix a DequantLinear would make at its first forward, so nothing timed later pays
+    for it; how many were made. ``check()`` (optional) is called before each and may raise to cancel."""
+    pending = [m for m in model.modules() if isinstance(m, DequantLinear) and m.dense.is_meta]
+    for module in pending:
+        if check is not None:
+            check()
+        module.dense_matrix()
+    return len(pending)
 
 
 class ActivationInt8Linear(_KernelModule):
