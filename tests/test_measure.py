@@ -109,6 +109,35 @@ def test_kl_positive_for_a_different_model(gpt2, tokenizer, ids):
     assert torch.equal(scores.base_nll, score_tokens(gpt2, ids, 32, 32, 96).nll)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_scores_equal_an_independent_float64_computation(tokenizer, ids, dtype):
+    """NLL, KL(base ‖ model) and top-1 agreement per token against float64 softmaxes of the same logits, and the
+    scored log-probabilities bit for bit the float32 log_softmax of the logits (a bf16 model's converted first)."""
+    from lmcompress_core.measure.quality import _scored_spans
+
+    base, model = _gpt2(tokenizer, seed=1).to(dtype), _gpt2(tokenizer, seed=5).to(dtype)
+    scores = score_tokens(model, ids, 32, 32, 96, base_model=base)
+    flat, spans = _scored_spans(ids, 32, 32, 96)
+    nll, base_nll, kl, agree = [], [], [], []
+    with torch.no_grad():
+        for begin, end, first in spans:
+            rows = slice(first - begin - 1, end - begin - 1)
+            window = flat[begin:end][None]
+            q64 = torch.log_softmax(model(window).logits[0, rows].double(), -1)
+            p64 = torch.log_softmax(base(window).logits[0, rows].double(), -1)
+            targets = flat[first:end, None]
+            nll.append(-q64.gather(1, targets)[:, 0]), base_nll.append(-p64.gather(1, targets)[:, 0])
+            kl.append((p64.exp() * (p64 - q64)).sum(-1)), agree.append(p64.argmax(-1) == q64.argmax(-1))
+            exact = -torch.log_softmax(model(window).logits[0].float()[rows], -1).gather(1, targets)[:, 0]
+            done = sum(t.numel() for t in nll[:-1])
+            assert torch.equal(exact, scores.nll[done:done + exact.numel()])
+    assert torch.allclose(scores.nll.double(), torch.cat(nll), atol=1e-5)
+    assert torch.allclose(scores.base_nll.double(), torch.cat(base_nll), atol=1e-5)
+    assert torch.allclose(scores.kl_tokens.double(), torch.cat(kl), atol=1e-5, rtol=1e-4)
+    assert scores.kl_to_base == pytest.approx(float(torch.cat(kl).mean()), rel=1e-4)
+    assert torch.equal(scores.same_top, torch.cat(agree))
+
+
 # ---------------------------------------------------------------- size and packed format
 def test_size_three_ways_and_packed_ratio(llama):
     cm = compress(llama, CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="channel"),
