@@ -12,6 +12,8 @@ the DOM and stamps, on the browser's own clock from the key press or click that 
 Moves go to configurations not seen before (RTN bit-widths and magnitude sparsities; the headline is their
 median); GPTQ and Wanda moves are reported apart, and so is a move back to a configuration already computed
 ("cached": no evaluate, the page and the browser alone; it also leaves pruning before the GPTQ moves).
+On SmolLM2, moves are then made while the previous one still computes (at 10–90% of a median move's duration):
+  abandon       from that key press to the interrupted run's script ending on the server (its span)
 
 Where the time goes: the server writes timing spans (pages/spans.py, switched on by LMCOMPRESS_SPANS) for each
 script run and for `measure.evaluate` with its stage timings; the websocket frames the browser receives are
@@ -44,6 +46,9 @@ KEYS = ("headline", "models", "protocol", "how", "profile", "seconds")
 WAIT_S = 300            # longest wait for one complete page (a cold SmolLM2 start on a loaded machine)
 SETTLE_S = 1.0          # a complete page must stay complete (nothing running) this long before the next move
 ROLES = ("size", "latency", "perplexity")
+# issue 12: a move made while a run computes stops that run within 0.5 s. The interrupting key press comes at
+# these fractions of a median move's duration (first chart to generations).
+INTERRUPT_AT = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 # The monitor installed in every document before the app's own scripts. Charts are Plotly graph divs
 # (.js-plotly-plot, whose .data holds the traces); a chart inside a "st-key-previous-*" container is the dimmed
@@ -289,8 +294,52 @@ def _median(values: list):
     return statistics.median(values) if values else None
 
 
+# ---------------------------------------------------------------- a move while a run computes
+async def _walk_to_unseen(page, settings: dict, seen: set) -> dict:
+    """Sparsity up a step at a time (each page waited for, nothing measured) until one more step is a
+    configuration not computed before: the interrupted runs must have something to compute."""
+    step = Action("sparsity", 1)
+    while describe(step.apply(settings))[0].key() in seen:
+        settings = step.apply(settings)
+        await page.evaluate("l => window.__lmBench.arm(l, true)", describe(settings)[1])
+        await perform(page, step)
+        await wait_complete(page)
+    return settings
+
+
+async def _interrupt(page, spans_path: Path, settings: dict, seen: set, after_s: float) -> tuple[dict, dict]:
+    """Sparsity up a step, and again ``after_s`` later while that run computes (both configurations new): how long
+    the first run went on after the second key press, from its script span's end on the server (stop_s; None
+    when it had finished before), and how it ended (the exception Streamlit stopped it with)."""
+    step = Action("sparsity", 1)
+    settings = step.apply(settings)
+    seen.add(describe(settings)[0].key())
+    begun = time.time()
+    await perform(page, step)
+    await asyncio.sleep(after_s)
+    settings = step.apply(settings)
+    config, label = describe(settings)
+    seen.add(config.key())
+    await page.evaluate("l => window.__lmBench.arm(l, true)", label)
+    await perform(page, step)
+    pressed = seconds(await wait_complete(page))["epoch"]["start"]
+    return settings, {"after_s": after_s, **interrupted(read_spans(spans_path), begun, pressed)}
+
+
+def interrupted(spans: list[dict], begun: float, pressed: float) -> dict:
+    """Of the script runs started from ``begun`` (a move) until ``pressed`` (the next key press, epoch seconds):
+    how long after ``pressed`` the last of them ended (stop_s; None when all had ended before) and how."""
+    first = [s for s in spans if s["span"] == "script" and begun - 0.05 <= s["start"] < pressed]
+    running = [s for s in first if s["end"] >= pressed]
+    if not running:
+        return {"stop_s": None, "outcome": "finished before the second move"}
+    last = max(running, key=lambda s: s["end"])
+    return {"stop_s": last["end"] - pressed, "outcome": last["outcome"]}
+
+
 # ---------------------------------------------------------------- one model
-async def _session(pw, server: Server, name: str, actions: list[Action], spans_path: Path) -> dict:
+async def _session(pw, server: Server, name: str, actions: list[Action], spans_path: Path,
+                   interrupt: bool = False) -> dict:
     from pages.common import WIDGETS
 
     profile = tempfile.mkdtemp(prefix="lmcompress-browser-bench-")
@@ -326,14 +375,24 @@ async def _session(pw, server: Server, name: str, actions: list[Action], spans_p
             moves.append(result)
             print(f"[browser] {name}: {action.widget} -> {label}: first chart {result.get('first_s', 0):.2f} s, "
                   f"complete {result.get('complete_s', 0):.2f} s", flush=True)
-        return {"cold": cold, "moves": moves, "websocket_connections": len(sockets)}
+        stops = []
+        if interrupt:
+            duration = _median([m.get("complete_s") for m in moves if m["counted"]]) or 2.0
+            settings = await _walk_to_unseen(page, settings, seen)
+            for fraction in INTERRUPT_AT:
+                settings, stop = await _interrupt(page, spans_path, settings, seen, fraction * duration)
+                stops.append(stop)
+                print(f"[browser] {name}: a move {stop['after_s']:.2f} s into a run stopped it after "
+                      f"{stop['stop_s'] if stop['stop_s'] is None else round(stop['stop_s'], 2)} s", flush=True)
+        return {"cold": cold, "moves": moves, "websocket_connections": len(sockets), "interrupts": stops}
     finally:
         await context.close()
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def measure_model(name: str, actions: list[Action]) -> dict:
-    """A fresh server for `name`, one browser session: the cold start, then each action in turn."""
+def measure_model(name: str, actions: list[Action], interrupt: bool = False) -> dict:
+    """A fresh server for `name`, one browser session: the cold start, then each action in turn, then (with
+    ``interrupt``) moves made while the previous run computes."""
     from playwright.async_api import async_playwright
 
     from lmcompress_core.models.loading import prepare_default
@@ -343,7 +402,7 @@ def measure_model(name: str, actions: list[Action]) -> dict:
 
     async def drive(server, spans_path):
         async with async_playwright() as pw:
-            return await _session(pw, server, name, actions, spans_path)
+            return await _session(pw, server, name, actions, spans_path, interrupt)
 
     folder = Path(tempfile.mkdtemp(prefix="lmcompress-browser-bench-"))
     spans_path = folder / "spans.jsonl"
@@ -372,10 +431,12 @@ def summarise(measured: dict, server_start_s: float) -> dict:
             by_group[g]["moves"] = len(counted)
             by_group[g]["complete_each_s"] = [m.get("complete_s") for m in counted]
     rtn = [m for m in moves if m["counted"] and m["group"] == "rtn"]
+    stops = measured.get("interrupts") or []
     return {"server_start_s": server_start_s, "cold_s": measured["cold"].get("complete_s"),
             "cold_profile": measured["cold"]["profile"], "groups": by_group,
             "websocket_connections": measured["websocket_connections"],
-            "profile": median_profile(rtn), "moves": moves}
+            "profile": median_profile(rtn), "moves": moves, "interrupts": stops,
+            "abandon_s": max((s["stop_s"] for s in stops if s["stop_s"] is not None), default=None)}
 
 
 # ---------------------------------------------------------------- the section
@@ -394,7 +455,8 @@ def run(ctx) -> dict:
     names = ["tiny", "default"] if ctx.scale.include_default else ["tiny"]
     # GPTQ and Wanda on the tiny model of a full run only: on SmolLM2 their calibration would take most of the
     # section's time, and a smoke run checks the harness, not the methods
-    models = {name: measure_model(name, plan(rtn_moves, others=name == "tiny" and not smoke)) for name in names}
+    models = {name: measure_model(name, plan(rtn_moves, others=name == "tiny" and not smoke),
+                                  interrupt=name == "default") for name in names}
     headline = {}
     for name, m in models.items():
         rtn = m["groups"].get("rtn", {})
@@ -402,6 +464,8 @@ def run(ctx) -> dict:
                          f"browser_all_charts_s_{name}": rtn.get("all_s"),
                          f"browser_complete_s_{name}": rtn.get("complete_s"),
                          f"browser_cold_s_{name}": m["cold_s"]})
+        if m["interrupts"]:
+            headline[f"browser_abandon_s_{name}"] = m["abandon_s"]
     return {"headline": headline, "models": models, "protocol": app_protocol().to_dict(), "how": HOW,
             "profile": {name: m["profile"] for name, m in models.items()},
             "seconds": time.perf_counter() - start}

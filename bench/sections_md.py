@@ -50,6 +50,12 @@ def _browser(s: dict) -> list[str]:
             rows.append([name, group, g.get("moves"), g.get("first_s"), g.get("all_s"), g.get("complete_s"),
                          m.get("cold_s") if group == "rtn" else None])
     out += md_table(["model", "kind of move", "n", "first chart s", "all charts s", "complete s", "cold s"], rows)
+    for name, m in s.get("models", {}).items():
+        stops = m.get("interrupts") or []
+        if stops:
+            each = ", ".join(f"{fmt(x.get('after_s'), 2)} s in → {fmt(x.get('stop_s'), 2)} s" for x in stops)
+            out += [f"A move while a run computes ({name}): the interrupted run's script ended at most "
+                    f"{fmt(m.get('abandon_s'), 2)} s after the key press ({each}).", ""]
     phases = ["to_script_s", "preamble_s", "evaluate_s", "evaluate_unstaged_s", "after_evaluate_s",
               "to_complete_after_script_s", "bytes", "server_cpu_s", "browser_cpu_s"]
     rows = [[name, "median move"] + [p.get(k) for k in phases] for name, p in (s.get("profile") or {}).items()]

@@ -124,6 +124,21 @@ def test_browser_plan_visits_new_configurations_and_groups_them():
     assert ("rtn", False) in groups, "leaving Wanda returns to a configuration already computed (not counted)"
 
 
+def test_browser_interruption_reads_the_interrupted_runs_span():
+    from bench.browser import interrupted
+
+    def run(start, end, outcome="ok"):
+        return {"span": "script", "start": start, "end": end, "outcome": outcome}
+
+    earlier, evaluate = run(90.0, 99.0), {"span": "evaluate", "start": 100.1, "end": 103.9, "outcome": "X"}
+    stopped, second = run(100.0, 102.3, "StopException"), run(102.35, 106.0)
+    assert interrupted([earlier, evaluate, stopped, second], begun=100.0, pressed=102.0) == \
+        {"stop_s": pytest.approx(0.3), "outcome": "StopException"}
+    # the first run had finished before the second key press: nothing was interrupted
+    assert interrupted([earlier, run(100.0, 101.5), second], begun=100.0, pressed=102.0) == \
+        {"stop_s": None, "outcome": "finished before the second move"}
+
+
 def test_browser_breakdown_splits_a_move_by_phase():
     from bench.browser import breakdown
 

@@ -83,11 +83,6 @@ class TokenScores:
         return PerplexityReport(value, value * se, int(nll.numel()), self.context, self.stride, text)
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    device = model_device(model)
-    return model(input_ids=ids.view(1, -1).to(device), use_cache=False).logits[0].float().cpu()
-
-
 def continue_with_cache(model, out, token_ids: torch.Tensor):
     """One more forward step reusing the KV cache of ``out`` (transformers 5.24 renamed past_key_values to cache)."""
     cache = out["cache"] if "cache" in out else out.past_key_values

@@ -358,15 +358,20 @@ class DequantLinear(_KernelModule):
         return F.linear(x.to(BF16), self.dense_matrix(), self.bias).to(x.dtype)
 
 
+def _pending(model: nn.Module) -> list[DequantLinear]:
+    """The model's DequantLinear layers that have not made their dense matrix yet."""
+    return [m for m in model.modules() if isinstance(m, DequantLinear) and m.dense.is_meta]
+
+
 def pending_dense(model: nn.Module) -> bool:
     """Whether a DequantLinear of the model has not made its dense matrix yet."""
-    return any(isinstance(m, DequantLinear) and m.dense.is_meta for m in model.modules())
+    return bool(_pending(model))
 
 
 def prepare_(model: nn.Module, check=None) -> int:
     """Make now every dense matrix a DequantLinear would make at its first forward, so nothing timed later pays
     for it; how many were made. ``check()`` (optional) is called before each and may raise to cancel."""
-    pending = [m for m in model.modules() if isinstance(m, DequantLinear) and m.dense.is_meta]
+    pending = _pending(model)
     for module in pending:
         if check is not None:
             check()
