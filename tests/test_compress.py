@@ -344,6 +344,30 @@ def test_progress_reaches_every_stage_in_order_and_cancel_stops(gpt2):
     assert_same_state(gpt2, before)
 
 
+def test_new_masks_ask_should_stop_between_layers(random_arch, monkeypatch):
+    """Computing a new sparsity's masks (~0.3 s on SmolLM2) can be abandoned between two layers: should_stop
+    turning True halfway stops compress before the other layers' masks are computed."""
+    import sys
+
+    from lmcompress_core.compress import MAGNITUDE_MASKS
+
+    engine = sys.modules["lmcompress_core.compress"]   # the package's `compress` names the function
+
+    config = CompressionConfig(pruning=PruningConfig(sparsity=0.35))
+    MAGNITUDE_MASKS.clear()
+    made, calls = [], []
+    real = engine.layer_mask
+    monkeypatch.setattr(engine, "layer_mask", lambda *a, **k: made.append(1) or real(*a, **k))
+    compress(random_arch.model, config, should_stop=lambda: calls.append(len(made)) and False)
+    layers = len(made)
+    assert layers > 4 and calls.count(layers // 2) >= 1   # asked between masks, not only once they are all made
+    MAGNITUDE_MASKS.clear()
+    made.clear()
+    with pytest.raises(Cancelled):
+        compress(random_arch.model, config, should_stop=lambda: len(made) >= layers // 2)
+    assert len(made) == layers // 2
+
+
 def test_methods_that_need_text_say_so(gpt2):
     for config in (KINDS["gptq-3-channel"], KINDS["wanda-2:4"], KINDS["student"]):
         with pytest.raises(ValueError, match="calibration"):

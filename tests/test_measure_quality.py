@@ -1,9 +1,10 @@
 """measure_quality: llama.cpp-style statistics against an independent per-token computation."""
 import numpy as np
+import pytest
 import torch
 
 from lmcompress_core.compress import CompressionConfig, compress
-from lmcompress_core.measure.quality import score_tokens, windows
+from lmcompress_core.measure.quality import blocks, score_tokens, windows
 from lmcompress_core.methods.quantize import QuantizationConfig
 
 torch.set_num_threads(2)
@@ -43,3 +44,33 @@ def test_exact_statistics_on_identical_models(tiny_loaded):
     assert stats["same_top_percent"] == 100 and stats["rms_delta_p_percent"] == 0
     assert abs(stats["kl_p999"]) < 1e-9
     assert score_tokens(tiny_loaded.model, ids, context=50, stride=50).statistics() is None
+
+
+def test_a_window_is_abandoned_between_two_blocks(tiny_loaded):
+    """check runs before every window and, inside its pass, before every transformer block: what it raises
+    leaves the pass there (the later blocks never run) and no hook stays on the model."""
+    model, ids = tiny_loaded.model, torch.randint(0, 4096, (129,), generator=torch.Generator().manual_seed(0))
+    stack = blocks(model)
+    asked = []
+    first = score_tokens(model, ids, context=64, stride=64, check=lambda done, total: asked.append(done))
+    assert len(stack) > 2 and asked == [0] * (1 + len(stack)) + [1] * (1 + len(stack)) + [2]
+
+    ran = []
+    watch = stack[-1].register_forward_pre_hook(lambda module, args: ran.append(1))
+
+    class Moved(Exception):
+        pass
+
+    def stop_inside(done, total):
+        asked.append(done)
+        if len(asked) == 3:   # the window's own check, then two blocks
+            raise Moved
+
+    asked.clear()
+    try:
+        with pytest.raises(Moved):
+            score_tokens(model, ids, context=64, stride=64, check=stop_inside)
+    finally:
+        watch.remove()
+    assert not ran and all(not block._forward_pre_hooks for block in stack)
+    assert torch.equal(score_tokens(model, ids, context=64, stride=64).nll, first.nll)   # scores as before
