@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lmcompress_core.compress import CompressionConfig, compress
-from lmcompress_core.measure.quality import blocks, score_tokens, windows
+from lmcompress_core.measure.quality import checking_blocks, score_tokens, windows
+from lmcompress_core.methods.layers import transformer_blocks
 from lmcompress_core.methods.quantize import QuantizationConfig
 
 torch.set_num_threads(2)
@@ -50,7 +51,7 @@ def test_a_window_is_abandoned_between_two_blocks(tiny_loaded):
     """check runs before every window and, inside its pass, before every transformer block: what it raises
     leaves the pass there (the later blocks never run) and no hook stays on the model."""
     model, ids = tiny_loaded.model, torch.randint(0, 4096, (129,), generator=torch.Generator().manual_seed(0))
-    stack = blocks(model)
+    stack = transformer_blocks(model)[2]
     asked = []
     first = score_tokens(model, ids, context=64, stride=64, check=lambda done, total: asked.append(done))
     assert len(stack) > 2 and asked == [0] * (1 + len(stack)) + [1] * (1 + len(stack)) + [2]
@@ -74,3 +75,19 @@ def test_a_window_is_abandoned_between_two_blocks(tiny_loaded):
         watch.remove()
     assert not ran and all(not block._forward_pre_hooks for block in stack)
     assert torch.equal(score_tokens(model, ids, context=64, stride=64).nll, first.nll)   # scores as before
+
+
+def test_only_the_scoring_thread_asks_between_blocks(tiny_loaded):
+    """The base model is shared by every session: while one scores a window with its check, another session's
+    pass on the same model runs no check of it."""
+    import threading
+
+    model, ids = tiny_loaded.model, torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
+    asked = []
+    with torch.inference_mode(), checking_blocks(model, lambda: asked.append(threading.get_ident())):
+        other = threading.Thread(target=lambda: model(input_ids=ids))
+        other.start()
+        other.join()
+        assert asked == []
+        model(input_ids=ids)
+    assert asked == [threading.get_ident()] * len(transformer_blocks(model)[2])
