@@ -14,6 +14,10 @@ Per model:
              so its chart comes when the greedy continuation ends and "generations" is the whole change)
   abandon    seconds from should_stop turning True (a new slider move) to evaluate giving up, at 10–90% of an
              uncached run of the same setting timed just before; the largest
+  abandon while distilling
+             the same with the page's Distil toggle on (its default steps): should_stop turns True at 10–90% of
+             one distillation step after the first step's report (a step is the longest unit of work: ~4 s on
+             SmolLM2 here); the largest
   gptq       a first GPTQ setting (calibration pass + GPTQ) and a second one that reuses the model's
              calibration statistics: seconds of the compress stage and of the whole Report
 The headline `interactive_s_<model>` is the median *change*, the case a person meets at every slider move.
@@ -34,7 +38,7 @@ KEYS = (
 MOVES = (2, 3, 4, 5, 6, 8)   # bit-widths visited by the slider; the first is the cold run
 MARKS = {"size": "first_chart_s", "perplexity": "perplexity_chart_s", "generate": "generations_s",
          "latency": "all_charts_s"}
-ABANDON_AT = (0.1, 0.3, 0.5, 0.7, 0.9)   # fractions of a change's duration at which the run is abandoned
+ABANDON_AT = (0.1, 0.3, 0.5, 0.7, 0.9)   # fractions of a change's (or a distillation step's) duration
 
 
 def app_protocol():
@@ -83,6 +87,52 @@ def _abandon_s(loaded, bits: int, protocol, after_s: float) -> float | None:
     return None   # finished before the stop
 
 
+def _distilling():
+    """The Explore page's default setting with its Distil toggle on (the page's own build_config)."""
+    from pages.common import WIDGETS, build_config
+
+    return build_config({**WIDGETS, "kd": True})
+
+
+def _distil_step_s(loaded, protocol) -> float:
+    """Seconds between the first two distillation steps' reports (the run is stopped at the second)."""
+    from lmcompress_core.compress import Cancelled
+    from lmcompress_core.measure.evaluation import evaluate
+
+    reports = []
+
+    def callback(progress):
+        if progress.stage == "distill" and "loss" in progress.metrics:
+            reports.append(time.perf_counter())
+
+    try:
+        evaluate(loaded, _distilling(), protocol, callback=callback, should_stop=lambda: len(reports) >= 2,
+                 use_cache=False)
+    except Cancelled:
+        pass
+    return reports[1] - reports[0]
+
+
+def _distil_abandon_s(loaded, protocol, after_s: float) -> float | None:
+    """Seconds from should_stop turning True, ``after_s`` after the first distillation step's report, to
+    evaluate raising Cancelled."""
+    from lmcompress_core.compress import Cancelled
+    from lmcompress_core.measure.evaluation import evaluate
+
+    stop_at = [float("inf")]
+
+    def callback(progress):
+        if progress.stage == "distill" and "loss" in progress.metrics and stop_at[0] == float("inf"):
+            stop_at[0] = time.perf_counter() + after_s
+
+    try:
+        evaluate(loaded, _distilling(), protocol, callback=callback,
+                 should_stop=lambda: time.perf_counter() >= stop_at[0], use_cache=False)
+    except Cancelled:
+        return time.perf_counter() - stop_at[0]
+    return None   # finished before the stop
+
+
 def _median(changes: list[dict], key: str) -> float | None:
     values = [c[key] for c in changes if c.get(key) is not None]
     return statistics.median(values) if values else None
@@ -102,12 +152,16 @@ def _model(ctx, name: str, runs: int, protocol) -> dict:
     change_s = statistics.median(c["total_s"] for c in changes)
     uncached = timed(lambda: evaluate(loaded, _config(4), protocol, use_cache=False))[1]   # the stops' yardstick
     abandon = [_abandon_s(loaded, 4, protocol, f * uncached) for f in ABANDON_AT]
+    step_s = _distil_step_s(loaded, protocol)
+    distilling = [_distil_abandon_s(loaded, protocol, f * step_s) for f in ABANDON_AT]
     return {
         "load_s": load_s, "cold_s": load_s + cold["total_s"], "cold_evaluate_s": cold["total_s"],
         "change_s": change_s, "change_all_s": [c["total_s"] for c in changes],
         "cached_s": statistics.median(cached),
         **{mark: _median(changes, mark) for mark in MARKS.values()},
         "abandon_s": max((a for a in abandon if a is not None), default=None), "abandon_all_s": abandon,
+        "abandon_distil_s": max((a for a in distilling if a is not None), default=None),
+        "abandon_distil_all_s": distilling, "distil_step_s": step_s,
         "stages_s": {k: v for k, v in typical["stages_s"].items() if isinstance(v, (int, float))},
         "eval_tokens": typical["eval_tokens"], "runs": len(changes),
     }
@@ -136,6 +190,7 @@ def run(ctx) -> dict:
     for name, m in models.items():
         headline.update({f"interactive_s_{name}": m["change_s"], f"first_chart_s_{name}": m["first_chart_s"],
                          f"generations_s_{name}": m["generations_s"], f"abandon_s_{name}": m["abandon_s"],
+                         f"abandon_distil_s_{name}": m["abandon_distil_s"],
                          f"gptq_second_speedup_{name}": gptq[name]["compress_speedup"]})
     return {"headline": headline, "models": models, "protocol": protocol.to_dict(),
             "seconds": time.perf_counter() - start, "gptq": gptq}

@@ -18,14 +18,15 @@ def _interactivity(s: dict) -> list[str]:
            "load and the base model's reusable results included. *Change*: the model is loaded and a slider moves "
            "to a configuration not seen before. *Cached*: the app's result cache hit for a configuration seen "
            "before. *First chart* / *perplexity* / *generations*: until that stage is done. *Abandon*: from a new "
-           "move (should_stop turning True) to the old run stopping, the largest of 5 points in a change.", ""]
+           "move (should_stop turning True) to the old run stopping, the largest of 5 points in a change; *while "
+           "distilling*: the same with Distil on, at 5 points of one distillation step.", ""]
     rows = []
     for name, m in s.get("models", {}).items():
         rows.append([name, m.get("eval_tokens"), m.get("load_s"), m.get("cold_s"), m.get("change_s"),
                      m.get("cached_s"), m.get("first_chart_s"), m.get("perplexity_chart_s"),
-                     m.get("generations_s"), m.get("abandon_s")])
+                     m.get("generations_s"), m.get("abandon_s"), m.get("abandon_distil_s")])
     out += md_table(["model", "eval tokens", "load s", "cold s", "change s", "cached s", "first chart s",
-                     "perplexity s", "generations s", "abandon s"], rows)
+                     "perplexity s", "generations s", "abandon s", "abandon while distilling s"], rows)
     for name, m in s.get("models", {}).items():
         stages = m.get("stages_s") or {}
         if stages:

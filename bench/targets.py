@@ -291,6 +291,14 @@ def _why_abandon(results: dict) -> str:
             "window, generated token and timed run; the longest of those units sets the delay.")
 
 
+def _why_distil_abandon(results: dict) -> str:
+    entry = _get(results, "sections", "interactivity", "models", "default", default={}) or {}
+    return (f"Delays at 10–90% of a distillation step ({_fmt(entry.get('distil_step_s'))} s): "
+            f"{entry.get('abandon_distil_all_s')}. Training asks should_stop before each step, before each block "
+            "of every forward and backward pass and after the output head, and before the loss of each sequence; "
+            "the longest of those units sets the delay.")
+
+
 def _why_browser_abandon(results: dict) -> str:
     entry = _get(results, "sections", "browser", "models", "default", default={}) or {}
     stops = "; ".join(f"{_fmt(s.get('after_s'))} s in: {_fmt(s.get('stop_s'))} s ({s.get('outcome')})"
@@ -381,6 +389,8 @@ TARGETS = [
            lambda v: f"{v:.2f} s against 5 s: {v - 5:.2f} s over", _why_interactive("default", 5.0)),
     Target("abandon_s_default", "≤ 0.5 s from a new move to the old run stopping", lambda v: v <= 0.5,
            lambda v: f"{v:.2f} s against 0.5 s", _why_abandon),
+    Target("abandon_distil_s_default", "≤ 0.5 s from a new move to a distilling run stopping", lambda v: v <= 0.5,
+           lambda v: f"{v:.2f} s against 0.5 s", _why_distil_abandon),
     Target("browser_abandon_s_default", "≤ 0.5 s in the browser from a move during a run to that run stopping",
            lambda v: v <= 0.5, lambda v: f"{v:.2f} s against 0.5 s", _why_browser_abandon),
     Target("gptq_second_speedup_default", "≥ 2× (a second GPTQ setting, calibration statistics reused)",

@@ -1,4 +1,5 @@
 """Distillation: the KD loss against a reference, validation, the smaller student, seeding and cancelling."""
+import copy
 import math
 
 import pytest
@@ -119,6 +120,62 @@ def test_cancel_is_checked_every_step(random_arch):
         distill_(student, teacher, DistillationConfig(steps=50, batch_size=2, seq_len=16), ids, None,
                  report=lambda step, total, row: steps.append(step), check=check)
     assert steps == [0, 1, 2]
+
+
+def test_cancel_is_asked_before_every_block_forward_and_backward(random_arch):
+    """A step is long (~6 s on SmolLM2 here): the check also runs before each block (and after the output head)
+    of the teacher's and the student's forward and of the student's backward. Stopped in the backward of the first update, the student
+    is left as it was (the optimiser never stepped) and the hooks are gone from both models."""
+    from lmcompress_core.methods.layers import transformer_blocks
+
+    teacher, student = _teacher_student(random_arch)
+    n_teacher, n_student = (len(transformer_blocks(m)[2]) for m in (teacher, student))
+    ids = torch.randint(teacher.config.vocab_size, (4, 40), generator=torch.Generator().manual_seed(0))
+    config = DistillationConfig(steps=2, batch_size=2, seq_len=16)
+    asks = []
+    distill_(copy.deepcopy(student), teacher, config, ids, None, check=lambda: asks.append(1))
+    # a step asks before it starts, a pass before each block and after the output head, the loss per sequence
+    measure = 1 + (n_teacher + 1) + (n_student + 1) + config.batch_size   # step 0 only measures: no backward
+    update = measure + (n_student + 1)
+    assert len(asks) == measure + 2 * update
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_backward():
+        asks.append(1)
+        if len(asks) == measure + update:   # the last ask of the first update: in its backward
+            raise Stop
+
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    asks.clear()
+    with pytest.raises(Stop):
+        distill_(student, teacher, config, ids, None, check=stop_in_backward)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    for model in (teacher, student):
+        assert all(not b._forward_pre_hooks and not b._forward_hooks for b in transformer_blocks(model)[2])
+
+
+@pytest.mark.parametrize("ignored", [0, 5])
+def test_the_loss_a_sequence_at_a_time_is_the_loss_of_one_call_and_its_gradient(ignored):
+    """The step's loss and its gradient at the student's logits, taken a sequence at a time, against one call
+    of kd_loss and autograd (labels of -100 in one sequence weigh it less)."""
+    from lmcompress_core.methods.distill import _loss_by_sequence
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 7, 50, generator=gen) * 3
+    teacher = torch.randn(3, 7, 50, generator=gen) * 3
+    labels = torch.randint(50, (3, 7), generator=gen)
+    labels[1, :ignored] = -100
+    config = DistillationConfig(temperature=2.0, alpha=0.3)
+    z = student.clone().requires_grad_(True)
+    whole = kd_loss(z, teacher, labels, config.temperature, config.alpha)
+    whole.backward()
+    asked = []
+    loss, grad = _loss_by_sequence(student, teacher, labels, config, True, check=lambda: asked.append(1))
+    assert abs(loss - whole.item()) < 1e-5 * abs(whole.item())
+    assert torch.allclose(grad, z.grad, rtol=1e-4, atol=1e-7) and len(asked) == 3
+    assert _loss_by_sequence(student, teacher, labels, config, False)[1] is None
 
 
 def test_next_token_distribution_is_sorted_and_temperature_flattens():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lmcompress_core.compress import CompressionConfig, compress
-from lmcompress_core.measure.quality import checking_blocks, score_tokens, windows
-from lmcompress_core.methods.layers import transformer_blocks
+from lmcompress_core.measure.quality import score_tokens, windows
+from lmcompress_core.methods.layers import checking_blocks, transformer_blocks
 from lmcompress_core.methods.quantize import QuantizationConfig
 
 torch.set_num_threads(2)
@@ -48,13 +48,14 @@ def test_exact_statistics_on_identical_models(tiny_loaded):
 
 
 def test_a_window_is_abandoned_between_two_blocks(tiny_loaded):
-    """check runs before every window and, inside its pass, before every transformer block: what it raises
+    """check runs before every window and, inside its pass, before every transformer block and after the output
+    head: what it raises
     leaves the pass there (the later blocks never run) and no hook stays on the model."""
     model, ids = tiny_loaded.model, torch.randint(0, 4096, (129,), generator=torch.Generator().manual_seed(0))
     stack = transformer_blocks(model)[2]
     asked = []
     first = score_tokens(model, ids, context=64, stride=64, check=lambda done, total: asked.append(done))
-    assert len(stack) > 2 and asked == [0] * (1 + len(stack)) + [1] * (1 + len(stack)) + [2]
+    assert len(stack) > 2 and asked == [0] * (2 + len(stack)) + [1] * (2 + len(stack)) + [2]
 
     ran = []
     watch = stack[-1].register_forward_pre_hook(lambda module, args: ran.append(1))
@@ -90,4 +91,4 @@ def test_only_the_scoring_thread_asks_between_blocks(tiny_loaded):
         other.join()
         assert asked == []
         model(input_ids=ids)
-    assert asked == [threading.get_ident()] * len(transformer_blocks(model)[2])
+    assert asked == [threading.get_ident()] * (len(transformer_blocks(model)[2]) + 1)   # and after the head

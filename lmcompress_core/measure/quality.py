@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lmcompress_core.methods.layers import transformer_blocks
+from lmcompress_core.methods.layers import checking_blocks
 
 SAMPLE_TEMPERATURE = 0.8  # sampled generations: mild temperature and top-k, the usual chat defaults
 SAMPLE_TOP_K = 40
@@ -149,33 +146,6 @@ def _window_logp(model, ids: torch.Tensor, span: tuple[int, int, int],
     with checking_blocks(model, check):
         logits = model(input_ids=window, use_cache=False).logits[0, first - begin - 1: end - begin - 1]
     return F.log_softmax(logits, dim=-1, dtype=torch.float32).cpu()
-
-
-@contextmanager
-def checking_blocks(model: nn.Module, check: Callable[[], None] | None):
-    """``check()`` before each transformer block of the model's forward passes inside the block, so that one
-    long pass (a perplexity window: ~0.3 s on SmolLM2 here, 30 blocks) can be abandoned between two blocks:
-    whatever ``check`` raises leaves the pass, and the hooks go with the block. Only passes on this thread
-    ask: the base model is shared by every session, and another session's pass must never run this check."""
-    if check is None:
-        yield
-        return
-    owner = threading.get_ident()
-
-    def ask(module, args) -> None:
-        if threading.get_ident() == owner:
-            check()
-
-    try:
-        stack = transformer_blocks(model)[2]
-    except (AttributeError, ValueError):   # no stack of blocks found: the pass asks only before it starts
-        stack = ()
-    hooks = [block.register_forward_pre_hook(ask) for block in stack]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def _kl_rows_(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
