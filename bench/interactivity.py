@@ -11,7 +11,8 @@ Per model:
   first chart / perplexity chart / all charts / generations
              seconds from the change until the size, perplexity, latency and generation stages are done (the
              page draws each as its stage ends; while exploring the latency is read off the greedy generation,
-             so its chart comes when the greedy continuation ends and "generations" is the whole change)
+             so its chart comes once the greedy continuation has taken the protocol's decode_tokens steps, and
+             "generations" is the whole change)
   abandon    seconds from should_stop turning True (a new slider move) to evaluate giving up, at 10–90% of an
              uncached run of the same setting timed just before; the largest
   abandon while distilling
