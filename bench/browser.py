@@ -49,6 +49,10 @@ ROLES = ("size", "latency", "perplexity")
 # issue 12: a move made while a run computes stops that run within 0.5 s. The interrupting key press comes at
 # these fractions of a median move's duration (first chart to generations).
 INTERRUPT_AT = (0.1, 0.3, 0.5, 0.7, 0.9)
+# The same while distilling (Distil on at the page's default steps: SmolLM2's steps begin ~1.5 s into the run and
+# take ~4 s each): Distil is switched off again these many seconds after it was switched on.
+DISTIL_INTERRUPT_AT = (2.5, 3.8, 5.1, 6.4, 7.7)
+DISTIL_LABEL = "Distil"   # Explore's toggle
 
 # The monitor installed in every document before the app's own scripts. Charts are Plotly graph divs
 # (.js-plotly-plot, whose .data holds the traces); a chart inside a "st-key-previous-*" container is the dimmed
@@ -193,17 +197,20 @@ async def _open_advanced(page) -> None:
         await expander.locator('[data-testid="stRadio"]').first.wait_for()
 
 
-async def wait_complete(page, timeout_s: float = WAIT_S) -> dict:
-    """The marks of the armed change once the page is complete and has stayed idle for SETTLE_S."""
+async def wait_complete(page, timeout_s: float = WAIT_S, back: bool = False) -> dict:
+    """The marks of the armed change once the page is complete and has stayed idle for SETTLE_S. ``back``: a
+    change back to the result on screen (no chart becomes new): once the heading names it and nothing runs."""
     deadline = time.monotonic() + timeout_s
     idle_since = None
     while time.monotonic() < deadline:
         state = await page.evaluate("() => ({marks: window.__lmBench.marks, start: window.__lmBench.start, "
                                     "running: window.__lmBench.running(), errors: window.__lmBench.errors(), "
+                                    "named: window.__lmBench.headings().includes(window.__lmBench.label), "
                                     "origin: performance.timeOrigin})")
         if state["errors"]:
             raise RuntimeError(f"the app shows an error: {state['errors'][0]}")
-        done = state["marks"].get("complete") is not None and not state["running"]
+        shown = state["named"] if back else state["marks"].get("complete") is not None
+        done = shown and not state["running"]
         idle_since = (idle_since or time.monotonic()) if done else None
         if idle_since is not None and time.monotonic() - idle_since >= SETTLE_S:
             return state
@@ -326,6 +333,18 @@ async def _interrupt(page, spans_path: Path, settings: dict, seen: set, after_s:
     return settings, {"after_s": after_s, **interrupted(read_spans(spans_path), begun, pressed)}
 
 
+async def _interrupt_distil(page, spans_path: Path, settings: dict, after_s: float) -> dict:
+    """Distil on (a long run), then off again ``after_s`` later while it trains (back to the configuration on
+    screen, computed before): how long the distilling run went on after the second click, and how it ended."""
+    begun = time.time()
+    await page.get_by_text(DISTIL_LABEL, exact=True).click()
+    await asyncio.sleep(after_s)
+    await page.evaluate("l => window.__lmBench.arm(l, true)", describe(settings)[1])
+    await page.get_by_text(DISTIL_LABEL, exact=True).click()
+    pressed = seconds(await wait_complete(page, back=True))["epoch"]["start"]
+    return {"after_s": after_s, **interrupted(read_spans(spans_path), begun, pressed)}
+
+
 def interrupted(spans: list[dict], begun: float, pressed: float) -> dict:
     """Of the script runs started from ``begun`` (a move) until ``pressed`` (the next key press, epoch seconds):
     how long after ``pressed`` the last of them ended (stop_s; None when all had ended before) and how."""
@@ -384,7 +403,14 @@ async def _session(pw, server: Server, name: str, actions: list[Action], spans_p
                 stops.append(stop)
                 print(f"[browser] {name}: a move {stop['after_s']:.2f} s into a run stopped it after "
                       f"{stop['stop_s'] if stop['stop_s'] is None else round(stop['stop_s'], 2)} s", flush=True)
-        return {"cold": cold, "moves": moves, "websocket_connections": len(sockets), "interrupts": stops}
+        distilling = []
+        for after_s in DISTIL_INTERRUPT_AT if interrupt else ():
+            distilling.append(await _interrupt_distil(page, spans_path, settings, after_s))
+            print(f"[browser] {name}: Distil off {after_s:.2f} s into a distilling run stopped it after "
+                  f"{distilling[-1]['stop_s'] if distilling[-1]['stop_s'] is None else round(distilling[-1]['stop_s'], 2)} s",
+                  flush=True)
+        return {"cold": cold, "moves": moves, "websocket_connections": len(sockets), "interrupts": stops,
+                "distil_interrupts": distilling}
     finally:
         await context.close()
         shutil.rmtree(profile, ignore_errors=True)
@@ -436,7 +462,12 @@ def summarise(measured: dict, server_start_s: float) -> dict:
             "cold_profile": measured["cold"]["profile"], "groups": by_group,
             "websocket_connections": measured["websocket_connections"],
             "profile": median_profile(rtn), "moves": moves, "interrupts": stops,
-            "abandon_s": max((s["stop_s"] for s in stops if s["stop_s"] is not None), default=None)}
+            "abandon_s": _largest_stop(stops), "distil_interrupts": measured.get("distil_interrupts") or [],
+            "abandon_distil_s": _largest_stop(measured.get("distil_interrupts") or [])}
+
+
+def _largest_stop(stops: list[dict]) -> float | None:
+    return max((s["stop_s"] for s in stops if s["stop_s"] is not None), default=None)
 
 
 # ---------------------------------------------------------------- the section
@@ -466,6 +497,8 @@ def run(ctx) -> dict:
                          f"browser_cold_s_{name}": m["cold_s"]})
         if m["interrupts"]:
             headline[f"browser_abandon_s_{name}"] = m["abandon_s"]
+        if m["distil_interrupts"]:
+            headline[f"browser_abandon_distil_s_{name}"] = m["abandon_distil_s"]
     return {"headline": headline, "models": models, "protocol": app_protocol().to_dict(), "how": HOW,
             "profile": {name: m["profile"] for name, m in models.items()},
             "seconds": time.perf_counter() - start}

@@ -57,6 +57,11 @@ def _browser(s: dict) -> list[str]:
             each = ", ".join(f"{fmt(x.get('after_s'), 2)} s in → {fmt(x.get('stop_s'), 2)} s" for x in stops)
             out += [f"A move while a run computes ({name}): the interrupted run's script ended at most "
                     f"{fmt(m.get('abandon_s'), 2)} s after the key press ({each}).", ""]
+        stops = m.get("distil_interrupts") or []
+        if stops:
+            each = ", ".join(f"{fmt(x.get('after_s'), 2)} s in → {fmt(x.get('stop_s'), 2)} s" for x in stops)
+            out += [f"Distil switched off while distilling ({name}): the distilling run's script ended at most "
+                    f"{fmt(m.get('abandon_distil_s'), 2)} s after the click ({each}).", ""]
     phases = ["to_script_s", "preamble_s", "evaluate_s", "evaluate_unstaged_s", "after_evaluate_s",
               "to_complete_after_script_s", "bytes", "server_cpu_s", "browser_cpu_s"]
     rows = [[name, "median move"] + [p.get(k) for k in phases] for name, p in (s.get("profile") or {}).items()]

@@ -299,6 +299,16 @@ def _why_distil_abandon(results: dict) -> str:
             "the longest of those units sets the delay.")
 
 
+def _why_browser_distil_abandon(results: dict) -> str:
+    entry = _get(results, "sections", "browser", "models", "default", default={}) or {}
+    stops = "; ".join(f"{_fmt(s.get('after_s'))} s in: {_fmt(s.get('stop_s'))} s ({s.get('outcome')})"
+                      for s in entry.get("distil_interrupts") or [])
+    return (f"Distil switched on, then off while the run trains, then how long that run's script went on: {stops}. "
+            "Training asks should_stop before each block of every pass (~0.2 s apart at most here, the output head's "
+            "pass the longest); it reads the session state, where Streamlit stops the script, while the new page's "
+            "script already runs beside it.")
+
+
 def _why_browser_abandon(results: dict) -> str:
     entry = _get(results, "sections", "browser", "models", "default", default={}) or {}
     stops = "; ".join(f"{_fmt(s.get('after_s'))} s in: {_fmt(s.get('stop_s'))} s ({s.get('outcome')})"
@@ -393,6 +403,8 @@ TARGETS = [
            lambda v: f"{v:.2f} s against 0.5 s", _why_distil_abandon),
     Target("browser_abandon_s_default", "≤ 0.5 s in the browser from a move during a run to that run stopping",
            lambda v: v <= 0.5, lambda v: f"{v:.2f} s against 0.5 s", _why_browser_abandon),
+    Target("browser_abandon_distil_s_default", "≤ 0.5 s in the browser from a change while distilling to that "
+           "run stopping", lambda v: v <= 0.5, lambda v: f"{v:.2f} s against 0.5 s", _why_browser_distil_abandon),
     Target("gptq_second_speedup_default", "≥ 2× (a second GPTQ setting, calibration statistics reused)",
            lambda v: v >= 2.0, _ratio_missed(2.0, True), _why_gptq_reuse),
 ]

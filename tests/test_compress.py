@@ -344,6 +344,35 @@ def test_progress_reaches_every_stage_in_order_and_cancel_stops(gpt2):
     assert_same_state(gpt2, before)
 
 
+def test_distillation_asks_should_stop_within_each_block(gpt2):
+    """Between two steps' reports should_stop is asked before each block of every pass (a step is ~4 s on
+    SmolLM2; in the app, asking is where Streamlit stops a run for a new move), and a stop asked in the middle of
+    a step stops it before its report."""
+    from lmcompress_core.methods.layers import transformer_blocks
+
+    blocks, events = len(transformer_blocks(gpt2)[2]), []
+    compress(gpt2, KINDS["recovery"], calibration=calibration(gpt2),
+             callback=lambda p: events.append(p.step) if p.stage == "distill" and "loss" in p.metrics else None,
+             should_stop=lambda: events.append("asked") and False)
+    reports = [i for i, e in enumerate(events) if e != "asked"]
+    between = [events[i + 1:j] for i, j in zip(reports, reports[1:])]
+    # an update step: the teacher's and the student's forward and the student's backward, block by block
+    assert len(between) == 3 and all(len(asks) >= 3 * blocks for asks in between)
+
+    asked_in_step_2 = []
+
+    def stop() -> bool:
+        if events[-1:] == [1]:
+            asked_in_step_2.append(1)
+        return len(asked_in_step_2) > 2 * blocks   # past the two forwards of step 2: in its backward
+
+    events.clear()
+    with pytest.raises(Cancelled):
+        compress(gpt2, KINDS["recovery"], calibration=calibration(gpt2), should_stop=stop,
+                 callback=lambda p: events.append(p.step) if p.stage == "distill" and "loss" in p.metrics else None)
+    assert events[-1] == 1
+
+
 def test_new_masks_ask_should_stop_between_layers(random_arch, monkeypatch):
     """Computing a new sparsity's masks (~0.3 s on SmolLM2) can be abandoned between two layers: should_stop
     turning True halfway stops compress before the other layers' masks are computed."""

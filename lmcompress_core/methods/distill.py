@@ -181,8 +181,10 @@ def _sample_batch(ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.G
 
 
 @torch.no_grad()
-def heldout_perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token cross-entropy) over the rows of ids [n, L] — a quick held-out check while training."""
+def heldout_perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 1) -> float:
+    """exp(mean next-token cross-entropy) over the rows of ids [n, L] — a quick held-out check while training.
+    A row at a time by default: the float32 logits of 4 rows of 512 tokens on a 49k vocabulary are 400 MB, and
+    their cross-entropy alone took ~0.4 s here, with no block (where a run may be stopped) in between."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, ids.shape[0], batch_size):

@@ -83,12 +83,15 @@ class _Straight(nn.Module):
 
 
 def attach_(model: nn.Module, layers: dict[str, nn.Module], half: str | None, trains: str,
-            vectors: bool) -> dict[str, nn.Module]:
-    """Freeze ``model``, then make trainable what recovery trains in ``layers``; returns the parametrized layers."""
+            vectors: bool, check=None) -> dict[str, nn.Module]:
+    """Freeze ``model``, then make trainable what recovery trains in ``layers``; returns the parametrized layers.
+    ``check()`` (optional) before each layer may raise to cancel (a registration evaluates the constraint once)."""
     for p in model.parameters():
         p.requires_grad_(False)
     attached = {}
     for name, m in layers.items():
+        if check is not None:
+            check()
         held = isinstance(m, (CompressedLinear, CompressedEmbedding))
         qw, mask = (m.quantized_weight(), m.keep_mask()) if held else (None, None)
         if qw is not None and trains == "grid":
