@@ -295,7 +295,7 @@ def _why_distil_abandon(results: dict) -> str:
     entry = _get(results, "sections", "interactivity", "models", "default", default={}) or {}
     return (f"Delays at 10–90% of a distillation step ({_fmt(entry.get('distil_step_s'))} s): "
             f"{entry.get('abandon_distil_all_s')}. Training asks should_stop before each step, before each block "
-            "of every forward and backward pass and after the output head, and before the loss of each sequence; "
+            "of every forward and backward pass, and before each sequence's output head and loss; "
             "the longest of those units sets the delay.")
 
 
@@ -304,8 +304,8 @@ def _why_browser_distil_abandon(results: dict) -> str:
     stops = "; ".join(f"{_fmt(s.get('after_s'))} s in: {_fmt(s.get('stop_s'))} s ({s.get('outcome')})"
                       for s in entry.get("distil_interrupts") or [])
     return (f"Distil switched on, then off while the run trains, then how long that run's script went on: {stops}. "
-            "Training asks should_stop before each block of every pass (~0.2 s apart at most here, the output head's "
-            "pass the longest); it reads the session state, where Streamlit stops the script, while the new page's "
+            "Training asks should_stop before each block of every pass and each sequence's head and loss (~0.15 s "
+            "apart at most in-process here); it reads the session state, where Streamlit stops the script, while the new page's "
             "script already runs beside it.")
 
 

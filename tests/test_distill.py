@@ -134,9 +134,10 @@ def test_cancel_is_asked_before_every_block_forward_and_backward(random_arch):
     config = DistillationConfig(steps=2, batch_size=2, seq_len=16)
     asks = []
     distill_(copy.deepcopy(student), teacher, config, ids, None, check=lambda: asks.append(1))
-    # a step asks before it starts, a pass before each block and after the output head, the loss per sequence
-    measure = 1 + (n_teacher + 1) + (n_student + 1) + config.batch_size   # step 0 only measures: no backward
-    update = measure + (n_student + 1)
+    # a step asks before it starts, a pass before each block; then per sequence: before it, after the teacher's
+    # head and after the student's (and, updating, before the student's head's backward)
+    measure = 1 + n_teacher + n_student + 3 * config.batch_size   # step 0 only measures: no backward
+    update = 1 + n_teacher + n_student + 4 * config.batch_size + n_student
     assert len(asks) == measure + 2 * update
 
     class Stop(Exception):
@@ -176,6 +177,38 @@ def test_the_loss_a_sequence_at_a_time_is_the_loss_of_one_call_and_its_gradient(
     assert abs(loss - whole.item()) < 1e-5 * abs(whole.item())
     assert torch.allclose(grad, z.grad, rtol=1e-4, atol=1e-7) and len(asked) == 3
     assert _loss_by_sequence(student, teacher, labels, config, False)[1] is None
+
+
+def test_the_heads_a_sequence_at_a_time_give_the_loss_and_gradients_of_the_whole_batch():
+    """With the heads run a sequence at a time: the same loss, the same gradient at the student's hidden states
+    and the same gradient in the student's head as the whole batch through its head, kd_loss and autograd."""
+    from lmcompress_core.methods.distill import _loss_by_sequence
+
+    gen = torch.Generator().manual_seed(1)
+    heads = (torch.nn.Linear(8, 50), torch.nn.Linear(8, 50))
+    student, teacher = torch.randn(3, 7, 8, generator=gen), torch.randn(3, 7, 8, generator=gen)
+    labels = torch.randint(50, (3, 6), generator=gen)
+    config = DistillationConfig(temperature=2.0, alpha=0.3)
+    h = student.clone().requires_grad_(True)
+    whole = kd_loss(heads[0](h)[:, :-1], heads[1](teacher)[:, :-1].detach(), labels, config.temperature, config.alpha)
+    whole.backward()
+    expected = heads[0].weight.grad.clone()
+    heads[0].weight.grad = None
+    loss, grad = _loss_by_sequence(student, teacher, labels, config, True, heads=heads)
+    assert abs(loss - whole.item()) < 1e-5 * abs(whole.item())
+    assert torch.allclose(grad, h.grad, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(heads[0].weight.grad, expected, rtol=1e-4, atol=1e-7)
+    assert heads[1].weight.grad is None                   # the teacher's head is never trained
+
+
+def test_the_hidden_states_through_the_head_are_the_logits(random_arch):
+    """_hidden (the forward up to the output head) then the head gives the causal LM's logits, bit for bit."""
+    from lmcompress_core.methods.distill import _hidden
+
+    model = random_arch.model
+    ids = torch.randint(model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.get_output_embeddings()(_hidden(model, ids)), model(input_ids=ids).logits)
 
 
 def test_next_token_distribution_is_sorted_and_temperature_flattens():

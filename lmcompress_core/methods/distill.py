@@ -258,39 +258,53 @@ def _warmup_cosine(steps: int):
 
 
 def _step(student, teacher, batch, config: DistillationConfig, optimizer, update: bool, check=None) -> float:
-    """One KD step (step 0 only measures the starting loss). The loss and its gradient with respect to the
-    student's logits are taken a sequence at a time, asking ``check()`` between (``_loss_by_sequence``)."""
+    """One KD step (step 0 only measures the starting loss). The transformers run on the whole batch; the output
+    heads, the loss and its gradient run a sequence at a time, asking ``check()`` between (``_loss_by_sequence``).
+    The heads' pass on the batch was the longest stretch of a step without an ask (~0.2 s each on SmolLM2)."""
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=batch, use_cache=False).logits[:, :-1]
+        teacher_hidden = _hidden(teacher, batch)
     with torch.set_grad_enabled(update):
-        student_logits = student(input_ids=batch, use_cache=False).logits[:, :-1]
-    loss, grad = _loss_by_sequence(student_logits.detach(), teacher_logits, batch[:, 1:], config, update, check)
+        student_hidden = _hidden(student, batch)
     if update:
-        optimizer.zero_grad(set_to_none=True)
-        student_logits.backward(grad)
+        optimizer.zero_grad(set_to_none=True)   # the student's head gets its gradients a sequence at a time
+    heads = (student.get_output_embeddings(), teacher.get_output_embeddings())
+    loss, grad = _loss_by_sequence(student_hidden.detach(), teacher_hidden, batch[:, 1:], config, update, check, heads)
+    if update:
+        student_hidden.backward(grad)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
     return loss
 
 
-def _loss_by_sequence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      config: DistillationConfig, grad: bool, check=None) -> tuple[float, torch.Tensor | None]:
-    """(kd_loss of the batch, its gradient with respect to ``student_logits`` or None), the same as one call
-    gives, a sequence ``[seq, vocab]`` at a time (each sequence's mean weighted by its share of the positions),
-    ``check()`` before each: on a 49k vocabulary one call and its backward take ~0.7 s on SmolLM2 here, the
-    longest stretch of a step without a transformer block, and a sequence at a time also holds a quarter of
-    the memory."""
+def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden states ``[batch, seq, hidden]``: the causal LM's forward up to its output head (a test
+    checks that the head on them gives the model's logits, for every supported architecture)."""
+    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def _loss_by_sequence(student_out: torch.Tensor, teacher_out: torch.Tensor, labels: torch.Tensor,
+                      config: DistillationConfig, grad: bool, check=None,
+                      heads: tuple[nn.Module, nn.Module] | None = None) -> tuple[float, torch.Tensor | None]:
+    """(kd_loss of the batch, its gradient with respect to ``student_out`` or None), the same as one call gives,
+    a sequence at a time (each sequence's mean weighted by its share of the positions), ``check()`` before each.
+    The outputs are the models' logits ``[batch, seq, vocab]`` aligned with ``labels``, or with ``heads`` (the
+    student's, the teacher's) their last hidden states, one position longer: each head then runs on its sequence
+    too, and the student's gets its gradients. On a 49k vocabulary the whole batch's loss and its backward took
+    ~0.7 s on SmolLM2 here; a sequence at a time also holds a quarter of the memory."""
     counts = (labels != -100).sum(-1).tolist()
     loss, grads = 0.0, []
-    for z, t, y, n in zip(student_logits, teacher_logits, labels, counts):
+    for s, t, y, n in zip(student_out, teacher_out, labels, counts):
         if check is not None:
             check()
-        z = z.detach().requires_grad_(grad)
+        s = s.detach().requires_grad_(grad)
         if n:
+            with torch.no_grad():
+                t = t if heads is None else heads[1](t)[:-1]
             with torch.set_grad_enabled(grad):
+                z = s if heads is None else heads[0](s)[:-1]
                 part = kd_loss(z, t, y, config.temperature, config.alpha) * (n / sum(counts))
             if grad:
                 part.backward()
             loss += float(part.detach())
-        grads.append(z.grad if z.grad is not None else torch.zeros_like(z))
+        grads.append(s.grad if s.grad is not None else torch.zeros_like(s))
     return loss, torch.stack(grads) if grad else None
