@@ -19,17 +19,23 @@ st.html("<style>[data-testid='stStatusWidget'] button {display: none !important;
         "body:has([data-testid='stStatusWidget']) [class*='st-key-previous-'] {opacity: 0.45; filter: grayscale(0.7);}"
         "body:not(:has([data-testid='stStatusWidget'])) [class*='st-key-running-'] {display: none !important;}"
         "*, *::before, *::after {transition: none !important;}"
+        # a projector or a small laptop (1024 px): a narrower sidebar and page margins leave the charts (and the
+        # seven page names in the top navigation) the width they need
+        "@media (max-width: 1200px) {section[data-testid='stSidebar'] {width: 220px !important; min-width: 220px "
+        "!important; max-width: 220px !important;} .block-container {padding-left: 1.5rem !important; "
+        "padding-right: 1.5rem !important;}}"
         "</style>")
 common.init_session()
 
+# Names without icons: all seven fit the top navigation of a 1024 px projector (with icons three went to "more")
 PAGES = [
-    st.Page("pages/explore.py", title="Explore", icon=":material/tune:", default=True),
-    st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:"),
-    st.Page("pages/distillation.py", title="Distillation", icon=":material/thermostat:"),
-    st.Page("pages/budget.py", title="Bit budget", icon=":material/grid_on:"),
-    st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
-    st.Page("pages/report.py", title="Report", icon=":material/description:"),
-    st.Page("pages/present.py", title="Presentation", icon=":material/slideshow:"),
+    st.Page("pages/explore.py", title="Explore", default=True),
+    st.Page("pages/tradeoffs.py", title="Trade-offs"),
+    st.Page("pages/distillation.py", title="Distillation"),
+    st.Page("pages/budget.py", title="Bit budget"),
+    st.Page("pages/learn.py", title="Learn"),
+    st.Page("pages/report.py", title="Report"),
+    st.Page("pages/present.py", title="Present"),
 ]
 # Each page draws the shared model sidebar itself (common.current_model): widgets created here, outside
 # page.run(), cannot be driven by streamlit.testing's AppTest, and the Presentation page has no sidebar.

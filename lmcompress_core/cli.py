@@ -124,6 +124,7 @@ def with_autopilot(args: argparse.Namespace, loaded, config):
     --bits/--group-size/--method flags give the base settings; default 4-bit groups of 128)."""
     from dataclasses import replace
 
+    from lmcompress_core.compress import Progress
     from lmcompress_core.methods.autopilot import BudgetConfig, allocate_for
     from lmcompress_core.methods.quantize import QuantizationConfig
 
@@ -132,8 +133,8 @@ def with_autopilot(args: argparse.Namespace, loaded, config):
     base = config.quantization or QuantizationConfig(bits=4, group_size=128, grid=args.grid, method=args.method)
     budget = BudgetConfig(target_bpw=args.target_bpw, target_mb=args.target_mb, base=replace(base, int8_kernel=False))
     bar = ProgressBar()
-    allocation = allocate_for(loaded, budget, callback=lambda done, total, layer: bar(
-        f"autopilot: sensitivity of {total} layers measured") if done == total else None)
+    allocation = allocate_for(loaded, budget, callback=lambda done, total, what: bar(
+        Progress("autopilot", done, total, f"sensitivity: {what}")))
     print(f"autopilot: {allocation.bits_per_weight:.3f} bits per weight, predicted KL {allocation.predicted_kl:.4f}",
           file=sys.stderr)
     return replace(config, quantization=allocation.config)

@@ -20,9 +20,9 @@ loaded = common.current_model()
 if loaded is None:
     st.stop()
 
-st.markdown("Give a size; the autopilot measures how much each layer hurts the model at each bit-width (a "
-            "second-order estimate of the KL it adds, from the Fisher information on calibration text, rescaled by "
-            "the KL measured with every layer of its kind at that width) and spends the bits where they buy the most.")
+st.markdown("Give a size; the autopilot measures how much each layer hurts the model at each bit-width and spends "
+            "the bits where they buy the most.", help="A second-order estimate of the KL each layer adds (Fisher "
+            "information on calibration text), rescaled by the KL measured with every layer of its kind at that width.")
 c1, c2, c3 = st.columns(3)
 target = c1.slider("Target bits per weight", 2.5, 8.0, 3.5, 0.1, key="budget_bpw",
                    help="Average packed bits per weight of the quantized layers, scales and zero-points included.")
@@ -31,14 +31,38 @@ method = c3.radio("Quantizer", ["mse", "rtn", "hqq"], format_func=str.upper, hor
                   help="MSE: each group's grid searched for the least activation-weighted error (calibrated); "
                        "RTN: round to nearest; HQQ: fitted zero-points.")
 base = QuantizationConfig(bits=4, group_size=group_size, method=method, int8_kernel=False)
+budget = autopilot.BudgetConfig(target_bpw=target, base=base)
+
+
+def measure_on_request() -> None:
+    """The per-layer measurement takes minutes on a large model: it runs only when asked, shows time left, and
+    stops when a control moves, Stop is pressed or the tab closes. Once measured it is kept on disk."""
+    ids = autopilot.calibration_ids(loaded)
+    if autopilot.cached_damage(loaded.model, ids, base, budget.choices, loaded.name) is not None:
+        return
+    expected = autopilot.expected_seconds(loaded.model, base)
+    st.info(f"First the autopilot measures each layer's sensitivity with the {method.upper()} quantizer in groups of "
+            f"{group_size}: about {common.duration(expected)} for {common.md_escape(loaded.name)} on 2 cores (an "
+            "estimate). It is measured once per model and setting, then kept on disk for every session.")
+    if not st.button("Measure sensitivity", type="primary", key="budget_measure"):
+        st.stop()
+    running = st.empty()
+    with running.container(key="running-budget"):
+        st.button("Stop", on_click=common.request_stop, key="budget_stop")
+        bar = st.progress(0.0, text="starting")
+    st.session_state["stop_requested"] = False
+    try:
+        autopilot.measure_damage(loaded.model, ids, base, budget.choices, model_name=loaded.name,
+                                 callback=common.timed_callback(bar, "sensitivity"))
+    except Cancelled:
+        st.info("Stopped: nothing was kept. Press the button to measure again.")
+        st.stop()
+    running.empty()
+
 
 try:
-    with st.spinner("Measuring per-layer sensitivity (once per model and grid)…"):
-        bar = st.progress(0.0, text="Fisher information and per-kind KL")   # moving a control abandons the run
-        allocation = autopilot.allocate_for(loaded, autopilot.BudgetConfig(target_bpw=target, base=base),
-                                            callback=lambda done, total, what: bar.progress(
-                                                done / total, text=f"{what} widths measured ({done} of {total})"))
-        bar.empty()
+    measure_on_request()
+    allocation = autopilot.allocate_for(loaded, budget)
 except ValueError as exc:
     common.error("Cannot meet this budget", exc)
     st.stop()

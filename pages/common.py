@@ -43,7 +43,8 @@ WIDGETS = {  # widget key -> default; values survive page switches through st.se
     "bits": 4, "sparsity": 0, "temperature": 2.0, "kd": False, "steps": 20,
     "granularity": "group", "group_size": 128, "symmetric": False, "method": "rtn",
     "prune_method": "magnitude", "pattern": "unstructured", "alpha": 0.5, "eval_tokens": 512,
-    "new_tokens": 32, "latency_runs": 3, "runtime": "real", "grid": "integer-zero", "prompt": DEFAULT_PROMPT,
+    "new_tokens": 32, "latency_runs": 5, "runtime": "real", "grid": "integer-zero", "prompt": DEFAULT_PROMPT,
+    "precise": False,
 }
 
 
@@ -277,28 +278,45 @@ def _uploaded_model(previous: str) -> str | None:
 
 # ---------------------------------------------------------------- results
 
-def protocol(precise: bool = False):
-    """The one measurement protocol of this session, from Explore's settings, shared by every page."""
-    return protocol_from_settings({**WIDGETS, **st.session_state.get("settings", {})}, precise)
+def protocol(precise: bool | None = None):
+    """The one measurement protocol of this session, from Explore's settings (its *Measure precisely* switch
+    unless ``precise`` is given), shared by every page."""
+    settings = {**WIDGETS, **st.session_state.get("settings", {})}
+    return protocol_from_settings(settings, settings["precise"] if precise is None else precise)
 
 
 def protocol_from_settings(s: dict, precise: bool = False):
-    """Explore's widget values -> EvalProtocol (the benchmarks call this too, so they measure what the app does)."""
+    """Explore's widget values -> EvalProtocol (the benchmarks call this too, so they measure what the app does).
+    Each protocol takes its own knob: the quick one the evaluation tokens, the precise one the timed runs."""
     from lmcompress_core.measure.protocol import EvalProtocol
 
     prompt = s["prompt"] if str(s["prompt"]).strip() else None
-    kind = EvalProtocol.precise if precise else EvalProtocol.explore
     changes = {"prompt": prompt, "generation": prompt is not None, "new_tokens": s["new_tokens"]}
-    if not precise:
-        changes.update(eval_tokens=s["eval_tokens"], latency_runs=s["latency_runs"])
-    return kind(**changes)
+    if precise:
+        return EvalProtocol.precise(**changes, latency_runs=s["latency_runs"])
+    return EvalProtocol.explore(**changes, eval_tokens=s["eval_tokens"])
 
 
-def record_run(report: dict, key: str) -> None:
-    """Make a finished report current; in this session's trail a configuration tried again is one point, moved last."""
-    report = {**report, "run_key": key}
-    trail = [r for r in st.session_state["trail"] if r.get("run_key") != key]
-    st.session_state["trail"] = (trail + [report])[-MAX_TRAIL:]
+def precision(report: dict) -> tuple[int, int]:
+    """How precise a report's measurement is: the full protocol above the quick one, then more tokens scored."""
+    proto = report.get("protocol") or {}
+    return int(bool(proto.get("latency_base"))), int(proto.get("eval_tokens") or 0)
+
+
+def setting_key(model: str, config: CompressionConfig) -> str:
+    """One setting of one model, whatever protocol measured it: the trail's unit."""
+    return json.dumps([model, config.key()], sort_keys=True)
+
+
+def record_run(report: dict, key: str, setting_key: str) -> None:
+    """Make a finished report current. The trail keeps one point per setting (``setting_key``: model and
+    configuration): the most precise measurement of it, moved last; so a setting never shows two answers."""
+    report = {**report, "run_key": key, "setting_key": setting_key}
+    same = [r for r in st.session_state["trail"] if r.get("setting_key", r.get("run_key")) == setting_key]
+    kept = max(same + [report], key=precision)   # on a tie the newest (max keeps the first of equals: report last)
+    kept = report if precision(report) >= precision(kept) else kept
+    trail = [r for r in st.session_state["trail"] if r.get("setting_key", r.get("run_key")) != setting_key]
+    st.session_state["trail"] = (trail + [kept])[-MAX_TRAIL:]
     st.session_state["current"] = report
 
 
@@ -329,7 +347,47 @@ def request_stop() -> None:
 
 
 def should_stop() -> bool:
-    return bool(st.session_state.get("stop_requested"))
+    """Stop pressed, or nobody is waiting any more: the browser tab of this session was closed (its connection
+    is gone), so the work it asked for is abandoned instead of running on for minutes."""
+    return bool(st.session_state.get("stop_requested")) or not _connected()
+
+
+def _connected() -> bool:
+    from streamlit import runtime
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None or not runtime.exists():   # a bare script or an AppTest: no browser to lose
+        return True
+    return runtime.get_instance().is_active_session(ctx.session_id)
+
+
+def duration(seconds: float) -> str:
+    """'40 s', '3 min', '1 h 05 min': a duration for a person."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def timed_callback(bar, label: str) -> Callable[[int, int, str], None]:
+    """A (done, total, what) callback: the bar with the time left (from the pace so far), redrawn at most every
+    BAR_INTERVAL_S; raises compress.Cancelled once should_stop() is True (Stop, a closed tab)."""
+    from lmcompress_core.compress import Cancelled
+
+    started, last = time.perf_counter(), [0.0]
+
+    def callback(done: int, total: int, what: str) -> None:
+        if should_stop():
+            raise Cancelled(f"{label} stopped")
+        now = time.perf_counter()
+        if now - last[0] < BAR_INTERVAL_S and done < total:
+            return
+        last[0] = now
+        left = (now - started) / done * (total - done) if done else None
+        eta = f" · about {duration(left)} left" if left is not None and done < total else ""
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{label}: {what}{eta}"[:160])
+    return callback
 
 
 # Where each stage of one evaluation sits on the single progress bar, in the order evaluate runs them (the
@@ -400,8 +458,9 @@ def evaluate_live(loaded, config, protocol, bar, on_partial: Callable[[dict], No
     return report
 
 
-def figure(fig, caption: str = "", key: str | None = None, on_select=None) -> None:
-    """A plotly figure and its caption; ``on_select`` (a callback) makes clicked points a selection event."""
+def figure(fig, caption: str = "", key: str | None = None, on_select=None, details: str = "") -> None:
+    """A plotly figure, its caption (one plain sentence) and, one click away, ``details``: how it was measured.
+    ``on_select`` (a callback) makes clicked points a selection event."""
     if on_select is None:
         st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
     else:
@@ -409,6 +468,34 @@ def figure(fig, caption: str = "", key: str | None = None, on_select=None) -> No
                         selection_mode="points")
     if caption:
         st.caption(md_escape(caption))
+    if details:
+        details_popover(details)
+
+
+def details_popover(text: str, label: str = "How it was measured") -> None:
+    """The full, precise text behind a caption, in a popover: read on request, never a wall under a chart."""
+    with st.popover(label, icon=":material/info:"):
+        st.caption(md_escape(text[:1].upper() + text[1:]))
+
+
+def details(text: str, label: str = "How it was measured") -> None:
+    if text:
+        details_popover(text, label)
+
+
+def caveat(report: dict) -> None:
+    """The model's caveat (SmolLM2 here was de-quantized from Q4_1), wherever its results are shown."""
+    if report.get("model_caveat"):
+        st.caption(":material/warning: " + md_escape(report["model_caveat"]))
+
+
+def engine_notes(report: dict) -> None:
+    """The engine's remarks on a run (layers on no kernel, fallbacks, smoothing), folded: one line until opened."""
+    notes = report.get("notes") or []
+    if notes:
+        with st.expander(f"Engine notes ({len(notes)})"):
+            for note in notes:
+                st.caption(md_escape(note))
 
 
 def generations(gen: dict | None) -> None:

@@ -18,25 +18,25 @@ def restore_widgets() -> None:
             st.session_state[key] = saved.get(key, default)
 
 
-def controls() -> None:
-    left, middle, right = st.columns(3)
-    with left:
-        st.select_slider("Bit-width", options=BITS, key="bits",
-                         format_func=lambda b: f"{b} (bf16)" if b == 16 else str(b),
-                         help="Integer codes per weight (2–8); 16 = half-precision cast.")
-    with middle:
-        st.slider("Sparsity (%)", 0, 95, step=5, key="sparsity",
-                  help="Share of weights removed from the linear layers (N:M patterns fix it at 50%).")
-    with right:
-        kd = st.session_state["kd"]
-        # the temperature only acts through distillation: disabled (and saying so) until distillation is on
-        st.slider("Distillation temperature", 0.5, 10.0, step=0.5, key="temperature", disabled=not kd,
-                  help="Softens the teacher's distribution in the KD loss." + (
-                      "" if kd else " Turn on distillation below to use it; the Distillation page shows what T "
-                                    "does to the teacher's next-token distribution."))
-        a, b = st.columns([3, 2])
-        a.toggle("Distil", key="kd", help="Recovery distillation: fine-tune the compressed copy against the original.")
-        b.number_input("Steps", 0, 500, step=10, key="steps", disabled=not kd)
+def sliders() -> None:
+    """The three sliders and the Distil switch in one row: the charts come right under them."""
+    bits, sparsity, temperature, kd = st.columns([4, 4, 4, 3])
+    bits.select_slider("Bit-width", options=BITS, key="bits", format_func=lambda b: f"{b} (bf16)" if b == 16 else str(b),
+                       help="Integer codes per weight (2–8); 16 = half-precision cast.")
+    sparsity.slider("Sparsity (%)", 0, 95, step=5, key="sparsity",
+                    help="Share of weights removed from the linear layers (N:M patterns fix it at 50%).")
+    on = st.session_state["kd"]
+    # the temperature only acts through distillation: disabled (and saying so) until distillation is on
+    temperature.slider("Temperature (KD)", 0.5, 10.0, step=0.5, key="temperature", disabled=not on,
+                       help="Softens the teacher's distribution in the KD loss." + (
+                           "" if on else " Switch on Distil to use it; the Distillation page shows what T does."))
+    kd.toggle("Distil", key="kd", help="Recovery distillation: fine-tune the compressed copy against the original.")
+    kd.number_input("Steps", 0, 500, step=10, key="steps", disabled=not on, label_visibility="collapsed",
+                    help="Distillation steps (a SmolLM2 step takes a few seconds).")
+
+
+def settings_panel() -> None:
+    """Below the results: the quantizer's details, the measurement protocol, the prompt; the URL follows."""
     with st.expander("Advanced"):
         c1, c2, c3, c4 = st.columns(4)
         c1.selectbox("Granularity", ["group", "channel", "tensor"], key="granularity")
@@ -59,10 +59,22 @@ def controls() -> None:
         c3.radio("Pruning method", ["magnitude", "wanda"], key="prune_method", horizontal=True)
         c3.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="pattern")
         c4.slider("α (KD weight)", 0.0, 1.0, step=0.05, key="alpha")
-        c4.select_slider("Evaluation tokens", [128, 256, 512, 1024, 2048], key="eval_tokens")
         c4.select_slider("Generated tokens", [8, 16, 32, 64], key="new_tokens")
-        c4.select_slider("Timed runs (median)", [1, 3, 5, 10], key="latency_runs")
-    st.text_area("Prompt for the side-by-side generations", key="prompt", height=80, max_chars=20_000)
+        # each protocol has its own knob: the quick one scores a chosen number of tokens and reads the latency
+        # off the generation; the precise one scores 2048 tokens and times a chosen number of alternating runs
+        if st.session_state["precise"]:
+            c4.select_slider("Timed runs (median)", [1, 3, 5, 10], key="latency_runs",
+                             help="Runs of the base and the compressed model, alternately, when measuring precisely.")
+        else:
+            c4.select_slider("Evaluation tokens", [128, 256, 512, 1024, 2048], key="eval_tokens",
+                             help="Tokens scored for perplexity while exploring (measuring precisely scores 2048).")
+    st.toggle("Measure precisely", key="precise",
+              help="The full protocol (2048 tokens scored; the base and the compressed model timed alternately, "
+                   "which gives the speed ratio) instead of the quick one used while exploring.")
+    st.text_area("Prompt for the side-by-side generations", key="prompt", height=68, max_chars=20_000)
+
+
+def sync_url() -> None:
     st.session_state["settings"] = {k: st.session_state[k] for k in WIDGETS}
     query = {"model": st.session_state["model_name"], **common.settings_to_query(st.session_state["settings"])}
     if dict(st.query_params) != query:   # the URL reproduces this configuration (reload, shared link)
@@ -82,12 +94,17 @@ class Slots:
         self.columns, self.made = columns, {}
         if not keep_previous:   # another model's charts (or none): cleared at once
             for name in columns:
-                self[name]
+                self.make(name)
 
-    def __getitem__(self, name: str):
+    def make(self, name: str):
+        """The placeholder of ``name``'s column, made on first use (a statement, never a bare expression: Streamlit's
+        magic would write the returned object's docs onto the page)."""
         if name not in self.made:
             self.made[name] = self.columns[name].empty()
         return self.made[name]
+
+    def __getitem__(self, name: str):
+        return self.make(name)
 
 
 def show_report(report: dict, slots: Slots, drawn: frozenset = frozenset()) -> None:
@@ -101,7 +118,8 @@ def show_chart(name: str, report: dict, slot, kind: str = "result") -> None:
     """One chart with its caption: a finished result ("result"), or drawn as its stage ended ("live")."""
     key = f"{kind}-{name}"
     with slot.container(key=key):
-        common.figure(FIGURES[name](report), plots.report_how(report).get(name, ""), key=f"chart-{key}")
+        common.figure(FIGURES[name](report), plots.headlines(report).get(name, ""), key=f"chart-{key}",
+                      details=plots.report_how(report).get(name, ""))
 
 
 def run(loaded, config: CompressionConfig, protocol, slots: Slots, heading: dict, drawn: set) -> dict | None:
@@ -127,7 +145,7 @@ def run(loaded, config: CompressionConfig, protocol, slots: Slots, heading: dict
         report = _compute(loaded, config, protocol, slots, heading, key, drawn)
         if report is None:
             return None
-    common.record_run(report, key)
+    common.record_run(report, key, common.setting_key(loaded.name, config))
     return st.session_state["current"]
 
 
@@ -138,7 +156,7 @@ def _compute(loaded, config, protocol, slots, heading, key, drawn: set) -> dict 
     if previous is not None:
         heading["badge"].badge(f"previous result shown: {common.describe_config(previous.get('config'))}",
                                color="gray")
-    running = st.empty()
+    running = heading["running"]
     with running.container():
         st.button("Stop", on_click=common.request_stop, help="Abandon this run; nothing half-done is kept.")
         bar = st.progress(0.0, text="starting")
@@ -186,8 +204,8 @@ def _previous(loaded) -> dict | None:
     return current if current is not None and current.get("model") == loaded.name else None
 
 
-st.title("Explore")
-st.caption("Move a slider: the model is compressed (a copy; the original is never touched) and measured again.")
+# Explore is for watching the charts move: less space above them than Streamlit's default page padding
+st.html("<style>.block-container {padding-top: 4rem !important;} .block-container h3 {font-size: 1.35rem;}</style>")
 loaded = common.current_model()
 if loaded is None:
     st.stop()
@@ -195,7 +213,15 @@ restore_widgets()
 if st.session_state.get("ignored_query"):
     st.warning("Ignored link parameter(s) with a value of the wrong kind: "
                + common.md_escape(", ".join(st.session_state.pop("ignored_query"))))
-controls()
+sliders()
+heading = {"title": st.empty(), "badge": st.empty()}
+cols = st.columns(3)
+heading["running"] = st.empty()
+results, settings_area = st.container(), st.container()
+with settings_area:
+    st.divider()
+    settings_panel()
+sync_url()
 settings = st.session_state["settings"]
 if not settings["prompt"].strip():
     st.warning("The prompt is empty: type some text for the models to continue. Generations are skipped.")
@@ -204,15 +230,9 @@ try:
 except ValueError as exc:
     common.error("Invalid setting", exc)
     st.stop()
-
-heading = {"title": st.empty(), "badge": st.empty()}
-precise = st.toggle("Measure precisely", key="precise",
-                    help="The full protocol (2048 tokens scored; 5 runs of the base and the compressed model "
-                         "timed alternately, which gives the speed ratio) instead of the lighter one used while "
-                         "exploring (512 tokens; the compressed model timed alone, no ratio).")
-protocol = common.protocol(precise=precise)
-st.caption(f"Protocol: {common.md_escape(protocol.describe())}.")
-cols = st.columns(3)
+protocol = common.protocol()
+with settings_area:
+    common.details(f"{protocol.describe()}.", label="Protocol: " + ("full" if settings["precise"] else "quick"))
 slots = Slots(dict(zip(("size", "latency", "perplexity"), cols)), keep_previous=_previous(loaded) is not None)
 drawn: set[str] = set()
 report = run(loaded, config, protocol, slots, heading, drawn) or _previous(loaded)
@@ -222,21 +242,23 @@ if report is not None:
             common.config_heading(report.get("config"))
         heading["badge"].empty()
     show_report(report, slots, drawn=frozenset(drawn))
-    for note in report.get("notes") or []:   # the engine's remarks: layers kept fp32, smoothing, GPTQ fallbacks
-        st.caption(common.md_escape(note))
-    gen_col, trail_col = st.columns([3, 2])
-    with gen_col:
-        if report.get("generation"):   # an empty prompt skips generations: no empty heading either
-            st.subheader("Generations")
-            common.generations(report["generation"])
-            st.caption(common.md_escape(plots.report_how(report).get("generation", "")))
-        with st.expander("Take this model away (GGUF, Hugging Face folder)"):
-            common.export_download(report, key="explore_export")
-    with trail_col:
-        trail = [r for r in st.session_state["trail"] if r.get("model") == loaded.name]
-        current = next((i for i, r in enumerate(trail) if r.get("run_key") == report.get("run_key")), None)
-        common.figure(plots.trail_figure(trail, current=current),
-                      f"Each point is one configuration tried on {loaded.name} in this session "
-                      "(packed size, perplexity ± stderr); the dotted line joins the ones nothing beats.")
+    with results:
+        common.caveat(report)
+        common.engine_notes(report)
+        gen_col, trail_col = st.columns([3, 2])
+        with gen_col:
+            if report.get("generation"):   # an empty prompt skips generations: no empty heading either
+                st.subheader("Generations")
+                common.generations(report["generation"])
+                common.details(plots.report_how(report).get("generation", ""))
+            with st.expander("Take this model away (GGUF, Hugging Face folder)"):
+                common.export_download(report, key="explore_export")
+        with trail_col:
+            trail = [r for r in st.session_state["trail"] if r.get("model") == loaded.name]
+            current = next((i for i, r in enumerate(trail) if r.get("setting_key") == report.get("setting_key")), None)
+            common.figure(plots.trail_figure(trail, current=current),
+                          f"Every setting tried on {loaded.name} in this session: size against perplexity.",
+                          details="Packed size, perplexity ± standard error; a setting measured twice is one point, "
+                                  "the more precise measurement; the dotted line joins the settings nothing beats.")
 else:
     heading["title"].subheader(common.describe_config(config.to_dict()))

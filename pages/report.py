@@ -21,13 +21,38 @@ extras = {"sweep": st.session_state.get("sweep"), "sensitivity": st.session_stat
 def lead(report: dict) -> None:
     """The chosen setting in plain words, then size, speed and quality against the original, each with its how."""
     common.config_heading(report.get("config"))
-    st.caption(common.md_escape(f"on {report.get('model')}"))
+    st.caption(common.md_escape(f"on {report.get('model')}, measured by the {plots.protocol_name(report)}"))
     rows = html_report.summary_rows(report)
     for col, (what, value, how) in zip(st.columns(len(rows) or 1), rows):
         with col:
             st.markdown(f"**{what}**")
             st.markdown(common.md_escape(value))
-            st.caption(common.md_escape(how))
+            common.details(how)
+    common.caveat(report)
+    if common.precision(report)[0] == 0:
+        offer_precise(report)
+
+
+def offer_precise(report: dict) -> None:
+    """A quick-protocol result: say so, and measure this same setting by the full protocol on request (never
+    silently: the Report shows what Explore measured until asked)."""
+    from lmcompress_core.compress import Cancelled, CompressionConfig
+    from lmcompress_core.measure import evaluation
+
+    st.info("These numbers come from the quick protocol used while exploring. The full protocol scores 2048 tokens "
+            "and times the original and the compressed model alternately, which gives the speed ratio.")
+    if not st.button("Measure precisely", key="report_precise"):
+        return
+    loaded = common.loaded_model(report["model"])
+    config = CompressionConfig.from_dict(report["config"])
+    bar = st.progress(0.0, text="starting")
+    try:
+        precise = common.evaluate_live(loaded, config, common.protocol(precise=True), bar, lambda partial: None)
+    except (Cancelled, ValueError) as exc:
+        common.error("Not measured", exc)
+        return
+    common.record_run(precise, "report-precise", common.setting_key(loaded.name, config))
+    st.rerun()
 
 
 def session_results() -> None:
@@ -85,8 +110,8 @@ if trail:
     st.subheader("Every setting tried")
 for model in dict.fromkeys(r.get("model") for r in trail):   # one chart per model: sizes differ by 30×
     runs = [r for r in trail if r.get("model") == model]
-    current_index = next((i for i, r in enumerate(runs) if current and r.get("run_key") == current.get("run_key")),
-                         None)
+    current_index = next((i for i, r in enumerate(runs)
+                          if current and r.get("setting_key") == current.get("setting_key")), None)
     common.figure(plots.trail_figure(runs, current=current_index),
                   f"Every configuration tried on {model} in this session (a setting tried twice is one point).")
 session_results()

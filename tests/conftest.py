@@ -1,5 +1,6 @@
 """Shared pytest fixtures: tiny offline models (never a download) and the project's trained tiny model."""
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the autopilot's measurements go to a folder of this test run: a test never reads another run's results
+os.environ["LMCOMPRESS_SENSITIVITY_CACHE"] = tempfile.mkdtemp(prefix="lmcompress-sensitivity-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 ARCHITECTURES = ("gpt2", "opt", "gpt_neox", "llama", "qwen2")

@@ -1,4 +1,5 @@
 """Bit-budget autopilot: budgets are kept, the Fisher prediction matches real KL, allocations beat uniform."""
+import copy
 import math
 import re
 
@@ -151,3 +152,30 @@ def test_cli_target_bpw_gives_mixed_layer_bits_and_quality_statistics(capsys):
     stats = report["quality_stats"]
     assert stats["kl_median"] <= stats["kl_p99"] <= stats["kl_p999"] and 0 < stats["same_top_percent"] <= 100
     assert main(["evaluate", "--model", "tiny", "--target-bpw", "1.0"]) == 2
+
+
+def test_the_measurement_is_kept_on_disk_for_the_same_weights_only(tiny_loaded, tiny_calibration, tmp_path,
+                                                                    monkeypatch):
+    """A new process (the in-memory cache cleared) reads the JSON on disk instead of measuring again; other
+    weights under the same name miss it. Nothing is measured on a hit: the Fisher pass is never called."""
+    monkeypatch.setenv("LMCOMPRESS_SENSITIVITY_CACHE", str(tmp_path))
+    base = QuantizationConfig(bits=4, group_size=64, method="rtn")
+    assert autopilot.cached_damage(tiny_loaded.model, tiny_calibration, base, model_name="tiny-disk") is None
+    measured = autopilot.measure_damage(tiny_loaded.model, tiny_calibration, base, model_name="tiny-disk")
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    autopilot._CACHE.clear()
+    monkeypatch.setattr(autopilot, "fisher_diagonal", lambda *a, **k: pytest.fail("measured again"))
+    assert autopilot.measure_damage(tiny_loaded.model, tiny_calibration, base, model_name="tiny-disk") == measured
+    other = copy.deepcopy(tiny_loaded.model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1.0
+    assert autopilot.cached_damage(other, tiny_calibration, base, model_name="tiny-disk") is None
+
+
+def test_progress_is_reported_per_layer_so_a_page_can_stop_between_two(tiny_loaded, tiny_calibration):
+    seen = []
+    base = QuantizationConfig(bits=4, group_size=64, method="rtn")
+    autopilot.measure_damage(tiny_loaded.model, tiny_calibration, base, callback=lambda *a: seen.append(a))
+    layers = len(autopilot.linear_layers(tiny_loaded.model))
+    assert len(seen) >= 3 * layers and seen[-1][0] == seen[-1][1]
+    assert [done for done, _, _ in seen] == sorted(done for done, _, _ in seen)

@@ -3,7 +3,7 @@ on a heatmap cell), the evaluation chart."""
 import json
 
 from streamlit.proto.WidgetStates_pb2 import WidgetState
-from test_pages import app, figure_titled
+from test_pages import app, figure_titled, figures
 
 from lmcompress_core.report import plots
 
@@ -37,10 +37,35 @@ def test_clicked_cells_become_overrides():
     assert plots.clicked_widths(None) == {} and plots.clicked_widths({"selection": {"points": []}}) == {}
 
 
+def test_budget_page_measures_only_on_request_then_reuses_the_disk_copy():
+    """Opening the page starts nothing: it shows its controls, an estimate and a button; once measured, the
+    measurement is on disk, so a new session (and a new server: the process cache cleared) shows it at once."""
+    from lmcompress_core.methods import autopilot
+
+    at = app().run()
+    at.switch_page("pages/budget.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.slider(key="budget_bpw").value == 3.5 and not figures(at)
+    assert "about" in at.info[0].value and at.button(key="budget_measure")
+    at.radio(key="budget_method").set_value("rtn").run()   # changing a control measures nothing either
+    assert not figures(at)
+    at.button(key="budget_measure").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert figure_titled(at, "Bits per layer")
+    autopilot._CACHE.clear()                              # a new server process
+    again = app().run()
+    again.session_state["budget_method"] = "rtn"
+    again.switch_page("pages/budget.py").run()
+    assert figure_titled(again, "Bits per layer")
+    assert not [b for b in again.button if b.key == "budget_measure"]
+
+
 def test_budget_page_allocates_overrides_and_evaluates():
     at = app(eval_tokens=512).run()   # the session's protocol: the measurement below was taken on 512 tokens
     at.switch_page("pages/budget.py").run()
     assert not at.exception, [e.message for e in at.exception]
+    if [b for b in at.button if b.key == "budget_measure"]:   # not measured yet in this test run
+        at.button(key="budget_measure").click().run()
     chosen = _chosen(figure_titled(at, "Bits per layer"))
     assert len(set(chosen.values())) > 1                      # mixed widths at 3.5 bits per weight
     layer = at.selectbox(key="budget_layer").value

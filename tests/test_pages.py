@@ -456,3 +456,66 @@ def test_the_bar_reaches_the_end_only_with_the_last_token_when_latency_is_read_o
     assert after[4] == pytest.approx(0.8)   # latency done = the greedy half of the generations
     assert max(after[:-1]) < 1.0 and after[-1] == 1.0
     assert common.STAGE_SPANS["latency"][0] >= common.STAGE_SPANS["generate"][1]
+
+
+# ---------------------------------------------------------------- one protocol per question, controls that act
+
+def test_measure_precisely_travels_in_the_url_and_each_protocol_shows_only_its_own_knob():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update({"model": MODEL, "precise": "1", "new_tokens": "8", "latency_runs": "1"})
+    at.run()
+    no_exceptions(at)
+    assert at.toggle(key="precise").value is True
+    keys = {s.key for s in at.select_slider}
+    assert "latency_runs" in keys and "eval_tokens" not in keys        # the precise protocol scores 2048 tokens
+    assert at.session_state["current"]["protocol"]["latency_runs"] == 1  # and times the chosen number of runs
+    at.toggle(key="precise").set_value(False).run()
+    keys = {s.key for s in at.select_slider}
+    assert "eval_tokens" in keys and "latency_runs" not in keys        # quick: the latency comes from generating
+    assert at.query_params.get("precise") in (None, [], "0", ["0"])
+
+
+def test_the_trail_keeps_one_point_per_setting_the_most_precise():
+    from pages import common
+
+    def run(precise_first: bool):
+        state = {"trail": []}
+        quick = {"protocol": {"latency_base": False, "eval_tokens": 512}, "config": {"q": 4}}
+        full = {"protocol": {"latency_base": True, "eval_tokens": 2048}, "config": {"q": 4}}
+        other = {"protocol": {"latency_base": False, "eval_tokens": 512}, "config": {"q": 3}}
+        import streamlit as st
+        for report, key, setting in ([(full, "a", "s4"), (quick, "b", "s4")] if precise_first
+                                     else [(quick, "b", "s4"), (full, "a", "s4")]) + [(other, "c", "s3")]:
+            st.session_state.update(state)
+            common.record_run(report, key, setting)
+            state = {"trail": st.session_state["trail"], "current": st.session_state["current"]}
+        return state
+
+    for precise_first in (True, False):
+        state = run(precise_first)
+        assert [r["setting_key"] for r in state["trail"]] == ["s4", "s3"]
+        assert state["trail"][0]["protocol"]["eval_tokens"] == 2048   # the most precise measurement of s4
+
+
+def test_explore_captions_are_one_sentence_with_the_details_one_click_away(explore):
+    captions = [c.value for c in explore.caption]
+    headline = next(c for c in captions if c.startswith("Perplexity"))
+    assert len(headline) < 200 and "quick protocol" in headline
+    popovers = explore.get("popover")
+    assert len(popovers) >= 3                                      # how each chart was measured, on request
+    folded = {c.value for box in [*popovers, *explore.expander] for c in box.get("caption")}
+    assert any(len(c) > 400 for c in folded)                       # the long texts are there, folded
+    assert all(len(c) < 250 for c in captions if c not in folded), [c for c in captions if len(c) >= 250]
+
+
+def test_presentation_opened_from_a_link_measures_the_links_setting_on_request():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update({"model": MODEL, "bits": "3", "eval_tokens": "128", "new_tokens": "8"})
+    at.switch_page("pages/present.py").run()
+    no_exceptions(at)
+    assert not at.metric and at.button(key="present_measure")
+    assert at.title[0].value.startswith("3-bit")                  # the link's setting, in plain words
+    at.button(key="present_measure").click().run()
+    no_exceptions(at)
+    assert [m.label for m in at.metric] == ["Packed size", "Perplexity", "Decode"]
+    assert at.title[0].value.startswith("3-bit, groups of 128")

@@ -1,4 +1,6 @@
 """plots.py: every builder returns a figure whose data carries the numbers it was given."""
+import math
+
 import pandas as pd
 import pytest
 
@@ -54,11 +56,55 @@ def test_latency_figure_puts_the_base_beside_the_compressed_model_with_the_speed
     assert bars[("compressed", "x")][1].endswith("×2.00") and bars[("compressed", "x2")][1].endswith("≈ 1×")
 
 
-def test_latency_figure_carries_kernel_label_and_roofline():
+def test_latency_figure_names_the_kind_of_kernel_in_one_short_line():
+    """The title's kernel line stays one short line whatever the engine's kernel text (a long one ran into the
+    panel titles); the whole text and the roofline are in the caption's details, not on the bars."""
     fig = plots.latency_figure(fake_report())
-    assert "quantization simulated" in fig.layout.title.text
-    assert fig.data[1].y[0] == pytest.approx(300.0)
-    assert "roofline 900" in fig.data[1].text[0]
+    assert fig.layout.title.text == "Latency<br><sup>simulated: dense float weights</sup>"
+    assert fig.data[1].y[0] == pytest.approx(300.0) and "roofline" not in fig.data[1].text[0]
+    long = fake_report()
+    long["latency"]["kernel"] = ("210 layer(s) on int4pack (real, aten _weight_int4pack_mm_for_cpu, groups of 128), "
+                                 "bf16 activations; LM head int8 (real, aten int8pack)")
+    title = plots.latency_figure(long).layout.title.text
+    assert title == "Latency<br><sup>real int4 kernel</sup>"
+    assert plots.latency_figure(long).layout.margin.t >= 100   # two title lines above the panel titles
+
+
+@pytest.mark.parametrize("kernel, kind", [
+    ("int8 weight-only (real, aten int8pack), bf16 activations; LM head int8 (real, aten int8pack)", "real int8 kernel"),
+    ("int8 (real, torch dynamic; activations quantized too)", "torch dynamic int8"),
+    ("fp32 dense — quantization simulated", "simulated: dense float weights"),
+    ("210 layer(s) de-quantized once to dense bf16 (no kernel takes them: bf16 speed), bf16 activations; LM head "
+     "int8 (real, aten int8pack)", "dense bf16 (no kernel for these codes)"),
+    ("", "kernel unknown"),
+])
+def test_kernel_kind_in_a_few_words(kernel, kind):
+    assert plots.kernel_kind(kernel) == kind
+
+
+@pytest.mark.parametrize("ppl, log", [(14.0, False), (99.0, False), (101.0, True), (1.9e6, True)])
+def test_perplexity_axis_turns_logarithmic_past_ten_times_the_base(ppl, log):
+    fig = plots.perplexity_figure(fake_report(ppl=ppl))   # base 10.0
+    assert (fig.layout.yaxis.type == "log") is log
+    # the values are in the category labels, under the bars: never inside a bar nor under an error bar
+    assert fig.data[0].text is None and fig.data[0].x[1].endswith(f"<b>{plots._ppl_text(ppl)}</b>")
+    if log:   # both bars inside the visible range of a log axis (its range is in log10 units)
+        low, high = fig.layout.yaxis.range
+        assert low < math.log10(10.0) < math.log10(ppl) < high
+
+
+def test_headlines_are_one_plain_sentence_per_chart():
+    report = fake_report(ppl=14.0)
+    lines = plots.headlines(report)
+    assert set(lines) == {"size", "latency", "perplexity"}
+    assert all(line.count(". ") == 0 and line.endswith(".") and len(line) < 170 for line in lines.values()), lines
+    assert "14.0 against 10.0" in lines["perplexity"] and "×1.4" in lines["perplexity"]
+
+
+@pytest.mark.parametrize("ratio, words", [(2.1, "2.1× faster"), (0.61, "1.6× slower"), (1.02, "about as fast"),
+                                          (0.3, "3.3× slower"), (None, "")])
+def test_speed_ratio_in_words(ratio, words):
+    assert plots.slower_or_faster(ratio) == words
 
 
 def test_perplexity_figure_has_error_bars_kl_and_top1():

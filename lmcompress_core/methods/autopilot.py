@@ -23,16 +23,20 @@ and width (630); ``measured_kl`` checks an allocation against a real forward. Da
 across layers, and a greedy allocation spends the budget where it buys the largest drop in damage per bit: every
 layer starts at the narrowest width and the best upgrade (any wider width, largest Δdamage / Δbits that still
 fits) is applied until nothing fits. The measurement is cached per (model, calibration tokens, grid settings) in
-this process.
+this process and on disk (JSON beside the converted models), so a new server or CLI call does not measure again.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
+import os
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -94,10 +98,75 @@ def layer_cost_bits(shape: tuple[int, int], bits: int, group_size: int, integer_
     return out_features * in_features * bits + out_features * math.ceil(in_features / group_size) * per_group
 
 
-def _cache_key(model_name: str, ids: torch.Tensor, base: QuantizationConfig, choices) -> tuple:
+def _cache_key(model, model_name: str, ids: torch.Tensor, base: QuantizationConfig, choices) -> tuple:
     digest = hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()
     settings = (base.granularity, base.group_size, base.symmetric, base.grid, base.method)
-    return model_name, digest, settings, tuple(choices)
+    return model_name, _weights_digest(model), digest, settings, tuple(choices)
+
+
+def _weights_digest(model) -> str:
+    """A cheap fingerprint of the weights (names, shapes, first and last values of each tensor): a folder whose
+    files changed under the same name gets a new disk entry, not the old model's damage."""
+    h = hashlib.sha1()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(torch.cat([flat[:16], flat[-16:]]).float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def damage_file(key: tuple) -> Path:
+    """Where the measurement for ``key`` is kept on disk: JSON under the model cache (never pickle)."""
+    from lmcompress_core.models.loading import cache_root
+
+    name = hashlib.sha1(json.dumps(list(map(str, key))).encode()).hexdigest()[:20]
+    folder = os.environ.get("LMCOMPRESS_SENSITIVITY_CACHE") or cache_root() / "sensitivity"
+    return Path(folder) / f"{name}.json"
+
+
+def _read_damage(path: Path) -> dict[str, dict[int, float]] | None:
+    try:
+        data = json.loads(path.read_text())
+        return {layer: {int(b): float(v) for b, v in widths.items()} for layer, widths in data["damage"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None   # missing or unreadable: measured again
+
+
+def _write_damage(path: Path, damage: dict, seconds: float) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"damage": damage, "seconds": round(seconds, 1)}))
+        tmp.replace(path)
+    except OSError:
+        pass   # a read-only cache only costs a new measurement next time
+
+
+def cached_damage(model, ids: torch.Tensor, base: QuantizationConfig, choices=CHOICES,
+                  model_name: str = "") -> dict[str, dict[int, float]] | None:
+    """The damage ``measure_damage`` would return without measuring (this process's cache, then the disk), or
+    None; a disk hit is kept in the process cache too."""
+    if not model_name:
+        return None
+    key = _cache_key(model, model_name, ids, base, choices)
+    if key not in _CACHE:
+        found = _read_damage(damage_file(key))
+        if found is None:
+            return None
+        _CACHE[key] = found
+    return _CACHE[key]
+
+
+# Seconds per million weights of the measurement on this project's 2-core machine (SmolLM2, 134.5 M weights, idle:
+# 73 s with RTN, 218 s with the MSE grid, whose Hessians and grid search come on top): an estimate shown before
+# a person starts it, never a measurement.
+SECONDS_PER_MILLION = {"rtn": 0.55, "hqq": 0.7, "mse": 1.6, "gptq": 1.6}
+
+
+def expected_seconds(model, base: QuantizationConfig) -> float:
+    """A rough duration of ``measure_damage`` for this model and quantizer (see SECONDS_PER_MILLION)."""
+    weights = sum(p.numel() for p in model.parameters()) / 1e6
+    return max(1.0, weights * SECONDS_PER_MILLION.get(base.method, 1.6))
 
 
 def measure_damage(model, ids: torch.Tensor, base: QuantizationConfig, choices=CHOICES, model_name: str = "",
@@ -107,30 +176,36 @@ def measure_damage(model, ids: torch.Tensor, base: QuantizationConfig, choices=C
     quantized at that width (``_measured_factors``).
 
     ``ids`` are calibration token ids [n, seq_len] (4 × 128 tokens are enough to rank layers); ``model`` is not
-    modified; ``callback(done, total, what)`` reports progress. Cached per (model_name, ids, grid settings,
-    choices) in this process when model_name is given.
+    modified; ``callback(done, total, what)`` reports progress per layer quantized and per KL measured. When model_name is given the result is cached per
+    (model_name, ids, grid settings, choices) in this process and on disk (JSON, with the weights' fingerprint),
+    so a new server, session or CLI call reuses it.
     """
-    key = _cache_key(model_name, ids, base, choices)
-    if model_name and key in _CACHE:
-        return _CACHE[key]
+    found = cached_damage(model, ids, base, choices, model_name)
+    if found is not None:
+        return found
+    started = time.perf_counter()
     hessians = _hessians(model, ids) if base.method in ("mse", "gptq") else {}
     fisher = fisher_diagonal(model, ids)
     work = copy.deepcopy(model).float().eval()
     base_logp = _log_probs(work, ids)
     damage = {name: {FLOAT_LAYER: 0.0} for name in fisher} if FLOAT_LAYER in choices else {name: {} for name in fisher}
     widths = [b for b in choices if b != FLOAT_LAYER]
-    for step, bits in enumerate(widths):
-        approx = {name: quantize_weight(weight_matrix(m), replace(base, bits=bits), hessians.get(name)).dequantize()
-                  for name, m in linear_layers(work).items()}
+    tick = _Ticks(callback, len(widths) * (len(fisher) + len({layer_kind(n) for n in fisher})))
+    for bits in widths:
+        approx = {}
+        for name, m in linear_layers(work).items():   # one report per layer: a page can stop between two
+            approx[name] = quantize_weight(weight_matrix(m), replace(base, bits=bits), hessians.get(name)).dequantize()
+            tick(f"{bits}-bit: {name}")
         predicted = {name: 0.5 * float((fisher[name] * (weight_matrix(m) - approx[name]).pow(2)).sum())
                      for name, m in linear_layers(work).items()}
-        factors = _measured_factors(work, ids, base_logp, approx, predicted) if bits < MEASURE_BELOW else {}
+        factors = (_measured_factors(work, ids, base_logp, approx, predicted, tick) if bits < MEASURE_BELOW
+                   else tick.skip(len({layer_kind(n) for n in approx})) or {})
         for name, value in predicted.items():
             damage[name][bits] = value * factors.get(layer_kind(name), 1.0)
-        if callback is not None:
-            callback(step + 1, len(widths), f"{bits}-bit")
     if model_name:
+        key = _cache_key(model, model_name, ids, base, choices)
         _CACHE[key] = damage
+        _write_damage(damage_file(key), damage, time.perf_counter() - started)
     return damage
 
 
@@ -139,7 +214,24 @@ def layer_kind(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
-def _measured_factors(work, ids, base_logp, approx: dict, predicted: dict) -> dict[str, float]:
+class _Ticks:
+    """Counts the units of a measurement and hands (done, total, what) to an optional callback."""
+
+    def __init__(self, callback: Callable[[int, int, str], None] | None, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(min(self.done, self.total), self.total, what)
+
+    def skip(self, units: int, what: str = "no KL to measure at this width") -> None:
+        self.done += units - 1
+        self(what)
+
+
+def _measured_factors(work, ids, base_logp, approx: dict, predicted: dict,
+                      tick: Callable[[str], None] = lambda what: None) -> dict[str, float]:
     """{kind: real KL / Σ predicted KL} with every layer of that kind quantized (``approx``) and the rest float.
 
     The quadratic prediction holds for small errors; at 2 and 3 bits a layer's error is large and the real KL
@@ -159,6 +251,7 @@ def _measured_factors(work, ids, base_logp, approx: dict, predicted: dict) -> di
             set_weight_matrix_(layers[name], saved[name])
         total = sum(predicted[name] for name in names)
         factors[kind] = max(real, 0.0) / total if total > 0 else 1.0
+        tick(f"measured KL of every {kind}")
     return factors
 
 

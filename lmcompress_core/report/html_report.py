@@ -258,7 +258,9 @@ def _current_html(data: Mapping, chart: _Charts) -> list[str]:
     how = plots.report_how(data)
     parts = ["<h2>The chosen setting</h2>",
              f"<p class='lead'>{html.escape(plots.describe_config(data.get('config')))} "
-             f"<span class='muted'>on {html.escape(str(data.get('model')))}</span></p>",
+             f"<span class='muted'>on {html.escape(str(data.get('model')))}, measured by the "
+             f"{html.escape(plots.protocol_name(data))}</span></p>",
+             *([f"<p class='how'>Caveat: {html.escape(data['model_caveat'])}</p>"] if data.get("model_caveat") else []),
              "<h2>Compared with the original</h2>", _summary_html(summary_rows(data)), "<h2>Charts</h2>"]
     for name, builder in (("size", plots.size_figure), ("latency", plots.latency_figure),
                           ("perplexity", plots.perplexity_figure)):

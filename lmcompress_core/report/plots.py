@@ -7,6 +7,7 @@ Captions saying how each number was obtained live next to the builders (``*_how`
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -139,29 +140,51 @@ def _speed_bar(fig: go.Figure, name: str, color: str, values: tuple[float, float
 
 def latency_figure(report: Any) -> go.Figure:
     """Prefill time (ms, lower is better) and decode throughput (tokens/s, higher is better), base beside
-    compressed (timed alternately in one call); the speed ratio the measurement supports is written on the bar."""
+    compressed (timed alternately in one call); the speed ratio the measurement supports is written on the bar.
+    The title names the kind of kernel in a few words (``kernel_kind``); the whole kernel text is in the caption's
+    details, so no title length can run into the panel titles."""
     lat, base, speed = _section(report, "latency"), _section(report, "base_latency"), _section(report, "speed")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill ms ↓", "decode tokens/s ↑"),
-                        horizontal_spacing=0.2)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill ms ↓", "decode tok/s ↑"),
+                        horizontal_spacing=0.25)
     prefill, decode = lat.get("prefill_ms") or 0, lat.get("decode_tokens_per_s") or 0
     if base:
         base_prefill, base_decode = base.get("prefill_ms") or 0, base.get("decode_tokens_per_s") or 0
-        _speed_bar(fig, "base", BASE_COLOR, (base_prefill, base_decode),
-                   (f"{base_prefill:.1f} ms", f"{base_decode:.1f} tok/s"))
-    roof = lat.get("roofline_tokens_per_s")
-    # The memory roofline is written on the bar, not drawn: on a tiny model it is 100x the measured speed.
-    labels = [f"{prefill:.1f} ms", f"{decode:.1f} tok/s" + (f"<br>roofline {roof:,.0f}" if roof else "")]
+        _speed_bar(fig, "base", BASE_COLOR, (base_prefill, base_decode), (_short(base_prefill), _short(base_decode)))
+    labels = [_short(prefill), _short(decode)]
     if speed:
         labels[0] += f"<br>{short_ratio(speed.get('prefill_text'))}"
         labels[1] += f"<br>{short_ratio(speed.get('decode_text'))}"
     _speed_bar(fig, "compressed", COMPRESSED_COLOR, (prefill, decode), tuple(labels))
-    kernel = lat.get("kernel") or "unknown kernel"
-    fig = _layout(fig, f"Latency<br><sup>{'<br>'.join(_wrap(kernel, 48))}</sup>")
+    fig = _layout(fig, f"Latency<br><sup>{kernel_kind(lat.get('kernel'))}</sup>")
     for col, values in enumerate(((base.get("prefill_ms") or 0, prefill), (base.get("decode_tokens_per_s") or 0,
                                                                             decode)), start=1):
         fig.update_yaxes(range=[0, max(values) * 1.6 or 1], row=1, col=col)   # room for the labels above
-    fig.update_layout(margin={"t": 90}, uniformtext={"minsize": 11, "mode": "show"})
+    # the panel titles sit below the two-line title: plotly puts them just above the plot area
+    fig.update_layout(margin={"t": 100}, uniformtext={"minsize": 11, "mode": "show"})
     return fig
+
+
+def _short(value: float) -> str:
+    """A bar label that fits a narrow bar: '413', '54.2', '4.31', '1,456'."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+# What runs the compressed layers, in a few words for a chart title (the whole kernel text goes in the details).
+_KERNEL_KINDS = (("int4pack", "real int4 kernel"), ("int8pack", "real int8 kernel"), ("dynamic", "torch dynamic int8"),
+                 ("simulat", "simulated: dense float weights"), ("fp32", "dense fp32"), ("bf16", "dense bf16"),
+                 ("fp16", "dense fp16"))
+
+
+def kernel_kind(kernel: str | None) -> str:
+    """'real int4 kernel', 'real int8 kernel', 'simulated: dense float weights', … from a Report's kernel text;
+    a mix of kinds reads '<first> + more' (the first named part runs the most layers)."""
+    text = (kernel or "").lower()
+    if not text:
+        return "kernel unknown"
+    if "de-quantized once" in text and "int4pack" not in text:
+        return "dense bf16 (no kernel for these codes)"
+    kinds = [words for key, words in _KERNEL_KINDS if key in text.split(";")[0]]
+    return kinds[0] if kinds else _wrap(kernel or "", 36)[0]
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -180,27 +203,86 @@ def short_ratio(text: str | None) -> str:
     return (text or "").split(" (")[0]
 
 
+LOG_AXIS_RATIO = 10   # perplexity on a log axis once compressed/base passes this: the base bar stays visible
+
+
 def perplexity_figure(report: Any) -> go.Figure:
-    """Base vs compressed perplexity with ± standard error, KL and top-1 agreement in the title."""
+    """Base vs compressed perplexity with ± standard error, KL and top-1 agreement in the title. Values are
+    written under the bars with their names (never inside: a small bar has no room); past a 10× ratio the axis is logarithmic,
+    so the base bar does not vanish beside a collapsed model."""
     ppl = _section(report, "perplexity")
     base = _base_ppl(report)
     data = as_dict(report)
+    values = [base.get("value") or 0, ppl.get("value") or 0]
+    log = min(values) > 0 and max(values) / min(values) > LOG_AXIS_RATIO
+    # the values are written under the bars, with the names: above a bar its error bar would cross them
     fig = go.Figure(go.Bar(
-        x=["base", "compressed"], y=[base.get("value") or 0, ppl.get("value") or 0],
+        x=[f"base<br><b>{_ppl_text(values[0])}</b>", f"compressed<br><b>{_ppl_text(values[1])}</b>"], y=values,
         error_y={"type": "data", "array": [base.get("stderr") or 0, ppl.get("stderr") or 0], "visible": True},
-        marker_color=[BASE_COLOR, COMPRESSED_COLOR],
-        text=[f"{base.get('value') or 0:.2f}", f"{ppl.get('value') or 0:.2f}"], textposition="auto",
-        hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+        marker_color=[BASE_COLOR, COMPRESSED_COLOR], hovertemplate="%{y:.3f}<extra></extra>"))
     extras = []
     if data.get("kl_to_base") is not None:
         extras.append(f"KL {data['kl_to_base']:.3f} nats")
     if data.get("top1_agreement") is not None:
         extras.append(f"top-1 {data['top1_agreement']:.0%}")
-    fig.update_yaxes(title_text="perplexity (lower is better)")
+    if log:
+        fig.update_yaxes(type="log", range=[math.log10(min(values)) - 0.3, math.log10(max(values)) + 0.3],
+                         title_text="perplexity, log scale")
+    else:
+        fig.update_yaxes(range=[0, max(values + [1e-9]) * 1.2], title_text="perplexity (lower is better)")
     # KL and agreement on their own subtitle line: one long title is cut in a third of a page
     fig = _layout(fig, "Perplexity" + (f"<br><sup>{', '.join(extras)}</sup>" if extras else ""))
     fig.update_layout(margin={"t": 80})
     return fig
+
+
+def _ppl_text(value: float) -> str:
+    """'6.08', '10.4', '1,934,211': two decimals below 10, one below 1000, then whole numbers."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def protocol_name(report: Any) -> str:
+    """'quick protocol, 512 tokens' or 'full protocol, 2048 tokens': which measurement a number comes from."""
+    proto = as_dict(report).get("protocol") or {}
+    quick = bool(proto.get("latency_from_generation")) or proto.get("latency_base") is False
+    tokens = proto.get("eval_tokens")
+    return f"{'quick' if quick else 'full'} protocol" + (f", {tokens} tokens" if tokens else "")
+
+
+def slower_or_faster(ratio: float | None) -> str:
+    """A speed ratio (base time ÷ compressed time) in words: 2.1 -> '2.1× faster', 0.61 -> '1.6× slower'."""
+    if not ratio or ratio <= 0:
+        return ""
+    if 0.95 <= ratio <= 1.05:
+        return "about as fast"
+    return f"{ratio:.2g}× faster" if ratio > 1 else f"{1 / ratio:.2g}× slower"
+
+
+def headlines(report: Any) -> dict[str, str]:
+    """One plain sentence per chart (size, latency, perplexity): what it shows and its headline number. The
+    details of how each was measured stay in ``report_how``."""
+    data, out = as_dict(report), {}
+    size = data.get("size") or {}
+    if size.get("packed_bytes") and size.get("base_bytes"):
+        packed, base = size["packed_bytes"], size["base_bytes"]
+        memory = ("it still runs at the original's size (simulated)" if size.get("simulated")
+                  else f"{(size.get('runtime_bytes') or 0) / MB:.3g} MB in memory while it runs")
+        out["size"] = f"Stored in {packed / MB:.3g} MB, {packed / base:.0%} of the original's {base / MB:.3g} MB; {memory}."
+    lat = data.get("latency") or {}
+    if lat.get("decode_tokens_per_s"):
+        speed = data.get("speed") or {}
+        on = kernel_kind(lat.get("kernel"))
+        if speed.get("decode_ratio"):
+            out["latency"] = (f"Decoding is {slower_or_faster(speed['decode_ratio'])} than the original, prefill "
+                              f"{slower_or_faster(speed.get('prefill_ratio'))} ({on}, both timed alternately).")
+        else:
+            out["latency"] = (f"{lat['decode_tokens_per_s']:.3g} tokens/s decoding, {lat.get('prefill_ms') or 0:.3g} "
+                              f"ms to read the prompt ({on}; timed alone, no ratio while exploring).")
+    ppl, base_ppl = data.get("perplexity") or {}, _base_ppl(report).get("value")
+    if ppl.get("value") and base_ppl:
+        out["perplexity"] = (f"Perplexity {_ppl_text(ppl['value'])} against {_ppl_text(base_ppl)} for the original "
+                             f"(×{_ppl_text(ppl['value'] / base_ppl)}; {protocol_name(report)}).")
+    return out
 
 
 def report_how(report: Any) -> dict[str, str]:

@@ -25,6 +25,13 @@ HEAD_INT8 = "LM head int8 (real, aten int8pack)"
 HEAD_FLOAT = "LM head bf16"
 
 
+def few(names: list[str], shown: int = 3) -> str:
+    """Layer names for a note a person reads: all of a short list, else the first few and how many more."""
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more"
+
+
 def finish_real(run) -> None:
     """Codes onto the int4/int8 kernels, the LM head onto int8 (unless kept float), the rest of the model to bf16."""
     run.report("finish", 0, 1, "moving the codes onto the int4 / int8 kernels")
@@ -35,7 +42,7 @@ def finish_real(run) -> None:
     for why, names in by_reason.items():
         run.notes.append(f"{len(names)} layer(s) run no integer kernel ({why}): their uint8 codes are de-quantized "
                          f"once to dense bf16 matrices (held beside the codes; bf16 speed, no saving): "
-                         f"{', '.join(names)}")
+                         f"{few(names)}")
     head = _finish_head(run)
     cast_rest_(run.model, torch.bfloat16)
     run.kernel = _real_label(run.model, head)
@@ -145,4 +152,4 @@ def _note_smoothing(run, cfg: QuantizationConfig, kept: list[str]) -> None:
                          "per-channel factors from calibration text and multiplies the weight columns by them")
     if kept:
         run.notes.append(f"int8 kernel: {len(kept)} layer(s) below {cfg.int8_sqnr_floor_db:g} dB int8 output SQNR on "
-                         f"calibration text run in fp32 (their weights stay 8-bit fake-quantized): {', '.join(kept)}")
+                         f"calibration text run in fp32 (their weights stay 8-bit fake-quantized): {few(kept)}")
