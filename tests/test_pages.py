@@ -519,3 +519,23 @@ def test_presentation_opened_from_a_link_measures_the_links_setting_on_request()
     no_exceptions(at)
     assert [m.label for m in at.metric] == ["Packed size", "Perplexity", "Decode"]
     assert at.title[0].value.startswith("3-bit, groups of 128")
+
+
+def test_work_stops_when_its_tab_is_closed(monkeypatch):
+    """A closed tab (its connection gone) stops the session's work at the next report, like Stop does."""
+    from lmcompress_core.compress import Cancelled
+    from pages import common
+
+    class Bar:
+        texts: list = []
+
+        def progress(self, value, text=""):
+            self.texts.append(text)
+
+    callback = common.timed_callback(Bar(), "sensitivity")
+    callback(1, 4, "2-bit")
+    assert Bar.texts and Bar.texts[-1].startswith("sensitivity: 2-bit")
+    monkeypatch.setattr(common, "_connected", lambda: False)
+    with pytest.raises(Cancelled):
+        callback(2, 4, "3-bit")
+    assert common.should_stop()

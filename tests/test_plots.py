@@ -40,7 +40,7 @@ def test_config_label_names_every_method():
 def test_size_figure_plots_bytes_in_mb_against_base():
     fig = plots.size_figure(fake_report(packed=2_000_000))
     bar = fig.data[0]
-    assert list(bar.x) == ["base fp32", "theoretical", "packed", "runtime"]
+    assert list(bar.x) == ["base", "theory", "packed", "in RAM"]
     assert bar.y[0] == pytest.approx(8.0) and bar.y[2] == pytest.approx(2.0)
 
 
@@ -75,7 +75,7 @@ def test_latency_figure_names_the_kind_of_kernel_in_one_short_line():
     ("int8 (real, torch dynamic; activations quantized too)", "torch dynamic int8"),
     ("fp32 dense — quantization simulated", "simulated: dense float weights"),
     ("210 layer(s) de-quantized once to dense bf16 (no kernel takes them: bf16 speed), bf16 activations; LM head "
-     "int8 (real, aten int8pack)", "dense bf16 (no kernel for these codes)"),
+     "int8 (real, aten int8pack)", "dense bf16: no kernel for these codes"),
     ("", "kernel unknown"),
 ])
 def test_kernel_kind_in_a_few_words(kernel, kind):

@@ -119,16 +119,22 @@ def _base_ppl(report: Any) -> dict:
 def size_figure(report: Any) -> go.Figure:
     """Bars: base float size vs the compressed model counted three ways (theoretical/packed/runtime)."""
     size = _section(report, "size")
-    names = ["base fp32", "theoretical", "packed", "runtime"]
+    # short names that fit a third of a 1024 px page without turning (turned labels collide); the hover and the
+    # caption's details say what each counts
+    names = ["base", "theory", "packed", "in RAM"]
+    full = ["the original, fp32", "theoretical: codes + scales", "packed: the files written", "runtime: in memory"]
     keys = ["base_bytes", "theoretical_bytes", "packed_bytes", "runtime_bytes"]
     values = [(size.get(k) or 0) / MB for k in keys]
     colors = [BASE_COLOR] + [COMPRESSED_COLOR] * 3
     base = values[0] or 1.0
-    text = [f"{v:.3g} MB" + ("" if i == 0 else f"<br>{v / base:.0%}") for i, v in enumerate(values)]
+    text = [f"{v:.3g}" + ("" if i == 0 else f"<br>{v / base:.0%}") for i, v in enumerate(values)]
     fig = go.Figure(go.Bar(x=names, y=values, marker_color=colors, text=text, textposition="outside",
-                           textangle=0, cliponaxis=False, hovertemplate="%{x}: %{y:.3f} MB<extra></extra>"))
+                           textangle=0, cliponaxis=False, customdata=full, constraintext="none",
+                           textfont={"size": 12},
+                           hovertemplate="%{customdata}: %{y:.3f} MB<extra></extra>"))
     fig.update_yaxes(title_text="MB", range=[0, max(values + [1e-9]) * 1.3])
-    return _layout(fig, "Model size")
+    fig.update_xaxes(tickangle=0, tickfont={"size": 12})
+    return _layout(fig, "Model size").update_layout(margin={"l": 45, "r": 10})
 
 
 def _speed_bar(fig: go.Figure, name: str, color: str, values: tuple[float, float], labels: tuple[str, str]) -> None:
@@ -182,7 +188,7 @@ def kernel_kind(kernel: str | None) -> str:
     if not text:
         return "kernel unknown"
     if "de-quantized once" in text and "int4pack" not in text:
-        return "dense bf16 (no kernel for these codes)"
+        return "dense bf16: no kernel for these codes"
     kinds = [words for key, words in _KERNEL_KINDS if key in text.split(";")[0]]
     return kinds[0] if kinds else _wrap(kernel or "", 36)[0]
 
