@@ -37,7 +37,6 @@ def offer_precise(report: dict) -> None:
     """A quick-protocol result: say so, and measure this same setting by the full protocol on request (never
     silently: the Report shows what Explore measured until asked)."""
     from lmcompress_core.compress import Cancelled, CompressionConfig
-    from lmcompress_core.measure import evaluation
 
     st.info("These numbers come from the quick protocol used while exploring. The full protocol scores 2048 tokens "
             "and times the original and the compressed model alternately, which gives the speed ratio.")

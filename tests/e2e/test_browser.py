@@ -18,12 +18,11 @@ from urllib.parse import urlparse
 
 import pytest
 
+from bench.loadtest import CHROMIUM, CHROMIUM_ARGS
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WAIT_MS = 180_000      # generous: 2 shared CPU cores, a cold server imports torch and loads the model
 MODEL = os.environ.get("LMCOMPRESS_APP_TEST_MODEL", "tiny")
 PAGES = ["Trade-offs", "Distillation", "Learn", "Report"]
@@ -78,14 +77,6 @@ def running_server(tmp_path_factory):
 def server(tmp_path_factory):
     with running_server(tmp_path_factory) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    folder = os.environ.get("LMCOMPRESS_E2E_SCREENSHOTS")
-    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @pytest.fixture(scope="module")

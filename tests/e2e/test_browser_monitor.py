@@ -5,12 +5,10 @@ The page imitates what Explore shows during one slider move, step by step: the p
 heading, the generations, the end of the script run. Each mark must appear at its step and not before.
 """
 import json
-from pathlib import Path
 
 import pytest
 
 from bench.browser import MONITOR_JS
-from bench.loadtest import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.e2e
 
@@ -34,17 +32,8 @@ window.heading = (text) => { document.getElementById('heading').innerHTML = '<h3
 
 
 @pytest.fixture(scope="module")
-def page():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed (make browser)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser.new_page()
-        finally:
-            browser.close()
+def page(chromium):
+    return chromium.new_page()
 
 
 def marks(page) -> dict:

@@ -6,11 +6,10 @@ With LMCOMPRESS_WRITE_DOCS=1 the Explore screenshot on the embedded SmolLM2 is w
 README's picture); otherwise it goes to the screenshots folder like the others.
 """
 import os
-from pathlib import Path
 
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, MODEL, ROOT, WAIT_MS, assert_no_exception, running_server, wait_idle
+from test_browser import MODEL, ROOT, WAIT_MS, assert_no_exception, running_server, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -30,23 +29,8 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed (make browser)")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    folder = os.environ.get("LMCOMPRESS_E2E_SCREENSHOTS")
-    path = Path(folder) if folder else tmp_path_factory.mktemp("newcomer")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def browser(chromium):
+    return chromium
 
 
 def fresh_page(browser, width: int = 1440, height: int = 900):
