@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lmcompress_core.runtime.packing import (Planned, decode_mask, encode_mask, mask_encoding_nbytes, pack_codes,
-                                             packed_nbytes, safetensors_nbytes, unpack_codes)
+from lmcompress_core.runtime.bits import pack_codes, packed_nbytes, unpack_codes
+from lmcompress_core.runtime.packing import Planned, decode_mask, encode_mask, mask_encoding_nbytes, safetensors_nbytes
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 16])

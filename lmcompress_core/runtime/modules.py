@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lmcompress_core.runtime.packing import pack_codes, unpack_codes
+from lmcompress_core.runtime.bits import pack_codes, unpack_codes
 from lmcompress_core.methods.prune import zero_pruned_
 from lmcompress_core.methods.quantize import QuantizedWeight
 
