@@ -308,7 +308,9 @@ def test_learn_shows_levels_errors_masks_and_the_two_mistakes():
     errors = figure_titled(at, "Quantization error")["data"][0]["y"]
     assert errors == sorted(errors, reverse=True)
     assert len(at.code) == 4 and len(at.latex) >= 3
+    assert all(code.proto.wrap_lines for code in at.code)            # key comments never scroll out of sight
     assert any("weights changed: 0%" in m.value for m in at.markdown)
+    assert any("per bit" in c.value and "Measured on this layer" in c.value for c in at.caption)
 
 
 def test_report_page_exports_and_imports_the_runs_history():

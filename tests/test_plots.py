@@ -136,6 +136,8 @@ def test_loss_curve_and_learn_figures():
     assert len(hist.layout.shapes) == 3
     err = plots.quant_error_figure([2, 4, 8], [0.1, 0.01, 0.0001], chosen=4)
     assert err.data[1].x[0] == 4
+    textbook = err.data[2]   # the 4×-per-bit rule through the widest integer width (8 bits)
+    assert list(textbook.x) == [2, 4, 8] and textbook.y[-1] == 0.0001 and textbook.y[1] == pytest.approx(0.0256)
     masks = plots.mask_figure({"unstructured": [[True, False]], "2:4": [[False, True]]})
     assert len(masks.data) == 2 and list(masks.data[1].z[0]) == [0, 1]
 

@@ -482,7 +482,8 @@ def weight_histogram_figure(weights: Sequence[float], levels: Sequence[float], b
 
 
 def quant_error_figure(bits: Sequence[int], rel_mse: Sequence[float], chosen: int | None = None) -> go.Figure:
-    """Relative mean-squared quantization error of one layer against the bit-width (log scale)."""
+    """Relative mean-squared quantization error of one layer against the bit-width (log scale), with the textbook
+    4×-per-bit line through the widest integer width for comparison."""
     fig = go.Figure(go.Scatter(x=list(bits), y=list(rel_mse), mode="lines+markers",
                                marker={"size": 10, "color": BASE_COLOR}, name="error",
                                hovertemplate="%{x}-bit: %{y:.2e}<extra></extra>"))
@@ -490,9 +491,17 @@ def quant_error_figure(bits: Sequence[int], rel_mse: Sequence[float], chosen: in
         i = list(bits).index(chosen)
         fig.add_trace(go.Scatter(x=[chosen], y=[rel_mse[i]], mode="markers", name="chosen",
                                  marker={"size": 18, "color": COMPRESSED_COLOR}))
+    integer = [(b, e) for b, e in zip(bits, rel_mse) if b < 16]
+    if integer:   # the textbook rule drawn through the widest integer width: the error falls 4× per bit
+        last_bits, last_error = integer[-1]
+        fig.add_trace(go.Scatter(x=[b for b, _ in integer], y=[last_error * 4.0 ** (last_bits - b) for b, _ in integer],
+                                 mode="lines", name="textbook: ÷4 per bit",
+                                 line={"color": MUTED_COLOR, "dash": "dot"}))
     fig.update_xaxes(title_text="bits", tickvals=list(bits))
     fig.update_yaxes(title_text="relative MSE ‖W−Ŵ‖²/‖W‖²", type="log")
-    return _layout(fig, "Quantization error vs bit-width")
+    fig = _layout(fig, "Quantization error vs bit-width")
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"})
+    return fig
 
 
 def mask_figure(masks: Mapping[str, Any]) -> go.Figure:
