@@ -7,6 +7,7 @@ Captions saying how each number was obtained live next to the builders (``*_how`
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -407,19 +408,26 @@ def _visible_token(token: str) -> str:
     return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
-def topk_figure(at_one: Sequence[tuple[str, float]], at_t: Sequence[tuple[str, float]],
-                temperature: float) -> go.Figure:
-    """Teacher next-token top-k probabilities at T = 1 and at the chosen T, grouped bars."""
-    tokens = [t for t, _ in at_one] + [t for t, _ in at_t if t not in {u for u, _ in at_one}]
-    p1, pt = dict(at_one), dict(at_t)
-    shown = [_visible_token(t) for t in tokens]
+def topk_figure(view: Mapping[str, Any]) -> go.Figure:
+    """The teacher's next-token probabilities at T = 1 and at T on the same tokens (the top k at T = 1), then all
+    other tokens together, grouped bars on a log axis so that both temperatures stay visible.
+
+    ``view`` is a ``distill.TemperatureView`` as a dict: tokens, at_one, at_t, rest (T = 1, T), vocab, temperature.
+    """
+    temperature, tokens = view["temperature"], list(view["tokens"])
+    shown = [_visible_token(t) for t in tokens] + [f"other {view['vocab'] - len(tokens):,} tokens"]
+    at_one, at_t = list(view["at_one"]) + [view["rest"][0]], list(view["at_t"]) + [view["rest"][1]]
     fig = go.Figure([
-        go.Bar(x=shown, y=[p1.get(t, 0.0) for t in tokens], name="T = 1", marker_color=BASE_COLOR),
-        go.Bar(x=shown, y=[pt.get(t, 0.0) for t in tokens], name=f"T = {temperature:g}",
-               marker_color=COMPRESSED_COLOR),
+        go.Bar(x=shown, y=at_one, name="T = 1", marker_color=BASE_COLOR,
+               hovertemplate="%{x}: %{y:.3%}<extra>T = 1</extra>"),
+        go.Bar(x=shown, y=at_t, name=f"T = {temperature:g}", marker_color=COMPRESSED_COLOR,
+               hovertemplate=f"%{{x}}: %{{y:.3%}}<extra>T = {temperature:g}</extra>"),
     ])
-    top = max([p for _, p in at_one] + [p for _, p in at_t] + [1e-9])
-    fig.update_yaxes(title_text="probability", range=[0, min(1.0, top * 1.15)])
+    # the axis starts at least a third of a decade below the smallest bar, so that bar still has a height
+    bottom = math.floor(math.log10(min(p for p in at_one + at_t + [1.0] if p > 0)) - 0.3)
+    decades = range(bottom, 1)
+    fig.update_yaxes(title_text="probability (log scale)", type="log", range=[bottom, 0.05],
+                     tickvals=[10.0 ** d for d in decades], ticktext=[f"{100 * 10.0 ** d:g}%" for d in decades])
     fig = _layout(fig, f"Teacher's next-token distribution at T = 1 vs T = {temperature:g}")
     fig.update_layout(barmode="group", showlegend=True, legend={"orientation": "h", "y": 1.12, "x": 1,
                                                                   "xanchor": "right"})
