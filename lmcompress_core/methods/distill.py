@@ -10,6 +10,10 @@ float "latent" weight straight through (STE) — masks and quantization survive 
 layers are trained (``distill_`` itself trains whatever requires grad). Student mode first
 keeps every k-th decoder block of the copy (DistilBERT-style). Training runs on CUDA when present; the model is
 left in eval mode throughout (no dropout) so a few steps are deterministic for a seed.
+
+For the Distillation page: the teacher's next-token distribution at two temperatures, the committed temperature
+study and DEFAULT_TEMPERATURE chosen from it, and the training time (estimated from make bench's timings before a
+run, the time left from the steps done during one).
 """
 from __future__ import annotations
 
