@@ -3,7 +3,7 @@
     python -m bench                      # the full run behind `make bench`: writes bench/results.json and .md
     python -m bench --smoke              # the harness at tiny scale, written to /tmp/lmcompress-bench-smoke
     python -m bench --only speed --out /tmp/x   # some sections, to another folder (marked partial)
-    python -m bench --render             # derive headline/targets, results.md, README's table again (no measuring)
+    python -m bench --render             # headline/targets, results.md, docs/benchmarks.md's table again (no measuring)
 
 The committed results are one whole run of the committed code: nothing is merged into them, `--only` never
 writes into bench/, and each section's result must carry exactly the keys its module declares (KEYS).

@@ -57,7 +57,7 @@ def finish(results: dict, out: Path) -> None:
 
 
 def render(results: dict, out: Path) -> None:
-    """results.md (and, for the committed run, README's benchmark table) from a run's results; nothing measured."""
+    """results.md (and, for the committed run, docs/benchmarks.md's table) from a run's results; nothing measured."""
     (out / "results.md").write_text(markdown(results))
     if out.resolve() == Path(__file__).resolve().parent and not results.get("partial"):
         readme.write(results)

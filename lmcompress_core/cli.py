@@ -88,7 +88,8 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", default="layer", help="layer | global (magnitude only)")
     d = parser.add_argument_group("distillation")
     d.add_argument("--distill-steps", type=int, default=0, help="KD steps (0 = no distillation)")
-    d.add_argument("--temperature", type=float, default=2.0, help="KD temperature T, 0.5..10")
+    d.add_argument("--temperature", type=float, help="KD temperature T, 0.5..10 (default: distill.DEFAULT_TEMPERATURE, "
+                   "the app's default too)")
     d.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, 0..1")
     d.add_argument("--distill-mode", default="recovery", help="recovery | student")
     d.add_argument("--keep-every", type=int, default=2, help="student mode: keep every k-th block")
@@ -98,7 +99,7 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The CompressionConfig the flags describe; the configs' own ValueErrors say what is wrong."""
     from lmcompress_core.compress import CompressionConfig
-    from lmcompress_core.methods.distill import DistillationConfig
+    from lmcompress_core.methods.distill import DEFAULT_TEMPERATURE, DistillationConfig
     from lmcompress_core.methods.prune import PruningConfig
     from lmcompress_core.methods.quantize import QuantizationConfig
 
@@ -113,7 +114,8 @@ def config_from_args(args: argparse.Namespace):
         pruning = PruningConfig(sparsity=args.sparsity, method=args.prune_method, pattern=args.pattern,
                                 scope=args.scope)
     if args.distill_steps:
-        distillation = DistillationConfig(temperature=args.temperature, alpha=args.alpha, steps=args.distill_steps,
+        temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+        distillation = DistillationConfig(temperature=temperature, alpha=args.alpha, steps=args.distill_steps,
                                           mode=args.distill_mode, keep_every=args.keep_every)
     return CompressionConfig(quantization=quantization, pruning=pruning, distillation=distillation,
                              include_embeddings=args.include_embeddings, runtime=args.runtime, head=args.head)

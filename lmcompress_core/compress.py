@@ -21,7 +21,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmcompress_core.methods import recovery
-from lmcompress_core.methods.distill import DistillationConfig, distill_, keep_every_kth_block_
+from lmcompress_core.methods.distill import (DistillationConfig, distill_, format_duration, keep_every_kth_block_,
+                                             seconds_left)
 from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, BaseModelCache, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask
 from lmcompress_core.methods.quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
@@ -419,7 +420,7 @@ def _distill(run: _Run, cfg: DistillationConfig) -> None:
             p.requires_grad_(True)
     trained = _describe_trained(run.model, cfg)
     run.history = distill_(run.model, run.base, cfg, train, heldout,
-                           report=lambda step, total, row: run.report("distill", step, total, _describe(row), row),
+                           report=lambda step, total, row: run.report("distill", step, total, _describe(row, total), row),
                            check=run.check)
     # only once trained: a stopped or failed run's copy is thrown away with its parametrizations (detaching
     # computes every trained weight, ~0.2 s on SmolLM2, that nobody would read)
@@ -437,9 +438,10 @@ def _describe_trained(model: nn.Module, cfg: DistillationConfig) -> str:
         f" ({count:,} values)"
 
 
-def _describe(row: dict) -> str:
-    text = f"step {row['step']}: loss {row['loss']:.3f}"
-    return text + (f", held-out ppl {row['ppl']:.2f}" if "ppl" in row else "")
+def _describe(row: dict, total: int) -> str:
+    text = f"step {row['step']} of {total}: loss {row['loss']:.3f}"
+    text += f", held-out ppl {row['ppl']:.2f}" if "ppl" in row else ""
+    return text + (f", about {format_duration(seconds_left(row, total))} left" if row["step"] < total else "")
 
 
 def _shrink(run: _Run, keep_every: int) -> None:

@@ -19,7 +19,7 @@ import streamlit as st
 
 from lmcompress_core.report import plots
 from lmcompress_core.compress import CompressionConfig
-from lmcompress_core.methods.distill import DistillationConfig
+from lmcompress_core.methods.distill import DEFAULT_TEMPERATURE, DistillationConfig
 from lmcompress_core.methods.prune import PruningConfig
 from lmcompress_core.methods.quantize import QuantizationConfig
 from pages.spans import span
@@ -40,7 +40,7 @@ SESSION_DEFAULTS = {
 
 BITS = [2, 3, 4, 5, 6, 8, 16]
 WIDGETS = {  # widget key -> default; values survive page switches through st.session_state["settings"]
-    "bits": 4, "sparsity": 0, "temperature": 2.0, "kd": False, "steps": 20,
+    "bits": 4, "sparsity": 0, "temperature": DEFAULT_TEMPERATURE, "kd": False, "steps": 20,
     "granularity": "group", "group_size": 128, "symmetric": False, "method": "rtn",
     "prune_method": "magnitude", "pattern": "unstructured", "alpha": 0.5, "eval_tokens": 512,
     "new_tokens": 32, "latency_runs": 5, "runtime": "real", "grid": "integer-zero", "prompt": DEFAULT_PROMPT,

@@ -1,12 +1,13 @@
 """Distillation: what the temperature does to the teacher's targets, and a live knowledge-distillation run."""
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import streamlit as st
 
 from lmcompress_core.measure import evaluation
 from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled, CompressionConfig
-from lmcompress_core.methods.distill import DistillationConfig, next_token_distribution, temperature_study
+from lmcompress_core.methods.distill import (DEFAULT_TEMPERATURE, DistillationConfig, format_duration,
+                                             step_time_estimate, temperature_study, temperature_view)
 from pages import common
 from pages.common import WIDGETS, build_config
 
@@ -18,29 +19,51 @@ if loaded is None:
     st.stop()
 settings = {**WIDGETS, **st.session_state["settings"]}
 study = temperature_study()
-# the measured best temperature is the page's default when some temperature measurably recovers quality
-recommended = study.best if study is not None and study.best is not None and study.best_mean > 0 else None
+STEPS_CAP = 100          # the most make bench trains (tiny model); on SmolLM2 about 8 min on 2 CPU cores
+LONG_RUN_S = 180         # above this estimate the page says so before the run starts
+
+
+def temperature_caption(view) -> str:
+    """What the top-k chart shows, in its own numbers: the mass of the top k and the entropy at both temperatures."""
+    k, t = len(view.tokens), view.temperature
+    effect = ("T > 1 moves probability from the top tokens to the runners-up and the long tail, keeping their order: "
+              "the student also sees how the teacher ranks the wrong answers (the 'dark knowledge')." if t > 1 else
+              "T < 1 sharpens the distribution towards the top token." if t < 1 else "T = 1 is the model's own distribution.")
+    return (f"softmax(z / T) of the original model's logits for the token after the prompt, on the same {k} tokens at "
+            f"both temperatures (the top {k} at T = 1), then the other {view.vocab - k:,} tokens together; log scale. "
+            f"The top {k} hold {1 - view.rest[0]:.1%} at T = 1 and {1 - view.rest[1]:.1%} at T = {t:g}; the entropy "
+            f"goes from {view.entropy[0]:.2f} to {view.entropy[1]:.2f} nats (uniform over the vocabulary: "
+            f"{view.max_entropy:.2f}). {effect}")
+
+
+def default_temperature_note() -> str:
+    """Where the default temperature comes from, from the committed measurement."""
+    if study is None or study.best is None:
+        return f"The default T = {DEFAULT_TEMPERATURE:g} is shared with Explore; no temperature study is committed."
+    agrees = ("its best" if study.best == DEFAULT_TEMPERATURE else
+              f"not its best (T = {study.best:g}); the default is stale, rerun make bench")
+    return (f"The default T = {DEFAULT_TEMPERATURE:g} (Explore and this page) is {agrees}: {study.best_mean:.0%} of the "
+            f"lost perplexity recovered ({study.setting}). Temperatures differ little here, and on SmolLM2 only "
+            f"T = {DEFAULT_TEMPERATURE:g} was measured.")
+
 
 st.subheader("Temperature softens the teacher")
 left, right = st.columns([1, 2])
 with left:
     prompt = st.text_input("Prompt", value=settings["prompt"], max_chars=2000, key="kd_prompt")
-    temperature = st.slider("Temperature T", 0.5, 10.0, value=float(recommended or settings["temperature"]),
-                            step=0.5, key="kd_temperature")
+    temperature = st.slider("Temperature T", 0.5, 10.0, value=float(settings["temperature"]), step=0.5,
+                            key="kd_temperature", help="Starts at Explore's temperature (the shared default below).")
     top_k = st.slider("Top-k tokens shown", 3, 20, 10, key="kd_topk")
 with right:
     if not prompt.strip():
         st.warning("The prompt is empty: type a few words to see the teacher's next-token distribution.")
     else:
         try:
-            at_one = next_token_distribution(loaded.model, loaded.tokenizer, prompt, 1.0, top_k)
-            at_t = next_token_distribution(loaded.model, loaded.tokenizer, prompt, temperature, top_k)
+            view = temperature_view(loaded.model, loaded.tokenizer, prompt, temperature, top_k)
         except ValueError as exc:
             common.error("Cannot compute the distribution", exc)
             st.stop()
-        common.figure(plots.topk_figure(at_one, at_t, temperature),
-                      "softmax(z / T) of the original model's logits for the token after the prompt. "
-                      "T > 1 spreads probability over the runner-up tokens: the 'dark knowledge' a student learns.")
+        common.figure(plots.topk_figure(asdict(view)), temperature_caption(view))
 
 st.subheader("Which temperature recovers most (measured)")
 if study is None or study.best is None:
@@ -51,18 +74,14 @@ else:
                   "(ppl compressed − ppl after KD) / (ppl compressed − ppl original) on held-out text never trained "
                   "on; 1 = all of the lost perplexity recovered, below 0 = KD made it worse. Points: mean ± std over "
                   "seeds.")
-    if recommended is not None:
-        st.success(f"Recommended temperature: T = {recommended:g} (it recovered {study.best_mean:.0%} of the lost "
-                   "perplexity on average, the most of the temperatures measured); the slider above starts there.")
-    else:
-        st.warning(f"No temperature recovered quality in the committed measurement (best mean "
-                   f"{study.best_mean:.2f} at T = {study.best:g}), so none is recommended.")
+st.caption(default_temperature_note())
 
 st.subheader("Run knowledge distillation")
 c1, c2, c3, c4 = st.columns(4)
 mode = c1.radio("Student", ["recovery", "student"], key="kd_mode",
                 format_func={"recovery": "compressed copy (recovery)", "student": "smaller model (fewer layers)"}.get)
-steps = c2.number_input("Steps", 1, 500, value=max(1, int(settings["steps"])), step=10, key="kd_steps")
+steps = c2.number_input("Steps", 1, STEPS_CAP, value=min(STEPS_CAP, max(1, int(settings["steps"]))), step=10,
+                        key="kd_steps")
 alpha = c3.slider("α (KD weight)", 0.0, 1.0, float(settings["alpha"]), 0.05, key="kd_alpha")
 keep_every = c4.selectbox("Keep every k-th layer", [2, 3, 4], key="kd_keep", disabled=mode != "student")
 try:
@@ -75,6 +94,14 @@ try:
 except ValueError as exc:
     common.error("Invalid setting", exc)
     st.stop()
+estimate = step_time_estimate(loaded.name, loaded.card.params, config.distillation)
+if estimate is not None:
+    training_s = estimate.training_seconds(int(steps))
+    say = st.warning if training_s > LONG_RUN_S else st.caption
+    say(f"Estimated training time: about {format_duration(training_s)} ({estimate.seconds:.2f} s a step, "
+        f"{estimate.source}); compressing and the two evaluations come on top. "
+        + ("Fewer steps give a first result sooner. " if training_s > LONG_RUN_S else "")
+        + "While it runs, the bar shows the time left from the steps done so far.")
 source = ("quantization and pruning come from the Explore sliders" if mode == "recovery" else
           f"the student keeps every {keep_every}-th layer of the uncompressed model; Explore's quantization and "
           "pruning are not applied in this mode")

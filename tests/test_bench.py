@@ -97,8 +97,8 @@ def test_committed_recovered_fractions_come_from_the_rows():
         assert summary["mean"] == pytest.approx(sum(r["recovered_fraction"] for r in rows) / len(rows))
 
 
-def test_readme_table_is_generated_from_the_committed_results():
-    text = readme.README.read_text()
+def test_benchmark_table_is_generated_from_the_committed_results():
+    text = readme.TARGET.read_text()
     assert readme.current(text) == readme.block(committed()), "run `python -m bench --render`"
 
 

@@ -11,6 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmcompress_core.cli import config_from_args, build_parser, main
 from lmcompress_core import data
+from lmcompress_core.methods.distill import DistillationConfig
 from conftest import byte_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,8 @@ def test_group_size_zero_means_per_channel():
     assert config.quantization.granularity == "channel" and config.quantization.symmetric
     assert config.pruning is None
     assert (config.distillation.temperature, config.distillation.steps, config.distillation.alpha) == (4, 5, 0.7)
+    shared = config_from_args(build_parser().parse_args(["evaluate", "--distill-steps", "5"]))
+    assert shared.distillation.temperature == DistillationConfig().temperature   # the app's default, one place
 
 
 def test_python_dash_m_entry_point_errors_without_traceback():

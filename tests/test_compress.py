@@ -336,6 +336,7 @@ def test_progress_reaches_every_stage_in_order_and_cancel_stops(gpt2):
     assert order == ["prune", "quantize", "distill", "finish", "done"]
     distill = [p for p in seen if p.stage == "distill"]
     assert distill[-1].step == distill[-1].total == 3 and "loss" in distill[-1].metrics
+    assert all(" left" in p.message for p in distill[:-1]) and " left" not in distill[-1].message   # time to go
 
     before, calls = snapshot(gpt2), []
     with pytest.raises(Cancelled):

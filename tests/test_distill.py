@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from lmcompress_core.methods.distill import (DistillationConfig, distill_, keep_every_kth_block_, kd_loss,
-                                             next_token_distribution)
+from lmcompress_core.methods.distill import (DEFAULT_TEMPERATURE, DistillationConfig, distill_, format_duration,
+                                             keep_every_kth_block_, kd_loss, next_token_distribution, seconds_left,
+                                             step_time_estimate, temperature_study, temperature_view)
 from lmcompress_core.methods.prune import PruningConfig
 from lmcompress_core.methods.quantize import QuantizationConfig
 
@@ -101,6 +102,8 @@ def test_training_is_seeded_bounded_and_moves_toward_the_teacher(random_arch):
     assert [r["loss"] for r in first] == [r["loss"] for r in second]
     assert len(first) == config.steps + 1 and all(math.isfinite(r["loss"]) for r in first)
     assert "ppl" in first[0] and "ppl" in first[-1]
+    elapsed = [r["elapsed_s"] for r in first]   # the clock the progress bar's time left is read from
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
     assert _kl_to_teacher(student, teacher, ids[5:]) < 0.9 * before  # measured 0.23–0.82
 
 
@@ -234,6 +237,32 @@ def test_next_token_distribution_is_sorted_and_temperature_flattens():
     assert cold[0][1] > hot[0][1]
     with pytest.raises(ValueError, match="prompt is empty"):
         next_token_distribution(Model(), Tokenizer(), "   ", 1.0)
+    view = temperature_view(Model(), Tokenizer(), "hi", 4.0, top_k=5)
+    assert view.tokens == [t for t, _ in next_token_distribution(Model(), Tokenizer(), "hi", 1.0, top_k=5)]
+    assert view.at_one == pytest.approx([p for _, p in next_token_distribution(Model(), Tokenizer(), "hi", 1.0, 5)])
+    assert view.at_t == pytest.approx([p for _, p in next_token_distribution(Model(), Tokenizer(), "hi", 4.0, 5)])
+    assert view.rest[0] == pytest.approx(1 - sum(view.at_one)) and view.rest[1] > view.rest[0]
+    assert view.entropy[0] < view.entropy[1] < view.max_entropy == pytest.approx(math.log(20))
+
+
+def test_the_default_temperature_is_the_committed_studys_best():
+    study = temperature_study()
+    assert study is not None and study.best == DEFAULT_TEMPERATURE == DistillationConfig().temperature
+
+
+def test_time_estimates_and_time_left(tmp_path):
+    assert [format_duration(s) for s in (0.4, 45, 60, 200, 3900)] == ["0 s", "45 s", "1 min", "3 min 20 s", "1 h 5 min"]
+    assert seconds_left({"step": 4, "elapsed_s": 10.0}, 20) == pytest.approx(32.0)   # 5 steps in 10 s, 16 to go
+    config = DistillationConfig()
+    tiny = step_time_estimate("tiny", None, config)
+    smol = step_time_estimate("default", 134_515_008, config)
+    assert 0.05 < tiny.seconds < 1 and 1 < smol.seconds < 20 and "measured on this model" in smol.source
+    # another model: the tiny model's time per parameter; twice the tokens per step, twice the time
+    other = step_time_estimate("gpt2", 124_000_000, config)
+    assert "per parameter" in other.source and 1 < other.seconds < 20
+    assert step_time_estimate("tiny", None, DistillationConfig(batch_size=8)).seconds == pytest.approx(2 * tiny.seconds)
+    assert other.training_seconds(9) == pytest.approx(10 * other.seconds)   # step 0 measures the starting loss
+    assert step_time_estimate("tiny", None, config, path=tmp_path / "missing.json") is None
 
 
 # ---- recovery and student distillation on the project's tiny model ------------------------------------------

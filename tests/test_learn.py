@@ -74,3 +74,19 @@ def test_integer_zero_levels_include_zero_and_match_the_printed_numbers(model):
     seed_levels = learn.histogram_data(w, 3, grid="minmax")[1]
     assert 0.0 not in seed_levels
     assert set(learn.FORMULAS) == set(learn.GRIDS)
+
+
+def test_error_fall_summary_says_the_measured_factor_per_bit():
+    summary = learn.error_fall_summary([2, 3, 4, 6, 16], [2.0, 0.5, 0.1, 0.004, 1e-8])
+    assert [(a, b) for a, b, _ in summary["factors"]] == [(2, 3), (3, 4), (4, 6)]   # no step to the float cast
+    assert [round(f, 6) for _, _, f in summary["factors"]] == [4.0, 5.0, 5.0]       # 4 -> 6: 25× = 5× per bit
+    assert summary["median"] == pytest.approx(5.0) and summary["worse_than_zero"] == [2]
+
+
+def test_the_page_text_fits_a_narrow_page():
+    for latex in learn.FORMULAS.values():   # one equation per line, not one long line
+        assert latex.startswith(r"\begin{aligned}") and latex.count(r"\\") == 3
+    for snippet in (learn.MISTAKE_QUANTIZE, learn.CORRECT_QUANTIZE, learn.MISTAKE_PRUNE, learn.CORRECT_PRUNE):
+        assert max(map(len, snippet.splitlines())) <= 48, snippet
+    assert set(learn.GRID_LABELS) == set(learn.GRIDS)
+    assert all("seed" not in label + why for label, why in learn.GRID_LABELS.values())

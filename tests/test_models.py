@@ -220,6 +220,7 @@ def test_nan_weights_detected(tmp_path):
 
 def test_tiny_model_heldout_perplexity(tiny_loaded):
     assert tiny_loaded.card.source == "project" and 3e6 < tiny_loaded.card.params < 15e6
+    assert tiny_loaded.card.caveat == ""   # only the de-quantized default carries a caveat
     ids = token_ids(tiny_loaded.tokenizer, load_text("tiny-heldout"))
     ppl = heldout_perplexity(tiny_loaded.model, ids, context=256, stride=256, max_tokens=2048)
     assert ppl < TINY_HELDOUT_PPL_MAX
@@ -241,6 +242,7 @@ def test_default_model_loads_and_answers():
     assert seconds < 10, f"cached default load took {seconds:.1f} s"
     assert loaded.card.source == "embedded" and loaded.card.params == 134_515_008
     assert "de-quantized" in loaded.card.notes and "4.5 bits" in loaded.card.notes
+    assert "Q4_1" in loaded.card.caveat and loaded.card.caveat.count(". ") == 0   # one sentence
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = loaded.model.generate(ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1]:])

@@ -287,14 +287,33 @@ def test_distillation_temperature_flattens_and_kd_runs():
     measured = figure_titled(at, "Recovery distillation: recovered fraction vs temperature")["data"][0]
     assert list(measured["x"]) == [1.0, 2.0, 4.0, 8.0]   # the committed bench study, mean ± std per T
     at.slider(key="kd_temperature").set_value(8.0).run()
-    bars = figure_titled(at, "Teacher's next-token")["data"]
-    assert max(bars[1]["y"]) < max(bars[0]["y"])          # T = 8 is flatter than T = 1
+    chart = figure_titled(at, "Teacher's next-token")
+    bars = chart["data"]
+    assert bars[0]["x"] == bars[1]["x"] and bars[0]["x"][-1].startswith("other")   # same tokens, then the rest
+    assert max(bars[1]["y"][:-1]) < max(bars[0]["y"][:-1])   # T = 8 is flatter than T = 1 on the top tokens ...
+    assert bars[1]["y"][-1] > bars[0]["y"][-1]               # ... and moves probability to the other tokens
+    low, _ = chart["layout"]["yaxis"]["range"]                # log axis below the smallest bar: all bars visible
+    assert chart["layout"]["yaxis"]["type"] == "log" and 10 ** low < min(bars[0]["y"] + bars[1]["y"])
+    assert any("entropy goes from" in c.value for c in at.caption)
+    assert at.number_input(key="kd_steps").max == 100
+    assert any("Estimated training time: about" in c.value and "measured on this model" in c.value
+               for c in [*at.caption, *at.warning])
     at.number_input(key="kd_steps").set_value(2)
     [b for b in at.button if b.label == "Run distillation"][0].click().run()
     no_exceptions(at)
     curve = figure_titled(at, "Distillation: loss")
     assert [p for p in curve["data"][0]["x"]] == [0, 1, 2]
     assert "Original" in [m.value.strip("*") for m in at.markdown]
+
+
+def test_explore_and_distillation_start_at_the_same_temperature():
+    from lmcompress_core.methods.distill import DEFAULT_TEMPERATURE
+    from pages.common import WIDGETS
+
+    assert WIDGETS["temperature"] == DEFAULT_TEMPERATURE
+    at = app().run()
+    at.switch_page("pages/distillation.py").run()
+    assert at.slider(key="kd_temperature").value == DEFAULT_TEMPERATURE
 
 
 def test_learn_shows_levels_errors_masks_and_the_two_mistakes():
@@ -308,7 +327,9 @@ def test_learn_shows_levels_errors_masks_and_the_two_mistakes():
     errors = figure_titled(at, "Quantization error")["data"][0]["y"]
     assert errors == sorted(errors, reverse=True)
     assert len(at.code) == 4 and len(at.latex) >= 3
+    assert all(code.proto.wrap_lines for code in at.code)            # key comments never scroll out of sight
     assert any("weights changed: 0%" in m.value for m in at.markdown)
+    assert any("per bit" in c.value and "Measured on this layer" in c.value for c in at.caption)
 
 
 def test_report_page_exports_and_imports_the_runs_history():
@@ -389,11 +410,11 @@ def test_model_card_text_and_messages_are_never_markup():
 def test_settings_round_trip_through_the_url_and_bad_values_are_named():
     from pages.common import WIDGETS, settings_from_query, settings_to_query
 
-    settings = {**WIDGETS, "bits": 3, "kd": True, "temperature": 4.0, "prompt": "Hello"}
+    settings = {**WIDGETS, "bits": 3, "kd": True, "temperature": 1.5, "prompt": "Hello", "precise": True}
     query = settings_to_query(settings)
-    assert query == {"bits": "3", "kd": "1", "temperature": "4.0", "prompt": "Hello"}   # defaults stay out
+    assert query == {"bits": "3", "kd": "1", "temperature": "1.5", "prompt": "Hello", "precise": "1"}   # defaults out
     restored, ignored = settings_from_query({**query, "sparsity": "lots", "symmetric": "maybe", "other": "x"})
-    assert restored == {"bits": 3, "kd": True, "temperature": 4.0, "prompt": "Hello"}
+    assert restored == {"bits": 3, "kd": True, "temperature": 1.5, "prompt": "Hello", "precise": True}
     assert ignored == ["sparsity", "symmetric"]
 
 

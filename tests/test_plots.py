@@ -159,12 +159,16 @@ def test_sensitivity_heatmap_is_layers_by_bits():
     assert fig.data[0].z[1][0] == 7.0
 
 
-def test_topk_figure_groups_both_temperatures():
-    fig = plots.topk_figure([("a", 0.8), ("b", 0.2)], [("a", 0.6), ("c", 0.1)], 3.0)
-    assert [t.name for t in fig.data] == ["T = 1", "T = 3"]
-    assert list(fig.data[1].y) == [0.6, 0.0, 0.1]
-    spaced = plots.topk_figure([(" the", 0.5), ("\n", 0.2)], [(" the", 0.4)], 2.0)
-    assert list(spaced.data[0].x) == ["␣the", "↵"]
+def test_topk_figure_shows_both_temperatures_on_the_same_tokens():
+    view = {"temperature": 4.0, "tokens": [" the", "\n"], "at_one": [0.6, 0.3], "at_t": [0.0004, 0.0003],
+            "rest": [0.1, 0.9993], "vocab": 49152}
+    fig = plots.topk_figure(view)
+    assert [t.name for t in fig.data] == ["T = 1", "T = 4"]
+    assert list(fig.data[0].x) == ["␣the", "↵", "other 49,150 tokens"]
+    assert list(fig.data[1].y) == [0.0004, 0.0003, 0.9993]
+    # log axis whose range reaches below the smallest bar: every bar of both temperatures has a visible height
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.range[0] <= math.log10(0.0003) - 0.1
+    assert fig.layout.yaxis.range[1] >= 0
 
 
 def test_recovery_by_temperature_figure_draws_mean_and_std_and_marks_the_best():
@@ -182,6 +186,8 @@ def test_loss_curve_and_learn_figures():
     assert len(hist.layout.shapes) == 3
     err = plots.quant_error_figure([2, 4, 8], [0.1, 0.01, 0.0001], chosen=4)
     assert err.data[1].x[0] == 4
+    textbook = err.data[2]   # the 4×-per-bit rule through the widest integer width (8 bits)
+    assert list(textbook.x) == [2, 4, 8] and textbook.y[-1] == 0.0001 and textbook.y[1] == pytest.approx(0.0256)
     masks = plots.mask_figure({"unstructured": [[True, False]], "2:4": [[False, True]]})
     assert len(masks.data) == 2 and list(masks.data[1].z[0]) == [0, 1]
 

@@ -10,12 +10,18 @@ float "latent" weight straight through (STE) — masks and quantization survive 
 layers are trained (``distill_`` itself trains whatever requires grad). Student mode first
 keeps every k-th decoder block of the copy (DistilBERT-style). Training runs on CUDA when present; the model is
 left in eval mode throughout (no dropout) so a few steps are deterministic for a seed.
+
+For the Distillation page: the teacher's next-token distribution at two temperatures, the committed temperature
+study and DEFAULT_TEMPERATURE chosen from it, and the training time (estimated from make bench's timings before a
+run, the time left from the steps done during one).
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +32,13 @@ from torch import nn
 from lmcompress_core.methods.layers import checking_blocks, transformer_blocks
 
 MAX_STEPS = 10_000
-BENCH_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results.json"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_RESULTS = ROOT / "bench" / "results.json"
+TINY_FACTS = ROOT / "assets" / "models" / "tiny" / "training_facts.json"
+# The one default temperature (Explore, the Distillation page, the CLI): the best mean recovered fraction of
+# T = 1, 2, 4, 8 in make bench's study (tiny model, 70% pruning, 100 steps, 3 seeds; bench/results.json), and the T
+# its SmolLM2 recovery run used. tests/test_distill.py checks it against the committed study.
+DEFAULT_TEMPERATURE = 4.0
 # Calibration windows distillation asks for at most: 512 × 256 = 131k tokens. With the 16 windows GPTQ uses
 # (4k tokens), 50 steps of 4 × 128 tokens see each token 6 times and the student fits those windows instead of
 # the teacher (held-out perplexity rose at 10× the learning rate).
@@ -35,7 +47,7 @@ MAX_WINDOWS = 512
 
 @dataclass(frozen=True)
 class DistillationConfig:
-    temperature: float = 2.0      # [0.5, 10]; higher = softer teacher distribution
+    temperature: float = DEFAULT_TEMPERATURE   # [0.5, 10]; higher = softer teacher distribution
     alpha: float = 0.5            # [0, 1], weight of the KD term (1 − alpha weighs the hard-label CE)
     steps: int = 50               # optimiser steps, [0, 10000]
     mode: str = "recovery"        # "recovery" (student = compressed copy) | "student" (fewer layers, then recovery)
@@ -105,19 +117,54 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce
 
 
-@torch.no_grad()
-def next_token_distribution(model, tokenizer, prompt: str, temperature: float, top_k: int = 10) -> list[tuple[str, float]]:
-    """The top_k next tokens after ``prompt`` and their probabilities under softmax(logits / temperature)."""
+def _next_token_logits(model, tokenizer, prompt: str, temperature: float) -> torch.Tensor:
+    """The float logits of the token after ``prompt`` (1-D), after checking the prompt and the temperature."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty; type a few words to see the next-token distribution")
     if not _is_number(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be positive; got {temperature!r}")
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-    probs = torch.softmax(logits / temperature, dim=-1)
+    return model(input_ids=ids, use_cache=False).logits[0, -1].float()
+
+
+@torch.no_grad()
+def next_token_distribution(model, tokenizer, prompt: str, temperature: float, top_k: int = 10) -> list[tuple[str, float]]:
+    """The top_k next tokens after ``prompt`` and their probabilities under softmax(logits / temperature)."""
+    probs = torch.softmax(_next_token_logits(model, tokenizer, prompt, temperature) / temperature, dim=-1)
     top = torch.topk(probs, min(top_k, probs.numel()))
     return [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+@dataclass(frozen=True)
+class TemperatureView:
+    """The teacher's next-token distribution at T = 1 and at ``temperature`` on the same tokens (the top k at T = 1),
+    with the probability all other tokens hold together and the entropy at each T."""
+
+    temperature: float
+    tokens: list[str]
+    at_one: list[float]
+    at_t: list[float]
+    rest: tuple[float, float]        # all other tokens together, at T = 1 and at T
+    entropy: tuple[float, float]     # nats, at T = 1 and at T
+    vocab: int                       # a uniform distribution over it has ln(vocab) nats, the most there can be
+
+    @property
+    def max_entropy(self) -> float:
+        return math.log(self.vocab)
+
+
+@torch.no_grad()
+def temperature_view(model, tokenizer, prompt: str, temperature: float, top_k: int = 10) -> TemperatureView:
+    logits = _next_token_logits(model, tokenizer, prompt, temperature)
+    p1, pt = torch.softmax(logits, dim=-1), torch.softmax(logits / temperature, dim=-1)
+    top = torch.topk(p1, min(top_k, p1.numel())).indices
+
+    def entropy(p: torch.Tensor) -> float:
+        return float(-(p * p.clamp_min(1e-30).log()).sum())
+    return TemperatureView(float(temperature), [tokenizer.decode([int(i)]) for i in top], p1[top].tolist(),
+                           pt[top].tolist(), (float(1 - p1[top].sum()), float(1 - pt[top].sum())),
+                           (entropy(p1), entropy(pt)), p1.numel())
 
 
 @dataclass(frozen=True)
@@ -149,6 +196,66 @@ def _study_setting(section: dict) -> str:
     seeds = tiny.get("seeds", section.get("seeds")) or []
     return ", ".join(["tiny model", *([tiny["setting"]] if tiny.get("setting") else []),
                       f"{steps} recovery steps", f"{len(seeds)} seeds"])
+
+
+def seconds_left(row: dict, total: int) -> float:
+    """Training time still to go after history ``row``, at the average pace of the steps done so far (step 0, which
+    only measures the starting loss, counts as one)."""
+    return row["elapsed_s"] / (row["step"] + 1) * (total - row["step"])
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people say it: '45 s', '3 min 20 s', '1 h 5 min' (rounded to the second or the minute)."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s" if seconds % 60 else f"{seconds // 60} min"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes % 60 else f"{minutes // 60} h"
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Estimated seconds per training step for one model, and where the number comes from, in words."""
+
+    seconds: float
+    source: str
+
+    def training_seconds(self, steps: int) -> float:
+        """The whole training of ``steps`` steps (distill_ runs one more: step 0 measures the starting loss)."""
+        return self.seconds * (steps + 1)
+
+
+def step_time_estimate(model_name: str, params: int | None, config: DistillationConfig,
+                       path: Path = BENCH_RESULTS) -> StepTime | None:
+    """Seconds per step of ``config`` for a model: make bench's measured seconds per step of the same model (the
+    default or tiny, compression included) or, for any other model, the tiny model's per parameter times ``params``;
+    scaled by tokens per step (batch × sequence length). None when nothing was measured."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        section, machine = results["sections"]["distillation"], results.get("machine") or {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    measured = {run["model"]: statistics.median(r["train_s"] / r["steps"] for r in run["rows"])
+                for run in (section.get("tiny"), section.get("smollm2")) if run and run.get("rows")}
+    # the bench trains with DistillationConfig's batch and sequence length
+    tokens = config.batch_size * config.seq_len / (DistillationConfig().batch_size * DistillationConfig().seq_len)
+    where = f"make bench on {machine.get('cores', '?')} CPU cores ({machine.get('cpu', 'unknown CPU')})"
+    if model_name in measured:
+        return StepTime(measured[model_name] * tokens, f"measured on this model by {where}")
+    tiny_params = _tiny_params()
+    if "tiny" not in measured or not params or not tiny_params:
+        return None
+    return StepTime(measured["tiny"] / tiny_params * params * tokens,
+                    f"the tiny model's time per parameter, measured by {where}, times this model's parameters")
+
+
+def _tiny_params() -> float | None:
+    try:
+        return json.loads(TINY_FACTS.read_text(encoding="utf-8"))["params_m"] * 1e6
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def keep_every_kth_block_(model: nn.Module, keep_every: int) -> list[int]:
@@ -203,9 +310,10 @@ def distill_(student: nn.Module, teacher: nn.Module, config: DistillationConfig,
              heldout_ids: torch.Tensor | None, report=None, check=None) -> list[dict]:
     """Train ``student`` in place against ``teacher`` (never modified) for config.steps steps; returns the curve.
 
-    ``report(step, total, metrics)`` is called every step (metrics: loss, and held-out ppl every few steps);
+    ``report(step, total, metrics)`` is called every step (metrics: loss, held-out ppl every few steps, and the
+    seconds since training started);
     ``check()`` is called every step and before every block of each pass, forward and backward, of either model
-    (see ``layers.checking_blocks``); it may raise to cancel. History rows: {"step", "loss", "ppl"?}.
+    (see ``layers.checking_blocks``); it may raise to cancel. History rows: {"step", "loss", "ppl"?, "elapsed_s"}.
     """
     device = _train_device()
     torch.manual_seed(config.seed)
@@ -216,6 +324,7 @@ def distill_(student: nn.Module, teacher: nn.Module, config: DistillationConfig,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
     eval_every = max(1, config.steps // 10)
     history = []
+    started = time.perf_counter()
     try:
         with checking_blocks(student, check), checking_blocks(teacher_run, check):
             for step in range(config.steps + 1):
@@ -228,6 +337,7 @@ def distill_(student: nn.Module, teacher: nn.Module, config: DistillationConfig,
                 row = {"step": step, "loss": loss}
                 if heldout_ids is not None and (step % eval_every == 0 or step == config.steps):
                     row["ppl"] = heldout_perplexity(student, heldout_ids)
+                row["elapsed_s"] = time.perf_counter() - started
                 history.append(row)
                 if report is not None:
                     report(step, config.steps, row)

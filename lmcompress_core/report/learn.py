@@ -1,7 +1,7 @@
-"""Computations behind the Learn page: the seed's three ideas on one real layer of the chosen model.
+"""Computations behind the Learn page: three compression ideas on one real layer of the chosen model.
 
-Quantization levels and error against bit-width on either asymmetric grid (the seed's min-max with a fractional
-zero-point, or the engine's default integer zero-point; formula numbers and levels both from
+Quantization levels and error against bit-width on either asymmetric grid (the textbook min-max with a
+fractional zero-point, or the engine's default integer zero-point; formula numbers and levels both from
 ``quantize.grid_parameters`` / ``quantize_tensor``), magnitude pruning masks (unstructured vs 2:4)
 on a small weight block, and the two classic mistakes run for real: quantized values computed but never
 written back, and a pruning line that changes nothing. The teaching snippets are strings shown with
@@ -9,6 +9,7 @@ written back, and a pruning line that changes nothing. The teaching snippets are
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +40,30 @@ def layer_names(model) -> list[str]:
     return list(linear_layers(model))
 
 
-FORMULAS = {  # LaTeX of each grid, exactly what quantize.grid_parameters computes for it
-    "minmax": (r"s = \frac{\max W - \min W}{2^b - 1},\quad z = -\frac{\min W}{s}\ \text{(fractional)},"
-               r"\quad q = \operatorname{round}\!\left(\frac{W - \min W}{\max W - \min W}\,(2^b - 1)\right),"
-               r"\quad \hat W = s\,(q - z)"),
-    "integer-zero": (r"s = \frac{\max(\max W, 0) - \min(\min W, 0)}{2^b - 1},"
-                     r"\quad z = \operatorname{round}\!\left(-\frac{\min(\min W, 0)}{s}\right),"
-                     r"\quad q = \operatorname{clamp}\!\left(\operatorname{round}\!\left(\frac{W}{s}\right) + z,"
-                     r"\ 0,\ 2^b - 1\right),\quad \hat W = s\,(q - z)"),
+GRID_LABELS = {  # what the page calls each grid, and one sentence on what sets it apart
+    "integer-zero": ("integer zero-point (engine default)",
+                     "The range is widened to include 0 and z is rounded, so 0 is exactly one of the levels."),
+    "minmax": ("min-max (textbook)",
+               "The levels run evenly from the smallest weight to the largest, so z stays fractional and 0 is "
+               "usually not a level."),
+}
+
+# LaTeX of each grid, exactly what quantize.grid_parameters computes for it; one equation per line so the
+# formula fits a 600 px column (the page's width at 1024 px with the sidebar open).
+FORMULAS = {
+    "minmax": (r"\begin{aligned}"
+               r"s &= \frac{\max W - \min W}{2^b - 1} \\"
+               r"z &= -\frac{\min W}{s}\quad\text{(fractional)} \\"
+               r"q &= \operatorname{round}\!\left(\frac{W - \min W}{\max W - \min W}\,(2^b - 1)\right) \\"
+               r"\hat W &= s\,(q - z)"
+               r"\end{aligned}"),
+    "integer-zero": (r"\begin{aligned}"
+                     r"s &= \frac{\max(\max W, 0) - \min(\min W, 0)}{2^b - 1} \\"
+                     r"z &= \operatorname{round}\!\left(-\frac{\min(\min W, 0)}{s}\right) \\"
+                     r"q &= \operatorname{clamp}\!\left(\operatorname{round}\!\left(\frac{W}{s}\right) + z,"
+                     r"\ 0,\ 2^b - 1\right) \\"
+                     r"\hat W &= s\,(q - z)"
+                     r"\end{aligned}"),
 }
 
 
@@ -90,6 +107,22 @@ def error_vs_bits(w: torch.Tensor, bits_list=INTEGER_BITS + (16,), grid: str = "
     return bits_list, [relative_error(w, b, grid) for b in bits_list]
 
 
+def error_factor_per_bit(bits_list, errors) -> list[tuple[int, int, float]]:
+    """(from, to, factor) between consecutive integer widths: how many times the error fell per added bit (over a
+    gap of several bits, e.g. 6 -> 8, the geometric mean per bit). The 16-bit float cast is left out."""
+    steps = [(a, b, ea, eb) for a, b, ea, eb in zip(bits_list, bits_list[1:], errors, errors[1:]) if b < 16]
+    return [(a, b, (ea / max(eb, 1e-30)) ** (1 / (b - a))) for a, b, ea, eb in steps]
+
+
+def error_fall_summary(bits_list, errors) -> dict:
+    """What the error chart shows in numbers: the median factor per bit (the textbook says 4: each bit halves the
+    step and the error goes with its square), every step's factor, and the widths whose error is above 1 (worse
+    than setting every weight to zero)."""
+    factors = error_factor_per_bit(list(bits_list), list(errors))
+    return {"median": statistics.median(f for _, _, f in factors) if factors else None, "factors": factors,
+            "worse_than_zero": [b for b, e in zip(bits_list, errors) if e > 1]}
+
+
 def weight_block(w: torch.Tensor, rows: int = 16, cols: int = 16) -> torch.Tensor:
     return w[:rows, :cols].clone()
 
@@ -103,44 +136,57 @@ def pruning_masks(w: torch.Tensor, size: int = 16) -> dict[str, list[list[bool]]
 
 # ---------------------------------------------------------------- the two classic mistakes
 
+# Lines of at most 48 characters: they fit the page at 1024 px (about 60 characters wide) without wrapping.
 MISTAKE_QUANTIZE = '''\
-for name, module in model.named_modules():
+for module in model.modules():
     if isinstance(module, nn.Linear):
         w = module.weight.data
-        scale = (w.max() - w.min()) / (2**bits - 1)
-        zero = torch.round(-w.min() / scale)
-        q = torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
-        w_hat = (q - zero) * scale      # computed ... and thrown away
-# the model still runs with the original float weights
+        lo, hi = w.min(), w.max()
+        scale = (hi - lo) / (2**bits - 1)
+        zero = torch.round(-lo / scale)
+        q = torch.round(w / scale) + zero
+        q = q.clamp(0, 2**bits - 1)
+        # computed ... and thrown away:
+        w_hat = (q - zero) * scale
+# the model still runs on its float weights
 '''
 
 CORRECT_QUANTIZE = '''\
-for name, module in model.named_modules():
+for module in model.modules():
     if isinstance(module, nn.Linear):
         w = module.weight.data
-        scale = (w.max() - w.min()) / (2**bits - 1)
-        zero = torch.round(-w.min() / scale)
-        q = torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
-        module.weight.data.copy_((q - zero) * scale)   # written back
+        lo, hi = w.min(), w.max()
+        scale = (hi - lo) / (2**bits - 1)
+        zero = torch.round(-lo / scale)
+        q = torch.round(w / scale) + zero
+        q = q.clamp(0, 2**bits - 1)
+        # written back into the layer:
+        w.copy_((q - zero) * scale)
 '''
 
 MISTAKE_PRUNE = '''\
 w = module.weight.data
-threshold = w.abs().flatten().kthvalue(int(sparsity * w.numel())).values
-w[w.abs() < threshold] == 0        # a comparison, not an assignment: nothing changes
+k = int(sparsity * w.numel())
+threshold = w.abs().flatten().kthvalue(k).values
+# == compares and drops the answer: no change
+w[w.abs() < threshold] == 0
 '''
 
 CORRECT_PRUNE = '''\
 w = module.weight.data
-threshold = w.abs().flatten().kthvalue(int(sparsity * w.numel())).values
-w[w.abs() <= threshold] = 0        # assignment, in place on the module's weight
+k = int(sparsity * w.numel())
+threshold = w.abs().flatten().kthvalue(k).values
+# = assigns, in place on the layer's weight
+w[w.abs() <= threshold] = 0
 '''
 
 
 def _minmax_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
-    scale = (w.max() - w.min()) / (2 ** bits - 1)
-    zero = torch.round(-w.min() / scale)
-    q = torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+    lo, hi = w.min(), w.max()
+    scale = (hi - lo) / (2 ** bits - 1)
+    zero = torch.round(-lo / scale)
+    q = torch.round(w / scale) + zero
+    q = q.clamp(0, 2 ** bits - 1)
     return (q - zero) * scale
 
 
@@ -158,7 +204,8 @@ def changed_fraction_prune(module, sparsity: float, assign: bool) -> float:
     """Run the prune snippet on a copy of ``module``'s weight; the share of weights that changed."""
     before = weight_matrix(module).float()
     w = before.clone()
-    threshold = w.abs().flatten().kthvalue(max(1, int(sparsity * w.numel()))).values
+    k = max(1, int(sparsity * w.numel()))
+    threshold = w.abs().flatten().kthvalue(k).values
     if assign:
         w[w.abs() <= threshold] = 0
     else:
@@ -195,7 +242,8 @@ def kd_temperature_table(logits: torch.Tensor, temperatures=(1.0, 2.0, 4.0, 8.0)
     return rows
 
 
-__all__ = ["GRIDS", "FORMULAS", "LayerView", "pick_layer", "layer_names", "minmax_parameters", "histogram_data", "error_vs_bits",
+__all__ = ["GRIDS", "GRID_LABELS", "FORMULAS", "LayerView", "pick_layer", "layer_names", "minmax_parameters", "histogram_data", "error_vs_bits",
+           "error_fall_summary",
            "pruning_masks", "mistakes_demo", "kd_temperature_table", "next_token_logits",
            "MISTAKE_QUANTIZE", "CORRECT_QUANTIZE",
            "MISTAKE_PRUNE", "CORRECT_PRUNE"]

@@ -282,7 +282,7 @@ def headlines(report: Any) -> dict[str, str]:
             out["latency"] = (f"Decoding is {slower_or_faster(speed['decode_ratio'])} than the original, prefill "
                               f"{slower_or_faster(speed.get('prefill_ratio'))} ({on}, both timed alternately).")
         else:
-            out["latency"] = (f"{lat['decode_tokens_per_s']:.3g} tokens/s decoding, {lat.get('prefill_ms') or 0:.3g} "
+            out["latency"] = (f"{_short(lat['decode_tokens_per_s'])} tokens/s decoding, {_short(lat.get('prefill_ms') or 0)} "
                               f"ms to read the prompt ({on}; timed alone, no ratio while exploring).")
     ppl, base_ppl = data.get("perplexity") or {}, _base_ppl(report).get("value")
     if ppl.get("value") and base_ppl:
@@ -495,19 +495,26 @@ def _visible_token(token: str) -> str:
     return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
-def topk_figure(at_one: Sequence[tuple[str, float]], at_t: Sequence[tuple[str, float]],
-                temperature: float) -> go.Figure:
-    """Teacher next-token top-k probabilities at T = 1 and at the chosen T, grouped bars."""
-    tokens = [t for t, _ in at_one] + [t for t, _ in at_t if t not in {u for u, _ in at_one}]
-    p1, pt = dict(at_one), dict(at_t)
-    shown = [_visible_token(t) for t in tokens]
+def topk_figure(view: Mapping[str, Any]) -> go.Figure:
+    """The teacher's next-token probabilities at T = 1 and at T on the same tokens (the top k at T = 1), then all
+    other tokens together, grouped bars on a log axis so that both temperatures stay visible.
+
+    ``view`` is a ``distill.TemperatureView`` as a dict: tokens, at_one, at_t, rest (T = 1, T), vocab, temperature.
+    """
+    temperature, tokens = view["temperature"], list(view["tokens"])
+    shown = [_visible_token(t) for t in tokens] + [f"other {view['vocab'] - len(tokens):,} tokens"]
+    at_one, at_t = list(view["at_one"]) + [view["rest"][0]], list(view["at_t"]) + [view["rest"][1]]
     fig = go.Figure([
-        go.Bar(x=shown, y=[p1.get(t, 0.0) for t in tokens], name="T = 1", marker_color=BASE_COLOR),
-        go.Bar(x=shown, y=[pt.get(t, 0.0) for t in tokens], name=f"T = {temperature:g}",
-               marker_color=COMPRESSED_COLOR),
+        go.Bar(x=shown, y=at_one, name="T = 1", marker_color=BASE_COLOR,
+               hovertemplate="%{x}: %{y:.3%}<extra>T = 1</extra>"),
+        go.Bar(x=shown, y=at_t, name=f"T = {temperature:g}", marker_color=COMPRESSED_COLOR,
+               hovertemplate=f"%{{x}}: %{{y:.3%}}<extra>T = {temperature:g}</extra>"),
     ])
-    top = max([p for _, p in at_one] + [p for _, p in at_t] + [1e-9])
-    fig.update_yaxes(title_text="probability", range=[0, min(1.0, top * 1.15)])
+    # the axis starts at least a third of a decade below the smallest bar, so that bar still has a height
+    bottom = math.floor(math.log10(min(p for p in at_one + at_t + [1.0] if p > 0)) - 0.3)
+    decades = range(bottom, 1)
+    fig.update_yaxes(title_text="probability (log scale)", type="log", range=[bottom, 0.05],
+                     tickvals=[10.0 ** d for d in decades], ticktext=[f"{100 * 10.0 ** d:g}%" for d in decades])
     fig = _layout(fig, f"Teacher's next-token distribution at T = 1 vs T = {temperature:g}")
     fig.update_layout(barmode="group", showlegend=True, legend={"orientation": "h", "y": 1.12, "x": 1,
                                                                   "xanchor": "right"})
@@ -570,7 +577,8 @@ def weight_histogram_figure(weights: Sequence[float], levels: Sequence[float], b
 
 
 def quant_error_figure(bits: Sequence[int], rel_mse: Sequence[float], chosen: int | None = None) -> go.Figure:
-    """Relative mean-squared quantization error of one layer against the bit-width (log scale)."""
+    """Relative mean-squared quantization error of one layer against the bit-width (log scale), with the textbook
+    4×-per-bit line through the widest integer width for comparison."""
     fig = go.Figure(go.Scatter(x=list(bits), y=list(rel_mse), mode="lines+markers",
                                marker={"size": 10, "color": BASE_COLOR}, name="error",
                                hovertemplate="%{x}-bit: %{y:.2e}<extra></extra>"))
@@ -578,9 +586,17 @@ def quant_error_figure(bits: Sequence[int], rel_mse: Sequence[float], chosen: in
         i = list(bits).index(chosen)
         fig.add_trace(go.Scatter(x=[chosen], y=[rel_mse[i]], mode="markers", name="chosen",
                                  marker={"size": 18, "color": COMPRESSED_COLOR}))
+    integer = [(b, e) for b, e in zip(bits, rel_mse) if b < 16]
+    if integer:   # the textbook rule drawn through the widest integer width: the error falls 4× per bit
+        last_bits, last_error = integer[-1]
+        fig.add_trace(go.Scatter(x=[b for b, _ in integer], y=[last_error * 4.0 ** (last_bits - b) for b, _ in integer],
+                                 mode="lines", name="textbook: ÷4 per bit",
+                                 line={"color": MUTED_COLOR, "dash": "dot"}))
     fig.update_xaxes(title_text="bits", tickvals=list(bits))
     fig.update_yaxes(title_text="relative MSE ‖W−Ŵ‖²/‖W‖²", type="log")
-    return _layout(fig, "Quantization error vs bit-width")
+    fig = _layout(fig, "Quantization error vs bit-width")
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"})
+    return fig
 
 
 def mask_figure(masks: Mapping[str, Any]) -> go.Figure:
