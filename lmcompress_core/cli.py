@@ -168,8 +168,9 @@ def _cmd_compress(args) -> int:
     from lmcompress_core.runtime.packing import save_compressed
     from lmcompress_core.measure.protocol import calibration_for
 
+    config = config_from_args(args)   # a refused setting fails here, before a model is loaded
     loaded = load_model(args.model)
-    config = with_autopilot(args, loaded, config_from_args(args))
+    config = with_autopilot(args, loaded, config)
     calibration = calibration_for(loaded, config)
     cm = compress(loaded.model, config, calibration=calibration, tokenizer=loaded.tokenizer, callback=ProgressBar())
     written = save_compressed(cm, loaded.model, args.out)
@@ -223,8 +224,9 @@ def _cmd_evaluate(args) -> int:
     protocol = EvalProtocol(eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or args.context,
                             prompt=args.prompt, new_tokens=args.new_tokens, seed=args.seed,
                             latency=not args.no_latency, generation=not args.no_generation)
+    config = config_from_args(args)   # a refused setting fails here, before a model is loaded
     loaded = load_model(args.model)
-    config = with_autopilot(args, loaded, config_from_args(args))
+    config = with_autopilot(args, loaded, config)
     report = evaluate(loaded, config, protocol, callback=ProgressBar())
     data = report.to_dict()
     print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else _summary(data))

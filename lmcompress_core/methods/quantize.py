@@ -86,6 +86,7 @@ class QuantizationConfig:
         _choice("method", self.method, METHODS)
         _choice("grid", self.grid, GRIDS)
         _choice("dtype16", self.dtype16, ("bf16", "fp16"))
+        _check_fitted_grid(self.method, self.symmetric, self.grid)
         if not isinstance(self.damp, (int, float)) or not 0 < self.damp <= 1:
             raise ValueError(f"damp (GPTQ Hessian damping) must be in (0, 1], typically 0.01; got {self.damp!r}")
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
@@ -141,6 +142,19 @@ def _checked_layer_bits(value) -> tuple[tuple[str, int], ...]:
                              f"layer float); got {bits!r}")
         pairs.append((pattern, int(bits)))
     return tuple(pairs)
+
+
+def _check_fitted_grid(method: str, symmetric: bool, grid: str) -> None:
+    """HQQ and MSE fit their own asymmetric grid (integer zero-point, 0 on the grid): a setting asking for another
+    grid would silently run something else, so it is refused."""
+    if method not in ("hqq", "mse"):
+        return
+    if symmetric:
+        raise ValueError(f"method={method!r} fits an asymmetric grid (a zero-point per group); symmetric=True would "
+                         "run the plain absmax grid instead: set symmetric=False, or use method 'rtn' or 'gptq'")
+    if grid != "integer-zero":
+        raise ValueError(f"method={method!r} fits its own integer-zero grid; grid={grid!r} would be ignored: use "
+                         "grid='integer-zero', or method 'rtn' for the seed's min-max rule")
 
 
 def _choice(field: str, value, allowed: tuple) -> None:
