@@ -13,7 +13,7 @@ architecture runs unchanged and the codes can be bit-packed. Asymmetric grids (`
 - ``grid="minmax"``: the seed's formula, kept for teaching, with a fractional zero-point
   x_q = round((x − x_min) / (x_max − x_min) · (q_max − q_min) + q_min),   q_min = 0, q_max = 2^bits − 1.
 
-The symmetric grid is absmax: x_q = round(x / s), s = max|x| / (2^(bits−1) − 1). ``method="hqq"`` fits each
+The symmetric grid is absmax: x_q = round(x / s), s = max|x| / (2^(bits−1) − 1) rounded to a float16 value. ``method="hqq"`` fits each
 group's zero-point by half-quadratic optimisation (``hqq.py``); ``method="mse"`` searches each group's scale and
 integer zero-point for the least output error, δᵀHδ with H the second moment of the group's calibration inputs
 (``grid_search.py``); ``layer_bits`` gives layers their own bit-width (mixed precision,
@@ -226,10 +226,10 @@ def grid_parameters(x: torch.Tensor, bits: int, grid: str = "integer-zero",
     The one implementation of every grid (RTN, GPTQ, the Learn page): symmetric absmax, or the asymmetric
     ``grid`` ("integer-zero": 0 on the grid, integer zero-point; "minmax": the seed's fractional zero-point).
     """
-    if symmetric:
+    if symmetric:   # scales rounded to float16 values, as the packed file stores and the size model counts them
         half = 2 ** (bits - 1)
         absmax = x.abs().amax(dim=1, keepdim=True)
-        scale = torch.where(absmax > 0, absmax / (half - 1), torch.ones_like(absmax))
+        scale = fp16_exact(torch.where(absmax > 0, absmax / (half - 1), torch.ones_like(absmax)))
         return scale, torch.full_like(scale, float(half))
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     if grid == "minmax":
