@@ -1,7 +1,7 @@
 """One markdown block per bench section for results.md (tables from the measured rows, nothing recomputed)."""
 from __future__ import annotations
 
-from bench.report import fmt, md_table
+from bench.text import fmt, md_table
 
 
 MODEL_NAMES = {"default": "SmolLM2-135M-Instruct", "tiny": "the tiny model"}

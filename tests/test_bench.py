@@ -151,3 +151,44 @@ def test_browser_breakdown_splits_a_move_by_phase():
     assert out["to_script_s"] == pytest.approx(0.1) and out["preamble_s"] == pytest.approx(0.2)
     assert out["evaluate_s"] == pytest.approx(4.0) and out["evaluate_unstaged_s"] == pytest.approx(0.5)
     assert out["after_evaluate_s"] == pytest.approx(0.3) and out["to_complete_after_script_s"] == pytest.approx(0.4)
+
+
+def _bench_imports() -> dict[str, set[str]]:
+    """Each bench module -> the bench modules it imports (at the top or inside a function)."""
+    import ast
+
+    folder = Path(__file__).resolve().parent.parent / "bench"
+    graph = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "bench":
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bench.")}
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_bench_modules_import_in_one_direction():
+    """No module of bench/ reaches itself through its imports (report -> readme -> report was a circle)."""
+    graph = _bench_imports()
+
+    def reaches(start, seen):
+        for name in graph.get(start, ()):
+            if name not in seen:
+                seen.add(name)
+                reaches(name, seen)
+        return seen
+
+    circles = sorted(name for name in graph if name in reaches(name, set()))
+    assert not circles, {name: sorted(graph[name]) for name in circles}
+    assert "__main__" not in set().union(*graph.values()), "nothing imports the entry point"
+
+
+def test_every_section_has_a_renderer():
+    from bench.sections_md import RENDERERS
+
+    assert set(RENDERERS) == set(SECTIONS)   # report.warning names a section not run from RENDERERS
