@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import readme, sections_md, targets
-from bench.text import fmt, format_value, md_table
+from bench import readme, sections_md, targets, values
+from bench.text import fmt, md_table, target_value, verdict, with_spread
 
 # Keys the issues ask a full run for (tests check the committed run has them); sections may add more.
 HEADLINE_KEYS = ["interactive_s_tiny", "interactive_s_default", "int8_speedup_prefill", "int8_speedup_decode",
@@ -44,6 +44,7 @@ def finish(results: dict, out: Path) -> None:
     results["headline"] = collect_headline(results)
     results["total_wall_s"] = sum((sec.get("wall_s") or 0) for sec in results.get("sections", {}).values())
     results["warning"] = warning(results)
+    results["spreads"] = values.spreads(results)   # min, median, max of the runs behind each timing key
     results["targets"] = targets.check(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     render(results, out)
@@ -75,8 +76,9 @@ def warning(results: dict) -> str | None:
 
 def headline_table(results: dict) -> str:
     lines = ["key                                      value"]
+    spreads = results.get("spreads") or {}
     for key, value in results.get("headline", {}).items():
-        lines.append(f"{key:<40} {format_value(value)}")
+        lines.append(f"{key:<40} {with_spread(value, spreads.get(key))}")
     return "\n".join(lines)
 
 
@@ -100,8 +102,7 @@ def _machine(results: dict) -> list[str]:
 def _targets(results: dict) -> list[str]:
     rows = []
     for t in results.get("targets", []):
-        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
-        rows.append([t["key"], fmt(t["value"]), t["target"], verdict])
+        rows.append([t["key"], target_value(t), t["target"], verdict(t)])
     out = ["## Targets", ""] + md_table(["key", "value", "target", "verdict"], rows)
     for t in results.get("targets", []):
         if t["note"]:
@@ -110,7 +111,8 @@ def _targets(results: dict) -> list[str]:
 
 
 def _headline(results: dict) -> list[str]:
-    rows = [[f"`{key}`", format_value(value)] for key, value in results.get("headline", {}).items()]
+    spreads = results.get("spreads") or {}
+    rows = [[f"`{key}`", with_spread(value, spreads.get(key))] for key, value in results.get("headline", {}).items()]
     return ["## Headline", ""] + md_table(["key", "value"], rows)
 
 
