@@ -160,6 +160,7 @@ def _model(ctx, name: str, runs: int, protocol) -> dict:
         "change_s": change_s, "change_all_s": [c["total_s"] for c in changes],
         "cached_s": statistics.median(cached),
         **{mark: _median(changes, mark) for mark in MARKS.values()},
+        **{f"{mark}_all": [c.get(mark) for c in changes] for mark in MARKS.values()},   # the runs behind each
         "abandon_s": max((a for a in abandon if a is not None), default=None), "abandon_all_s": abandon,
         "abandon_distil_s": max((a for a in distilling if a is not None), default=None),
         "abandon_distil_all_s": distilling, "distil_step_s": step_s,

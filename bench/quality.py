@@ -13,6 +13,7 @@ not like for like and its label says so.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -21,6 +22,7 @@ import torch
 
 from bench import peers
 from bench.common import median_time, timed
+from bench.values import failed, is_failed
 from bench.interactivity import app_protocol
 from lmcompress_core.measure import protocol
 
@@ -97,15 +99,25 @@ def _compress_seconds(ctx, config, runs: int) -> tuple[object, float, list[float
 def _our_rows(ctx, runs: int) -> list[dict]:
     rows = []
     for label, config in our_configs():
-        cm, seconds, times = _compress_seconds(ctx, config, runs)
         q = config.quantization
-        rows.append({"name": label, "library": "ours", "method": q.method, "bits": q.bits,
-                     "group_size": q.group_size if q.granularity == "group" else -1,
-                     "symmetric": q.symmetric, "kernel": cm.kernel,
-                     "quantize_s": seconds, "quantize_runs": len(times),
-                     "perplexity": ctx.perplexity(cm.model, ctx.main_model)})
-        del cm
+        row = {"name": label, "library": "ours", "method": q.method, "bits": q.bits,
+               "group_size": q.group_size if q.granularity == "group" else -1, "symmetric": q.symmetric}
+        try:
+            cm, seconds, times = _compress_seconds(ctx, config, runs)
+            row.update(kernel=cm.kernel, quantize_s=seconds, quantize_runs=len(times),
+                       perplexity=checked_perplexity(ctx.perplexity(cm.model, ctx.main_model)))
+            del cm
+        except Exception as exc:  # a row failing is a result (an error entry), never a number
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
     return rows
+
+
+def checked_perplexity(value: float) -> float:
+    """A perplexity as measured, or ValueError: one that is not finite and positive is a broken measurement."""
+    if not (isinstance(value, float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"perplexity {value!r} is no measurement (a working model scores a finite value > 0)")
+    return value
 
 
 AUTOPILOT_TARGETS = (3.5, 3.0)   # bits per weight, packed, scales and zero-points included
@@ -170,7 +182,7 @@ def _peer_rows(ctx, runs: int) -> list[dict]:
             model, seconds = peers.quantize_with_peer(base, method)
             times.append(seconds)
             rows.append({**row, "quantize_s": statistics.median(times), "quantize_runs": len(times),
-                         "perplexity": ctx.perplexity(model, ctx.main_model)})
+                         "perplexity": checked_perplexity(ctx.perplexity(model, ctx.main_model))})
             del model
         except Exception as exc:  # a peer failing on this platform is a result, not a crash
             rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -191,8 +203,10 @@ def weight_error_vs_torchao(ctx) -> dict | None:
     if method is None or peers.available().get("torchao"):
         return None
     base = ctx.loaded(ctx.main_model).model
-    ours = dict(compress(base, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=64))).model
-                .named_modules())
+    # ours as codes: the default real runtime swaps layers for int4 kernel modules, which hold no float .weight
+    # (that was the AttributeError in an earlier run); quantized_weight().dequantize() is the truth on any runtime
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=64), runtime="simulate")
+    ours = compress(base, config).layers()
     theirs = dict(peers.quantize_with_peer(base, method)[0].named_modules())
     ratios, ours_total, theirs_total = [], 0.0, 0.0
     for name, module in base.named_modules():
@@ -200,7 +214,7 @@ def weight_error_vs_torchao(ctx) -> dict | None:
             continue
         w = module.weight.detach().float()
         norm = float((w ** 2).sum())
-        e_ours = float(((ours[name].weight.detach().float() - w) ** 2).sum()) / norm
+        e_ours = float(((ours[name].quantized_weight().dequantize() - w) ** 2).sum()) / norm
         e_theirs = float(((_dense(theirs[name].weight) - w) ** 2).sum()) / norm
         ratios.append(e_ours / e_theirs if e_theirs else 1.0)
         ours_total, theirs_total = ours_total + e_ours, theirs_total + e_theirs
@@ -209,19 +223,24 @@ def weight_error_vs_torchao(ctx) -> dict | None:
 
 
 def _ppl(rows, name):
-    for row in rows:
-        if row["name"] == name and row.get("perplexity") is not None:
-            return row["perplexity"]
-    return None
+    return _field(rows, name, "perplexity")
 
 
 def _ratio(a, b):
-    return a / b if a is not None and b else None
+    """a / b, or the error entry of whichever side failed (never a number made from a failed row)."""
+    return next((x for x in (a, b) if is_failed(x)), None) or a / b
 
 
 def _field(rows, name, key):
-    row = next((r for r in rows if r["name"] == name), {})
-    return row.get(key)
+    """The row's measured ``key``, or an error entry saying why there is none."""
+    row = next((r for r in rows if r["name"] == name), None)
+    if row is None:
+        return failed(f"no row {name!r} in this run")
+    if row.get("error"):
+        return failed(f"{name}: {row['error']}")
+    if row.get(key) is None:
+        return failed(f"{name}: no {key} recorded")
+    return row[key]
 
 
 def run(ctx) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import readme, targets
+from bench import readme, sections_md, targets, values
+from bench.text import fmt, md_table, target_value, verdict, with_spread
 
 # Keys the issues ask a full run for (tests check the committed run has them); sections may add more.
 HEADLINE_KEYS = ["interactive_s_tiny", "interactive_s_default", "int8_speedup_prefill", "int8_speedup_decode",
@@ -19,14 +20,6 @@ HEADLINE_KEYS = ["interactive_s_tiny", "interactive_s_default", "int8_speedup_pr
                  "browser_first_chart_s_default", "browser_all_charts_s_default", "browser_complete_s_default",
                  "browser_cold_s_default", "browser_first_chart_s_tiny", "browser_all_charts_s_tiny",
                  "browser_complete_s_tiny", "browser_cold_s_tiny"]
-
-
-def fmt(x, digits=3):
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
 
 
 def collect_headline(results: dict) -> dict:
@@ -51,6 +44,7 @@ def finish(results: dict, out: Path) -> None:
     results["headline"] = collect_headline(results)
     results["total_wall_s"] = sum((sec.get("wall_s") or 0) for sec in results.get("sections", {}).values())
     results["warning"] = warning(results)
+    results["spreads"] = values.spreads(results)   # min, median, max of the runs behind each timing key
     results["targets"] = targets.check(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     render(results, out)
@@ -65,12 +59,10 @@ def render(results: dict, out: Path) -> None:
 
 def warning(results: dict) -> str | None:
     """What a reader must know before trusting the numbers: failed or missing sections, timings under load."""
-    from bench.__main__ import SECTIONS
-
     sections = results.get("sections", {})
     parts = []
     failed = [name for name, s in sections.items() if "error" in s]
-    missing = [name for name in SECTIONS if name not in sections]
+    missing = [name for name in sections_md.RENDERERS if name not in sections]
     if failed:
         parts.append("these sections failed and their numbers are missing: " + ", ".join(failed))
     if missing:
@@ -82,26 +74,12 @@ def warning(results: dict) -> str | None:
     return "; ".join(parts) or None
 
 
-def format_value(value) -> str:
-    """A headline value as text: numbers to 3 decimals, {mean, std} as mean ± std, dicts as key: value pairs."""
-    if isinstance(value, dict) and set(value) == {"mean", "std"}:
-        return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {format_value(v)}" for k, v in value.items())
-    return fmt(value)
-
-
 def headline_table(results: dict) -> str:
     lines = ["key                                      value"]
+    spreads = results.get("spreads") or {}
     for key, value in results.get("headline", {}).items():
-        lines.append(f"{key:<40} {format_value(value)}")
+        lines.append(f"{key:<40} {with_spread(value, spreads.get(key))}")
     return "\n".join(lines)
-
-
-def md_table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return out + [""]
 
 
 def _machine(results: dict) -> list[str]:
@@ -124,8 +102,7 @@ def _machine(results: dict) -> list[str]:
 def _targets(results: dict) -> list[str]:
     rows = []
     for t in results.get("targets", []):
-        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
-        rows.append([t["key"], fmt(t["value"]), t["target"], verdict])
+        rows.append([t["key"], target_value(t), t["target"], verdict(t)])
     out = ["## Targets", ""] + md_table(["key", "value", "target", "verdict"], rows)
     for t in results.get("targets", []):
         if t["note"]:
@@ -134,13 +111,12 @@ def _targets(results: dict) -> list[str]:
 
 
 def _headline(results: dict) -> list[str]:
-    rows = [[f"`{key}`", format_value(value)] for key, value in results.get("headline", {}).items()]
+    spreads = results.get("spreads") or {}
+    rows = [[f"`{key}`", with_spread(value, spreads.get(key))] for key, value in results.get("headline", {}).items()]
     return ["## Headline", ""] + md_table(["key", "value"], rows)
 
 
 def markdown(results: dict) -> str:
-    from bench import sections_md
-
     lines = ["# LM Compression Lab — benchmark results", ""]
     if results.get("warning"):
         lines += [f"> **Warning**: {results['warning']}.", ""]

@@ -1,7 +1,7 @@
 """One markdown block per bench section for results.md (tables from the measured rows, nothing recomputed)."""
 from __future__ import annotations
 
-from bench.report import fmt, md_table
+from bench.text import fmt, md_table
 
 
 MODEL_NAMES = {"default": "SmolLM2-135M-Instruct", "tiny": "the tiny model"}
@@ -95,14 +95,17 @@ def _quality(s: dict) -> list[str]:
            "deterministic); all other rows are medians.", ""]
     rows = []
     for r in s.get("rows", []):
+        measured = "failed" if r.get("error") else r.get("perplexity")   # a failed row has no number
         rows.append([r["name"], r.get("bits"), r.get("group_size"), "sym" if r.get("symmetric") else "asym",
-                     r.get("perplexity"), r.get("ppl_over_fp32"), r.get("quantize_s"), r.get("error", "")])
+                     measured, r.get("ppl_over_fp32"), r.get("quantize_s"), r.get("error", "")])
     out += md_table(["method", "bits", "group", "scheme", "perplexity", "x fp32", "quantize s", "error"], rows)
     extra = s.get("extra") or {}
     if extra:
         pairs = ", ".join(f"`{k}` {fmt(v)}" for k, v in extra.items())
         out += [f"Other like-for-like ratios (ours / theirs): {pairs}", ""]
     werr = s.get("weight_error_int4_g64") or {}
+    if werr.get("error"):
+        out += [f"Weight error at int4 g64 asym against torchao: failed (`{werr['error']}`).", ""]
     if werr.get("layers"):
         out += [f"Weight error at int4 g64 asym, ‖Ŵ−W‖²/‖W‖² averaged over {werr['layers']} layers: ours "
                 f"{werr['mean_rel_mse_ours']:.5f}, torchao {werr['mean_rel_mse_torchao']:.5f}; ours is lower in "

@@ -11,6 +11,11 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
+from bench import values
+
+# a median within this fraction of its bound is "at the limit", not "met": the runs' spread can put it either side
+AT_THE_LIMIT = 0.05
+
 
 @dataclass(frozen=True)
 class Target:
@@ -21,6 +26,7 @@ class Target:
     why: Callable[[dict], str]          # reason and what would close it, from the whole results dict
     # a condition beyond the value (e.g. a time budget): None when it holds, else why the target is missed
     beyond: Callable[[dict], str | None] | None = None
+    limit: float | None = None          # the bound a median (timing, speed-up) is held to; None: not a median
 
 
 def _get(results: dict, *path, default=None):
@@ -178,8 +184,8 @@ def _why_tiny_behaviour(results: dict) -> str:
             f"against {facts['ppl']:.1f} held out, so further passes memorise more than they teach: the corpus is the "
             "limit. A real LLM's sensitivity to low-bit rounding grows with the unique tokens each "
             "parameter has absorbed (SmolLM2-135M: about 15,000); closing the gap needs tens of millions of tokens of "
-            "public-domain English that can ship offline with the app (tests/test_train_tiny.py keeps the missed "
-            "thresholds as strict xfails).")
+            "public-domain English that can ship offline with the app (tests/test_train_tiny.py tests what the model "
+            "does: 2-bit ≥ 2×, 4-bit ≤ 1.05×, 3-bit between them).")
 
 
 def _why_llamacpp(results: dict) -> str:
@@ -282,7 +288,8 @@ def _why_browser(model: str, mark: str):
 def _seconds_target(key: str, limit: float, model: str, mark: str) -> Target:
     how = "one start, model prepared" if mark == "cold" else "median of the moves"
     return Target(key, f"≤ {limit:g} s (in the browser, {how})", lambda v: v <= limit,
-                  lambda v: f"{v:.2f} s against {limit:g} s: {v - limit:.2f} s over", _why_browser(model, mark))
+                  lambda v: f"{v:.2f} s against {limit:g} s: {v - limit:.2f} s over", _why_browser(model, mark),
+                  limit=limit)
 
 
 def _why_abandon(results: dict) -> str:
@@ -342,12 +349,12 @@ TARGETS = [
     Target("ppl_wanda50_over_magnitude50", "≤ 1 (Wanda at or below magnitude)", lambda v: v <= 1.0,
            _ratio_missed(1.0, False), _why_wanda),
     Target("real_int4_decode_speedup", "≥ 3× fp32 decode (real int4)", lambda v: v >= 3.0,
-           _ratio_missed(3.0, True), _why_speed),
-    Target("int4_over_bf16_decode", "≥ 2× bf16 decode", lambda v: v >= 2.0, _ratio_missed(2.0, True), _why_speed),
+           _ratio_missed(3.0, True), _why_speed, limit=3.0),
+    Target("int4_over_bf16_decode", "≥ 2× bf16 decode", lambda v: v >= 2.0, _ratio_missed(2.0, True), _why_speed, limit=2.0),
     Target("int4_prefill_over_bf16", "≥ 1 (4-bit prefill not slower than bf16)", lambda v: v >= 1.0,
-           _ratio_missed(1.0, True), _why_speed),
+           _ratio_missed(1.0, True), _why_speed, limit=1.0),
     Target("real_int8_decode_speedup", "≥ 2.5× fp32 decode (int8 weight-only)", lambda v: v >= 2.5,
-           _ratio_missed(2.5, True), _why_speed),
+           _ratio_missed(2.5, True), _why_speed, limit=2.5),
     Target("int8_ppl_over_bf16", "≤ 1.01 (int8 weight-only within 1% of bf16)", lambda v: v <= 1.01,
            _ratio_missed(1.01, False), _why_quality_runtime),
     Target("int4_ppl_over_simulated", "≤ 1.02 (real int4 within 2% of the simulation)", lambda v: v <= 1.02,
@@ -355,7 +362,7 @@ TARGETS = [
     Target("int4_runtime_bytes_fraction", "≤ 0.35 of fp32 runtime bytes", lambda v: v <= 0.35,
            _ratio_missed(0.35, False), _why_quality_runtime),
     Target("eval_fraction_of_matmul_peak", "≥ 0.5 of matmul peak", lambda v: v >= 0.5,
-           _ratio_missed(0.5, True), _why_eval),
+           _ratio_missed(0.5, True), _why_eval, limit=0.5),
     Target("kd_recovered_fraction_by_temperature", "best T recovers ≥ 0.4 of the loss (mean over seeds)",
            lambda v: _best_recovery(v) >= 0.4, lambda v: f"best mean {_best_recovery(v):.2f} against 0.4",
            _why_kd),
@@ -368,7 +375,7 @@ TARGETS = [
     Target("tiny_ppl_ratio_4bit", "≤ 1.05 (and keeps its quality at 4-bit g128)", lambda v: v <= 1.05,
            _ratio_missed(1.05, False), _why_tiny_behaviour),
     Target("interactive_s_tiny", "≤ 1 s", lambda v: v <= 1.0,
-           lambda v: f"{v:.2f} s against 1 s: {v - 1:.2f} s over", _why_interactive("tiny", 1.0)),
+           lambda v: f"{v:.2f} s against 1 s: {v - 1:.2f} s over", _why_interactive("tiny", 1.0), limit=1.0),
     Target("ppl_ratio_rtn3_g64_vs_torchao", "≤ 1.02 (within 2% of torchao int3, both g64)", lambda v: v <= 1.02,
            _ratio_missed(1.02, False), _why_peer),
     Target("ppl_new3_over_rtn3", "< 1 (MSE grid below RTN at int3 g64)", lambda v: v < 1.0,
@@ -384,7 +391,7 @@ TARGETS = [
     Target("llamacpp_ppl_ratio_q4", "within 2% (llama.cpp on our Q4_0 file vs ours, same codes)",
            lambda v: abs(v - 1) <= 0.02, lambda v: f"{v:.4f}: {100 * abs(v - 1):.1f}% apart", _why_llamacpp),
     Target("interactive_s_default", "≤ 8 s", lambda v: v <= 8.0,
-           lambda v: f"{v:.2f} s against 8 s: {v - 8:.2f} s over", _why_interactive("default", 8.0)),
+           lambda v: f"{v:.2f} s against 8 s: {v - 8:.2f} s over", _why_interactive("default", 8.0), limit=8.0),
     # issue 12: what a person feels in Chromium (bench/browser.py); the tiny model: everything within 1 s
     _seconds_target("browser_first_chart_s_default", 1.0, "default", "first"),
     _seconds_target("browser_all_charts_s_default", 3.0, "default", "all"),
@@ -394,36 +401,50 @@ TARGETS = [
     _seconds_target("browser_all_charts_s_tiny", 1.0, "tiny", "all"),
     _seconds_target("browser_complete_s_tiny", 1.0, "tiny", "complete"),
     Target("first_chart_s_default", "≤ 1 s (evaluate, no browser)", lambda v: v <= 1.0,
-           lambda v: f"{v:.2f} s against 1 s: {v - 1:.2f} s over", _why_interactive("default", 1.0)),
+           lambda v: f"{v:.2f} s against 1 s: {v - 1:.2f} s over", _why_interactive("default", 1.0), limit=1.0),
     Target("generations_s_default", "≤ 5 s (evaluate, no browser)", lambda v: v <= 5.0,
-           lambda v: f"{v:.2f} s against 5 s: {v - 5:.2f} s over", _why_interactive("default", 5.0)),
+           lambda v: f"{v:.2f} s against 5 s: {v - 5:.2f} s over", _why_interactive("default", 5.0), limit=5.0),
     Target("abandon_s_default", "≤ 0.5 s from a new move to the old run stopping", lambda v: v <= 0.5,
-           lambda v: f"{v:.2f} s against 0.5 s", _why_abandon),
+           lambda v: f"{v:.2f} s against 0.5 s", _why_abandon, limit=0.5),
     Target("abandon_distil_s_default", "≤ 0.5 s from a new move to a distilling run stopping", lambda v: v <= 0.5,
-           lambda v: f"{v:.2f} s against 0.5 s", _why_distil_abandon),
+           lambda v: f"{v:.2f} s against 0.5 s", _why_distil_abandon, limit=0.5),
     Target("browser_abandon_s_default", "≤ 0.5 s in the browser from a move during a run to that run stopping",
-           lambda v: v <= 0.5, lambda v: f"{v:.2f} s against 0.5 s", _why_browser_abandon),
+           lambda v: v <= 0.5, lambda v: f"{v:.2f} s against 0.5 s", _why_browser_abandon, limit=0.5),
     Target("browser_abandon_distil_s_default", "≤ 0.5 s in the browser from a change while distilling to that "
-           "run stopping", lambda v: v <= 0.5, lambda v: f"{v:.2f} s against 0.5 s", _why_browser_distil_abandon),
+           "run stopping", lambda v: v <= 0.5, lambda v: f"{v:.2f} s against 0.5 s", _why_browser_distil_abandon, limit=0.5),
     Target("gptq_second_speedup_default", "≥ 2× (a second GPTQ setting, calibration statistics reused)",
-           lambda v: v >= 2.0, _ratio_missed(2.0, True), _why_gptq_reuse),
+           lambda v: v >= 2.0, _ratio_missed(2.0, True), _why_gptq_reuse, limit=2.0),
 ]
 
 
 def check(results: dict) -> list[dict]:
-    """One row per target: value, met, and for a missed target by how much and why."""
+    """One row per target: value, the spread of its runs (timings), a verdict, and for any verdict but "met" why."""
     headline = results.get("headline", {})
     rows = []
     for target in TARGETS:
         value = headline.get(target.key)
-        row = {"key": target.key, "target": target.wanted, "value": value}
-        if value is None:
-            row.update(met=None, note="not measured in this run (see errors)")
-        elif target.met(value) and (beyond := target.beyond and target.beyond(results)):
-            row.update(met=False, note=f"Missed: {beyond}")
-        elif target.met(value):
-            row.update(met=True, note="")
-        else:
-            row.update(met=False, note=f"Missed: {target.missed_by(value)}. {target.why(results)}")
+        row = {"key": target.key, "target": target.wanted, "value": value,
+               "spread": values.spread(results, target.key)}
+        verdict, note = _verdict(target, value, results)
+        row.update(met={"met": True, "missed": False}.get(verdict), verdict=verdict, note=note)
         rows.append(row)
     return rows
+
+
+def _verdict(target: Target, value, results: dict) -> tuple[str, str]:
+    """(verdict, note): "not measured", "failed" (an error entry or 0 is no measurement), "missed", "at the limit"
+    (a median within AT_THE_LIMIT of its bound) or "met"."""
+    if value is None:
+        return "not measured", "not measured in this run (see errors)"
+    bad = values.not_a_measurement(value)
+    if bad is not None:
+        return "failed", f"Failed: {bad}"
+    if not target.met(value):
+        return "missed", f"Missed: {target.missed_by(value)}. {target.why(results)}"
+    beyond = target.beyond and target.beyond(results)
+    if beyond:
+        return "missed", f"Missed: {beyond}"
+    if target.limit is not None and abs(value - target.limit) <= AT_THE_LIMIT * abs(target.limit):
+        return "at the limit", (f"At the limit: {value:.4g} is within {AT_THE_LIMIT:.0%} of {target.limit:g}, "
+                                f"inside the runs' noise. {target.why(results)}")
+    return "met", ""

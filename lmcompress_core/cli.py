@@ -171,8 +171,9 @@ def _cmd_compress(args) -> int:
     from lmcompress_core.runtime.packing import save_compressed
     from lmcompress_core.measure.protocol import calibration_for
 
+    config = config_from_args(args)   # a refused setting fails here, before a model is loaded
     loaded = load_model(args.model)
-    config = with_autopilot(args, loaded, config_from_args(args))
+    config = with_autopilot(args, loaded, config)
     calibration = calibration_for(loaded, config)
     cm = compress(loaded.model, config, calibration=calibration, tokenizer=loaded.tokenizer, callback=ProgressBar())
     written = save_compressed(cm, loaded.model, args.out)
@@ -184,7 +185,7 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from lmcompress_core.export import export_gguf, export_hf, recipes
+    from lmcompress_core.export import export_hf, gguf_refusal, recipes
 
     config = config_from_args(args)
     out = Path(args.out)
@@ -201,12 +202,15 @@ def _cmd_export(args) -> int:
         from lmcompress_core.measure.protocol import calibration_for
         from lmcompress_core.models.loading import load_model
 
+        if args.format == "gguf" and gguf_refusal(config) is not None:   # before loading or compressing anything
+            raise UserError(gguf_refusal(config))
         loaded = load_model(args.model)
         cm = compress(loaded.model, config, calibration=calibration_for(loaded, config), callback=ProgressBar())
         if args.format == "gguf":
             path = out if out.suffix == ".gguf" else out / "model.gguf"
-            result = export_gguf(cm, loaded.tokenizer, path, name=loaded.card.name)
-            summary = {"tensor_types": result.type_counts(), "converted": result.converted}
+            result = _write_gguf(cm, loaded, path)
+            summary = {"tensor_types": result.type_counts(), "converted": result.converted,
+                       "file_bytes": result.file_bytes}
         else:
             path = out
             result = export_hf(cm, loaded.tokenizer, path)
@@ -218,6 +222,18 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _write_gguf(cm, loaded, path: Path):
+    """The GGUF file, its size and types said on stderr before writing, a progress bar while it is written."""
+    from lmcompress_core.compress import Progress
+    from lmcompress_core.export import export_gguf, plan_gguf
+
+    plan = plan_gguf(cm, loaded.tokenizer, name=loaded.card.name)
+    print(f"GGUF: {plan.summary()}", file=sys.stderr)
+    bar = ProgressBar()
+    return export_gguf(cm, loaded.tokenizer, path, name=loaded.card.name, plan=plan,
+                       callback=lambda done, total, tensor: bar(Progress("export", done, total, tensor)))
+
+
 def _cmd_evaluate(args) -> int:
     from lmcompress_core.measure.evaluation import evaluate
     from lmcompress_core.models.loading import load_model
@@ -226,8 +242,9 @@ def _cmd_evaluate(args) -> int:
     protocol = EvalProtocol(eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or args.context,
                             prompt=args.prompt, new_tokens=args.new_tokens, seed=args.seed,
                             latency=not args.no_latency, generation=not args.no_generation)
+    config = config_from_args(args)   # a refused setting fails here, before a model is loaded
     loaded = load_model(args.model)
-    config = with_autopilot(args, loaded, config_from_args(args))
+    config = with_autopilot(args, loaded, config)
     report = evaluate(loaded, config, protocol, callback=ProgressBar())
     data = report.to_dict()
     print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else _summary(data))

@@ -78,6 +78,7 @@ class CompressionConfig:
             raise ValueError(f"runtime must be one of {', '.join(map(repr, RUNTIMES))}; got {self.runtime!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be 'int8' (LM head on the int8 kernel) or 'float'; got {self.head!r}")
+        _check_dynamic_int8(self.runtime, self.quantization)
         for name, kind in (("quantization", QuantizationConfig), ("pruning", PruningConfig),
                            ("distillation", DistillationConfig)):
             value = getattr(self, name)
@@ -119,6 +120,20 @@ class CompressionConfig:
     def key(self) -> str:
         """A stable string for caching: the canonical JSON of the settings."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _check_dynamic_int8(runtime: str, q: QuantizationConfig | None) -> None:
+    """runtime='dynamic_int8' converts 8-bit layers only: any other setting would convert nothing and still carry
+    the int8 label, so it is refused."""
+    if runtime != "dynamic_int8":
+        return
+    if q is None or q.bits != 8:
+        got = "no quantization" if q is None else f"bits={q.bits}"
+        raise ValueError(f"runtime='dynamic_int8' runs 8-bit layers on torch's dynamic int8 kernel and needs bits=8 "
+                         f"(got {got}): set bits=8, or runtime 'real' or 'simulate'")
+    if not q.int8_kernel:
+        raise ValueError("runtime='dynamic_int8' runs 8-bit layers on torch's int8 kernel, but int8_kernel=False asks "
+                         "for them simulated in fp32: drop one of the two")
 
 
 def _build(kind, values: dict):
@@ -272,11 +287,21 @@ def _masks(run: _Run, cfg: PruningConfig, layers: dict[str, nn.Module]) -> dict[
     # the masks read the weights (their scores are new tensors): no copies
     if cfg.scope == "global" and cfg.pattern == "unstructured":
         return global_masks({name: weight_matrix(m, copy=False) for name, m in layers.items()}, cfg.sparsity)
+    if stats is not None:
+        _note_magnitude_fallback(run, [name for name in layers if stats.sq_norm.get(name) is None])
     masks = {}
     for name, m in layers.items():   # should_stop asked between layers: all of them take ~0.3 s on SmolLM2 here
         run.check()
         masks[name] = layer_mask(weight_matrix(m, copy=False), cfg, stats.sq_norm.get(name) if stats else None)
     return masks
+
+
+def _note_magnitude_fallback(run: _Run, names: list[str]) -> None:
+    """Wanda scores need each layer's calibration input norms; layers without them (embeddings) are pruned by
+    magnitude, and the notes say which."""
+    if names:
+        run.notes.append(f"{len(names)} layer(s) without calibration input norms were pruned by magnitude instead "
+                         f"of Wanda: {', '.join(names)}")
 
 
 @register(QuantizationConfig)
@@ -299,9 +324,25 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
             quantized, done = quantized + 1, done + costs[name]
             run.report("quantize", quantized, len(layers), f"layer {quantized} of {len(layers)}: {name}" +
                        eta.text(done, sum(costs.values())), eta.metrics(done, sum(costs.values())))
-    if cfg.method == "gptq" and stats is not None and quantized > len(stats.tokens):
-        run.notes.append("layers without calibration inputs (embeddings) were quantized with RTN")
+    _note_without_inputs(run, cfg, layers, stats)
     run.runtime = "simulate" if cfg.bits == 8 and not cfg.int8_kernel else run.config.runtime
+
+
+def _note_without_inputs(run: _Run, cfg: QuantizationConfig, layers: dict, stats) -> None:
+    """Name the layers the calibrated method could not run as asked (no calibration inputs: embeddings), and what
+    ran instead, so no report calls them GPTQ or output-error MSE."""
+    if stats is None or cfg.method not in ("gptq", "mse"):
+        return
+    quantized = [name for name in layers if cfg.for_layer(name) is not None]
+    if cfg.method == "mse" and cfg.granularity == "tensor":
+        run.notes.append("MSE grid per tensor: one grid spans each whole matrix, so it was fitted on the plain "
+                         "weight error (the calibration Hessian scores groups of inputs)")
+        return
+    missing = [name for name in quantized if stats.hessian.get(name) is None]
+    if missing:
+        instead = "quantized with RTN instead of GPTQ" if cfg.method == "gptq" else \
+            "fitted by the MSE grid on the plain weight error, not the output error"
+        run.notes.append(f"{len(missing)} layer(s) without calibration inputs were {instead}: {', '.join(missing)}")
 
 
 def _kernels_next(run: _Run, cfg: QuantizationConfig) -> bool:

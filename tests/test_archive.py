@@ -123,6 +123,67 @@ def test_lying_size_header_still_capped(tmp_path, private_tempdir, monkeypatch):
     assert list(private_tempdir.iterdir()) == []
 
 
+def _raw(info, data=b""):
+    """One tar member as bytes: its GNU header, then its data padded to whole 512-byte blocks."""
+    info.size = len(data)
+    return info.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def _sparse(name, real_size, data):
+    """A GNU sparse member ('S') that stores ``data`` as its one chunk, at the end of ``real_size`` bytes of holes:
+    a few hundred bytes in the archive, ``real_size`` bytes once expanded."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    block = bytearray(_raw(info, data))
+    block[386:398] = tarfile.itn(real_size - len(data), 12, tarfile.GNU_FORMAT)   # the chunk's offset
+    block[398:410] = tarfile.itn(len(data), 12, tarfile.GNU_FORMAT)               # and its length
+    block[482] = 0                                                                 # no extension headers
+    block[483:495] = tarfile.itn(real_size, 12, tarfile.GNU_FORMAT)               # the expanded size
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block[:512])                               # the header checksum again
+    return bytes(block)
+
+
+def _crafted(path, members):
+    with tarfile.open(path, "w:gz") as probe:   # only for its gzip stream: the members are written raw
+        probe.fileobj.write(b"".join(members) + bytes(2 * tarfile.BLOCKSIZE))
+        probe.offset = 0
+    return path
+
+
+@pytest.fixture
+def headers_read(monkeypatch):
+    """How many tar member headers extraction reads (TarInfo.fromtarfile reads one)."""
+    calls = []
+    original = tarfile.TarInfo.fromtarfile.__func__
+
+    def counted(cls, tarfile_):
+        calls.append(1)
+        return original(cls, tarfile_)
+
+    monkeypatch.setattr(tarfile.TarInfo, "fromtarfile", classmethod(counted))
+    return calls
+
+
+def test_tar_with_many_entries_stops_at_the_limit_while_reading(tmp_path, private_tempdir, headers_read):
+    config = _raw(_info("config.json"), b"{}")
+    path = _crafted(tmp_path / "flood.tar.gz", [config] + [_raw(_info(f"f{i}.txt")) for i in range(20_000)])
+    assert len(tarfile.open(path).getmembers()) == 20_001   # the archive really holds them all
+    headers_read.clear()
+    _assert_rejected(path, private_tempdir, f"more than {archive.MAX_ENTRIES} entries")
+    assert len(headers_read) == archive.MAX_ENTRIES + 1   # stopped at the first entry over the limit
+
+
+def test_huge_sparse_tar_member_stops_reading_at_its_header(tmp_path, private_tempdir, headers_read):
+    members = [_raw(_info("config.json"), b"{}"), _sparse("weights.bin", 1 << 40, b"x" * 512)]
+    path = _crafted(tmp_path / "sparse.tar.gz", members + [_raw(_info(f"f{i}.txt")) for i in range(5_000)])
+    listed = tarfile.open(path).getmember("weights.bin")
+    assert listed.issparse() and listed.size == 1 << 40 and path.stat().st_size < 100_000
+    headers_read.clear()
+    _assert_rejected(path, private_tempdir, "1,099,511,627,778 bytes uncompressed")
+    assert len(headers_read) == 2   # config.json, then the sparse member's header: nothing after it
+
+
 def test_not_an_archive_and_no_config(tmp_path, private_tempdir):
     junk = tmp_path / "junk.zip"
     junk.write_bytes(b"this is not an archive")

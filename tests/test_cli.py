@@ -81,6 +81,26 @@ def test_errors_are_one_line_exit_2(argv, message, capsys):
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "4", "--method", "hqq", "--symmetric"], "method='hqq' fits an asymmetric grid"),
+    (["--bits", "4", "--method", "mse", "--symmetric"], "method='mse' fits an asymmetric grid"),
+    (["--bits", "3", "--method", "hqq", "--grid", "minmax"], "grid='minmax' would be ignored"),
+    (["--bits", "3", "--method", "mse", "--grid", "minmax"], "grid='minmax' would be ignored"),
+    (["--bits", "4", "--runtime", "dynamic_int8"], "needs bits=8 (got bits=4)"),
+    (["--runtime", "dynamic_int8"], "needs bits=8 (got no quantization)"),
+    (["--bits", "8", "--runtime", "dynamic_int8", "--no-int8-kernel"], "int8_kernel=False"),
+])
+@pytest.mark.parametrize("command", ["evaluate", "compress"])
+def test_settings_that_would_run_something_else_are_refused(command, argv, message, tmp_path, capsys):
+    """Each combination that would silently run another method or kernel exits 2 with one error line, before any
+    model is loaded (the model named here does not exist)."""
+    extra = ["--out", str(tmp_path / "out")] if command == "compress" else []
+    assert main([command, "--model", "/no/such/folder", *argv, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_group_size_zero_means_per_channel():
     args = build_parser().parse_args(["evaluate", "--bits", "3", "--group-size", "0", "--symmetric",
                                       "--temperature", "4", "--distill-steps", "5", "--alpha", "0.7"])

@@ -404,6 +404,31 @@ def test_methods_that_need_text_say_so(gpt2):
             compress(gpt2, config)
 
 
+@pytest.mark.parametrize("config, words", [
+    (CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32, method="gptq"), include_embeddings=True,
+                       runtime="simulate"), "quantized with RTN instead of GPTQ: "),
+    (CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32, method="mse"), include_embeddings=True,
+                       runtime="simulate"), "fitted by the MSE grid on the plain weight error, not the output error: "),
+    (CompressionConfig(pruning=PruningConfig(sparsity=0.5, method="wanda"), include_embeddings=True),
+     "pruned by magnitude instead of Wanda: "),
+])
+def test_fallbacks_are_named_in_the_notes(gpt2, config, words):
+    """A layer the calibrated method cannot run as asked (an embedding has no calibration inputs) is named in the
+    notes with what ran instead; the layers that did get their method are not."""
+    cm = compress(gpt2, config, calibration=calibration(gpt2))
+    said = [n for n in cm.notes if words in n]
+    assert len(said) == 1, cm.notes
+    named = said[0].split(words)[1].split(", ")
+    assert "transformer.wte" in named and not any(".attn." in name or ".mlp." in name for name in named)
+
+
+def test_mse_per_tensor_says_it_fits_the_weight_error(gpt2):
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4, granularity="tensor", method="mse"),
+                               runtime="simulate")
+    cm = compress(gpt2, config, calibration=calibration(gpt2))
+    assert any("MSE grid per tensor" in n and "plain weight error" in n for n in cm.notes), cm.notes
+
+
 def test_student_mode_keeps_every_other_block_and_its_masks(random_arch):
     model = random_arch.model
     config = CompressionConfig(pruning=PruningConfig(sparsity=0.5), distillation=DistillationConfig(mode="student", **KD))
@@ -432,6 +457,9 @@ def test_config_round_trips_and_keys_are_stable():
     (lambda: CompressionConfig.from_dict({"quantization": {"bitz": 4}}), "unknown QuantizationConfig"),
     (lambda: CompressionConfig(quantization={"bits": 4}), "QuantizationConfig or None"),
     (lambda: CompressionConfig(include=("(",)), "not a valid regular expression"),
+    (lambda: QuantizationConfig(method="hqq", symmetric=True), "fits an asymmetric grid"),
+    (lambda: QuantizationConfig(method="mse", grid="minmax"), "would be ignored"),
+    (lambda: CompressionConfig(quantization=QuantizationConfig(bits=4), runtime="dynamic_int8"), "needs bits=8"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(build, words):
     with pytest.raises(ValueError, match=words):

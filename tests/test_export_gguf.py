@@ -35,7 +35,9 @@ SETTINGS = {  # name -> (config, the GGUF type its linear layers must get)
     "q8_0": (QuantizationConfig(bits=8, group_size=32, symmetric=True, int8_kernel=False), "Q8_0"),
     "q4_0_channel_gptq": (QuantizationConfig(bits=4, granularity="channel", symmetric=True, method="gptq"), "Q4_0"),
     "q4_1_group128": (QuantizationConfig(bits=4, group_size=128), "Q4_1"),
-    "3bit_f16": (QuantizationConfig(bits=3, group_size=32), "F16"),
+    "3bit_q4_0": (QuantizationConfig(bits=3, group_size=32), "Q4_0"),      # code − zero in [−7, 7]
+    "2bit_mse_q4_0": (QuantizationConfig(bits=2, group_size=64, method="mse"), "Q4_0"),
+    "6bit_q8_0": (QuantizationConfig(bits=6, group_size=32, int8_kernel=False), "Q8_0"),
 }
 
 
@@ -83,12 +85,10 @@ def test_random_llama_reloads_with_our_codes_and_logits(random_llama, tmp_path, 
     result = export_gguf(cm, random_llama.tokenizer, tmp_path / "model.gguf")
     reloaded = _reload(result)
     state = reloaded.state_dict()
-    converted = {entry.split(":")[0] for entry in result.converted}
+    assert not result.converted, "every setting here is held bit for bit"
     for name, qw in quantized_weights(cm).items():
         w = state[f"{name}.weight"]
-        if name in converted:  # F16 of the de-quantized weights
-            assert torch.equal(w, qw.dequantize().to(torch.float16).to(torch.float32)), name
-        elif block_type(qw)[0] == gguf.GGMLQuantizationType.Q4_1:
+        if block_type(qw)[0] == gguf.GGMLQuantizationType.Q4_1:
             bound = FP16_EPS * (qw.zeros.abs() * qw.scales).max() + 1e-12
             assert (w - _fp16_scaled(qw)).abs().max() <= bound, name
         else:
@@ -104,8 +104,8 @@ def test_random_llama_reloads_with_our_codes_and_logits(random_llama, tmp_path, 
         set_weight_matrix_(reference.get_submodule(name), state[f"{name}.weight"])
     assert (_logits(reference, ids) - theirs).abs().max() <= 1e-5 * scale
     linear_types = {t for n, t in result.tensor_types.items() if n.startswith("blk.") and "norm" not in n}
-    if sparsity and expected_type == "Q4_1":  # today's fractional zero-point: pruned zeros need F16
-        assert linear_types <= {"Q4_1", "F16"}
+    if sparsity and expected_type == "Q4_1":  # pruned layers whose zeros Q4_1 cannot keep at 0: Q8_0, exactly
+        assert linear_types <= {"Q4_1", "Q8_0"}
     else:
         assert linear_types == {expected_type}
 
@@ -155,12 +155,14 @@ def test_other_architectures_are_refused_with_a_reason(tmp_path):
     (QuantizationConfig(bits=4, symmetric=True), "Q4_0 bit for bit"),
     (QuantizationConfig(bits=4), "Q4_1 bit for bit"),
     (QuantizationConfig(bits=8, symmetric=True), "Q8_0 bit for bit"),
-    (QuantizationConfig(bits=3), "converted to F16"),
+    (QuantizationConfig(bits=3), "Q4_0 bit for bit"),
+    (QuantizationConfig(bits=6, int8_kernel=False), "Q8_0 bit for bit"),
+    (QuantizationConfig(bits=3, grid="minmax"), "Refused: GGUF export: 3-bit codes with fractional zero-points"),
     (QuantizationConfig(bits=16), "BF16, exactly"),
 ])
 def test_note_says_what_is_exact_before_building(quantization, expected):
     note = gguf_note(CompressionConfig(quantization=quantization, pruning=PruningConfig(sparsity=0.5)))
-    assert expected in note and "stored as zeros" in note
+    assert expected in note and ("stored as zeros" in note or note.startswith("Refused"))
 
 
 def test_cli_exports_the_tiny_model_as_gguf(tmp_path, capsys):
@@ -197,11 +199,13 @@ def test_download_bytes_is_a_gguf_of_the_run_settings(tmp_path):
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "d.gguf")).tensors}
     assert data[:4] == b"GGUF" and types == {"F32", "Q4_0"}
     assert "Q4_0 bit for bit" in download_note(config, "gguf")
-    # the app's real runtime quantizes the LM head to int8 per channel: no GGUF type holds it, so it is converted
+    # the app's real runtime runs the tied LM head and embedding from one int8 table: one Q8_0 token_embd
     real = download_bytes(load_model("tiny"), CompressionConfig(quantization=q).to_dict(), "gguf")
     (tmp_path / "r.gguf").write_bytes(real)
     by_name = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "r.gguf")).tensors}
     assert {t for n, t in by_name.items() if n.startswith("blk.") and "norm" not in n} == {"Q4_0"}
+    assert by_name["token_embd.weight"] == "Q8_0" and "output.weight" not in by_name
+    assert "F16" not in by_name.values()
 
 
 def test_codes_are_read_from_modules_when_they_carry_them(random_llama, tmp_path):
@@ -227,3 +231,86 @@ def test_half_precision_cast_is_written_exactly(random_llama, tmp_path, dtype16,
     state = _reload(result).state_dict()
     for name, p in cm.model.named_parameters():
         assert torch.equal(p.float(), state[name]), name
+
+
+@pytest.mark.parametrize("setting,runtime", [("q4_0", "simulate"), ("q4_1_group128", "real"), ("6bit_q8_0", "real"),
+                                             ("3bit_q4_0", "real")])
+def test_the_plan_says_size_and_types_before_writing_and_the_file_is_that(random_llama, tiny_loaded, tmp_path,
+                                                                          setting, runtime):
+    from lmcompress_core.export import plan_gguf
+
+    for loaded in (random_llama, tiny_loaded):   # untied and tied embeddings
+        cm = compress(loaded.model, CompressionConfig(quantization=SETTINGS[setting][0], runtime=runtime))
+        plan = plan_gguf(cm, loaded.tokenizer)
+        path = tmp_path / f"{loaded.name}-{setting}.gguf"
+        assert not path.exists()
+        result = export_gguf(cm, loaded.tokenizer, path, plan=plan)
+        assert path.stat().st_size == plan.file_bytes == result.file_bytes
+        listed = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+        assert listed == plan.tensor_types == result.tensor_types
+        assert f"{plan.file_bytes / 1e6:.1f} MB" in plan.summary() and "F16" not in listed.values()
+
+
+def test_the_int8_head_is_q8_0_once_when_tied_and_stays_close_to_ours(random_llama, tiny_loaded, tmp_path):
+    """The real runtime runs the LM head (and a tied embedding) from one int8 per-channel table; its codes leave
+    int8 around their zero-points, so the file re-rounds it to Q8_0: each weight within half a Q8_0 step (absmax
+    of its block / 127 / 2, d rounded to fp16) of what our head computes with, and said in `converted`."""
+    q = QuantizationConfig(bits=4, group_size=32)
+    for loaded, tied in ((tiny_loaded, True), (random_llama, False)):
+        cm = compress(loaded.model, CompressionConfig(quantization=q))
+        result = export_gguf(cm, loaded.tokenizer, tmp_path / f"{loaded.name}.gguf")
+        types = result.tensor_types
+        head = "token_embd.weight" if tied else "output.weight"
+        assert types[head] == "Q8_0" and ("output.weight" in types) is not tied
+        assert not tied or "token_embd.weight" in types and list(types).count("token_embd.weight") == 1
+        assert tied or types["token_embd.weight"] == "BF16"   # the untied embedding ran in bf16
+        assert [entry.split(":")[0] for entry in result.converted] == ["model.embed_tokens" if tied else "lm_head"]
+        ours = cm.model.get_output_embeddings().quantized_weight().dequantize()
+        reader = gguf.GGUFReader(str(result.path))
+        raw = next(t for t in reader.tensors if t.name == head)
+        theirs = torch.from_numpy(gguf.quants.dequantize(np.asarray(raw.data), gguf.GGMLQuantizationType.Q8_0))
+        step = ours.reshape(ours.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
+        bound = (step / 2 * (1 + 2 * FP16_EPS) + 127 * step * FP16_EPS).expand(-1, -1, 32).reshape(ours.shape)
+        assert bool(((theirs.reshape(ours.shape) - ours).abs() <= bound + 1e-7).all())
+
+
+def test_progress_is_reported_tensor_by_tensor(random_llama, tmp_path):
+    cm = _compressed(random_llama, SETTINGS["q4_0"][0])
+    calls = []
+    result = export_gguf(cm, random_llama.tokenizer, tmp_path / "m.gguf", callback=lambda *a: calls.append(a))
+    assert [c[2] for c in calls] == list(result.tensor_types)
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and done[-1] == calls[0][1] and len(set(done)) == len(done)
+
+
+def test_codes_no_gguf_type_holds_are_refused_and_nothing_is_written(random_llama, tmp_path, capsys):
+    from lmcompress_core.cli import main
+    from lmcompress_core.export import plan_gguf
+
+    q = QuantizationConfig(bits=3, group_size=32, grid="minmax")
+    cm = _compressed(random_llama, q)
+    for attempt in (lambda: plan_gguf(cm, random_llama.tokenizer),
+                    lambda: export_gguf(cm, random_llama.tokenizer, tmp_path / "x.gguf")):
+        with pytest.raises(ValueError, match="3-bit codes with fractional zero-points .* have no GGUF type"):
+            attempt()
+    assert not (tmp_path / "x.gguf").exists()
+    argv = ["export", "--model", "/no/such/folder", "--bits", "3", "--grid", "minmax", "--format", "gguf",
+            "--out", str(tmp_path / "y")]
+    assert main(argv) == 2   # refused from the settings, before the (missing) model is looked for
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: GGUF export: 3-bit codes") and "\n" not in err and not (tmp_path / "y").exists()
+
+
+def test_a_failed_write_leaves_no_partial_file(random_llama, tmp_path):
+    from lmcompress_core.export import plan_gguf
+
+    cm = _compressed(random_llama, SETTINGS["q4_0"][0])
+    plan = plan_gguf(cm, random_llama.tokenizer)
+
+    def broken():
+        raise RuntimeError("disk full")
+
+    plan.tensors[3].make = broken
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(cm, random_llama.tokenizer, tmp_path / "m.gguf", plan=plan)
+    assert not (tmp_path / "m.gguf").exists()

@@ -361,3 +361,23 @@ def test_layers_fed_the_same_inputs_share_one_hessian_and_are_quantized_together
         alone = gptq_quantize(weight_matrix(layers[name]), hessians[name], cfg)
         assert (qw.codes == alone.codes).float().mean() > 0.999, name
         assert torch.allclose(qw.dequantize(), alone.dequantize(), atol=1e-4 * float(alone.scales.max()) + 1e-6)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("granularity", ["group", "channel", "tensor"])
+def test_symmetric_scales_are_stored_in_16_bits_as_counted(method, granularity):
+    """Symmetric absmax scales are float16 values, so the packed file stores them as float16 (lossless) and the
+    theoretical size's 16 bits per scale is the truth; the zero-points are codes."""
+    from lmcompress_core.compress import compress
+    from lmcompress_core.measure.evaluation import measure_size
+    from lmcompress_core.models.loading import tiny_random_model
+
+    base = tiny_random_model("llama").model
+    ids = torch.randint(base.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    q = QuantizationConfig(bits=4, granularity=granularity, group_size=32, symmetric=True, method=method)
+    cm = compress(base, CompressionConfig(quantization=q, runtime="simulate"), calibration=ids)
+    for module in cm.layers().values():
+        scales = module.quantized_weight().scales
+        assert torch.equal(scales.to(torch.float16).to(torch.float32), scales)
+    assert measure_size(cm, base).scale_dtypes == ["codes", "float16"]
+

@@ -1,21 +1,15 @@
 """GGUF export of a compressed Llama-architecture model (SmolLM2, the tiny model), written with the ``gguf`` package.
 
-What is exact and what is converted, tensor by tensor:
+Which GGUF type each compressed layer gets, bit for bit or re-rounded, and which settings no type can hold
+(refused with the reason), is ``gguf_blocks.py``. Here: the plan of the file — every tensor's GGUF name, type,
+shape and bytes, and the file's exact size — made before anything is written (``plan_gguf``, for a page to show
+before a download), then the file written from it tensor by tensor with a progress callback (``export_gguf``).
 
-* an integer-quantized layer whose grid is a GGUF block type keeps its codes **bit for bit**:
-  4-bit symmetric → Q4_0 (w = d·(q − 8)), 4-bit asymmetric → Q4_1 (w = d·q + m), 8-bit symmetric → Q8_0
-  (w = d·q, q = code − 128). Blocks are 32 weights along the input; a group of 64 or 128, a per-channel or a
-  per-tensor grid repeats its scale in each block, so any group size that is a multiple of 32 maps. GGUF
-  stores d (and m) as float16, so the scales are **rounded to fp16**: the de-quantized weights are exactly
-  (code − zero)·fp16(scale) for Q4_0/Q8_0; Q4_1 also rounds m = −zero·fp16(scale) to fp16 (an error of at
-  most 2⁻¹¹·|m| per weight).
-* pruned weights are written as zeros (GGUF has no sparse type): their code is set to the zero-point, so they
-  de-quantize to exactly 0 as in our model. Q4_1 needs an integer zero-point for that; with a fractional one
-  a pruned layer is written as F16 instead.
-* any other integer grid (2, 3, 5, 6 bits, 8-bit asymmetric) has no matching block type: the de-quantized
-  weights are written as **F16** (rounded, relative error ≤ 2⁻¹¹).
-* float tensors keep the dtype the compressed model holds them in: F32, or BF16/F16 after a 16-bit cast
-  (exact). Norms are F32, as llama.cpp expects. Embeddings are quantized only when the setting compressed them.
+* float tensors keep the dtype the compressed model holds them in: F32, or BF16/F16 after a cast (exact); the
+  real runtime runs the rest of the model in bf16, so there they are BF16. Norms are F32, as llama.cpp expects.
+* a tied input embedding and LM head are one tensor (token_embd; llama.cpp reuses it as the output): the int8
+  table the real runtime runs both from is written once, as Q8_0, never as a float copy beside a duplicate.
+* pruned weights are written as zeros (GGUF has no sparse type).
 
 Tensor names, hyperparameters and the byte-level BPE tokenizer (vocabulary, merges, token types, special ids)
 follow llama.cpp's ``convert_hf_to_gguf`` conventions; q/k rows are permuted into llama.cpp's rotary layout.
@@ -23,7 +17,9 @@ follow llama.cpp's ``convert_hf_to_gguf`` conventions; q/k rows are permuted int
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +28,12 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from lmcompress_core.methods.quantize import QuantizedWeight, _expand
 from lmcompress_core.export._source import config_metadata, quantized_weights
+from lmcompress_core.export.gguf_blocks import (block_type, gguf_note, gguf_refusal, pack_blocks,  # noqa: F401
+                                                rerounded_q8_0, tensor_bytes)
+from lmcompress_core.methods.quantize import QuantizedWeight
 
-BLOCK = 32                                   # weights per Q4_0 / Q4_1 / Q8_0 block
-_SYMMETRIC_ZERO = {4: 8, 8: 128}             # our symmetric zero-point: 2**(bits-1)
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT       # every tensor's data starts on a multiple of this
 _FILE_TYPES = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
                T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, T.F16: gguf.LlamaFileType.MOSTLY_F16,
                T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.F32: gguf.LlamaFileType.ALL_F32}
@@ -48,103 +45,67 @@ _PRE_TOKENIZERS = {  # tokenizer.json pre-tokenizer -> llama.cpp's name for the 
 
 
 @dataclass
+class PlannedTensor:
+    """One tensor of the file as planned: its names, GGUF type, shape, bytes and how it holds the model's values."""
+
+    name: str                # GGUF tensor name ("blk.0.attn_q.weight")
+    source: str              # the model's parameter it comes from
+    kind: T
+    shape: tuple[int, ...]
+    nbytes: int
+    how: str                 # "bit for bit", "float", or why the values were re-rounded
+    make: Callable[[], np.ndarray] = field(repr=False, compare=False)   # the bytes, computed when written
+
+
+@dataclass
+class GGUFPlan:
+    """The file an export will write, known before writing: every tensor and the exact size in bytes."""
+
+    tensors: list[PlannedTensor]
+    metadata_bytes: int      # header, key-values (tokenizer included) and tensor infos
+
+    @property
+    def file_bytes(self) -> int:
+        data = sum(_aligned(t.nbytes) for t in self.tensors)
+        return _aligned(self.metadata_bytes) + data
+
+    @property
+    def tensor_types(self) -> dict[str, str]:
+        return {t.name: t.kind.name for t in self.tensors}
+
+    @property
+    def converted(self) -> list[str]:
+        """Layers whose values are re-rounded (8-bit, not bit for bit), with why."""
+        return [f"{t.source.removesuffix('.weight')}: {t.how}" for t in self.tensors
+                if t.how not in ("bit for bit", "float")]
+
+    def type_counts(self) -> dict[str, int]:
+        return dict(Counter(self.tensor_types.values()))
+
+    def summary(self) -> str:
+        """One line a page can show before the download: size and what is quantized."""
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.type_counts().items(), key=lambda kv: -kv[1]))
+        quantized = sum(t.nbytes for t in self.tensors if t.kind in (T.Q4_0, T.Q4_1, T.Q8_0))
+        return (f"{self.file_bytes / 1e6:.1f} MB ({counts}); {quantized / 1e6:.1f} MB of it in quantized blocks" +
+                (f"; {len(self.converted)} tensor(s) re-rounded to Q8_0" if self.converted else ""))
+
+
+@dataclass
 class GGUFExport:
-    """What export_gguf wrote: the file, each tensor's GGUF type, and what is exact vs converted."""
+    """What export_gguf wrote: the file, each tensor's GGUF type, and what is exact vs re-rounded."""
 
     path: Path
     tensor_types: dict[str, str]             # GGUF tensor name -> type name ("Q4_0", "F32", ...)
-    converted: list[str] = field(default_factory=list)  # layers written as F16 because no block type matches
+    converted: list[str] = field(default_factory=list)  # layers re-rounded to Q8_0 (not bit for bit), with why
     note: str = ""
+    file_bytes: int = 0                      # the size planned before writing (equal to the file's, tested)
 
     def type_counts(self) -> dict[str, int]:
         return dict(Counter(self.tensor_types.values()))
 
 
-# ---------------------------------------------------------------- which GGUF type a layer gets
-def block_type(qw: QuantizedWeight) -> tuple[T | None, str]:
-    """(GGUF block type that holds these codes exactly, "") or (None, why not)."""
-    in_features = qw.shape[1]
-    if in_features % BLOCK or (qw.group_size != -1 and qw.group_size % BLOCK):
-        return None, f"groups of {qw.group_size} over {in_features} inputs do not split into blocks of 32"
-    symmetric = _SYMMETRIC_ZERO.get(qw.bits)
-    if symmetric is not None and bool((qw.zeros == symmetric).all()):
-        return (T.Q4_0 if qw.bits == 4 else T.Q8_0), ""
-    if qw.bits != 4:
-        return None, f"{qw.bits}-bit {'asymmetric ' if qw.bits == 8 else ''}codes have no GGUF block type"
-    if qw.mask is not None and not _q4_1_keeps_zeros(qw):
-        return None, ("pruned weights would not de-quantize to exactly 0 in Q4_1 (m = −zero·d rounded to fp16, or a "
-                      "fractional zero-point)")
-    return T.Q4_1, ""
-
-
-def _q4_1_keeps_zeros(qw: QuantizedWeight) -> bool:
-    """Whether d·zero + m is exactly 0 in every group once d and m are fp16, as llama.cpp de-quantizes Q4_1."""
-    if not bool((qw.zeros == qw.zeros.round()).all()):
-        return False
-    d = qw.scales.to(torch.float16).to(torch.float32)
-    m = (-qw.zeros * d).to(torch.float16).to(torch.float32)
-    return bool((d * qw.zeros + m == 0).all())
-
-
-def gguf_note(config) -> str:
-    """Plain-text summary, from the settings alone, of what a GGUF export keeps exactly and what it converts."""
-    q, parts = config.quantization, []
-    if q is None:
-        parts.append("No quantization: weights are written as F32, exactly.")
-    elif not q.is_integer:
-        parts.append(f"16-bit cast: weights are written as {q.dtype16.upper()}, exactly.")
-    else:
-        kind = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}.get((q.bits, q.symmetric))
-        if kind:
-            parts.append(f"{q.bits}-bit {'symmetric' if q.symmetric else 'asymmetric'} codes are written as {kind} "
-                         "bit for bit; their scales are rounded to fp16 (GGUF stores d and m as float16).")
-        else:
-            parts.append(f"{q.bits}-bit {'symmetric' if q.symmetric else 'asymmetric'} codes have no GGUF block "
-                         "type: the de-quantized weights are converted to F16 (not the codes you measured).")
-        if q.bits == 8 and q.int8_kernel:
-            parts.append("The app ran these layers on torch's int8 kernel (activations rounded at run time); the "
-                         "file holds the 8-bit weights, and llama.cpp rounds activations its own way.")
-    if config.pruning is not None:
-        parts.append("Pruned weights are stored as zeros: GGUF has no sparse type, so the file is not smaller.")
-    parts.append("Norms are F32; embeddings keep the model's float type unless they were compressed.")
-    return " ".join(parts)
-
-
-# ---------------------------------------------------------------- bit-exact blocks
-def _per_block(t: torch.Tensor, group_size: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Per-group values [out, n_groups] (per-tensor [1, 1]) -> one value per block of 32 [out, in / 32]."""
-    return _expand(t, group_size, shape)[:, ::BLOCK].contiguous()
-
-
-def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """[out, nb] values -> [out, nb, 2] little-endian float16 bytes (round to nearest)."""
-    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*x.shape, 2)
-
-
-def _zero_point_codes(qw: QuantizedWeight) -> torch.Tensor:
-    """The codes as uint8 [out, in], pruned positions set to the zero-point so they de-quantize to exactly 0."""
-    codes = qw.codes.clone()
-    if qw.mask is not None:
-        zeros = _expand(qw.zeros, qw.group_size, qw.shape).round().to(torch.uint8)
-        codes[~qw.mask] = zeros[~qw.mask]
-    return codes
-
-
-def pack_blocks(qw: QuantizedWeight, kind: T) -> np.ndarray:
-    """Q4_0 / Q4_1 / Q8_0 bytes [out, in / 32 · block bytes] holding exactly the codes of ``qw``."""
-    out_features, in_features = qw.shape
-    nb = in_features // BLOCK
-    codes = _zero_point_codes(qw).reshape(out_features, nb, BLOCK)
-    d = _per_block(qw.scales, qw.group_size, qw.shape)
-    parts = [_fp16_bytes(d)]
-    if kind == T.Q8_0:
-        parts.append((codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
-    else:
-        if kind == T.Q4_1:  # w = d·q + m with m = −zero·d, d already rounded to fp16
-            zeros = _per_block(qw.zeros, qw.group_size, qw.shape)
-            parts.append(_fp16_bytes(-zeros * d.to(torch.float16).to(torch.float32)))
-        parts.append(codes[..., :BLOCK // 2] | (codes[..., BLOCK // 2:] << 4))  # ggml's nibble order
-    return torch.cat(parts, dim=-1).reshape(out_features, -1).numpy()
+def _aligned(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
 
 
 # ---------------------------------------------------------------- the model's tensors
@@ -182,38 +143,69 @@ def _head_rows(name: str, config, out_features: int) -> torch.Tensor | None:
     return None
 
 
-def _float_array(t: torch.Tensor) -> tuple[np.ndarray, T | None]:
+def _float_tensor(gguf_name: str, pname: str, t: torch.Tensor) -> PlannedTensor:
     """A float tensor as written: 1-D always F32 (norms); 2-D in its own dtype (bf16 as raw 16-bit words)."""
     t = t.detach().cpu()
     if t.dim() == 1 or t.dtype == torch.float32:
-        return t.to(torch.float32).numpy(), None
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(np.uint16), T.BF16
-    return t.to(torch.float16).numpy(), None
+        kind, make = T.F32, lambda: t.to(torch.float32).numpy()
+    elif t.dtype == torch.bfloat16:
+        kind, make = T.BF16, lambda: t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    else:
+        kind, make = T.F16, lambda: t.to(torch.float16).numpy()
+    return PlannedTensor(gguf_name, pname, kind, tuple(t.shape), tensor_bytes(kind, tuple(t.shape)), "float", make)
 
 
-def _tensors(cm, qws: dict[str, QuantizedWeight], converted: list[str]):
-    """(HF parameter name, array, raw GGUF type or None) for every tensor the file holds, in model order."""
+def _quantized_tensor(gguf_name: str, name: str, qw: QuantizedWeight) -> PlannedTensor:
+    """A compressed layer in the GGUF type that holds its codes (re-rounded to Q8_0 where block_type says so)."""
+    kind, why = block_type(qw)
+    if kind is None:
+        raise ValueError(f"GGUF export refused: no GGUF type holds layer {name} ({why}); the Hugging Face export "
+                         "holds any setting")
+    make = (lambda: rerounded_q8_0(qw)) if why else (lambda: pack_blocks(qw, kind))
+    return PlannedTensor(gguf_name, f"{name}.weight", kind, tuple(qw.shape), tensor_bytes(kind, tuple(qw.shape)),
+                         why or "bit for bit", make)
+
+
+def _module_name(model, module) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def _one_table_when_tied(model, qws: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """With tied embeddings llama.cpp reads the output from token_embd: the head's codes (the int8 table both
+    run from) go there, once, and no output tensor is written."""
+    embed, head = (_module_name(model, m) for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+    if not model.config.tie_word_embeddings or head not in qws or embed is None:
+        return qws
+    qws = dict(qws)
+    qws[embed] = qws.pop(head)
+    return qws
+
+
+def _planned_tensors(cm) -> list[PlannedTensor]:
+    """Every tensor the file holds, in model order: compressed layers, then the float parameters left."""
     model, config = cm.model, cm.model.config
-    done = set()
-    for name, module in model.named_modules():
-        qw = qws.get(name)
-        if qw is not None:
-            done.add(f"{name}.weight")
-            rows = _head_rows(name, config, qw.shape[0])
-            qw = qw if rows is None else _permuted(qw, rows)
-            kind, why = block_type(qw)
-            if kind is not None:
-                yield f"{name}.weight", pack_blocks(qw, kind), kind
-            else:
-                converted.append(f"{name}: {why}")
-                yield f"{name}.weight", qw.dequantize().to(torch.float16).numpy(), None
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    qws = _one_table_when_tied(model, quantized_weights(cm))
+    head = _module_name(model, model.get_output_embeddings())
+    planned, done = [], set()
+    for name in (n for n, _ in model.named_modules() if n in qws):
+        rows = _head_rows(name, config, qws[name].shape[0])
+        qw = qws[name] if rows is None else _permuted(qws[name], rows)
+        planned.append(_quantized_tensor(_gguf_name(names, f"{name}.weight"), name, qw))
+        done.add(f"{name}.weight")
     for pname, p in model.named_parameters():
-        if pname in done or (pname == "lm_head.weight" and config.tie_word_embeddings):
+        if pname in done or (config.tie_word_embeddings and pname == f"{head}.weight"):
             continue
-        w = p.detach()  # Llama keeps every matrix as [out, in] (no Conv1D)
-        rows = _head_rows(pname.rsplit(".", 1)[0], config, w.shape[0]) if w.dim() == 2 else None
-        yield (pname, *_float_array(w if rows is None else w[rows]))
+        rows = _head_rows(pname.rsplit(".", 1)[0], config, p.shape[0]) if p.dim() == 2 else None
+        planned.append(_float_tensor(_gguf_name(names, pname), pname, p if rows is None else p.detach()[rows]))
+    return planned
+
+
+def _gguf_name(names, pname: str) -> str:
+    gguf_name = names.get_name(pname, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise ValueError(f"GGUF export: no llama.cpp tensor name for {pname}")
+    return gguf_name
 
 
 # ---------------------------------------------------------------- metadata
@@ -290,42 +282,70 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> Non
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _file_type(types: dict[str, T]) -> gguf.LlamaFileType:
-    """The 'mostly' type llama.cpp shows: the most common type among the 2-D weights."""
-    kind = Counter(types.values()).most_common(1)[0][0]
-    return _FILE_TYPES.get(kind, gguf.LlamaFileType.ALL_F32)
+def _file_type(tensors: list[PlannedTensor]) -> gguf.LlamaFileType:
+    """The 'mostly' type llama.cpp shows: the most common type among the 2-D weights but the token embedding."""
+    kinds = [t.kind for t in tensors if len(t.shape) == 2 and not t.name.startswith("token_embd")] or [T.F32]
+    return _FILE_TYPES.get(Counter(kinds).most_common(1)[0][0], gguf.LlamaFileType.ALL_F32)
 
 
-# ---------------------------------------------------------------- the verb
-def export_gguf(cm, tokenizer, path: str | Path, name: str = "lmcompress export") -> GGUFExport:
-    """Write the compressed model ``cm`` (a CompressedModel of a Llama model) as one GGUF file at ``path``.
-
-    Raises ValueError for other architectures, rope scaling, biases or a tokenizer llama.cpp cannot name.
-    """
+def _writer(cm, tokenizer, path: Path, name: str, tensors: list[PlannedTensor]) -> gguf.GGUFWriter:
+    """A writer holding the file's metadata and every tensor's info (no tensor data yet)."""
     config = cm.model.config
-    _check_llama(config)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _write_hyperparameters(writer, config, name)
     _write_tokenizer(writer, tokenizer, config.vocab_size)
     writer.add_string("lmcompress.compression", json.dumps(config_metadata(cm)))
-    converted, types, weight_types = [], {}, {}
-    for pname, array, raw in _tensors(cm, quantized_weights(cm), converted):
-        gguf_name = names.get_name(pname, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ValueError(f"GGUF export: no llama.cpp tensor name for {pname}")
-        writer.add_tensor(gguf_name, array, raw_dtype=raw)
-        kind = raw if raw is not None else {np.float32: T.F32, np.float16: T.F16}[array.dtype.type]
-        types[gguf_name] = kind.name
-        if array.ndim == 2 and not gguf_name.startswith("token_embd"):
-            weight_types[gguf_name] = kind
-    writer.add_file_type(_file_type(weight_types or {"": T.F32}))
+    writer.add_file_type(_file_type(tensors))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for t in tensors:   # a non-uint8 dtype: the shape is taken as the tensor's own, not a byte shape
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    return writer
+
+
+# ---------------------------------------------------------------- the verbs
+def plan_gguf(cm, tokenizer, name: str = "lmcompress export") -> GGUFPlan:
+    """The file ``export_gguf`` would write, before writing it: each tensor's GGUF type, shape and bytes, what is
+    bit for bit and what re-rounded, and the exact file size (its metadata is written to a temporary file to be
+    counted; no tensor data is computed).
+
+    Raises ValueError for other architectures, rope scaling, biases, a tokenizer llama.cpp cannot name, and codes
+    no GGUF type holds (``gguf_refusal`` says which settings, from the settings alone).
+    """
+    _check_llama(cm.model.config)
+    refusal = gguf_refusal(cm.config)
+    if refusal is not None:
+        raise ValueError(refusal)
+    tensors = _planned_tensors(cm)
+    with tempfile.TemporaryDirectory(prefix="lmcompress-gguf-plan-") as folder:
+        writer = _writer(cm, tokenizer, Path(folder) / "plan.gguf", name, tensors)
+        metadata_bytes = writer.fout[0].tell()
+        writer.close()
+    return GGUFPlan(tensors, metadata_bytes)
+
+
+def export_gguf(cm, tokenizer, path: str | Path, name: str = "lmcompress export",
+                callback: Callable[[int, int, str], None] | None = None, plan: GGUFPlan | None = None) -> GGUFExport:
+    """Write the compressed model ``cm`` (a CompressedModel of a Llama model) as one GGUF file at ``path``, tensor
+    by tensor as ``plan`` (``plan_gguf``'s, made here when not given) lays it out; ``callback(bytes_done,
+    bytes_total, tensor_name)`` after each tensor. A failed write leaves no partial file."""
+    plan = plan or plan_gguf(cm, tokenizer, name)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = _writer(cm, tokenizer, path, name, plan.tensors)
+    try:
+        done, total = 0, sum(t.nbytes for t in plan.tensors)
+        for t in plan.tensors:
+            writer.write_tensor_data(t.make())   # checks the bytes against the planned size
+            done += t.nbytes
+            if callback is not None:
+                callback(done, total, t.name)
+    except BaseException:
+        writer.close()
+        path.unlink(missing_ok=True)
+        raise
     writer.close()
-    note = gguf_note(cm.config) + (f" Converted to F16: {len(converted)} layer(s)." if converted else "")
-    return GGUFExport(path, types, converted, note)
+    note = gguf_note(cm.config) + (f" Re-rounded to Q8_0: {len(plan.converted)} tensor(s)." if plan.converted else "")
+    return GGUFExport(path, plan.tensor_types, plan.converted, note, plan.file_bytes)

@@ -127,7 +127,8 @@ def calibration_for(loaded, config, protocol: EvalProtocol | None = None, n_samp
     Distillation raises n_samples to what its steps consume (``DistillationConfig.calibration_windows``).
 
     The tiny model calibrates on its training text; other models on the part of their evaluation text after
-    the tokens the protocol scores, so calibration never sees a scored token.
+    the tokens the protocol scores, so calibration never sees a scored token: a text too short to leave
+    ``seq_len`` unscored tokens is refused (ValueError saying how long it must be).
     """
     from lmcompress_core import data
 
@@ -141,9 +142,19 @@ def calibration_for(loaded, config, protocol: EvalProtocol | None = None, n_samp
     ids = data.token_ids(loaded.tokenizer, evaluation_text(loaded.name, protocol.text)[1])
     if ids.numel() == 0:
         raise ValueError("the evaluation text gives no tokens, so there is nothing to calibrate on: paste some text")
-    unscored = ids[protocol.eval_tokens + 1:]
-    ids = unscored if unscored.numel() > seq_len else ids  # a short pasted text: calibrate on all of it
-    if ids.numel() <= seq_len:
-        ids = ids.repeat(seq_len // max(ids.numel(), 1) + 2)
+    ids = _unscored(ids, protocol.eval_tokens, seq_len)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=torch.Generator().manual_seed(0))
     return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+def _unscored(ids: torch.Tensor, eval_tokens: int, seq_len: int) -> torch.Tensor:
+    """The tokens after the scored ones (perplexity scores the first eval_tokens + 1 positions), or a ValueError
+    when fewer than one calibration window is left: calibrating on scored tokens would fit the test set."""
+    scored = min(eval_tokens + 1, ids.numel())
+    unscored = ids[scored:]
+    if unscored.numel() < seq_len:
+        raise ValueError(f"calibration needs {seq_len} tokens that are never scored, but the text gives "
+                         f"{ids.numel()} tokens and perplexity scores the first {scored}: paste a longer text (at "
+                         f"least {eval_tokens + 1 + seq_len} tokens) or score fewer tokens")
+    return unscored
+

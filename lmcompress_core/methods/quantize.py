@@ -13,7 +13,7 @@ architecture runs unchanged and the codes can be bit-packed. Asymmetric grids (`
 - ``grid="minmax"``: the seed's formula, kept for teaching, with a fractional zero-point
   x_q = round((x − x_min) / (x_max − x_min) · (q_max − q_min) + q_min),   q_min = 0, q_max = 2^bits − 1.
 
-The symmetric grid is absmax: x_q = round(x / s), s = max|x| / (2^(bits−1) − 1). ``method="hqq"`` fits each
+The symmetric grid is absmax: x_q = round(x / s), s = max|x| / (2^(bits−1) − 1) rounded to a float16 value. ``method="hqq"`` fits each
 group's zero-point by half-quadratic optimisation (``hqq.py``); ``method="mse"`` searches each group's scale and
 integer zero-point for the least output error, δᵀHδ with H the second moment of the group's calibration inputs
 (``grid_search.py``); ``layer_bits`` gives layers their own bit-width (mixed precision,
@@ -86,6 +86,7 @@ class QuantizationConfig:
         _choice("method", self.method, METHODS)
         _choice("grid", self.grid, GRIDS)
         _choice("dtype16", self.dtype16, ("bf16", "fp16"))
+        _check_fitted_grid(self.method, self.symmetric, self.grid)
         if not isinstance(self.damp, (int, float)) or not 0 < self.damp <= 1:
             raise ValueError(f"damp (GPTQ Hessian damping) must be in (0, 1], typically 0.01; got {self.damp!r}")
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
@@ -141,6 +142,19 @@ def _checked_layer_bits(value) -> tuple[tuple[str, int], ...]:
                              f"layer float); got {bits!r}")
         pairs.append((pattern, int(bits)))
     return tuple(pairs)
+
+
+def _check_fitted_grid(method: str, symmetric: bool, grid: str) -> None:
+    """HQQ and MSE fit their own asymmetric grid (integer zero-point, 0 on the grid): a setting asking for another
+    grid would silently run something else, so it is refused."""
+    if method not in ("hqq", "mse"):
+        return
+    if symmetric:
+        raise ValueError(f"method={method!r} fits an asymmetric grid (a zero-point per group); symmetric=True would "
+                         "run the plain absmax grid instead: set symmetric=False, or use method 'rtn' or 'gptq'")
+    if grid != "integer-zero":
+        raise ValueError(f"method={method!r} fits its own integer-zero grid; grid={grid!r} would be ignored: use "
+                         "grid='integer-zero', or method 'rtn' for the seed's min-max rule")
 
 
 def _choice(field: str, value, allowed: tuple) -> None:
@@ -212,10 +226,10 @@ def grid_parameters(x: torch.Tensor, bits: int, grid: str = "integer-zero",
     The one implementation of every grid (RTN, GPTQ, the Learn page): symmetric absmax, or the asymmetric
     ``grid`` ("integer-zero": 0 on the grid, integer zero-point; "minmax": the seed's fractional zero-point).
     """
-    if symmetric:
+    if symmetric:   # scales rounded to float16 values, as the packed file stores and the size model counts them
         half = 2 ** (bits - 1)
         absmax = x.abs().amax(dim=1, keepdim=True)
-        scale = torch.where(absmax > 0, absmax / (half - 1), torch.ones_like(absmax))
+        scale = fp16_exact(torch.where(absmax > 0, absmax / (half - 1), torch.ones_like(absmax)))
         return scale, torch.full_like(scale, float(half))
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     if grid == "minmax":

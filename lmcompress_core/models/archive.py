@@ -1,10 +1,13 @@
 """Unpack an uploaded model archive (.zip, .tar, .tar.gz/.tgz) safely into a fresh temporary folder.
 
-Uploaded archives are untrusted. Every member is checked before anything is written, and any bad
-member rejects the whole archive: absolute paths, `..` components, drive letters, symlinks and
-hardlinks, device files, too many entries, or a total uncompressed size over the cap (zip bombs).
-Extraction then copies member bytes by hand into the temp folder with a running byte count, so even
-a lying header cannot write more than the cap. The caller loads the folder with models.load_model.
+Uploaded archives are untrusted. Any bad member rejects the whole archive (the temp folder is removed):
+absolute paths, `..` components, drive letters, symlinks and hardlinks, device files, too many entries,
+or a total uncompressed size over the cap (zip bombs, sparse tar members declaring terabytes). A zip's
+members come from its central directory and are all checked before anything is written. A tar has no
+directory: its members are read one header at a time and counted (entries and declared expanded bytes)
+as they are read, so the first member over a limit stops the reading — an archive of millions of
+entries is never listed whole. Member bytes are copied by hand with a running byte count, so even a
+lying header cannot write more than the cap. The caller loads the folder with models.load_model.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -35,6 +39,7 @@ class _Member:
     size: int
     is_dir: bool
     is_file: bool
+    ref: object = None    # the archive's own entry (ZipInfo, TarInfo): opened directly, never looked up by name
 
 
 def _safe_relative(name: str) -> PurePosixPath:
@@ -55,50 +60,79 @@ def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
         mode = (info.external_attr >> 16) & 0o170000
         if mode == 0o120000:  # the Unix mode bits say symlink
             raise ArchiveError(f"archive rejected: {info.filename!r} is a symbolic link")
-        members.append(_Member(info.filename, info.file_size, info.is_dir(), not info.is_dir()))
+        members.append(_Member(info.filename, info.file_size, info.is_dir(), not info.is_dir(), info))
     return members
 
 
-def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
-    """Tar entries as _Member; links, devices and fifos reject the archive."""
-    members = []
-    for info in archive.getmembers():
+def _tar_members(archive: tarfile.TarFile) -> Iterator[_Member]:
+    """Tar entries as _Member, one header read per entry asked for (never the whole list: ``getmembers()``
+    would read every header of the archive before any limit applies); links, devices and fifos reject it."""
+    while (info := archive.next()) is not None:
         if info.issym() or info.islnk():
             raise ArchiveError(f"archive rejected: {info.name!r} is a link")
         if not (info.isfile() or info.isdir()):
             raise ArchiveError(f"archive rejected: {info.name!r} is a device, fifo or other special file")
-        members.append(_Member(info.name, info.size, info.isdir(), info.isfile()))
-    return members
+        yield _Member(info.name, info.size, info.isdir(), info.isfile(), info)
+
+
+class _Limits:
+    """Entries and expanded bytes counted as members are read, and bytes as they are written; the first count
+    over its limit rejects the archive."""
+
+    def __init__(self, max_entries: int, max_total_bytes: int):
+        self.max_entries, self.max_total_bytes = max_entries, max_total_bytes
+        self.entries = self.declared = self.written = 0
+
+    def admit(self, member: _Member) -> None:
+        """Count one member read from the archive: its path, the entry count and its declared size."""
+        _safe_relative(member.name)
+        self.entries += 1
+        if self.entries > self.max_entries:
+            raise ArchiveError(f"archive rejected: more than {self.max_entries} entries (stopped reading at "
+                               f"entry {self.entries})")
+        self.declared += max(member.size, 0)
+        if self.declared > self.max_total_bytes:
+            raise ArchiveError(f"archive rejected: at least {self.declared:,} bytes uncompressed, at most "
+                               f"{self.max_total_bytes:,} allowed")
+
+    def charge(self, n_bytes: int) -> None:
+        """Count bytes written: a lying size header still stops at the cap."""
+        self.written += n_bytes
+        if self.written > self.max_total_bytes:
+            raise ArchiveError("archive rejected: uncompressed data exceeds the size cap")
 
 
 def check_members(members: list[_Member], max_entries: int = MAX_ENTRIES,
                   max_total_bytes: int = MAX_TOTAL_BYTES) -> None:
-    """All-or-nothing checks on the declared entries: count, paths and total size."""
-    if len(members) > max_entries:
-        raise ArchiveError(f"archive rejected: {len(members)} entries, at most {max_entries} allowed")
-    total = 0
+    """All-or-nothing checks on a listed archive's declared entries (a zip's directory): count, paths, size."""
+    limits = _Limits(max_entries, max_total_bytes)
     for member in members:
-        _safe_relative(member.name)
-        total += max(member.size, 0)
-    if total > max_total_bytes:
-        raise ArchiveError(f"archive rejected: {total:,} bytes uncompressed, at most {max_total_bytes:,} allowed")
+        limits.admit(member)
 
 
-def _copy_capped(source: BinaryIO, target: Path, budget: list[int]) -> None:
-    """Copy bytes while charging them to the shared budget; a lying size header still stops at the cap."""
+def _admitted(members: Iterator[_Member], limits: _Limits) -> Iterator[_Member]:
+    """Members as they are read, each counted before it is handed on."""
+    for member in members:
+        limits.admit(member)
+        yield member
+
+
+def _copy_capped(source: BinaryIO, target: Path, limits: _Limits) -> None:
+    """Copy bytes while charging them to the archive's running count."""
     with open(target, "xb") as out:
         while chunk := source.read(CHUNK):
-            budget[0] -= len(chunk)
-            if budget[0] < 0:
-                raise ArchiveError("archive rejected: uncompressed data exceeds the size cap")
+            limits.charge(len(chunk))
             out.write(chunk)
 
 
-def _open(path: Path):
-    """(archive object, member list, opener of member bytes) for a zip or tar file."""
+def _open(path: Path, limits: _Limits):
+    """(archive object, members to extract, opener of member bytes) for a zip or tar file: a zip's members
+    checked whole first, a tar's read and counted one by one as extraction asks for them."""
     if zipfile.is_zipfile(path):
         archive = zipfile.ZipFile(path)
-        return archive, _zip_members(archive), lambda m: archive.open(m.name)
+        members = _zip_members(archive)
+        check_members(members, limits.max_entries, limits.max_total_bytes)
+        return archive, members, lambda m: archive.open(m.ref)
     try:
         archive = tarfile.open(path, mode="r:*")
     except (tarfile.TarError, OSError):
@@ -106,7 +140,7 @@ def _open(path: Path):
         # a person needs to know what the file should be, not which decoders failed
         raise ArchiveError("not a model archive: the file is neither a .zip nor a .tar / .tar.gz / .tar.bz2 / "
                            ".tar.xz archive") from None
-    return archive, _tar_members(archive), lambda m: archive.extractfile(m.name)
+    return archive, _admitted(_tar_members(archive), limits), lambda m: archive.extractfile(m.ref)
 
 
 def _model_root(folder: Path) -> Path:
@@ -119,6 +153,18 @@ def _model_root(folder: Path) -> Path:
     raise ArchiveError("archive rejected: no config.json at its root or in a single top-level folder")
 
 
+def _extract(members: Iterable[_Member], open_member, dest: Path, limits: _Limits) -> None:
+    """Write each member under ``dest`` as it comes, its bytes counted (the caller removes dest on any error)."""
+    for member in members:
+        target = dest.joinpath(*_safe_relative(member.name).parts)
+        if member.is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open_member(member) as source:
+            _copy_capped(source, target, limits)
+
+
 def extract_model_archive(path: str | Path, max_entries: int = MAX_ENTRIES,
                           max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
     """Check then extract `path` into a new temporary folder; return the folder holding config.json.
@@ -126,20 +172,12 @@ def extract_model_archive(path: str | Path, max_entries: int = MAX_ENTRIES,
     On any rejection nothing is left behind (the temp folder is removed) and ArchiveError is raised.
     On success the caller owns the temp folder (remove it with shutil.rmtree when done).
     """
-    archive, members, open_member = _open(Path(path))
     dest = Path(tempfile.mkdtemp(prefix="lmcompress-upload-"))
     try:
+        limits = _Limits(max_entries, max_total_bytes)
+        archive, members, open_member = _open(Path(path), limits)
         with archive:
-            check_members(members, max_entries, max_total_bytes)
-            budget = [max_total_bytes]
-            for member in members:
-                target = dest.joinpath(*_safe_relative(member.name).parts)
-                if member.is_dir:
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open_member(member) as source:
-                    _copy_capped(source, target, budget)
+            _extract(members, open_member, dest, limits)
         return _model_root(dest)
     except (ArchiveError, zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
         shutil.rmtree(dest, ignore_errors=True)

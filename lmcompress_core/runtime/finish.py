@@ -23,6 +23,9 @@ KERNEL_INT8_DYNAMIC = "int8 (real, torch dynamic; activations quantized too)"
 KERNEL_INT8 = "int8 weight-only (real, aten int8pack), bf16 activations"
 HEAD_INT8 = "LM head int8 (real, aten int8pack)"
 HEAD_FLOAT = "LM head bf16"
+# on CUDA, Int8Linear widens its int8 codes to bf16 at every call and runs a dense bf16 GEMM (kernels._int8_mm):
+# int8 storage, bf16 speed; the label says so instead of naming a kernel that does not run there
+INT8_ON_CUDA = "int8 storage widened to bf16 per call (CUDA: dense bf16 GEMM, no int8 kernel)"
 
 
 def few(names: list[str], shown: int = 3) -> str:
@@ -45,7 +48,7 @@ def finish_real(run) -> None:
                          f"{few(names)}")
     head = _finish_head(run)
     cast_rest_(run.model, torch.bfloat16)
-    run.kernel = _real_label(run.model, head)
+    run.kernel = real_label(run.model, head)
 
 
 def _finish_head(run) -> str:
@@ -90,8 +93,9 @@ def _same_values(source: torch.Tensor, w: torch.Tensor) -> bool:
     return torch.equal(source.to(w.dtype), w)
 
 
-def _real_label(model: nn.Module, head: str) -> str:
-    """Which bits run on which kernel, from the modules that are really there."""
+def real_label(model: nn.Module, head: str) -> str:
+    """Which bits run on which kernel, from the modules that are really there and the device they are on (call it
+    again after moving the model: on CUDA the int8 layers run no int8 kernel)."""
     parts = []
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if int4:
@@ -104,7 +108,11 @@ def _real_label(model: nn.Module, head: str) -> str:
     if int8:
         narrow = sorted({m.bits for m in int8 if m.bits < 8})
         codes = f"; {'/'.join(map(str, narrow))}-bit codes" if narrow else ""
-        parts.append(f"int8 weight-only (real, aten int8pack{codes})")
+        on_cuda = int8[0].weight_int8.device.type == "cuda"
+        parts.append(f"int8 weight-only ({INT8_ON_CUDA}{codes})" if on_cuda else
+                     f"int8 weight-only (real, aten int8pack{codes})")
+    if isinstance(head_module, Int8Linear) and head_module.weight_int8.device.type == "cuda" and head == HEAD_INT8:
+        head = f"LM head int8 ({INT8_ON_CUDA})"
     dequant = [m for m in model.modules() if isinstance(m, DequantLinear)]
     if dequant:
         parts.append(f"{len(dequant)} layer(s) de-quantized once to dense bf16 (no kernel takes them: bf16 "

@@ -254,7 +254,7 @@ def int8_refusal(qw: QuantizedWeight) -> str | None:
 INT8_WIDEN_FROM_ROWS = 48
 INT8_WIDEN_NOTE = (f"Int8 layers take {INT8_WIDEN_FROM_ROWS}+ tokens at once (a prompt, a perplexity window) as "
                    "one bf16 GEMM on their codes widened to bf16 per call (int8pack works row by row and is slower "
-                   "there); one token at a time on int8pack")
+                   "there); one token at a time on int8pack. On CUDA every call is widened (no int8 kernel runs)")
 
 
 def _int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
