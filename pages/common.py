@@ -535,16 +535,37 @@ def describe_config(config: dict | None) -> str:
 
 
 def export_download(report: dict, key: str) -> None:
-    """Download the compressed model of ``report`` as GGUF or a Hugging Face folder, built only when clicked,
-    with what is exact and what is converted said before the download."""
+    """Download the compressed model of ``report`` as GGUF or a Hugging Face folder. The file is built only on
+    request (compressing a copy and writing it takes seconds to a minute, with progress); its size and what is
+    quantized are shown before the download. A setting no GGUF type can hold says why instead of a button."""
     from lmcompress_core import export
+    from lmcompress_core.compress import Cancelled, CompressionConfig
 
     fmt = st.radio("Export format", list(export.FORMATS), format_func=lambda f: export.FORMATS[f][0],
                    horizontal=True, key=f"{key}_format")
-    st.caption(export.download_note(report["config"], fmt))
+    refusal = export.gguf_refusal(CompressionConfig.from_dict(report["config"])) if fmt == "gguf" else None
+    if refusal:
+        st.warning(md_escape(f"No GGUF file for this setting: {refusal}"))
+        return
+    st.caption(md_escape(export.download_note(report["config"], fmt)))
+    wanted = (report.get("run_key"), fmt)
+    ready = st.session_state.get("export")   # one prepared file per session (a GGUF of SmolLM2 is ~100 MB)
+    if ready is None or ready["for"] != wanted:
+        if not st.button("Prepare the file", key=f"{key}_prepare"):
+            return
+        bar = st.progress(0.0, text="compressing a copy")
+        try:
+            made = export.prepare_download(loaded_model(report["model"]), report["config"], fmt,
+                                           callback=timed_callback(bar, "export"))
+        except (Cancelled, ValueError) as exc:
+            error("Not exported", exc)
+            return
+        bar.empty()
+        ready = st.session_state["export"] = {"for": wanted, "data": made.data, "summary": made.summary}
+    st.caption(md_escape(f"Ready: {ready['summary']}."))
     label, file_name, mime = export.FORMATS[fmt]
-    st.download_button(f"Download {label}", file_name=file_name, mime=mime, key=f"{key}_download",
-                       data=lambda: export.download_bytes(loaded_model(report["model"]), report["config"], fmt))
+    st.download_button(f"Download {label}", data=ready["data"], file_name=file_name, mime=mime,
+                       key=f"{key}_download")
 
 
 def config_heading(config: dict | None) -> None:

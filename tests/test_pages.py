@@ -560,3 +560,19 @@ def test_work_stops_when_its_tab_is_closed(monkeypatch):
     with pytest.raises(Cancelled):
         callback(2, 4, "3-bit")
     assert common.should_stop()
+
+
+def test_an_export_says_its_size_and_what_is_quantized_before_the_download():
+    at = app().run()
+    at.switch_page("pages/report.py").run()
+    no_exceptions(at)
+    assert not at.get("download_button") or all("GGUF" not in b.proto.label for b in at.get("download_button"))
+    at.button(key="report_export_prepare").click().run()
+    no_exceptions(at)
+    ready = next(c.value for c in at.caption if c.value.startswith("Ready"))
+    assert "MB" in ready and "Q4" in ready                         # the plan's size and its block types
+    assert any("GGUF" in b.proto.label for b in at.get("download_button"))
+    at.switch_page("pages/explore.py").run()
+    at.select_slider(key="bits").set_value(8).run()
+    at.switch_page("pages/report.py").run()                        # another setting: prepared again on request
+    assert at.button(key="report_export_prepare")

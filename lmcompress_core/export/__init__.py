@@ -6,12 +6,13 @@
     export_hf(cm, tokenizer, folder)      -> HFExport     de-quantized safetensors any transformers loads
     recipes(config)                       -> Recipes      llm-compressor YAML, GPTQModel config, llama-quantize
     gguf_note(config)                     -> str          what a GGUF export keeps exactly, before building it
-    download_bytes(model, config, fmt)    -> bytes        one export as a file, for the app's download button
+    prepare_download(model, config, fmt)  -> Download     one export as a file and what it holds, for the app
+    download_bytes(model, config, fmt)    -> bytes        the same file's bytes alone
 """
-from lmcompress_core.export.download import FORMATS, download_bytes, download_note
+from lmcompress_core.export.download import FORMATS, Download, download_bytes, download_note, prepare_download
 from lmcompress_core.export.gguf import GGUFExport, GGUFPlan, export_gguf, gguf_note, gguf_refusal, plan_gguf
 from lmcompress_core.export.hf import HFExport, export_hf
 from lmcompress_core.export.recipes import Recipes, recipes
 
-__all__ = ["FORMATS", "GGUFExport", "GGUFPlan", "HFExport", "Recipes", "download_bytes", "download_note", "export_gguf",
-           "export_hf", "gguf_note", "gguf_refusal", "plan_gguf", "recipes"]
+__all__ = ["FORMATS", "Download", "GGUFExport", "GGUFPlan", "HFExport", "Recipes", "download_bytes", "download_note",
+           "export_gguf", "export_hf", "gguf_note", "gguf_refusal", "plan_gguf", "prepare_download", "recipes"]
