@@ -553,3 +553,30 @@ def test_an_abandoned_run_stops_within_one_unit_of_work_and_caches_nothing(loade
             handle.remove()
         assert len(forwards) - flipped[0] <= 1 + protocol.decode_tokens, stop_at
         assert evaluation.cached_report(loaded, config, protocol) is None
+
+
+def test_a_speed_timed_on_a_busy_machine_is_marked_and_never_cached(loaded, monkeypatch):
+    """A latency taken while more work waited than there are cores is shown with its load, and the report is not
+    kept: the same setting asked again is timed again (a cached slow time was shown 40 minutes later before)."""
+    from lmcompress_core.measure import speed
+    from lmcompress_core.report import plots
+
+    monkeypatch.setattr(speed, "machine_load", lambda: (9.0, True))
+    config = CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32), runtime="simulate")
+    report = evaluation.evaluate(loaded, config, FAST)
+    assert report.latency.busy and report.latency.load_average == 9.0
+    assert evaluation.cached_report(loaded, config, FAST) is None
+    assert "busy (load 9.0" in plots.headlines(report.to_dict())["latency"]
+    monkeypatch.setattr(speed, "machine_load", lambda: (0.3, False))
+    again = evaluation.evaluate(loaded, config, FAST)
+    assert not again.latency.busy and evaluation.cached_report(loaded, config, FAST) is not None
+
+
+def test_the_machine_load_reads_busy_only_past_the_cores(monkeypatch):
+    from lmcompress_core.measure import speed
+
+    monkeypatch.setattr(speed.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("LMCOMPRESS_BUSY_LOAD", raising=False)
+    for load, busy in ((0.4, False), (2.6, False), (4.1, True), (7.0, True)):
+        monkeypatch.setattr(speed.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert speed.machine_load() == (load, busy)

@@ -68,12 +68,18 @@ def test_the_reader_gets_the_setting_and_the_comparison_first_and_the_internals_
 
 def test_summary_says_how_each_comparison_was_measured():
     report = fake_report()
-    report["base_latency"] = {"decode_tokens_per_s": 150.0}
-    report["speed"] = {"decode_text": "×2.00"}
+    report["base_latency"] = {"decode_tokens_per_s": 150.0, "prefill_ms": 3.05}
+    report["speed"] = {"decode_text": "×2.00", "decode_ratio": 2.0, "prefill_ratio": 0.61}
     rows = {what: (value, how) for what, value, how in html_report.summary_rows(report)}
     assert rows["Size"][0].startswith("2 MB, 25% of the original") and "simulated" in rows["Size"][1]
-    assert "300 tokens per second" in rows["Speed"][0] and "against 150" in rows["Speed"][0]
-    assert "(×2.00)" in rows["Speed"][0] and "alternately" in rows["Speed"][1] and "5 timed runs" in rows["Speed"][1]
+    speed, how = rows["Speed"]
+    assert "300 tokens per second" in speed and "(150 tokens per second, 3.05 ms)" in speed
+    assert "generating is 2× faster and reading the prompt 1.6× slower" in speed   # prefill too, in words
+    assert "alternately" in how and "5 timed runs" in how
+    del report["speed"], report["base_latency"]
+    report["latency"]["source"] = "greedy generation"           # exploring: no ratio, and the sentence says so
+    speed, how = {w: (v, h) for w, v, h in html_report.summary_rows(report)}["Speed"]
+    assert "faster" not in speed and "slower" not in speed and "no ratio" in how and "alternately" not in how
     assert "same 512 tokens of 'tiny-heldout'" in rows["Quality"][1] and "90%" in rows["Quality"][0]
 
 

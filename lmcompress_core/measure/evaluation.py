@@ -341,7 +341,8 @@ def evaluate(loaded, config, protocol: EvalProtocol | None = None, *, compressed
     with threads.running(loaded.model):
         report = _evaluate(loaded, config, protocol, compressed, calibration, _Stages(callback, should_stop),
                            (text_label, text_body, text_hash), ppl_key if use_cache else None)
-    if use_cache:
+    # a speed timed while the machine was busy is shown (marked) but never handed out again as this setting's speed
+    if use_cache and not (report.latency is not None and report.latency.busy):
         _CACHE.put(report_key, copy.deepcopy(report))
     return report
 

@@ -6,6 +6,7 @@ tokens/s <= bandwidth / bytes per token.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class LatencyReport:
     prefill_ms_runs: list | None = None         # every timed run, in order (the median is taken over these)
     decode_tokens_per_s_runs: list | None = None
     source: str = "timed runs"     # or "greedy generation": read off the generation the page shows (exploring)
+    load_average: float | None = None   # the machine's 1-minute load average when the timing ended
+    busy: bool = False             # more work was waiting than there are cores: a slow time, not the setting's speed
 
 
 @dataclass
@@ -215,7 +218,20 @@ def latency_from_generation(model, kernel: str, forward_s: list[float], prompt_t
     report = _latency_report(model, prompt_tokens, kernel, len(steps), [(forward_s[0], step * len(steps))], 1,
                              bytes_per_token, bytes_basis)
     report.source = "greedy generation"
+    report.decode_tokens_per_s_runs = [1 / s for s in steps if s > 0]   # each step's rate: the spread
     return report
+
+
+def machine_load() -> tuple[float | None, bool]:
+    """(1-minute load average, busy). Busy: the load is past twice the cores ($LMCOMPRESS_BUSY_LOAD sets another
+    bound), so other work competed for the cores this process's own timing threads need; a time taken then says
+    more about the others than the model."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):   # no load average on this platform
+        return None, False
+    bound = float(os.environ.get("LMCOMPRESS_BUSY_LOAD") or 2 * (os.cpu_count() or 1))
+    return load, load > bound
 
 
 def _latency_report(model, prompt_tokens: int, kernel, new_tokens, timings, warmup, bytes_per_token,
@@ -226,10 +242,11 @@ def _latency_report(model, prompt_tokens: int, kernel, new_tokens, timings, warm
         bytes_per_token, bytes_basis = runtime_bytes(model), "runtime bytes of the running model"
     device = model_device(model)
     bandwidth = memory_bandwidth_gb_s(str(device) if device.type == "cuda" else "cpu")
+    load, busy = machine_load()
     return LatencyReport(
         prefill_ms=prefill * 1000, decode_tokens_per_s=new_tokens / decode, kernel=kernel,
         threads=torch.get_num_threads(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=len(timings),
         roofline_tokens_per_s=bandwidth * 1e9 / bytes_per_token if bytes_per_token else None,
         bandwidth_gb_s=bandwidth, bytes_per_token=bytes_per_token, bytes_basis=bytes_basis,
         device=str(device), warmup=warmup, prefill_ms_runs=[t[0] * 1000 for t in timings],
-        decode_tokens_per_s_runs=[new_tokens / t[1] for t in timings])
+        decode_tokens_per_s_runs=[new_tokens / t[1] for t in timings], load_average=load, busy=busy)

@@ -166,15 +166,26 @@ def _size_summary(data: Mapping) -> tuple[str, str, str] | None:
 
 
 def _speed_summary(data: Mapping) -> tuple[str, str, str] | None:
+    """Prefill and decode in one sentence, and how they were timed: alternately with the original (a ratio in
+    words: '1.6× slower', never '×0.61'), or the compressed model alone while exploring (no ratio claimed)."""
     lat, base, speed = data.get("latency") or {}, data.get("base_latency") or {}, data.get("speed") or {}
     if not lat.get("decode_tokens_per_s"):
         return None
-    versus = f" against {base['decode_tokens_per_s']:.3g} for the original" if base.get("decode_tokens_per_s") else ""
-    ratio = f" ({speed['decode_text']})" if speed.get("decode_text") else ""
-    return ("Speed", f"{lat['decode_tokens_per_s']:.3g} tokens per second while generating{versus}{ratio}.",
-            f"Median of {lat.get('runs')} timed runs of {lat.get('new_tokens')} generated tokens on "
-            f"{lat.get('device', 'cpu')} with {lat.get('threads')} thread(s), the original timed alternately in the "
-            f"same call. What ran: {lat.get('kernel') or 'not recorded'}.")
+    value = (f"{lat['decode_tokens_per_s']:.3g} tokens per second while generating and {lat.get('prefill_ms') or 0:.3g} "
+             f"ms to read a {lat.get('prompt_tokens')}-token prompt")
+    if speed.get("decode_ratio") and base.get("decode_tokens_per_s"):
+        value += (f"; against the original ({base['decode_tokens_per_s']:.3g} tokens per second, "
+                  f"{base.get('prefill_ms') or 0:.3g} ms) generating is {plots.slower_or_faster(speed['decode_ratio'])} "
+                  f"and reading the prompt {plots.slower_or_faster(speed.get('prefill_ratio'))}")
+        how = (f"Median of {lat.get('runs')} timed runs of each model, the original and the compressed one "
+               "alternately in the same call")
+    else:
+        how = ("The compressed model alone, read off its greedy generation (exploring's quick protocol): no ratio "
+               "with the original, which was not timed alongside" if lat.get("source") == "greedy generation"
+               else f"Median of {lat.get('runs')} timed runs of the compressed model alone: no ratio with the original")
+    busy = " Timed while the machine was busy: slower than usual." if lat.get("busy") else ""
+    return ("Speed", value + ".", f"{how}, on {lat.get('device', 'cpu')} with {lat.get('threads')} thread(s). What "
+            f"ran: {lat.get('kernel') or 'not recorded'}.{busy}")
 
 
 def _quality_summary(data: Mapping) -> tuple[str, str, str] | None:

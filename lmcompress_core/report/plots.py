@@ -8,6 +8,7 @@ Captions saying how each number was obtained live next to the builders (``*_how`
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -264,6 +265,19 @@ def slower_or_faster(ratio: float | None) -> str:
     return f"{ratio:.2g}× faster" if ratio > 1 else f"{1 / ratio:.2g}× slower"
 
 
+def _latency_headline(data: Mapping, lat: Mapping) -> str:
+    speed, on = data.get("speed") or {}, kernel_kind(lat.get("kernel"))
+    runs = [r for r in lat.get("decode_tokens_per_s_runs") or [] if r]
+    spread = f" (runs {_short(min(runs))}–{_short(max(runs))})" if len(runs) > 1 else ""
+    busy = (f" Timed while the machine was busy (load {lat['load_average']:.1f} on {os.cpu_count()} cores): slower "
+            "than usual, not kept." if lat.get("busy") and lat.get("load_average") is not None else "")
+    if speed.get("decode_ratio"):
+        return (f"Decoding is {slower_or_faster(speed['decode_ratio'])} than the original, reading the prompt "
+                f"{slower_or_faster(speed.get('prefill_ratio'))} ({on}, both timed alternately).{busy}")
+    return (f"{_short(lat['decode_tokens_per_s'])} tokens/s decoding{spread}, {_short(lat.get('prefill_ms') or 0)} ms "
+            f"to read the prompt ({on}; timed alone, no ratio while exploring).{busy}")
+
+
 def headlines(report: Any) -> dict[str, str]:
     """One plain sentence per chart (size, latency, perplexity): what it shows and its headline number. The
     details of how each was measured stay in ``report_how``."""
@@ -276,14 +290,7 @@ def headlines(report: Any) -> dict[str, str]:
         out["size"] = f"Stored in {packed / MB:.3g} MB, {packed / base:.0%} of the original's {base / MB:.3g} MB; {memory}."
     lat = data.get("latency") or {}
     if lat.get("decode_tokens_per_s"):
-        speed = data.get("speed") or {}
-        on = kernel_kind(lat.get("kernel"))
-        if speed.get("decode_ratio"):
-            out["latency"] = (f"Decoding is {slower_or_faster(speed['decode_ratio'])} than the original, prefill "
-                              f"{slower_or_faster(speed.get('prefill_ratio'))} ({on}, both timed alternately).")
-        else:
-            out["latency"] = (f"{_short(lat['decode_tokens_per_s'])} tokens/s decoding, {_short(lat.get('prefill_ms') or 0)} "
-                              f"ms to read the prompt ({on}; timed alone, no ratio while exploring).")
+        out["latency"] = _latency_headline(data, lat)
     ppl, base_ppl = data.get("perplexity") or {}, _base_ppl(report).get("value")
     if ppl.get("value") and base_ppl:
         out["perplexity"] = (f"Perplexity {_ppl_text(ppl['value'])} against {_ppl_text(base_ppl)} for the original "
