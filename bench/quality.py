@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import replace
 
@@ -120,48 +122,76 @@ def checked_perplexity(value: float) -> float:
     return value
 
 
-AUTOPILOT_TARGETS = (3.5, 3.0)   # bits per weight, packed, scales and zero-points included
 AUTOPILOT_BASE_GROUP = 128
-AUTOPILOT_METHOD = "mse"          # the quantizer every width of an allocation uses
+AUTOPILOT_METHOD = "mse"          # the quantizer every width of every allocation and uniform setting uses
+RULE_MIX_BPW = 3.5                # the budget at which the measured allocation meets the rule mix
 
 
-def _autopilot_label(target: float) -> str:
-    return f"ours autopilot {target:g} bpw ({AUTOPILOT_METHOD.upper()} g{AUTOPILOT_BASE_GROUP} base)"
+def _autopilot_label(what: str) -> str:
+    return f"ours {what} ({AUTOPILOT_METHOD.upper()} g{AUTOPILOT_BASE_GROUP})"
+
+
+def _uniform_label(bits: int) -> str:
+    return _autopilot_label(f"uniform int{bits}")
+
+
+def _autopilot_configs(ctx, base, ids, q) -> list[tuple[str, object, dict | None]]:
+    """Like for like (issue 32): uniform settings of the autopilot's own quantizer, the autopilot at exactly their
+    packed bits per weight, and the autopilot and a rule mix (llama.cpp k-quant style) at one budget. The first
+    allocation measures the sensitivity into an empty disk cache (its seconds: the autopilot's cost on a new
+    model); the second reads it back from disk in a fresh process cache (the cost on every later call)."""
+    from lmcompress_core.methods import autopilot
+
+    configs = [(_uniform_label(b), replace(q, bits=b), None) for b in (3, 4)]
+    budgets = [(f"autopilot at uniform int{b}'s bpw", autopilot.uniform_bits_per_weight(base, b, q.group_size))
+               for b in (3, 4)] + [(f"autopilot {RULE_MIX_BPW:g} bpw", RULE_MIX_BPW)]
+    with tempfile.TemporaryDirectory(prefix="bench-sensitivity-") as folder:
+        os.environ["LMCOMPRESS_SENSITIVITY_CACHE"] = folder
+        try:
+            for i, (what, bpw) in enumerate(budgets):
+                if i == 1:
+                    autopilot._CACHE.clear()   # a new process: the measurement comes from disk
+                start = time.perf_counter()
+                allocation = autopilot.allocate(base, ids, autopilot.BudgetConfig(target_bpw=bpw, base=q),
+                                                model_name=ctx.main_model)
+                configs.append((_autopilot_label(what), allocation.config, _allocation_facts(allocation, start)))
+        finally:
+            os.environ.pop("LMCOMPRESS_SENSITIVITY_CACHE", None)
+    mix = autopilot.rule_mix_for(base, autopilot.BudgetConfig(target_bpw=RULE_MIX_BPW, base=q))
+    configs.append((_autopilot_label(f"rule mix {RULE_MIX_BPW:g} bpw"), mix.config, _allocation_facts(mix, None)))
+    return configs
+
+
+def _allocation_facts(allocation, start: float | None) -> dict:
+    widths = list(allocation.bits.values())
+    return {"allocate_s": None if start is None else time.perf_counter() - start,
+            "predicted_kl": allocation.predicted_kl,
+            "bits_histogram": {str(b): widths.count(b) for b in sorted(set(widths))}}
 
 
 def _autopilot_rows(ctx) -> list[dict]:
-    """Autopilot allocations (MSE grid, groups of 128) at each target and the uniform RTN settings beside them,
-    with the packed bytes of the quantized layers and of the whole file (embeddings stay fp32 in both)."""
-    from lmcompress_core.methods import autopilot
+    """Each configuration of ``_autopilot_configs`` compressed (simulated: only the codes differ) and scored on
+    the evaluation text (never the calibration text the allocation was measured on), with its packed bits per
+    weight counted from the file's layout."""
     from lmcompress_core.compress import CompressionConfig, compress
     from lmcompress_core.measure.evaluation import measure_size
     from lmcompress_core.methods.quantize import QuantizationConfig
 
     base = ctx.loaded(ctx.main_model).model
     ids = ctx.calibration(ctx.main_model, n_samples=4)
-    q = QuantizationConfig(bits=4, group_size=AUTOPILOT_BASE_GROUP, int8_kernel=False)
-    configs = [(f"uniform RTN int{b} g{AUTOPILOT_BASE_GROUP} (autopilot baseline)", replace(q, bits=b), None)
-               for b in (4, 3)]
-    q = replace(q, method=AUTOPILOT_METHOD)
-    for target in AUTOPILOT_TARGETS:
-        start = time.perf_counter()
-        allocation = autopilot.allocate(base, ids, autopilot.BudgetConfig(target_bpw=target, base=q),
-                                        model_name=ctx.main_model)
-        configs.append((_autopilot_label(target), allocation.config,
-                        {"allocate_s": time.perf_counter() - start, "predicted_kl": allocation.predicted_kl,
-                         "bits_histogram": {str(b): list(allocation.bits.values()).count(b)
-                                            for b in sorted(set(allocation.bits.values()))}}))
+    q = QuantizationConfig(bits=4, group_size=AUTOPILOT_BASE_GROUP, method=AUTOPILOT_METHOD, int8_kernel=False)
     rows = []
-    for label, config, extra in configs:
+    for label, config, extra in _autopilot_configs(ctx, base, ids, q):
         cm = compress(base, CompressionConfig(quantization=config, runtime="simulate"),
-                      calibration=ctx.calibration(ctx.main_model) if extra else None)
+                      calibration=ctx.calibration(ctx.main_model))
         size = measure_size(cm, base)
-        rows.append({"name": label, "library": "ours", "method": "autopilot" if extra else "rtn",
-                     "bits": config.bits, "group_size": config.group_size, "symmetric": False,
+        kind = "autopilot" if "autopilot" in label else ("rule mix" if extra else "uniform")
+        rows.append({"name": label, "library": "ours", "method": kind, "bits": config.bits,
+                     "group_size": config.group_size, "symmetric": False,
                      "bits_per_weight": 8 * size.layers_packed_bytes / sum(
                          m.quantized_weight().codes.numel() for m in cm.layers().values()),
                      "layers_packed_bytes": size.layers_packed_bytes, "packed_bytes": size.packed_bytes,
-                     "perplexity": ctx.perplexity(cm.model, ctx.main_model), **(extra or {})})
+                     "perplexity": checked_perplexity(ctx.perplexity(cm.model, ctx.main_model)), **(extra or {})})
         del cm
     return rows
 
@@ -256,8 +286,9 @@ def run(ctx) -> dict:
         if row.get("perplexity") is not None:
             row["ppl_over_fp32"] = row["perplexity"] / base_ppl
     rtn4 = _ppl(rows, "ours RTN int4 g128")
-    uniform4, uniform3 = (f"uniform RTN int{b} g{AUTOPILOT_BASE_GROUP} (autopilot baseline)" for b in (4, 3))
-    auto35, auto30 = (_autopilot_label(t) for t in AUTOPILOT_TARGETS)
+    auto3, auto4, auto35, mix35 = (_autopilot_label(w) for w in (
+        "autopilot at uniform int3's bpw", "autopilot at uniform int4's bpw", f"autopilot {RULE_MIX_BPW:g} bpw",
+        f"rule mix {RULE_MIX_BPW:g} bpw"))
     headline = {
         # torchao refuses groups of 128 on SmolLM2's 576-wide inputs: ours and theirs both at groups of 64.
         "ppl_ratio_rtn4_g64_vs_torchao": _ratio(_ppl(rows, "ours RTN int4 g64 asym"), _ppl(rows, "torchao int4 g64 asym")),
@@ -269,19 +300,18 @@ def run(ctx) -> dict:
         "ppl_new3_over_rtn3": _ratio(_ppl(rows, "ours MSE int3 g64"), _ppl(rows, "ours RTN int3 g64 asym")),
         "ppl_new4_g128_over_rtn4": _ratio(_ppl(rows, "ours MSE int4 g128"), rtn4),
         "ppl_gptq3_over_rtn3": _ratio(_ppl(rows, "ours GPTQ int3 g128"), _ppl(rows, "ours RTN int3 g128")),
-        "autopilot_3p5_over_uniform4": _ratio(_ppl(rows, auto35), _ppl(rows, uniform4)),
-        # packed bytes of the quantized layers (codes + fp16 scales and zeros); the whole file is in `extra`
-        "autopilot_3p5_size_over_uniform4": _ratio(_field(rows, auto35, "layers_packed_bytes"),
-                                                   _field(rows, uniform4, "layers_packed_bytes")),
-        "autopilot_3p0_over_uniform3": _ratio(_ppl(rows, auto30), _ppl(rows, uniform3)),
+        # like for like: the same quantizer (MSE grid, groups of 128) at the same packed bits per weight
+        "autopilot_over_uniform_same_quantizer_3bit": _ratio(_ppl(rows, auto3), _ppl(rows, _uniform_label(3))),
+        "autopilot_over_uniform_same_quantizer_4bit": _ratio(_ppl(rows, auto4), _ppl(rows, _uniform_label(4))),
+        "autopilot_over_rule_mix_3p5": _ratio(_ppl(rows, auto35), _ppl(rows, mix35)),
+        "autopilot_s_default": _field(rows, auto3, "allocate_s"),          # sensitivity measured: a new model
+        "autopilot_cached_s_default": _field(rows, auto4, "allocate_s"),   # read back from disk
     }
     extra = {
         "ppl_ratio_hqq4_g128_over_rtn4_g128": _ratio(_ppl(rows, "ours HQQ int4 g128"), rtn4),
         "ppl_ratio_hqq3_g64_over_rtn3_g64": _ratio(_ppl(rows, "ours HQQ int3 g64"), _ppl(rows, "ours RTN int3 g64 asym")),
         "ppl_ratio_rtn4_g64_minmax_over_integer_zero": _ratio(_ppl(rows, "ours RTN int4 g64 minmax (seed rule)"),
                                                              _ppl(rows, "ours RTN int4 g64 asym")),
-        "autopilot_3p5_file_size_over_uniform4": _ratio(_field(rows, auto35, "packed_bytes"),
-                                                        _field(rows, uniform4, "packed_bytes")),
         "ppl_ratio_rtn4_g64_sym_vs_torchao_g64_sym": _ratio(_ppl(rows, "ours RTN int4 g64 sym"),
                                                             _ppl(rows, "torchao int4 g64 sym")),
         "ppl_ratio_rtn8_channel_vs_torchao_int8": _ratio(_ppl(rows, "ours RTN int8 per-channel sym"),

@@ -98,8 +98,10 @@ common.figure(plots.allocation_heatmap(allocation.damage, allocation.bits),
               "saved per extra bit) or set by hand.", key="budget_heatmap", on_select=_override_clicked_cell)
 
 if st.button("Evaluate against uniform settings", key="budget_evaluate", type="primary"):
+    mix = autopilot.rule_mix_for(loaded.model, budget)   # the same budget spent by a fixed k-quant style rule
     configs = [(f"autopilot {allocation.bits_per_weight:.2f}", "autopilot", allocation.bits_per_weight,
-                allocation.config)]
+                allocation.config),
+               (f"rule mix {mix.bits_per_weight:.2f}", "rule mix", mix.bits_per_weight, mix.config)]
     configs += [(f"uniform {b}-bit", "uniform", autopilot.uniform_bits_per_weight(loaded.model, b, group_size),
                  QuantizationConfig(bits=b, group_size=group_size, method=method, int8_kernel=False))
                 for b in UNIFORM_BITS]
@@ -120,8 +122,10 @@ if st.button("Evaluate against uniform settings", key="budget_evaluate", type="p
 points = st.session_state.get("budget_points")
 if points:
     common.figure(plots.budget_figure(points),
-                  f"Perplexity by this session's protocol ({common.protocol().describe()}), every setting simulated "
-                  "in fp32 (de-quantized weights: the codes, not kernels, differ); bits per weight counted as the "
-                  "packed file stores them.")
+                  "The autopilot, a fixed rule mix (more bits for attention v/o, MLP down and the first and last "
+                  "blocks, as llama.cpp's k-quant presets do) and uniform widths, all with the same quantizer.",
+                  details=f"Perplexity by this session's protocol ({common.protocol().describe()}), every setting "
+                          "simulated in fp32 (de-quantized weights: the codes, not kernels, differ); bits per weight "
+                          "counted as the packed file stores them.")
     st.dataframe([{"setting": p["label"], "bits per weight": round(p["bits_per_weight"], 3),
                    "perplexity": p["perplexity"], **(p["stats"] or {})} for p in points], hide_index=True)

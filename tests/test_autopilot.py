@@ -179,3 +179,24 @@ def test_progress_is_reported_per_layer_so_a_page_can_stop_between_two(tiny_load
     layers = len(autopilot.linear_layers(tiny_loaded.model))
     assert len(seen) >= 3 * layers and seen[-1][0] == seen[-1][1]
     assert [done for done, _, _ in seen] == sorted(done for done, _, _ in seen)
+
+
+def _smollm2_shapes(blocks: int = 30) -> dict:
+    kinds = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+             "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+             "mlp.down_proj": (576, 1536)}
+    return {f"model.layers.{i}.{k}": s for i in range(blocks) for k, s in kinds.items()}
+
+
+def test_the_rule_mix_spends_the_budget_on_the_layers_llama_cpp_favours():
+    shapes = _smollm2_shapes()
+    weights = sum(math.prod(s) for s in shapes.values())
+    spent = lambda bits: sum(autopilot.layer_cost_bits(shapes[n], b, 128) for n, b in bits.items()) / weights  # noqa
+    uniform3 = spent(dict.fromkeys(shapes, 3))
+    assert autopilot.rule_mix(shapes, uniform3 * weights, 128) == dict.fromkeys(shapes, 3)   # exactly uniform
+    mix = autopilot.rule_mix(shapes, 3.5 * weights, 128)
+    assert spent(mix) <= 3.5 and spent(mix) > 3.45                  # the budget, nearly all of it
+    assert mix["model.layers.0.mlp.down_proj"] > 3 and mix["model.layers.29.self_attn.v_proj"] > 3
+    assert mix["model.layers.15.mlp.gate_proj"] == 3                # the middle's gate waits for the rest
+    with pytest.raises(ValueError, match="below every layer"):
+        autopilot.rule_mix(shapes, 1.5 * weights, 128)

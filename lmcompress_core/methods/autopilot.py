@@ -336,6 +336,59 @@ def allocate_bits(damage: dict[str, dict[int, float]], shapes: dict[str, tuple[i
         chosen[n], spent = b, spent + extra
 
 
+# A fixed mix in the style of llama.cpp's k-quant presets (Q3_K_M, Q4_K_M): no measurement, more bits where
+# experience says errors cost most — attention's value and output projections and the MLP's down projection, and
+# the first and last blocks. The bar the measured allocation has to clear at the same budget.
+RULE_MIX_KINDS = ("v_proj", "o_proj", "down_proj", "c_proj", "dense_4h_to_h", "fc2")
+
+
+def _block(name: str) -> int | None:
+    found = re.search(r"\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+def rule_priority(names: list[str]) -> list[str]:
+    """Layers in the order a rule mix upgrades them: the important kinds in the first and last eighth of the
+    blocks, then those kinds everywhere, then every other layer of the first and last blocks, then the rest."""
+    blocks = [b for b in map(_block, names) if b is not None]
+    last = max(blocks, default=0)
+    edge = max(1, (last + 1) // 8)
+
+    def rank(name: str) -> int:
+        block, important = _block(name), name.rsplit(".", 1)[-1] in RULE_MIX_KINDS
+        at_edge = block is not None and (block < edge or block > last - edge)
+        return (0 if at_edge else 1) if important else (2 if at_edge else 3)
+    return sorted(names, key=lambda n: (rank(n), names.index(n)))
+
+
+def rule_mix(shapes: dict[str, tuple[int, int]], budget_bits: float, group_size: int, widths=(2, 3, 4, 5, 6, 8),
+             integer_zeros: bool = True) -> dict[str, int]:
+    """Every layer at the widest single width the budget allows, then layers moved one width up in
+    ``rule_priority`` order while the budget holds (a pass per width). Raises ValueError below the narrowest."""
+    names = list(shapes)
+    cost = lambda n, b: layer_cost_bits(shapes[n], b, group_size, integer_zeros)   # noqa: E731
+    fitting = [w for w in widths if sum(cost(n, w) for n in names) <= budget_bits]
+    if not fitting:
+        raise ValueError(f"the budget is below every layer at {min(widths)} bits")
+    chosen = dict.fromkeys(names, max(fitting))
+    spent = sum(cost(n, b) for n, b in chosen.items())
+    for name in rule_priority(names) * 2:   # a second pass lets the first layers go up two widths
+        wider = [w for w in widths if w > chosen[name]]
+        if wider and spent - cost(name, chosen[name]) + cost(name, wider[0]) <= budget_bits:
+            spent += cost(name, wider[0]) - cost(name, chosen[name])
+            chosen[name] = wider[0]
+    return chosen
+
+
+def rule_mix_for(model, budget: BudgetConfig) -> Allocation:
+    """The rule mix as an Allocation (no damage measured: its damage table is empty)."""
+    shapes = {n: tuple(weight_matrix(m).shape) for n, m in linear_layers(model).items()}
+    widths = tuple(b for b in budget.choices if b != FLOAT_LAYER)
+    chosen = rule_mix(shapes, budget_bits(budget, model, shapes), budget.base.group_size, widths,
+                      budget.base.integer_zero_points)
+    return allocation_from(chosen, {n: {} for n in shapes}, shapes, budget.base)
+
+
 def config_for(bits: dict[str, int], base: QuantizationConfig) -> QuantizationConfig:
     """``base`` at the most common width, with an exact-name ``layer_bits`` pattern for every other layer."""
     common = Counter(b for b in bits.values() if b != FLOAT_LAYER).most_common(1)

@@ -665,12 +665,14 @@ def clicked_widths(selection: Mapping | None) -> dict[str, int]:
 
 
 def budget_figure(points: Sequence[Mapping]) -> go.Figure:
-    """Perplexity against packed bits per weight: uniform settings as a line, allocations as stars.
+    """Perplexity against packed bits per weight: uniform settings as a line, allocations as stars, the rule mix
+    (same budget, no measurement) as a diamond.
 
-    Each point: {"label", "bits_per_weight", "perplexity", "kind": "uniform" | "autopilot"}."""
+    Each point: {"label", "bits_per_weight", "perplexity", "kind": "uniform" | "autopilot" | "rule mix"}."""
     fig = go.Figure()
     for kind, style in (("uniform", {"mode": "lines+markers+text", "marker": {"size": 9}}),
-                        ("autopilot", {"mode": "markers+text", "marker": {"size": 16, "symbol": "star"}})):
+                        ("autopilot", {"mode": "markers+text", "marker": {"size": 16, "symbol": "star"}}),
+                        ("rule mix", {"mode": "markers+text", "marker": {"size": 13, "symbol": "diamond"}})):
         chosen = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["bits_per_weight"])
         if chosen:
             fig.add_trace(go.Scatter(
