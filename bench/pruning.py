@@ -1,7 +1,8 @@
-"""Pruning on SmolLM2: magnitude against Wanda at 50% unstructured and at 2:4, by perplexity.
+"""Pruning on SmolLM2: magnitude, Wanda and SparseGPT at 50% unstructured and at 2:4, by perplexity.
 
 Wanda scores each weight by |w| times the norm of its input activation, so it needs calibration batches;
-magnitude needs none. Both prune every linear layer except the embeddings and the LM head.
+SparseGPT chooses its masks with the calibration Hessian and updates the kept weights (block by block);
+magnitude needs none. All prune every linear layer except the embeddings and the LM head.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def run(ctx) -> dict:
     calibration = ctx.calibration(name)
     rows = []
     for pattern in ("unstructured", "2:4"):
-        for method in ("magnitude", "wanda"):
+        for method in ("magnitude", "wanda", "sparsegpt"):
             cm, seconds = timed(lambda: compress(base.model, _config(method, pattern),
                                                  calibration=calibration, tokenizer=base.tokenizer))
             rows.append({"method": method, "pattern": pattern, "sparsity": 0.5, "prune_s": seconds,
@@ -43,7 +44,9 @@ def run(ctx) -> dict:
         return next(r["perplexity"] for r in rows if r["method"] == method and r["pattern"] == pattern)
 
     return {
-        "headline": {"ppl_wanda50_over_magnitude50": ppl("wanda", "unstructured") / ppl("magnitude", "unstructured")},
+        "headline": {"ppl_wanda50_over_magnitude50": ppl("wanda", "unstructured") / ppl("magnitude", "unstructured"),
+                     "ppl_sparsegpt50_over_wanda50": ppl("sparsegpt", "unstructured") / ppl("wanda", "unstructured"),
+                     "ppl_sparsegpt24_over_wanda24": ppl("sparsegpt", "2:4") / ppl("wanda", "2:4")},
         "extra": {"ppl_wanda24_over_magnitude24": ppl("wanda", "2:4") / ppl("magnitude", "2:4")},
         "base_perplexity": ctx.base_perplexity(name), "rows": rows,
         "eval_tokens": int(ctx.eval_ids(name).numel()), "model": name, "seconds": time.perf_counter() - start,

@@ -36,6 +36,9 @@ KEYS = (
 )
 
 
+GPTQ_ONE_PASS_MINMAX = "ours GPTQ int3 g128 one-pass min-max grid"
+
+
 def our_configs() -> list[tuple[str, object]]:
     """(row label, CompressionConfig) for our quantizers.
 
@@ -55,6 +58,9 @@ def our_configs() -> list[tuple[str, object]]:
                 where = "g128" if granularity == "group" else "per-channel"
                 rows.append((f"ours {method.upper()} int{bits} {where}",
                              sim(bits=bits, granularity=granularity, group_size=128, method=method)))
+    # GPTQ as it was before issue 33 (every Hessian from the float model, min-max group grids), for comparison
+    rows.append((GPTQ_ONE_PASS_MINMAX, sim(bits=3, group_size=128, method="gptq", calibration_pass="one-pass",
+                                           grid_search=False)))
     rows.append(("ours RTN int8 per-channel sym", sim(bits=8, granularity="channel", symmetric=True)))
     for bits, symmetric in ((4, False), (4, True), (3, False)):   # torchao's group size on SmolLM2
         rows.append((f"ours RTN int{bits} g64 {'sym' if symmetric else 'asym'}",
@@ -306,6 +312,11 @@ def run(ctx) -> dict:
         "autopilot_over_rule_mix_3p5": _ratio(_ppl(rows, auto35), _ppl(rows, mix35)),
         "autopilot_s_default": _field(rows, auto3, "allocate_s"),          # sensitivity measured: a new model
         "autopilot_cached_s_default": _field(rows, auto4, "allocate_s"),   # read back from disk
+        # issue 33: GPTQ (sequential, starting from the searched grid) against the searched grid alone
+        "ppl_gptq_mse3_over_mse3": _ratio(_ppl(rows, "ours GPTQ int3 g128"), _ppl(rows, "ours MSE int3 g128")),
+        "ppl_gptq_mse4_over_mse4": _ratio(_ppl(rows, "ours GPTQ int4 g128"), _ppl(rows, "ours MSE int4 g128")),
+        # seconds of one sequential GPTQ compression of all the model's linear layers (calibration pass included)
+        "gptq_sequential_s_smollm2": _field(rows, "ours GPTQ int4 g128", "quantize_s"),
     }
     extra = {
         "ppl_ratio_hqq4_g128_over_rtn4_g128": _ratio(_ppl(rows, "ours HQQ int4 g128"), rtn4),
@@ -319,6 +330,8 @@ def run(ctx) -> dict:
         "ppl_ratio_rtn8_channel_vs_quanto_qint8": _ratio(_ppl(rows, "ours RTN int8 per-channel sym"),
                                                          _ppl(rows, "quanto qint8 (per-channel)")),
         "ppl_gptq4_over_rtn4": _ratio(_ppl(rows, "ours GPTQ int4 g128"), rtn4),
+        "ppl_gptq3_over_gptq3_one_pass_minmax": _ratio(_ppl(rows, "ours GPTQ int3 g128"),
+                                                       _ppl(rows, GPTQ_ONE_PASS_MINMAX)),
         "ppl_gptq3_channel_over_rtn3_channel": _ratio(_ppl(rows, "ours GPTQ int3 per-channel"),
                                                       _ppl(rows, "ours RTN int3 per-channel")),
     }

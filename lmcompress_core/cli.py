@@ -71,6 +71,11 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--method", default="rtn", help="rtn | gptq | hqq | mse")
     q.add_argument("--symmetric", action="store_true", help="absmax grid instead of asymmetric min-max")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--gptq-pass", default="sequential",
+                   help="GPTQ: sequential (block by block, inputs from the quantized blocks before) | one-pass "
+                        "(every Hessian from the float model)")
+    q.add_argument("--no-grid-search", action="store_true",
+                   help="GPTQ: min-max group grids instead of grids searched on the Hessian")
     q.add_argument("--no-int8-kernel", action="store_true", help="8-bit: simulate in fp32 instead of a real kernel")
     q.add_argument("--runtime", default="real",
                    help="real (int4/int8 weight-only kernels, rest bf16) | simulate (fp32) | dynamic_int8 "
@@ -83,7 +88,7 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--target-mb", type=float, help="autopilot: size of the whole packed file in MB (10^6 bytes)")
     p = parser.add_argument_group("pruning")
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights removed, 0..0.95")
-    p.add_argument("--prune-method", default="magnitude", help="magnitude | wanda")
+    p.add_argument("--prune-method", default="magnitude", help="magnitude | wanda | sparsegpt")
     p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8")
     p.add_argument("--scope", default="layer", help="layer | global (magnitude only)")
     d = parser.add_argument_group("distillation")
@@ -109,6 +114,7 @@ def config_from_args(args: argparse.Namespace):
         quantization = QuantizationConfig(
             bits=args.bits, granularity=granularity, group_size=args.group_size if granularity == "group" else 128,
             symmetric=args.symmetric, grid=args.grid, method=args.method, act_order=args.act_order,
+            calibration_pass=args.gptq_pass, grid_search=not args.no_grid_search,
             int8_kernel=not args.no_int8_kernel, dtype16=args.dtype16)
     if args.sparsity or args.pattern != "unstructured":
         pruning = PruningConfig(sparsity=args.sparsity, method=args.prune_method, pattern=args.pattern,
@@ -283,8 +289,11 @@ def _cmd_sweep(args) -> int:
     from lmcompress_core.execute import make_executor
     from lmcompress_core.models.loading import load_model
 
+    from lmcompress_core.methods.prune import PruningConfig
+
     configs = sweep.grid(args.bits, args.sparsity, args.method,
-                         quantization=config_from_args(_sweep_template(args)).quantization)
+                         quantization=config_from_args(_sweep_template(args)).quantization,
+                         pruning=PruningConfig(method=args.prune_method))
     executor = make_executor(args.backend, address=args.address, num_cpus=args.num_cpus,
                              cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task)
     loaded = load_model(args.model)
@@ -311,7 +320,8 @@ def _cmd_sweep(args) -> int:
 def _sweep_template(args) -> argparse.Namespace:
     """The quantization settings every grid point shares (bits and method come from the grid)."""
     return argparse.Namespace(bits=4, group_size=args.group_size, symmetric=args.symmetric, method="rtn",
-                              act_order=False, no_int8_kernel=False, dtype16="bf16", sparsity=0.0,
+                              act_order=False, gptq_pass="sequential", no_grid_search=False,
+                              no_int8_kernel=False, dtype16="bf16", sparsity=0.0,
                               pattern="unstructured", distill_steps=0, include_embeddings=False, runtime="real",
                               head="int8", grid="integer-zero")
 
@@ -334,6 +344,7 @@ def _add_sweep_parser(sub) -> None:
     sw.add_argument("--bits", type=_comma_list(int), default=[2, 3, 4, 8], help="e.g. 2,3,4,8 (32 = float)")
     sw.add_argument("--sparsity", type=_comma_list(float), default=[0.0, 0.5], help="e.g. 0,0.5")
     sw.add_argument("--method", type=_comma_list(str), default=["rtn"], help="e.g. rtn,gptq")
+    sw.add_argument("--prune-method", default="magnitude", help="magnitude | wanda | sparsegpt (sparsity > 0)")
     sw.add_argument("--group-size", type=int, default=128, help="32, 64 or 128; 0 = per-channel, -1 = per-tensor")
     sw.add_argument("--symmetric", action="store_true", help="absmax grid instead of asymmetric min-max")
     sw.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored for perplexity")

@@ -20,16 +20,17 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lmcompress_core.methods import recovery
+from lmcompress_core.methods import recovery, sequential
 from lmcompress_core.methods.distill import (DistillationConfig, distill_, format_duration, keep_every_kth_block_,
                                              seconds_left)
 from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, BaseModelCache, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask
 from lmcompress_core.methods.quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
+from lmcompress_core.methods.sparsegpt import batch_masks, sparsegpt_prune
 from lmcompress_core.runtime.modules import (CompressedEmbedding, CompressedLinear, as_compressed_, borrowing_copy,
                                              compressed_layers, own_borrowed_, shared_parameters)
 from lmcompress_core.runtime.finish import KERNEL_INT8, KERNEL_INT8_DYNAMIC, KERNEL_SIMULATED  # noqa: F401 (re-exported labels)
-from lmcompress_core.runtime.finish import finish_dynamic_int8, finish_real
+from lmcompress_core.runtime.finish import few, finish_dynamic_int8, finish_real
 
 KERNEL_DENSE = "fp32 dense"
 SPARSE_SUFFIX = " + dense zeros — no sparse kernel"
@@ -151,6 +152,7 @@ class CompressedModel:
     kernel: str                              # what really runs, e.g. "int8 weight-only (real, aten int8pack), ..."
     history: list[dict]                      # distillation curve: {"step", "loss", "ppl"?}
     notes: list[str] = field(default_factory=list)  # plain-text remarks (e.g. layers GPTQ ran as RTN)
+    calibration_tokens: int = 0              # calibration tokens the stages read (GPTQ, SparseGPT, Wanda, MSE, KD)
 
     def layers(self) -> dict[str, nn.Module]:
         """Every module holding a compressed weight (``quantized_weight()`` / ``keep_mask()``), by name."""
@@ -174,7 +176,9 @@ class _Run:
     history: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     shared: set = field(default_factory=set)   # ids of the copy's tied Parameters (copied, never handed over)
+    select: Callable | None = None              # SparseGPT's mask selection, applied by GPTQ's column loop
     borrowed: set = field(default_factory=set)  # storage addresses of the base weights the copy borrows (read only)
+    calibration_read: bool = False              # whether a stage read the calibration ids (its cost, reported)
 
     def layers(self) -> dict[str, nn.Module]:
         return self.config.chosen_layers(self.model)
@@ -200,6 +204,7 @@ class _Run:
     def calibration_ids(self, what: str) -> torch.Tensor:
         if self.calibration is None:
             raise ValueError(f"{what} needs calibration token ids: pass calibration=data.calibration_batches(...)")
+        self.calibration_read = True
         return self.calibration
 
     def input_statistics(self, layers: dict, hessian: bool) -> InputStatistics:
@@ -254,7 +259,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: torch.Ten
     _finish(run)
     own_borrowed_(run.model, borrowed)
     run.report("done", 1, 1, "done")
-    return CompressedModel(run.model, config, run.kernel, run.history, run.notes)
+    return CompressedModel(run.model, config, run.kernel, run.history, run.notes,
+                           calibration.numel() if run.calibration_read else 0)
 
 
 # ---- stage handlers ---------------------------------------------------------------------------------------
@@ -263,6 +269,9 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: torch.Ten
 def _prune(run: _Run, cfg: PruningConfig) -> None:
     if cfg.effective_sparsity == 0:
         return  # 0% leaves every weight bit-identical
+    if cfg.method == "sparsegpt":
+        _prune_sparsegpt(run, cfg)
+        return
     layers = run.layers()
     setting = json.dumps(asdict(cfg), sort_keys=True)
     key = (setting, tuple(layers))
@@ -280,6 +289,57 @@ def _prune(run: _Run, cfg: PruningConfig) -> None:
         MAGNITUDE_MASKS.put(run.base, key, {name: run.model.get_submodule(name).mask_bits.clone()
                                             for name in layers})
     run.model_state = "pruned " + setting  # later calibration sees this copy
+
+
+def _prune_sparsegpt(run: _Run, cfg: PruningConfig) -> None:
+    """SparseGPT. Followed by GPTQ, it waits: GPTQ's column loop then prunes and rounds in one pass
+    (``run.select``); otherwise it prunes here, block by block (or one-pass where blocks cannot run alone)."""
+    run.model_state = "pruned " + json.dumps(asdict(cfg), sort_keys=True)
+    q = run.config.quantization
+    if q is not None and q.is_integer and q.method == "gptq":
+        if q.act_order and cfg.pattern != "unstructured":
+            raise ValueError(f"SparseGPT {cfg.pattern} with GPTQ needs act_order=False: N:M groups are consecutive "
+                             "inputs, act-order visits them out of order")
+        run.select = batch_masks(cfg)
+        return
+    layers = run.layers()
+    modules = {name: run.compressed(name) for name in layers}
+    costs = dict(zip(layers, _quantize_costs(layers, True)))   # the same column loop as GPTQ's
+    eta, done = _Eta(), {}
+
+    def process(names: list[str], hessian: torch.Tensor) -> None:
+        for name in names:
+            module = modules[name]
+            pruned, mask = sparsegpt_prune(weight_matrix(module, copy=False), hessian, cfg, run.check)
+            module.weight = nn.Parameter(pruned.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
+            module.set_mask_(mask)
+            done[name] = costs[name]
+            work = (sum(done.values()), sum(costs.values()))
+            run.report("prune", len(done), len(layers), f"SparseGPT layer {len(done)} of {len(layers)}: {name}" +
+                       eta.text(*work), eta.metrics(*work))
+
+    _calibrated_pass(run, modules, process, "SparseGPT")
+
+
+def _calibrated_pass(run: _Run, modules: dict[str, nn.Module], process, what: str) -> None:
+    """``process(names, hessian)`` for every layer: block by block (sequential.py) where the model's blocks can
+    run alone, else on the one-pass Hessians of the float copy (cached statistics). Layers outside the blocks
+    take the one-pass Hessians."""
+    calibration = run.calibration_ids(what)
+    try:
+        outside = None if not sequential.uniform_blocks(run.model) else \
+            sequential.compress_sequentially_(run.model, modules, calibration, process, check=run.check)
+    except ValueError:   # no stack of decoder blocks
+        outside = None
+    rest = {n: modules[n] for n in (modules if outside is None else outside)}
+    if outside is None:
+        run.notes.append(f"{what} ran one-pass (Hessians from the float model): this model's blocks could not be "
+                         "run one by one")
+    if rest:
+        stats = run.input_statistics(rest, hessian=True)
+        for name in rest:
+            if name in stats.hessian:
+                process([name], stats.hessian[name])
 
 
 def _masks(run: _Run, cfg: PruningConfig, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -310,22 +370,21 @@ def _quantize(run: _Run, cfg: QuantizationConfig) -> None:
         run.half = cfg.dtype16  # cast at the end, after any distillation has trained in float32
         return
     layers = run.layers()
-    stats = _quantization_statistics(run, cfg, layers)
-    costs = dict(zip(layers, _quantize_costs(layers, cfg.method == "gptq")))
-    eta, done, quantized = _Eta(), 0, 0
-    kernels_next = _kernels_next(run, cfg)
-    for group in _quantize_groups(layers, cfg, stats):
-        for (name, _, _, _), qw in zip(group, _quantize_group(group)):
-            module = run.compressed(name)
-            onto_kernel = kernels_next and isinstance(module, CompressedLinear)
-            if not onto_kernel:
-                run.own(module)   # its de-quantized matrix is written into the weight
-            module.set_quantized_(qw, own_mask=True, keep_weight=not onto_kernel)   # qw.mask: its keep_mask()
-            quantized, done = quantized + 1, done + costs[name]
-            run.report("quantize", quantized, len(layers), f"layer {quantized} of {len(layers)}: {name}" +
-                       eta.text(done, sum(costs.values())), eta.metrics(done, sum(costs.values())))
-    _note_without_inputs(run, cfg, layers, stats)
+    if _sequential(run, cfg):
+        _quantize_sequentially(run, cfg, layers)
+    else:
+        _quantize_one_pass(run, cfg, layers)
     run.runtime = "simulate" if cfg.bits == 8 and not cfg.int8_kernel else run.config.runtime
+
+
+def _quantize_one_pass(run: _Run, cfg: QuantizationConfig, layers: dict[str, nn.Module]) -> None:
+    """Every layer fitted to the statistics of one calibration pass through the (possibly pruned) float copy."""
+    stats = _quantization_statistics(run, cfg, layers)
+    writer = _LayerWriter(run, layers, cfg.method == "gptq")
+    for group in _quantize_groups(layers, cfg, {} if stats is None else stats.hessian):
+        for (name, _, _, _), qw in zip(group, _quantize_group(group, run.check, run.select)):
+            writer.write(name, qw)
+    _note_without_inputs(run, cfg, layers, stats)
 
 
 def _note_without_inputs(run: _Run, cfg: QuantizationConfig, layers: dict, stats) -> None:
@@ -342,7 +401,92 @@ def _note_without_inputs(run: _Run, cfg: QuantizationConfig, layers: dict, stats
     if missing:
         instead = "quantized with RTN instead of GPTQ" if cfg.method == "gptq" else \
             "fitted by the MSE grid on the plain weight error, not the output error"
-        run.notes.append(f"{len(missing)} layer(s) without calibration inputs were {instead}: {', '.join(missing)}")
+        run.notes.append(f"{len(missing)} layer(s) without calibration inputs were {instead}: {few(missing)}")
+
+
+def _sequential(run: _Run, cfg: QuantizationConfig) -> bool:
+    """Whether GPTQ runs block by block (its default); a model whose blocks take different attention masks
+    (sliding-window and full layers mixed) runs one-pass, and says so."""
+    if cfg.method != "gptq" or cfg.calibration_pass != "sequential":
+        return False
+    try:
+        if sequential.uniform_blocks(run.model):
+            return True
+    except ValueError:   # no stack of decoder blocks found
+        pass
+    run.notes.append("GPTQ ran one-pass (Hessians from the float model): this model's blocks could not be run "
+                     "one by one with the same inputs")
+    return False
+
+
+def _quantize_sequentially(run: _Run, cfg: QuantizationConfig, layers: dict[str, nn.Module]) -> None:
+    """GPTQ block by block (``sequential.py``): each layer's Hessian from the inputs the already quantized layers
+    before it give. Layers outside the blocks (embeddings, LM head) have no such inputs and are rounded (RTN)
+    first, so the blocks see the embeddings as they will be."""
+    calibration = run.calibration_ids("GPTQ")
+    modules = {name: run.compressed(name) for name in layers}   # the hooks go on the modules that stay
+    writer = _LayerWriter(run, modules, True)
+    _, outside = sequential.layers_by_block(run.model, modules)
+    if _round_unreached(writer, cfg, modules, outside):
+        run.notes.append("layers outside the transformer blocks (embeddings, LM head) were quantized with RTN")
+
+    def process(names: list[str], hessian: torch.Tensor) -> None:
+        chosen = {name: modules[name] for name in names}
+        for group in _quantize_groups(chosen, cfg, dict.fromkeys(names, hessian)):
+            for (name, _, _, _), qw in zip(group, _quantize_group(group, run.check, run.select)):
+                writer.write(name, qw, runs_next=True)
+
+    sequential.compress_sequentially_(run.model, {n: modules[n] for n in layers if n not in outside},
+                                      calibration, process, after_block=writer.release, check=run.check)
+    if _round_unreached(writer, cfg, modules, [n for n in layers if n not in writer.written]):
+        run.notes.append("layers the calibration pass never ran were quantized with RTN")
+
+
+def _round_unreached(writer: "_LayerWriter", cfg: QuantizationConfig, modules: dict, names: list[str]) -> bool:
+    """RTN for the named layers that get integer codes (no calibration inputs reach them); whether there were any."""
+    rounded = False
+    for name in names:
+        layer_cfg = cfg.for_layer(name)
+        if layer_cfg is not None:
+            writer.write(name, quantize_weight(weight_matrix(modules[name]), replace(layer_cfg, method="rtn"),
+                                               mask=_mask(modules[name])))
+            rounded = True
+    return rounded
+
+
+class _LayerWriter:
+    """Writes each layer's QuantizedWeight into its module and reports progress with the time left."""
+
+    def __init__(self, run: _Run, layers: dict[str, nn.Module], gptq: bool):
+        self.run, self.total = run, len(layers)
+        self.costs = dict(zip(layers, _quantize_costs(layers, gptq)))
+        self.kernels_next = _kernels_next(run, run.config.quantization)
+        self.eta, self.done, self.quantized, self.written = _Eta(), 0, 0, set()
+
+    def write(self, name: str, qw: QuantizedWeight, runs_next: bool = False) -> None:
+        """Hold qw's codes on the layer's module. ``runs_next``: the module still runs (the rest of its block in
+        a sequential pass) with the de-quantized weight, as a new tensor when its codes go onto a kernel next
+        (``release`` then drops it)."""
+        run = self.run
+        module = run.compressed(name)
+        onto_kernel = self.kernels_next and isinstance(module, CompressedLinear)
+        if not onto_kernel:
+            run.own(module)   # its de-quantized matrix is written into the weight
+        module.set_quantized_(qw, own_mask=True, keep_weight=not onto_kernel)   # qw.mask: its keep_mask()
+        if onto_kernel and runs_next:
+            module.weight = nn.Parameter(qw.dequantize(module.weight.dtype), requires_grad=False)
+        self.quantized, self.done = self.quantized + 1, self.done + self.costs[name]
+        self.written.add(name)
+        total = sum(self.costs.values())
+        run.report("quantize", self.quantized, self.total, f"layer {self.quantized} of {self.total}: {name}" +
+                   self.eta.text(self.done, total), self.eta.metrics(self.done, total))
+
+    def release(self, names: list[str]) -> None:
+        """After a block's sequential pass: the weights of layers whose codes go onto kernels are dropped."""
+        for name in names:
+            module = self.run.model.get_submodule(name)
+            if self.kernels_next and isinstance(module, CompressedLinear) and module.is_quantized():
+                module.release_weight_()
 
 
 def _kernels_next(run: _Run, cfg: QuantizationConfig) -> bool:
@@ -374,12 +518,12 @@ def _borrowable(model: nn.Module, config: CompressionConfig) -> list[torch.Tenso
     return borrow
 
 
-def _quantize_groups(layers: dict[str, nn.Module], cfg: QuantizationConfig, stats) -> list[list[tuple]]:
+def _quantize_groups(layers: dict[str, nn.Module], cfg: QuantizationConfig, hessians: dict) -> list[list[tuple]]:
     """The layers to quantize as (name, module, setting, Hessian) in groups quantized together: consecutive
     GPTQ layers with the same setting and the same Hessian tensor (fed the same inputs, e.g. q/k/v), else one."""
     groups: list[list[tuple]] = []
     for name, m in layers.items():
-        hessian = stats.hessian.get(name) if stats is not None else None  # read only: the statistics are cached
+        hessian = hessians.get(name)  # read only: the statistics are cached
         layer_cfg = cfg.for_layer(name)
         if layer_cfg is None:
             continue  # mixed precision: this layer stays float
@@ -401,11 +545,15 @@ def _mask(m: nn.Module) -> torch.Tensor | None:
     return m.keep_mask() if isinstance(m, (CompressedLinear, CompressedEmbedding)) else None
 
 
-def _quantize_group(group: list[tuple]) -> list[QuantizedWeight]:
+def _quantize_group(group: list[tuple], check=None, select=None) -> list[QuantizedWeight]:
+    """The group's QuantizedWeights; ``select`` (SparseGPT with GPTQ): GPTQ prunes as it rounds."""
     name, m, layer_cfg, hessian = group[0]
+    select = select if layer_cfg.method == "gptq" else None
     if len(group) == 1:   # RTN only reads its matrix (no copy); the other methods work on a copy
-        return [quantize_weight(weight_matrix(m, copy=layer_cfg.method != "rtn"), layer_cfg, hessian, _mask(m))]
-    return gptq_quantize_rows([weight_matrix(job[1]) for job in group], hessian, layer_cfg)
+        return [quantize_weight(weight_matrix(m, copy=layer_cfg.method != "rtn"), layer_cfg, hessian, _mask(m),
+                                check=check, select=select)]
+    return gptq_quantize_rows([weight_matrix(job[1]) for job in group], hessian, layer_cfg, check=check,
+                              select=select)
 
 
 def _quantize_costs(layers: dict[str, nn.Module], gptq: bool) -> list[int]:

@@ -29,7 +29,7 @@ from lmcompress_core.methods.quantize import QuantizationConfig
 COLUMNS = ["label", "bits", "sparsity_pct", "method", "size_mb", "packed_bytes", "perplexity", "stderr",
            "kl_to_base", "top1_agreement", "prefill_ms", "decode_tokens_per_s", "kernel", "config",
            "decode_vs_base", "decode_ratio_low", "decode_ratio_high", "base_size_mb", "base_perplexity",
-           "base_stderr", "base_decode_tokens_per_s", "is_original"]
+           "base_stderr", "base_decode_tokens_per_s", "is_original", "compress_s", "calibration_tokens"]
 ORIGINAL_LABEL = "original (uncompressed)"
 
 
@@ -82,6 +82,9 @@ def report_row(report, config: CompressionConfig) -> dict:
         "base_stderr": base_ppl.get("stderr"),
         "base_decode_tokens_per_s": base_lat.get("decode_tokens_per_s"),
         "is_original": False,
+        # the method's cost beside its quality: seconds to compress (calibration included), tokens it read
+        "compress_s": (data.get("timings") or {}).get("compress"),
+        "calibration_tokens": data.get("calibration_tokens") or 0,
     }
 
 
@@ -227,7 +230,7 @@ def with_original(table: pd.DataFrame) -> pd.DataFrame:
         "decode_tokens_per_s": float(decode.median()) if len(decode) else None,
         "kernel": f"{KERNEL_DENSE} (the original)", "config": json.dumps(CompressionConfig().to_dict(), sort_keys=True),
         "decode_vs_base": "1× (the reference)", "decode_ratio_low": 1.0, "decode_ratio_high": 1.0,
-        "is_original": True}
+        "is_original": True, "compress_s": 0.0, "calibration_tokens": 0}
     combined = pd.concat([pd.DataFrame([original], columns=COLUMNS), table[COLUMNS]], ignore_index=True)
     return _keep_attrs(with_pareto(combined), table)
 
@@ -270,6 +273,7 @@ READABLE = {  # table column -> the header shown on the page and written to the 
     "label": "setting", "bits": "bits", "sparsity_pct": "sparsity (%)", "method": "quantizer",
     "size_mb": "size (MB)", "perplexity": "perplexity", "stderr": "perplexity ± (std. error)",
     "kl_to_base": "KL to original (nats)", "top1_agreement": "same top-1 token as original (%)",
+    "compress_s": "compress (s)", "calibration_tokens": "calibration tokens",
     "decode_ms_per_token": "decode (ms per token)", "decode_tokens_per_s": "decode (tokens/s)",
     "decode_vs_base": "decode speed vs original", "kernel": "kernel", "pareto_size": "best for its size",
     "pareto_latency": "best for its speed", "config": "config (JSON, sparsity as a fraction 0-1)",

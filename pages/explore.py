@@ -56,7 +56,7 @@ def settings_panel() -> None:
                      help="What runs the integer codes: real weight-only kernels with the rest of the model in "
                           "bf16, de-quantized fp32 weights (codes, not kernels, decide quality), or torch's "
                           "dynamic int8 at 8 bits.")
-        c3.radio("Pruning method", ["magnitude", "wanda"], key="prune_method", horizontal=True)
+        c3.radio("Pruning method", ["magnitude", "wanda", "sparsegpt"], key="prune_method", horizontal=True)
         c3.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="pattern")
         c4.slider("α (KD weight)", 0.0, 1.0, step=0.05, key="alpha")
         c4.select_slider("Generated tokens", [8, 16, 32, 64], key="new_tokens")

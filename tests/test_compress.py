@@ -510,10 +510,72 @@ def test_tiny_perplexity_rises_as_bits_fall_and_8_bit_is_within_1_percent(tiny):
 
 def test_tiny_gptq_beats_rtn_at_2_bits(tiny):
     """Where RTN does real damage (2-bit g128: held-out perplexity ×2.3 on the shipped model) GPTQ takes back much
-    of it (measured: 126 against RTN's 193). At 3 bits RTN costs this model ~7% and GPTQ is within noise of it."""
+    of it (measured: 126 against RTN's 193 before issue 33)."""
     rtn = quantized_ppl(tiny, bits=2)
     gptq = quantized_ppl(tiny, bits=2, method="gptq")
     assert gptq < 0.85 * rtn, (gptq, rtn)
+
+
+def test_tiny_gptq_beats_rtn_at_3_bits_with_the_cli_defaults(tiny):
+    """Issue 33: sequential GPTQ from searched grids, as `evaluate --model tiny --bits 3 --method gptq` runs it
+    (real kernels, groups of 128). Measured: 89.1-89.4 against RTN's 91.06; one-pass GPTQ on min-max grids, the
+    method before, gave 92.6 (above RTN)."""
+    rtn = quantized_ppl(tiny, bits=3)
+    gptq = quantized_ppl(tiny, bits=3, method="gptq")
+    assert gptq < 0.99 * rtn, (gptq, rtn)
+
+
+@torch.no_grad()
+def kl_to(model, reference, windows) -> float:
+    """Mean KL(reference ‖ model) per token over the windows, in nats."""
+    ref = reference(input_ids=windows).logits.float().log_softmax(-1)
+    ours = model(input_ids=windows).logits.float().log_softmax(-1)
+    return (ref.exp() * (ref - ours)).sum(-1).mean().item()
+
+
+def test_tiny_sequential_gptq_leaves_less_error_than_one_pass(tiny):
+    """Layers fitted to the inputs the quantized layers before them give: the model's output error (KL to the
+    float model on held-out text) is below one-pass GPTQ's. Measured at 3 bits g128: 0.137 against 0.142."""
+    model, heldout, calib = tiny
+    kl = {}
+    for calibration_pass in ("sequential", "one-pass"):
+        q = QuantizationConfig(bits=3, method="gptq", calibration_pass=calibration_pass)
+        kl[calibration_pass] = kl_to(compress(model, CompressionConfig(quantization=q), calibration=calib).model,
+                                     model, heldout)
+    assert kl["sequential"] < kl["one-pass"], kl
+
+
+@pytest.mark.parametrize("pattern,ratio", [("unstructured", 0.97), ("2:4", 0.95)])
+def test_tiny_sparsegpt_is_below_wanda(tiny, pattern, ratio):
+    """Measured held-out perplexity: 50% unstructured 89.7 against Wanda's 93.8; 2:4 96.0 against 105.7."""
+    model, heldout, calib = tiny
+    ppl = {}
+    for method in ("wanda", "sparsegpt"):
+        cm = compress(model, CompressionConfig(pruning=PruningConfig(0.5, method=method, pattern=pattern)),
+                      calibration=calib)
+        ppl[method] = perplexity(cm.model, heldout)
+    assert ppl["sparsegpt"] <= ratio * ppl["wanda"], ppl
+    masks = [m.keep_mask() for m in cm.layers().values()]
+    assert all(abs((~k).float().mean().item() - 0.5) < 1e-6 for k in masks)
+
+
+def test_tiny_sparsegpt_pruned_and_quantized_in_one_pass(tiny):
+    """SparseGPT 2:4 with GPTQ 4-bit: the masks come out of GPTQ's column loop with the 2:4 pattern, pruned
+    weights hold no value, and the model beats Wanda 2:4 then GPTQ (measured: 95.8 against 107.8)."""
+    model, heldout, calib = tiny
+    q = QuantizationConfig(bits=4, method="gptq")
+    ppl = {}
+    for method in ("wanda", "sparsegpt"):
+        cm = compress(model, CompressionConfig(quantization=q, pruning=PruningConfig(method=method, pattern="2:4")),
+                      calibration=calib)
+        ppl[method] = perplexity(cm.model, heldout)
+    masked = [m for m in cm.layers().values() if m.keep_mask() is not None]   # not the int8 LM head
+    assert len(masked) == len(CompressionConfig().chosen_layers(model))
+    for m in masked:
+        keep = m.keep_mask()
+        assert torch.all((~keep).reshape(keep.shape[0], -1, 4).sum(dim=2) == 2)
+        assert torch.all(m.quantized_weight().dequantize()[~keep] == 0)
+    assert ppl["sparsegpt"] <= 0.95 * ppl["wanda"], ppl
 
 
 @pytest.mark.parametrize("pruning", [PruningConfig(pattern="2:4"), PruningConfig(0.7)], ids=["2:4", "70%"])

@@ -290,7 +290,9 @@ def test_a_second_gptq_setting_reuses_the_hessians_and_quantizes_bit_identically
     model = random_arch.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    three, four = (CompressionConfig(quantization=QuantizationConfig(bits=b, group_size=32, method="gptq"),
+    # one-pass: its Hessians come from the float model and serve every setting (sequential GPTQ's do not)
+    three, four = (CompressionConfig(quantization=QuantizationConfig(bits=b, group_size=32, method="gptq",
+                                                                     calibration_pass="one-pass"),
                                      runtime="simulate") for b in (3, 4))
     CALIBRATION_STATS.clear()
     fresh = compress(model, four, calibration=calib)
@@ -313,7 +315,7 @@ def test_calibration_statistics_are_keyed_by_calibration_and_pruning(random_arch
     calls = _counting_statistics(monkeypatch)
     model = random_arch.model
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    gptq = QuantizationConfig(bits=4, group_size=32, method="gptq")
+    gptq = QuantizationConfig(bits=4, group_size=32, method="gptq", calibration_pass="one-pass")
     CALIBRATION_STATS.clear()
     compress(model, CompressionConfig(quantization=gptq, runtime="simulate"), calibration=calib)
     compress(model, CompressionConfig(pruning=PruningConfig(sparsity=0.3, method="wanda")), calibration=calib)
@@ -331,14 +333,19 @@ def test_gptq_reports_each_layer_with_the_time_left(random_arch):
     model = random_arch.model
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     CALIBRATION_STATS.clear()
-    seen = []
-    compress(model, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32, method="gptq"),
-                                      runtime="simulate"), calibration=calib, callback=seen.append)
-    layers = [p for p in seen if p.stage == "quantize"]
-    assert [p.step for p in layers] == list(range(1, len(layers) + 1)) and len(layers) > 1
-    assert all("s left" in p.message and p.metrics["remaining_s"] >= 0 for p in layers)
-    assert layers[-1].metrics["remaining_s"] == 0
-    assert len([p for p in seen if p.stage == "calibrate"]) > len(layers)   # every hooked layer of every batch
+    seen_by_pass = {}
+    for calibration_pass in ("one-pass", "sequential"):
+        seen = seen_by_pass[calibration_pass] = []
+        q = QuantizationConfig(bits=4, group_size=32, method="gptq", calibration_pass=calibration_pass)
+        compress(model, CompressionConfig(quantization=q, runtime="simulate"), calibration=calib,
+                 callback=seen.append)
+        layers = [p for p in seen if p.stage == "quantize"]
+        assert [p.step for p in layers] == list(range(1, len(layers) + 1)) and len(layers) > 1
+        assert all("s left" in p.message and p.metrics["remaining_s"] >= 0 for p in layers)
+        assert layers[-1].metrics["remaining_s"] == 0
+    # one-pass: every hooked layer of every batch (sequential GPTQ calibrates layer by layer as it quantizes)
+    one_pass = seen_by_pass["one-pass"]
+    assert len([p for p in one_pass if p.stage == "calibrate"]) > len([p for p in one_pass if p.stage == "quantize"])
 
 
 def test_layers_fed_the_same_inputs_share_one_hessian_and_are_quantized_together_as_alone(random_arch):
@@ -354,7 +361,8 @@ def test_layers_fed_the_same_inputs_share_one_hessian_and_are_quantized_together
     shared = [n for n in hessians if any(hessians[n] is hessians[o] for o in hessians if o != n)]
     if random_arch.name.removeprefix("random-") in ("llama", "qwen2", "opt"):
         assert any(n.endswith("q_proj") for n in shared) and any(n.endswith("k_proj") for n in shared)
-    cfg = QuantizationConfig(bits=3, group_size=32, method="gptq")
+    # one-pass: the reference Hessians above are the float model's (sequential ones depend on the quantized layers)
+    cfg = QuantizationConfig(bits=3, group_size=32, method="gptq", calibration_pass="one-pass")
     CALIBRATION_STATS.clear()
     together = compress(model, CompressionConfig(quantization=cfg, runtime="simulate"), calibration=calib)
     for name, qw in _codes(together).items():

@@ -49,6 +49,7 @@ def test_int8_kernel_adds_smoothquant_and_dynamic_activations():
 
 @pytest.mark.parametrize("pattern,method,modifier,structure", [
     ("2:4", "wanda", "WandaPruningModifier", "2:4"),
+    ("4:8", "sparsegpt", "SparseGPTModifier", "4:8"),
     ("unstructured", "magnitude", "MagnitudePruningModifier", "0:0"),
 ])
 def test_pruning_and_distillation_limits(pattern, method, modifier, structure):

@@ -62,9 +62,10 @@ def _quant_modifier(config) -> dict:
 
 def _prune_modifier(p) -> dict:
     structure = "0:0" if p.pattern == "unstructured" else p.pattern
-    if p.method == "wanda":
-        return {"WandaPruningModifier": {"sparsity": p.effective_sparsity, "mask_structure": structure,
-                                         "targets": ["Linear"], "ignore": ["lm_head"]}}
+    if p.method in ("wanda", "sparsegpt"):
+        name = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}[p.method]
+        return {name: {"sparsity": p.effective_sparsity, "mask_structure": structure,
+                       "targets": ["Linear"], "ignore": ["lm_head"]}}
     return {"MagnitudePruningModifier": {"init_sparsity": p.effective_sparsity, "final_sparsity": p.effective_sparsity,
                                          "start": 0, "end": 1, "update_frequency": 1, "mask_structure": structure,
                                          "targets": ["re:.*(proj|fc|dense).*weight"]}}

@@ -70,12 +70,13 @@ class Report:
     quality_stats: dict | None = None             # TokenScores.statistics(): KL percentiles, same-top %, RMS Δp
     base_dtype: str = ""                          # the dtype the base model runs in (the reference of KL, ratios)
     model_caveat: str = ""                        # the model card's caveat, shown wherever results are shown
+    calibration_tokens: int = 0                   # calibration tokens the compression read (its cost with timings)
 
     def to_dict(self) -> dict:
         """Plain JSON-safe dict (NaN/inf become None) with a ``how`` label for every figure."""
         plain = ("model", "config", "protocol", "base_perplexity", "base_perplexity_stderr", "kl_to_base",
                  "top1_agreement", "timings", "kernel", "history", "notes", "quality_stats", "base_dtype",
-                 "model_caveat")
+                 "model_caveat", "calibration_tokens")
         data = {f: getattr(self, f) for f in plain}
         for name in ("size", "latency", "base_latency", "speed", "perplexity", "generation"):
             value = getattr(self, name)
@@ -354,7 +355,8 @@ def _evaluate(loaded, config, protocol: EvalProtocol, compressed, calibration, s
         model=loaded.name, config=config.to_dict(), protocol=protocol.to_dict(), size=None, latency=None,
         perplexity=None, base_perplexity=None, kl_to_base=None, top1_agreement=None, generation=None,
         timings=stages.timings, kernel=cm.kernel, history=list(cm.history or []), notes=list(cm.notes or []),
-        base_dtype=_dtype(loaded.model), model_caveat=getattr(loaded.card, "caveat", "") or "")
+        base_dtype=_dtype(loaded.model), model_caveat=getattr(loaded.card, "caveat", "") or "",
+        calibration_tokens=getattr(cm, "calibration_tokens", 0))
     report.size = stages.run("size", "counting bytes (the packed file's layout)",
                              lambda: measure_size(cm, loaded.model, check=lambda: stages.check("size", 0, 1, "laying out")))
     stages.finished("size", report.size)

@@ -112,12 +112,13 @@ def evaluation_text(model_name: str, text: str | None = None) -> tuple[str, str,
 
 
 def needs_calibration(config) -> bool:
-    """GPTQ, the MSE grid, Wanda, distillation and the calibrated dynamic-int8 path read calibration text."""
+    """GPTQ, the MSE grid, Wanda, SparseGPT, distillation and the calibrated dynamic-int8 path read calibration
+    text."""
     q, p = config.quantization, config.pruning
     return (config.distillation is not None
             or (q is not None and q.method in ("gptq", "mse"))
             or (q is not None and q.bits == 8 and config.runtime == "dynamic_int8")  # SmoothQuant + SQNR check
-            or (p is not None and p.method == "wanda"))
+            or (p is not None and p.method in ("wanda", "sparsegpt")))
 
 
 def calibration_for(loaded, config, protocol: EvalProtocol | None = None, n_samples: int = 16,

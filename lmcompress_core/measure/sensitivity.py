@@ -33,7 +33,7 @@ def layer_sensitivity(model, config: CompressionConfig, bits_list=(2, 3, 4, 8),
         model = model.model
     layers = config.chosen_layers(model)
     q, p = config.quantization, config.pruning
-    gptq, wanda = q is not None and q.method == "gptq", p is not None and p.method == "wanda"
+    gptq, wanda = q is not None and q.method == "gptq", p is not None and p.method in ("wanda", "sparsegpt")
     if (gptq or wanda) and calibration is None:
         raise ValueError(f"{'GPTQ' if gptq else 'Wanda'} needs calibration text to measure per-layer sensitivity; "
                          "pass calibration (protocol.calibration_for)")

@@ -252,8 +252,9 @@ class StatisticsCache(BaseModelCache):
 
     They depend on the model the calibration text runs through (the base model, or its copy pruned by one
     pruning setting), the calibration ids and the layers hooked — the key — and on no quantization setting:
-    GPTQ here fits every layer to the float model's inputs (one pass, not block by block), so its Hessians are
-    the same for every bit-width. Only the last ``per_model`` keys are kept (SmolLM2-135M's Hessians are about
+    one-pass GPTQ, the MSE grid and Wanda fit every layer to the float model's inputs, so their statistics are
+    the same for every bit-width (sequential GPTQ and SparseGPT take each block's from the compressed blocks
+    before it, and collect their own). Only the last ``per_model`` keys are kept (SmolLM2-135M's Hessians are about
     0.5 GB).
     """
 

@@ -5,7 +5,8 @@ matrix (there is no sparse kernel on this CPU; measure.py says so), and compress
 quantization and distillation leave those zeros in place.
 
 Wanda scores a weight by |W_ij| · ‖X_j‖₂ (its magnitude times the norm of the input feature it multiplies, over
-calibration tokens) and compares weights within each output row, as in Sun et al. 2023.
+calibration tokens) and compares weights within each output row, as in Sun et al. 2023. SparseGPT (masks chosen
+with the calibration Hessian, kept weights updated) lives in ``sparsegpt.py``.
 """
 from __future__ import annotations
 
@@ -16,14 +17,18 @@ import torch
 
 MAX_SPARSITY = 0.95
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
 class PruningConfig:
     sparsity: float = 0.5         # fraction of weights removed, [0, 0.95]; N:M patterns fix it at N/M
-    method: str = "magnitude"     # "magnitude" | "wanda" (Wanda needs calibration token ids)
+    # "magnitude" | "wanda" | "sparsegpt" (Wanda and SparseGPT need calibration token ids; SparseGPT also
+    # updates the kept weights to make up for the removed ones, sparsegpt.py)
+    method: str = "magnitude"
     pattern: str = "unstructured" # "unstructured" | "2:4" | "4:8" (N of every M consecutive inputs are zeroed)
     scope: str = "layer"          # "layer" | "global": rank magnitudes within each layer or across all (magnitude only)
+    damp: float = 0.01            # SparseGPT: Hessian damping, fraction of the mean diagonal (as GPTQ's)
 
     def __post_init__(self):
         s = self.sparsity
@@ -34,12 +39,14 @@ class PruningConfig:
                              f"choose at most {MAX_SPARSITY:.0%}")
         if not 0 <= s <= MAX_SPARSITY:
             raise ValueError(f"sparsity must be between 0 and {MAX_SPARSITY} (0–95%); got {s!r}")
-        _choice("method", self.method, ("magnitude", "wanda"))
+        _choice("method", self.method, METHODS)
         _choice("pattern", self.pattern, tuple(PATTERNS))
         _choice("scope", self.scope, ("layer", "global"))
         if self.scope == "global" and self.method != "magnitude":
             raise ValueError("scope='global' ranks weights across layers and applies to magnitude pruning only; "
-                             "Wanda compares weights within each output row — use scope='layer'")
+                             "Wanda and SparseGPT compare weights within each output row — use scope='layer'")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp <= 1:
+            raise ValueError(f"damp (SparseGPT Hessian damping) must be in (0, 1], typically 0.01; got {self.damp!r}")
 
     @property
     def effective_sparsity(self) -> float:
@@ -181,8 +188,10 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def scores(w: torch.Tensor, config: PruningConfig, input_sq_norm: torch.Tensor | None) -> torch.Tensor:
-    """Importance of each weight: |W| (magnitude) or |W|·‖X_j‖₂ (Wanda; needs the inputs' squared norms)."""
-    if config.method == "wanda" and input_sq_norm is not None:
+    """Importance of each weight: |W| (magnitude) or |W|·‖X_j‖₂ (Wanda; needs the inputs' squared norms). For
+    SparseGPT, whose masks come from its column loop, Wanda's score is its estimate without the weight updates
+    (SparseGPT's score with H's diagonal alone), as the per-layer sensitivity scan uses it."""
+    if config.method in ("wanda", "sparsegpt") and input_sq_norm is not None:
         return w.abs() * input_sq_norm.sqrt().to(w.dtype)[None, :]
     return w.abs()
 
@@ -193,7 +202,7 @@ def layer_mask(w: torch.Tensor, config: PruningConfig, input_sq_norm: torch.Tens
     nm = PATTERNS[config.pattern]
     if nm is not None:
         return nm_mask(s, *nm)
-    return unstructured_mask(s, config.sparsity, per_row=config.method == "wanda")
+    return unstructured_mask(s, config.sparsity, per_row=config.method != "magnitude")
 
 
 def global_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:

@@ -22,10 +22,12 @@ integer zero-point for the least output error, δᵀHδ with H the second moment
 GPTQ is written here, not imported, because it is the point of the project: the Hessian H = 2XXᵀ of each
 layer's calibration inputs, damping, lazy batches of 128 columns updated with the upper Cholesky factor of H⁻¹,
 group scales computed as the columns are reached, optional act-order (with act-order the group grids are fixed
-from the unquantized weights first, so groups stay contiguous in the original column order).
-Layers are not processed block by block: one calibration pass through the (possibly pruned) float copy
-collects every layer's H at once, so each layer is fitted to float inputs. That costs one forward pass; the
-GPTQ paper's sequential variant (inputs from the already-quantized earlier blocks) costs one per block.
+from the unquantized weights first, so groups stay contiguous in the original column order: static groups).
+Each group starts from the searched grid (``grid_search``: the MSE grid's search on the group's block of H,
+when GPTQ reaches the group), so the column updates correct what the best grid leaves, not what min-max
+leaves. By default layers are fitted block by block (``calibration_pass="sequential"``, ``sequential.py``):
+each layer's H from the inputs the already quantized layers before it give, at the cost of one forward pass;
+"one-pass" fits every layer to the float model's inputs, collected once and reused by a second setting.
 Running 8-bit layers on torch's real int8 kernel (with smoothing and an SQNR floor) lives in ``runtime/int8_dynamic.py``.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ ALLOWED_BITS = INTEGER_BITS + (16,)
 GROUP_SIZES = (32, 64, 128)
 GRIDS = ("integer-zero", "minmax")
 METHODS = ("rtn", "gptq", "hqq", "mse")
+CALIBRATION_PASSES = ("sequential", "one-pass")
 FLOAT_LAYER = 16  # in layer_bits: the layer is not quantized and stays in the model's float dtype
 _LAZY_BLOCK = 128  # GPTQ columns per lazy batch (a multiple of every group size)
 
@@ -61,6 +64,13 @@ class QuantizationConfig:
     method: str = "rtn"
     damp: float = 0.01            # GPTQ / MSE Hessian damping, fraction of the mean diagonal
     act_order: bool = False       # GPTQ: quantize columns in order of decreasing Hessian diagonal
+    # GPTQ: "sequential" = blocks in order, each layer's Hessian from the inputs the already quantized layers
+    # before it give (GPTQModel's and llm-compressor's way); "one-pass" = every layer's Hessian from one pass
+    # through the float model (cheaper: one pass, and a second setting reuses it)
+    calibration_pass: str = "sequential"
+    # GPTQ, asymmetric integer-zero groups: each group's scale and zero-point searched for the least
+    # Hessian-weighted error (the MSE grid, grid_search.py) before the column updates; False: the min-max grid
+    grid_search: bool = True
     int8_kernel: bool = True      # bits == 8: run torch dynamic int8 (a real kernel) for evaluation/latency
     dtype16: str = "bf16"         # "bf16" | "fp16" for bits == 16
     # int8 kernel with calibration: SmoothQuant migration strength α (0 = no smoothing). 0.5 splits each input
@@ -87,6 +97,9 @@ class QuantizationConfig:
         _choice("grid", self.grid, GRIDS)
         _choice("dtype16", self.dtype16, ("bf16", "fp16"))
         _check_fitted_grid(self.method, self.symmetric, self.grid)
+        _choice("calibration_pass", self.calibration_pass, CALIBRATION_PASSES)
+        if not isinstance(self.grid_search, bool):
+            raise ValueError(f"grid_search must be True or False; got {self.grid_search!r}")
         if not isinstance(self.damp, (int, float)) or not 0 < self.damp <= 1:
             raise ValueError(f"damp (GPTQ Hessian damping) must be in (0, 1], typically 0.01; got {self.damp!r}")
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
@@ -108,6 +121,12 @@ class QuantizationConfig:
     @property
     def is_integer(self) -> bool:
         return self.bits in INTEGER_BITS
+
+    @property
+    def gptq_searches_grid(self) -> bool:
+        """GPTQ starts each group from the searched grid (grid_search, on asymmetric integer-zero groups)."""
+        return self.grid_search and self.granularity == "group" and not self.symmetric \
+            and self.grid == "integer-zero"
 
     @property
     def integer_zero_points(self) -> bool:
@@ -327,17 +346,18 @@ def _round_groups(rows: torch.Tensor, config: QuantizationConfig, step: int, sha
 
 
 def quantize_weight(w: torch.Tensor, config: QuantizationConfig, hessian: torch.Tensor | None = None,
-                    mask: torch.Tensor | None = None) -> QuantizedWeight:
+                    mask: torch.Tensor | None = None, check=None, select=None) -> QuantizedWeight:
     """The quantizer ``config.method`` names (RTN, HQQ, MSE, GPTQ) on one ``[out, in]`` matrix; pruned weights
     (mask False) stay 0.
 
     GPTQ needs the layer's Hessian; the caller decides (and says) what runs when it has none. MSE scores its
     candidates on the same Hessian (its [group, group] blocks), or on the plain weight error when it is None.
+    ``check()`` (GPTQ) runs between its lazy batches and may raise to cancel within the layer.
     """
     if config.method == "gptq":
         if hessian is None:
             raise ValueError("GPTQ needs the layer's calibration Hessian; none was collected for this layer")
-        return gptq_quantize(w, hessian, config, mask)
+        return gptq_quantize(w, hessian, config, mask, select=select, check=check)
     qw = quantize_tensor(w, config, hessian)
     qw.mask = None if mask is None else mask.to(torch.bool)
     return qw
@@ -393,11 +413,15 @@ def _lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationConfig,
-                  mask: torch.Tensor | None = None) -> QuantizedWeight:
+                  mask: torch.Tensor | None = None, select=None, check=None) -> QuantizedWeight:
     """GPTQ on one ``[out, in]`` matrix given H = 2XXᵀ/n of its inputs; pruned weights (mask False) stay 0.
 
     Each column is rounded on its grid, and the rounding error, divided by the Cholesky diagonal, is pushed
-    onto the not-yet-quantized columns (exact within a lazy batch, one matrix product for the rest).
+    onto the not-yet-quantized columns (exact within a lazy batch, one matrix product for the rest). With
+    ``config.gptq_searches_grid`` each group's grid is the MSE search's on the group's block of H, fitted when
+    GPTQ reaches the group (on the columns as updated so far), so the updates start from the best grid.
+    ``select`` (SparseGPT, sparsegpt.py) picks each lazy batch's keep-mask as it is reached (prune and quantize
+    in one pass); ``check()`` is called between lazy batches and may raise to cancel within a layer.
     """
     w = w.detach().to(torch.float32)
     h = hessian.detach().to(torch.float32).clone()
@@ -408,11 +432,17 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, config: QuantizationCo
     # The loop runs on Wᵀ: column j of W is then the contiguous row j, and each step of a column is one vector op.
     columns = _rows_in_order(w.t(), order)
     keep = None if mask is None else _rows_in_order(mask.t().to(torch.float32), order)
+    if select is not None and keep is None:
+        keep = torch.ones_like(columns)
+    moment = _damped(h, config.damp) if config.gptq_searches_grid else None
     lazy = config.granularity == "group" and not config.act_order
-    grids = _LazyGrids(columns, config, group_size) if lazy else _FixedGrids(w, config, group_size, order)
+    grids = _LazyGrids(columns, config, group_size, moment) if lazy \
+        else _FixedGrids(w, config, group_size, order, moment)
     hinv = _cholesky_of_inverse(h if order is None else h[order][:, order], config.damp)
-    codes = _ColumnLoop(columns, hinv, config.bits, keep).run(grids)
+    codes = _ColumnLoop(columns, hinv, config.bits, keep, select, check).run(grids)
     codes = (codes if order is None else codes[torch.argsort(order)]).to(torch.uint8).t().contiguous()
+    if select is not None:
+        mask = (keep if order is None else keep[torch.argsort(order)]).t().to(torch.bool).contiguous()
     scales, zeros = grids.tables
     return QuantizedWeight(codes, scales.to(torch.float32), zeros.to(torch.float32), config.bits, group_size,
                            None if mask is None else mask.to(torch.bool))
@@ -424,7 +454,7 @@ def _rows_in_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
 
 
 def gptq_quantize_rows(weights: list[torch.Tensor], hessian: torch.Tensor, config: QuantizationConfig,
-                       masks: list[torch.Tensor] | None = None) -> list[QuantizedWeight]:
+                       masks: list[torch.Tensor] | None = None, check=None, select=None) -> list[QuantizedWeight]:
     """GPTQ on several matrices fed the same inputs (q/k/v, gate/up): one pass over their stacked rows.
 
     GPTQ treats each output row on its own (its grid, its rounding errors; the shared part, the inverse Hessian,
@@ -434,7 +464,8 @@ def gptq_quantize_rows(weights: list[torch.Tensor], hessian: torch.Tensor, confi
     """
     if config.granularity == "tensor":
         raise ValueError("per-tensor grids span a whole matrix: quantize each matrix with gptq_quantize")
-    stacked = gptq_quantize(torch.cat(weights), hessian, config, None if masks is None else torch.cat(masks))
+    stacked = gptq_quantize(torch.cat(weights), hessian, config, None if masks is None else torch.cat(masks),
+                            select=select, check=check)
     out, start = [], 0
     for w in weights:
         rows = slice(start, start + w.shape[0])
@@ -449,10 +480,17 @@ class _ColumnLoop:
     """GPTQ's sequential part on Wᵀ ``[in, out]`` (column j of W is row j): per column, rounding onto its grid and
     a rank-1 update of the rest of its lazy batch with the rounding error; one matrix product per batch for the
     columns after it. Preallocated buffers and in-place ops throughout, because at these sizes a column costs what
-    its tensor ops cost to dispatch (~1–3 µs each), not their arithmetic."""
+    its tensor ops cost to dispatch (~1–3 µs each), not their arithmetic.
 
-    def __init__(self, columns: torch.Tensor, hinv: torch.Tensor, bits: int, keep: torch.Tensor | None):
-        self.columns, self.qmax, self.keep = columns, _qmax(bits), keep
+    ``bits=None`` rounds nothing (SparseGPT alone): a column's error is then only its pruned weights, and the
+    result holds the updated weights instead of codes. ``select(columns, diagonal, b0, b1)`` gives the keep-mask
+    of a lazy batch when it is reached; ``check()`` runs before each batch."""
+
+    def __init__(self, columns: torch.Tensor, hinv: torch.Tensor, bits: int | None, keep: torch.Tensor | None,
+                 select=None, check=None):
+        self.columns, self.keep, self.select, self.check = columns, keep, select, check
+        self.qmax = None if bits is None else _qmax(bits)
+        self.diagonal = hinv.diagonal().clone()
         # Row j of the factor over its diagonal: the raw error x − q then updates the later columns as the
         # textbook's (x − q)/d_j does with row j itself (equal up to float rounding), and the division leaves the loop.
         self.hinv = hinv / hinv.diagonal()[:, None]
@@ -461,13 +499,21 @@ class _ColumnLoop:
         self.errors = torch.empty(_LAZY_BLOCK, columns.shape[1], device=columns.device)
 
     def run(self, grids) -> torch.Tensor:
-        """The codes ``[in, out]``, float; ``grids(j)`` gives column j's (scale, zero) as ``[out]`` rows."""
+        """The codes ``[in, out]``, float (``bits=None``: the weights); ``grids(j)`` gives column j's
+        (scale, zero) as ``[out]`` rows (unused without bits)."""
         n = self.columns.shape[0]
         for b0 in range(0, n, _LAZY_BLOCK):
+            if self.check is not None:
+                self.check()
             b1 = min(b0 + _LAZY_BLOCK, n)
+            if self.select is not None:
+                self.keep[b0:b1] = self.select(self.columns[b0:b1], self.diagonal[b0:b1], b0, b1)
             errors = self.errors[: b1 - b0]
             for col, err in zip(range(b0, b1), errors):
-                self._column(col, b1, *grids(col), err)
+                if self.qmax is None:
+                    self._pruned_column(col, b1, err)
+                else:
+                    self._column(col, b1, *grids(col), err)
             self.columns[b1:].addmm_(self.hinv[b0:b1, b1:].t(), errors, alpha=-1)
         return self.codes
 
@@ -480,18 +526,27 @@ class _ColumnLoop:
         torch.addcmul(x, q, scale, value=-1, out=err)  # x − (code − zero) · scale: the rounding error
         self.columns[col + 1:b1].addr_(self.hinv[col, col + 1:b1], err, alpha=-1)
 
+    def _pruned_column(self, col: int, b1: int, err: torch.Tensor) -> None:
+        x, kept = self.columns[col], self.codes[col]
+        torch.mul(x, self.keep[col], out=kept)
+        torch.sub(x, kept, out=err)  # the pruned weights, the only error
+        self.columns[col + 1:b1].addr_(self.hinv[col, col + 1:b1], err, alpha=-1)
+
 
 class _LazyGrids:
     """Per-group grids without act-order: fitted when a group's first column is reached, on the columns as GPTQ has
-    updated them so far (the lazy batch and the group size divide one another, so those columns are current)."""
+    updated them so far (the lazy batch and the group size divide one another, so those columns are current).
+    ``moment`` (damped H, or None): the grid is searched on the group's block of it (the MSE grid)."""
 
-    def __init__(self, columns: torch.Tensor, config: QuantizationConfig, group_size: int):
-        self.columns, self.config, self.group_size = columns, config, group_size
+    def __init__(self, columns: torch.Tensor, config: QuantizationConfig, group_size: int,
+                 moment: torch.Tensor | None = None):
+        self.columns, self.config, self.group_size, self.moment = columns, config, group_size, moment
         self.scales, self.zeros = [], []
 
     def __call__(self, col: int) -> tuple[torch.Tensor, torch.Tensor]:
         if col % self.group_size == 0:
-            scale, zero = _grid(self.columns[col:col + self.group_size].t(), self.config)
+            cols = slice(col, col + self.group_size)
+            scale, zero = _group_grid(self.columns[cols].t(), self.config, self.moment, cols)
             self.scales.append(scale[:, 0].contiguous()), self.zeros.append(zero[:, 0].contiguous())
         return self.scales[-1], self.zeros[-1]
 
@@ -500,13 +555,23 @@ class _LazyGrids:
         return torch.stack(self.scales, 1), torch.stack(self.zeros, 1)
 
 
+def _group_grid(x: torch.Tensor, config: QuantizationConfig, moment: torch.Tensor | None,
+                cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's grid for GPTQ: searched on its block of the damped Hessian when given, else the config's."""
+    if moment is None:
+        return _grid(x, config)
+    return mse_grid(x, config.bits, moment[cols, cols])
+
+
 class _FixedGrids:
     """Grids computed once from the unquantized matrix: per-tensor, per-channel, or per-group with act-order
-    (groups stay contiguous in the original column order, whatever order the columns are quantized in)."""
+    (groups stay contiguous in the original column order, whatever order the columns are quantized in).
+    ``moment``: the damped H in the original column order, to search per-group grids on."""
 
-    def __init__(self, w: torch.Tensor, config: QuantizationConfig, group_size: int, order: torch.Tensor | None):
+    def __init__(self, w: torch.Tensor, config: QuantizationConfig, group_size: int, order: torch.Tensor | None,
+                 moment: torch.Tensor | None = None):
         rows = w.reshape(1, -1) if group_size == -1 else w
-        parts = [_grid(rows[:, c], config) for c in _column_groups(rows.shape[1], group_size)]
+        parts = [_group_grid(rows[:, c], config, moment, c) for c in _column_groups(rows.shape[1], group_size)]
         self.tables = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
         scale_rows, zero_rows = (t.t().contiguous() for t in self.tables)  # [n_groups, out]: one row per group
         original = torch.arange(w.shape[1]) if order is None else order  # the original index of each column

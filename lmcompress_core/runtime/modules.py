@@ -81,13 +81,17 @@ class _HoldsCodes:
         self.codes, self.scales, self.zeros = qw.codes.to(torch.uint8), qw.scales.float(), qw.zeros.float()
         self.bits, self.group_size = int(qw.bits), int(qw.group_size)
         if not keep_weight:
-            self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), requires_grad=False)
-            self._written = None
+            self.release_weight_()
             return
         self.weight.copy_(qw.dequantize().to(self.weight.dtype))
         # what quantized_weight() de-quantizes to (its mask is the held one): unless qw came without the mask
         same = qw.mask is not None or self.mask_bits is None
         self._written = (self.weight.data_ptr(), self.weight._version) if same else None
+
+    def release_weight_(self) -> None:
+        """Leave the float weight on the meta device (a forward fails loudly): the codes are what is kept."""
+        self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), requires_grad=False)
+        self._written = None
 
     def simulated_weight(self) -> torch.Tensor | None:
         """The float weight while it still is exactly what set_quantized_ wrote, quantized_weight().dequantize()
