@@ -409,11 +409,29 @@ async def _session(pw, server: Server, name: str, actions: list[Action], spans_p
             print(f"[browser] {name}: Distil off {after_s:.2f} s into a distilling run stopped it after "
                   f"{distilling[-1]['stop_s'] if distilling[-1]['stop_s'] is None else round(distilling[-1]['stop_s'], 2)} s",
                   flush=True)
+        budget_s = await _open_budget(context, server.url, name)
+        print(f"[browser] {name}: Bit budget's controls on screen {budget_s:.2f} s after opening it", flush=True)
         return {"cold": cold, "moves": moves, "websocket_connections": len(sockets), "interrupts": stops,
-                "distil_interrupts": distilling}
+                "distil_interrupts": distilling, "budget_controls_s": budget_s}
     finally:
         await context.close()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+async def _open_budget(context, url: str, name: str) -> float:
+    """Seconds from opening Bit budget in a new tab (a new session on the warm server) to its controls and its
+    first action on screen: the Measure button, or the allocation when the measurement is already on disk (issue
+    30: opening a page never starts minutes of work)."""
+    page = await context.new_page()
+    try:
+        start = time.perf_counter()
+        await page.goto(f"{url}/budget?model={name}", wait_until="commit", timeout=WAIT_S * 1000)
+        await page.locator('[data-testid="stSlider"]', has_text="Target bits per weight").wait_for(timeout=WAIT_S * 1000)
+        ready = page.get_by_role("button", name="Measure sensitivity").or_(page.locator(".js-plotly-plot"))
+        await ready.first.wait_for(timeout=WAIT_S * 1000)
+        return time.perf_counter() - start
+    finally:
+        await page.close()
 
 
 def measure_model(name: str, actions: list[Action], interrupt: bool = False) -> dict:
@@ -463,7 +481,8 @@ def summarise(measured: dict, server_start_s: float) -> dict:
             "websocket_connections": measured["websocket_connections"],
             "profile": median_profile(rtn), "moves": moves, "interrupts": stops,
             "abandon_s": _largest_stop(stops), "distil_interrupts": measured.get("distil_interrupts") or [],
-            "abandon_distil_s": _largest_stop(measured.get("distil_interrupts") or [])}
+            "abandon_distil_s": _largest_stop(measured.get("distil_interrupts") or []),
+            "budget_controls_s": measured.get("budget_controls_s")}
 
 
 def _largest_stop(stops: list[dict]) -> float | None:
@@ -494,7 +513,8 @@ def run(ctx) -> dict:
         headline.update({f"browser_first_chart_s_{name}": rtn.get("first_s"),
                          f"browser_all_charts_s_{name}": rtn.get("all_s"),
                          f"browser_complete_s_{name}": rtn.get("complete_s"),
-                         f"browser_cold_s_{name}": m["cold_s"]})
+                         f"browser_cold_s_{name}": m["cold_s"],
+                         f"browser_budget_controls_s_{name}": m["budget_controls_s"]})
         if m["interrupts"]:
             headline[f"browser_abandon_s_{name}"] = m["abandon_s"]
         if m["distil_interrupts"]:

@@ -19,6 +19,7 @@ HEADLINE_KEYS = ["interactive_s_tiny", "interactive_s_default", "int8_speedup_pr
                  "eval_fraction_of_matmul_peak", "sweep_ray_over_serial_s", "llamacpp_ppl_ratio_q4",
                  "decode_ratio_vs_llamacpp_q4", "decode_ratio_vs_llamacpp_q8",
                  "browser_first_chart_s_default", "browser_all_charts_s_default", "browser_complete_s_default",
+                 "browser_budget_controls_s_default",
                  "browser_cold_s_default", "browser_first_chart_s_tiny", "browser_all_charts_s_tiny",
                  "browser_complete_s_tiny", "browser_cold_s_tiny"]
 

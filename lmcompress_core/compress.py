@@ -427,8 +427,10 @@ def _quantize_sequentially(run: _Run, cfg: QuantizationConfig, layers: dict[str,
     modules = {name: run.compressed(name) for name in layers}   # the hooks go on the modules that stay
     writer = _LayerWriter(run, modules, True)
     _, outside = sequential.layers_by_block(run.model, modules)
-    if _round_unreached(writer, cfg, modules, outside):
-        run.notes.append("layers outside the transformer blocks (embeddings, LM head) were quantized with RTN")
+    rounded = _round_unreached(writer, cfg, modules, outside)
+    if rounded:
+        run.notes.append(f"{len(rounded)} layer(s) outside the transformer blocks (embeddings, LM head) were quantized "
+                         f"with RTN instead of GPTQ: {few(rounded)}")
 
     def process(names: list[str], hessian: torch.Tensor) -> None:
         chosen = {name: modules[name] for name in names}
@@ -438,19 +440,21 @@ def _quantize_sequentially(run: _Run, cfg: QuantizationConfig, layers: dict[str,
 
     sequential.compress_sequentially_(run.model, {n: modules[n] for n in layers if n not in outside},
                                       calibration, process, after_block=writer.release, check=run.check)
-    if _round_unreached(writer, cfg, modules, [n for n in layers if n not in writer.written]):
-        run.notes.append("layers the calibration pass never ran were quantized with RTN")
+    rounded = _round_unreached(writer, cfg, modules, [n for n in layers if n not in writer.written])
+    if rounded:
+        run.notes.append(f"{len(rounded)} layer(s) the calibration pass never ran were quantized with RTN instead of "
+                         f"GPTQ: {few(rounded)}")
 
 
-def _round_unreached(writer: "_LayerWriter", cfg: QuantizationConfig, modules: dict, names: list[str]) -> bool:
-    """RTN for the named layers that get integer codes (no calibration inputs reach them); whether there were any."""
-    rounded = False
+def _round_unreached(writer: "_LayerWriter", cfg: QuantizationConfig, modules: dict, names: list[str]) -> list[str]:
+    """RTN for the named layers that get integer codes (no calibration inputs reach them); the layers it rounded."""
+    rounded = []
     for name in names:
         layer_cfg = cfg.for_layer(name)
         if layer_cfg is not None:
             writer.write(name, quantize_weight(weight_matrix(modules[name]), replace(layer_cfg, method="rtn"),
                                                mask=_mask(modules[name])))
-            rounded = True
+            rounded.append(name)
     return rounded
 
 

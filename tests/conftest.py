@@ -53,3 +53,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- the browser tests (tests/e2e)
+
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Debian chromium per module (never a downloaded browser build)."""
+    from pathlib import Path
+
+    from bench.loadtest import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (make browser)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """Where the browser tests' screenshots go: $LMCOMPRESS_E2E_SCREENSHOTS, else a temporary folder."""
+    from pathlib import Path
+
+    folder = os.environ.get("LMCOMPRESS_E2E_SCREENSHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

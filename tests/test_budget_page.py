@@ -37,11 +37,13 @@ def test_clicked_cells_become_overrides():
     assert plots.clicked_widths(None) == {} and plots.clicked_widths({"selection": {"points": []}}) == {}
 
 
-def test_budget_page_measures_only_on_request_then_reuses_the_disk_copy():
+def test_budget_page_measures_only_on_request_then_reuses_the_disk_copy(tmp_path, monkeypatch):
     """Opening the page starts nothing: it shows its controls, an estimate and a button; once measured, the
     measurement is on disk, so a new session (and a new server: the process cache cleared) shows it at once."""
     from lmcompress_core.methods import autopilot
 
+    monkeypatch.setenv("LMCOMPRESS_SENSITIVITY_CACHE", str(tmp_path))   # nothing measured yet (the CLI tests may have)
+    monkeypatch.setattr(autopilot, "_CACHE", {})
     at = app().run()
     at.switch_page("pages/budget.py").run()
     assert not at.exception, [e.message for e in at.exception]

@@ -45,7 +45,8 @@ def internal_text(page) -> list[str]:
 
 def open_page(page, server: str, path: str, model: str = MODEL, query: str = "") -> None:
     page.goto(f"{server}/{path}?model={model}{query}", timeout=WAIT_MS)
-    page.locator("header").get_by_text("Explore").first.wait_for(timeout=WAIT_MS)   # app.py's navigation is up
+    # something of the page drawn (Presentation hides the navigation), then the script run over
+    page.locator("[data-testid='stMain'] [data-testid='stElementContainer']").first.wait_for(timeout=WAIT_MS)
     wait_idle(page)
 
 
