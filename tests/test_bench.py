@@ -81,7 +81,8 @@ def test_committed_headline_is_the_sections_values():
     for section in results["sections"].values():
         for key, value in (section.get("headline") or {}).items():
             assert results["headline"][key] == value, key
-    assert all(t["met"] in (True, False) for t in results["targets"]), "every target measured"
+    verdicts = {t["key"]: t.get("verdict") for t in results["targets"]}
+    assert set(verdicts.values()) <= {"met", "missed", "at the limit"}, verdicts   # none failed or not measured
     assert results["warning"] == report.warning(results)
 
 
@@ -249,7 +250,9 @@ def test_the_committed_runs_give_every_kept_timing_its_spread_and_an_edge_value_
     for key in ("interactive_s_default", "browser_complete_s_default"):   # medians of the kept runs
         assert rows[key]["spread"]["median"] == pytest.approx(rows[key]["value"]), key
     assert rows["abandon_distil_s_default"]["spread"]["max"] == pytest.approx(rows["abandon_distil_s_default"]["value"])
-    assert rows["browser_abandon_distil_s_default"]["verdict"] == "at the limit"   # 0.4995 against ≤ 0.5
+    edge = [r for r in rows.values() if r["verdict"] == "at the limit"]
+    assert edge and all(r["met"] is not False for r in edge)   # within 5% of its bound on the met side
+    assert rows["real_int4_decode_speedup"]["verdict"] == "at the limit"   # this run: 3.05 against ≥ 3
     timed = [t for t in targets.TARGETS if t.limit is not None]
     assert sum(rows[t.key]["spread"] is not None for t in timed) >= 12
 

@@ -22,7 +22,7 @@ def test_the_two_commands_come_first():
 
 
 @pytest.mark.parametrize("page", ["Explore", "Trade-offs", "Distillation", "Bit budget", "Learn", "Report",
-                                  "Presentation"])
+                                  "Present"])   # app.py's page titles
 def test_the_tour_names_every_page(page):
     assert f"- **{page}**" in README
 
