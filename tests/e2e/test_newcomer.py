@@ -47,6 +47,7 @@ def open_page(page, server: str, path: str, model: str = MODEL, query: str = "")
     page.goto(f"{server}/{path}?model={model}{query}", timeout=WAIT_MS)
     # something of the page drawn (Presentation hides the navigation), then the script run over
     page.locator("[data-testid='stMain'] [data-testid='stElementContainer']").first.wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(1500)   # the script's run has begun (its status widget shows) before waiting it out
     wait_idle(page)
 
 
@@ -129,6 +130,8 @@ def test_bit_budget_shows_its_controls_and_measures_only_on_request(server, brow
     page = fresh_page(browser)
     open_page(page, server, "budget")
     button = page.get_by_role("button", name="Measure sensitivity")
+    button.wait_for(timeout=WAIT_MS)   # drawn once the page's script reaches it (nothing computed before)
+    wait_idle(page)
     assert button.is_visible() and page.get_by_text("Target bits per weight").is_visible()
     assert page.locator("[data-testid='stProgress']").count() == 0          # nothing runs before asked
     assert "about" in page.get_by_text("First the autopilot measures").inner_text()
