@@ -313,8 +313,7 @@ def record_run(report: dict, key: str, setting_key: str) -> None:
     configuration): the most precise measurement of it, moved last; so a setting never shows two answers."""
     report = {**report, "run_key": key, "setting_key": setting_key}
     same = [r for r in st.session_state["trail"] if r.get("setting_key", r.get("run_key")) == setting_key]
-    kept = max(same + [report], key=precision)   # on a tie the newest (max keeps the first of equals: report last)
-    kept = report if precision(report) >= precision(kept) else kept
+    kept = max([report, *same], key=precision)   # max keeps the first of equals: on a tie, the new report
     trail = [r for r in st.session_state["trail"] if r.get("setting_key", r.get("run_key")) != setting_key]
     st.session_state["trail"] = (trail + [kept])[-MAX_TRAIL:]
     st.session_state["current"] = report

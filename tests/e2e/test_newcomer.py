@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from test_browser import MODEL, ROOT, WAIT_MS, assert_no_exception, running_server, wait_idle
+from test_browser import MODEL, ROOT, WAIT_MS, assert_no_exception, server, wait_idle  # noqa: F401 (server: its fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -20,12 +20,6 @@ INTERNAL = ("DeltaGenerator", "object at 0x", "Traceback (most recent call last)
 PAGES = {"Explore": "", "Trade-offs": "tradeoffs", "Distillation": "distillation", "Bit budget": "budget",
          "Learn": "learn", "Report": "report", "Present": "present"}
 SIZES = ((1440, 900), (1024, 768))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
