@@ -14,6 +14,9 @@ os.environ["LMCOMPRESS_BUSY_LOAD"] = "1e9"
 # the autopilot's measurements go to a folder of this test run: a test never reads another run's results
 os.environ["LMCOMPRESS_SENSITIVITY_CACHE"] = tempfile.mkdtemp(prefix="lmcompress-sensitivity-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# no background torch.compile beside the tests (a minute of both cores, cold): tests/test_decode.py compiles on
+# purpose, in "wait" mode
+os.environ["LMCOMPRESS_COMPILE"] = "off"
 
 ARCHITECTURES = ("gpt2", "opt", "gpt_neox", "llama", "qwen2")
 

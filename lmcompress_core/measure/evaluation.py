@@ -203,6 +203,8 @@ def _how_latency(report: Report) -> dict[str, str]:
             f"{runs}, the base and the compressed model timed alternately in the same call: {steps}. ×N = median "
             "over rounds of base time ÷ compressed time; ≈ 1× when the rounds disagree (inside the noise) or when "
             "the model only simulates its compression")}
+    if lat.loop:
+        how["latency"] += f"; forward pass: {lat.loop}"
     if "int8pack" in (lat.kernel or ""):
         how["latency"] += f". {INT8_WIDEN_NOTE}"
     if lat.roofline_tokens_per_s:
@@ -446,11 +448,12 @@ def _generate(loaded, cm, protocol: EvalProtocol, stages: _Stages, report: Repor
         stages.check("generate", offset[kind] + counts[kind], total, f"{kind} token {counts[kind]}",
                      {"generation_stream": {"kind": kind, "text": text}})
 
-    def after_greedy(forward_s: list[float], prompt_tokens: int) -> None:
+    def after_greedy(forward_s: list[float], prompt_tokens: int, loop: str) -> None:
         if len(forward_s) < 2:   # the model stopped at once: no step to time, the timed runs will do it
             return
         report.latency = latency_from_generation(cm.model, cm.kernel, forward_s, prompt_tokens,
-                                                 bytes_per_token=report.size.packed_bytes, bytes_basis=_PACKED_BASIS)
+                                                 bytes_per_token=report.size.packed_bytes, bytes_basis=_PACKED_BASIS,
+                                                 loop=loop)
         stages.finished("latency", report.latency)
 
     timed = after_greedy if protocol.times_generation() else None

@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from lmcompress_core.methods.layers import checking_blocks
+from lmcompress_core.runtime import compiled
+from lmcompress_core.runtime.decode import LOOP, LOOP_COMPILED, STEP_CAPACITY, decoder_for
+
+TRANSFORMERS_LOOP = "transformers forward (its dynamic KV cache)"
 
 SAMPLE_TEMPERATURE = 0.8  # sampled generations: mild temperature and top-k, the usual chat defaults
 SAMPLE_TOP_K = 40
@@ -227,23 +231,64 @@ def max_positions(model) -> int | None:
     return None
 
 
+class Steps:
+    """The forward passes of one continuation: the prompt's, then one per new token, each returning the last
+    position's logits [vocab]. They run through our static-cache loop (``runtime.decode``) where it runs the model
+    — each new token through its compiled graph when that is ready for the model's layout (``runtime.compiled``;
+    chosen once per continuation, never waited for unless ``$LMCOMPRESS_COMPILE=wait``) — else through
+    transformers' forward and its cache; ``loop`` names which (``own_loop=False`` forces transformers')."""
+
+    def __init__(self, model, capacity: int, own_loop: bool = True):
+        self.model, self.capacity = model, capacity
+        self.decoder = decoder_for(model) if own_loop else None
+        self.step = None
+        if self.decoder is not None and capacity <= STEP_CAPACITY:
+            self.step = compiled.step_for(self.decoder)
+        self.loop = _loop_label(self.decoder, self.step)
+        self._state = None
+
+    def prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.view(1, -1)
+        if self.decoder is not None:
+            self._state = self.decoder.new_cache(self.capacity)
+            return self.decoder.forward(ids, self._state)
+        self._state = self.model(input_ids=ids, use_cache=True)
+        return self._state.logits[0, -1]
+
+    def next(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits after appending ``token`` (a [1, 1] id tensor on the model's device)."""
+        if self.decoder is not None:
+            return self.decoder.forward(token, self._state, self.step)
+        self._state = continue_with_cache(self.model, self._state, token)
+        return self._state.logits[0, -1]
+
+
+def _loop_label(decoder, step) -> str:
+    if decoder is None:
+        return TRANSFORMERS_LOOP
+    return LOOP_COMPILED if step else LOOP
+
+
 @torch.inference_mode()
 def decode(model, prompt_ids: torch.Tensor, new_tokens: int, sample: bool = False, seed: int = 0,
            stop_at: int | None = None, on_token: Callable[[list[int]], None] | None = None,
-           forward_s: list[float] | None = None) -> tuple[list[int], list[float]]:
+           forward_s: list[float] | None = None, ran: dict | None = None) -> tuple[list[int], list[float]]:
     """Continue ``prompt_ids`` with a KV cache: (token ids, log-prob of each under the untempered distribution).
 
     ``on_token(tokens so far)`` is called after every new token (streaming; it may raise to cancel).
     ``forward_s`` (a list) gets the wall time of every forward pass — the prompt's, then one per new token —
     with the device synchronised around each and nothing else inside (not sampling, not ``on_token``).
+    ``ran`` (a dict) gets ``"loop"``: the forward pass that ran (``Steps.loop``).
     """
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
-    forward = _timed_forward(model, device, forward_s)
-    out = forward(input_ids=prompt_ids.view(1, -1).to(device), use_cache=True)
+    steps = Steps(model, prompt_ids.numel() + new_tokens)
+    if ran is not None:
+        ran["loop"] = steps.loop
+    logits = _timed(steps.prompt, device, forward_s)(prompt_ids.to(device))
     tokens, logprobs = [], []
     for _ in range(new_tokens):
-        logits = out.logits[0, -1].float().cpu()
+        logits = logits.float().cpu()
         token = _sample(logits, generator) if sample else int(logits.argmax())
         if stop_at is not None and token == stop_at:
             break
@@ -251,23 +296,19 @@ def decode(model, prompt_ids: torch.Tensor, new_tokens: int, sample: bool = Fals
         logprobs.append(float(F.log_softmax(logits, -1)[token]))
         if on_token is not None:
             on_token(list(tokens))
-        out = forward(out, torch.tensor([[token]], device=device))
+        logits = _timed(steps.next, device, forward_s)(torch.tensor([[token]], device=device))
     return tokens, logprobs
 
 
-def _timed_forward(model, device: torch.device, forward_s: list[float] | None):
-    """The prompt's pass (keyword arguments) or one cached step (the previous output and a token), timed into
-    ``forward_s`` when it is a list."""
-    def step(*args, **kwargs):
-        return continue_with_cache(model, *args) if args else model(**kwargs)
-
+def _timed(step: Callable, device: torch.device, forward_s: list[float] | None) -> Callable:
+    """``step``, timed into ``forward_s`` (device synchronised around it) when that is a list."""
     if forward_s is None:
         return step
 
-    def timed(*args, **kwargs):
+    def timed(*args):
         synchronize(device)
         start = time.perf_counter()
-        out = step(*args, **kwargs)
+        out = step(*args)
         synchronize(device)
         forward_s.append(time.perf_counter() - start)
         return out
@@ -329,15 +370,16 @@ def base_continuations(base_model, tokenizer, prompt: str, new_tokens: int = 32,
 def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens: int = 32,
                           seed: int = 0, base: dict | None = None,
                           on_token: Callable[[str, str], None] | None = None,
-                          after_greedy: Callable[[list[float], int], None] | None = None,
+                          after_greedy: Callable[[list[float], int, str], None] | None = None,
                           sampled: bool = True, timed_steps: int | None = None) -> GenerationReport:
     """Greedy and (``sampled``) sampled continuations of one prompt by both models, same seed; where greedy outputs
     diverge.
 
     ``base`` (from base_continuations) skips decoding with the base model again. ``on_token(kind, text so far)``
     streams the compressed model's continuations ("greedy", then "sampled") token by token.
-    ``after_greedy(forward_s, prompt tokens)``, when given, gets the timed forward passes of the compressed
-    model's greedy continuation (``decode``'s ``forward_s``; one untimed warm-up pass over the prompt first):
+    ``after_greedy(forward_s, prompt tokens, loop)``, when given, gets the timed forward passes of the compressed
+    model's greedy continuation (``decode``'s ``forward_s`` and ``Steps.loop``; one untimed warm-up pass over the
+    prompt first):
     exploring reads its latency off them. With ``timed_steps`` it gets the prompt's pass and the first
     ``timed_steps`` steps as soon as they are done, while the continuation goes on; else (or when the
     continuation stops sooner) all of them once it ends.
@@ -347,7 +389,7 @@ def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens:
     base = base or base_continuations(base_model, tokenizer, prompt, new_tokens, seed, sampled=sampled)
     text = lambda toks: tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
     stream = (lambda kind: None) if on_token is None else (lambda kind: lambda toks: on_token(kind, text(toks)))
-    forward_s = None if after_greedy is None else []
+    forward_s, ran = (None if after_greedy is None else []), {}
     pending, greedy_stream = after_greedy, stream("greedy")
 
     def on_greedy(toks: list[int]) -> None:
@@ -355,16 +397,16 @@ def generate_side_by_side(base_model, model, tokenizer, prompt: str, new_tokens:
         # when the n-th token is out, forward_s holds the prompt's pass and n − 1 steps
         if pending is not None and timed_steps is not None and len(forward_s) > timed_steps:
             hand, pending = pending, None
-            hand(forward_s[:timed_steps + 1], int(ids.numel()))
+            hand(forward_s[:timed_steps + 1], int(ids.numel()), ran["loop"])
         if greedy_stream is not None:
             greedy_stream(toks)
 
     if forward_s is not None:
         decode(model, ids, 0)   # warm-up: the timed prompt pass must not pay first-call costs
-    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, forward_s=forward_s,
+    comp, comp_logprobs = decode(model, ids, new_tokens, stop_at=eos, forward_s=forward_s, ran=ran,
                                  on_token=None if after_greedy is None and on_token is None else on_greedy)
     if pending is not None:
-        pending(forward_s, int(ids.numel()))
+        pending(forward_s, int(ids.numel()), ran["loop"])
     sampled_comp = None
     if sampled:
         sampled_comp, _ = decode(model, ids, new_tokens, sample=True, seed=seed, stop_at=eos,

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from lmcompress_core.measure.quality import continue_with_cache, max_positions, model_device, synchronize
+from lmcompress_core.measure.quality import Steps, max_positions, model_device, synchronize
 
 
 @dataclass
@@ -38,6 +38,7 @@ class LatencyReport:
     source: str = "timed runs"     # or "greedy generation": read off the generation the page shows (exploring)
     load_average: float | None = None   # the machine's 1-minute load average when the timing ended
     busy: bool = False             # more work was waiting than there are cores: a slow time, not the setting's speed
+    loop: str = ""                 # the forward pass timed: our static-cache loop or transformers' (quality.Steps)
 
 
 @dataclass
@@ -102,6 +103,28 @@ def runtime_bytes(model) -> int:
     return total
 
 
+def decode_bytes(model) -> int:
+    """Bytes one decode step reads: every matrix the step multiplies (a kernel module: the buffers it ``reads``,
+    not the exact grid it keeps for export), norms and biases; embedding tables not shared with the LM head are
+    left out (a step reads one row). Shared tensors once."""
+    total, seen = 0, set()
+    tables = {id(m) for m in model.modules() if hasattr(m, "num_embeddings")}   # nn.Embedding and ours
+    for module in model.modules():
+        if id(module) in tables:
+            continue
+        names = getattr(module, "reads", None)
+        tensors = ([getattr(module, n) for n in names] if names is not None
+                   else list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)))
+        for tensor in tensors:
+            if tensor is None or tensor.is_meta:
+                continue
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+            if key not in seen:
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def latency_prompt(model, tokenizer, prompt_tokens: int, new_tokens: int) -> torch.Tensor:
     vocab = model.config.vocab_size
     if tokenizer is not None:
@@ -114,28 +137,30 @@ def latency_prompt(model, tokenizer, prompt_tokens: int, new_tokens: int) -> tor
 
 
 @torch.inference_mode()
-def _one_run(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+def _one_run(model, ids: torch.Tensor, new_tokens: int, device: torch.device, own_loop: bool = True
+             ) -> tuple[float, float, str]:
+    """(prefill s, decode s, the loop that ran): the prompt's pass, then ``new_tokens`` greedy steps."""
+    steps = Steps(model, ids.shape[-1] + new_tokens, own_loop)
     synchronize(device)
     start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
+    logits = steps.prompt(ids)
     synchronize(device)
     prefill = time.perf_counter() - start
-    token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = continue_with_cache(model, out, token)
-        token = out.logits[:, -1:].argmax(-1)
+        logits = steps.next(logits.argmax().view(1, 1))
     synchronize(device)
-    return prefill, time.perf_counter() - start
+    return prefill, time.perf_counter() - start, steps.loop
 
 
 def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_tokens: int = 16, runs: int = 5,
                     warmup: int = 1, bytes_per_token: int | None = None, bytes_basis: str = "",
-                    check: Callable[[int, int], None] | None = None) -> LatencyReport:
+                    check: Callable[[int, int], None] | None = None, own_loop: bool = True) -> LatencyReport:
     """Median prefill ms and decode tokens/s over ``runs`` timed runs after ``warmup``; plus the roofline.
 
     ``bytes_per_token`` (default: the model's runtime bytes) is what one decode step must read from memory.
     ``check(done, total)`` is called before each run, outside the timed region (progress; may raise to cancel).
+    ``own_loop=False`` times transformers' forward even where our static-cache loop runs the model (quality.Steps).
     """
     _check_runs(runs, new_tokens, prompt_tokens)
     device = model_device(model)
@@ -143,7 +168,7 @@ def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_
     timings = []
     for i in range(warmup + runs):
         _tick(check, i, warmup + runs)
-        timings.append(_one_run(model, ids, new_tokens, device))
+        timings.append(_one_run(model, ids, new_tokens, device, own_loop))
     _tick(check, warmup + runs, warmup + runs)
     timings = timings[warmup:]
     return _latency_report(model, int(ids.shape[1]), kernel, new_tokens, timings, warmup, bytes_per_token,
@@ -153,7 +178,7 @@ def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_
 def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], prompt_tokens: int = 64,
                          new_tokens: int = 16, runs: int = 5, warmup: int = 1, bytes_per_token=(None, None),
                          bytes_basis=("", ""), simulated: bool = False,
-                         check: Callable[[int, int], None] | None = None,
+                         check: Callable[[int, int], None] | None = None, own_loop: bool = True,
                          ) -> tuple[LatencyReport, LatencyReport, SpeedRatio]:
     """Time the base and the compressed model alternately (base, compressed, base, ...) on the same prompt.
 
@@ -166,9 +191,10 @@ def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], promp
     pairs, total = [], 2 * (warmup + runs)
     for i in range(warmup + runs):
         _tick(check, 2 * i, total)
-        base_run = _one_run(base, ids.to(model_device(base)), new_tokens, model_device(base))
+        base_run = _one_run(base, ids.to(model_device(base)), new_tokens, model_device(base), own_loop)
         _tick(check, 2 * i + 1, total)
-        pairs.append((base_run, _one_run(model, ids.to(model_device(model)), new_tokens, model_device(model))))
+        pairs.append((base_run, _one_run(model, ids.to(model_device(model)), new_tokens, model_device(model),
+                                         own_loop)))
     _tick(check, total, total)
     pairs = pairs[warmup:]
     models = zip((base, model), kernels, bytes_per_token, bytes_basis)
@@ -207,7 +233,7 @@ def _check_runs(runs: int, new_tokens: int, prompt_tokens: int) -> None:
 
 
 def latency_from_generation(model, kernel: str, forward_s: list[float], prompt_tokens: int,
-                            bytes_per_token: int | None = None, bytes_basis: str = "") -> LatencyReport:
+                            bytes_per_token: int | None = None, bytes_basis: str = "", loop: str = "") -> LatencyReport:
     """Latency read off one greedy generation (``quality.decode``'s ``forward_s``: the prompt's forward pass, then
     one per new token), so exploring times the model on the tokens it shows instead of on extra runs: prefill =
     the prompt's pass (the caller warms the model up first), decode = 1 / the median per-token step."""
@@ -218,6 +244,7 @@ def latency_from_generation(model, kernel: str, forward_s: list[float], prompt_t
     report = _latency_report(model, prompt_tokens, kernel, len(steps), [(forward_s[0], step * len(steps))], 1,
                              bytes_per_token, bytes_basis)
     report.source = "greedy generation"
+    report.loop = loop   # what quality.decode ran (its ``ran["loop"]``)
     report.decode_tokens_per_s_runs = [1 / s for s in steps if s > 0]   # each step's rate: the spread
     return report
 
@@ -249,4 +276,5 @@ def _latency_report(model, prompt_tokens: int, kernel, new_tokens, timings, warm
         roofline_tokens_per_s=bandwidth * 1e9 / bytes_per_token if bytes_per_token else None,
         bandwidth_gb_s=bandwidth, bytes_per_token=bytes_per_token, bytes_basis=bytes_basis,
         device=str(device), warmup=warmup, prefill_ms_runs=[t[0] * 1000 for t in timings],
-        decode_tokens_per_s_runs=[new_tokens / t[1] for t in timings], load_average=load, busy=busy)
+        decode_tokens_per_s_runs=[new_tokens / t[1] for t in timings], load_average=load, busy=busy,
+        loop=timings[0][2] if len(timings[0]) > 2 else "")

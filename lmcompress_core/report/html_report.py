@@ -185,7 +185,11 @@ def _speed_summary(data: Mapping) -> tuple[str, str, str] | None:
                else f"Median of {lat.get('runs')} timed runs of the compressed model alone: no ratio with the original")
     busy = " Timed while the machine was busy: slower than usual." if lat.get("busy") else ""
     return ("Speed", value + ".", f"{how}, on {lat.get('device', 'cpu')} with {lat.get('threads')} thread(s). What "
-            f"ran: {lat.get('kernel') or 'not recorded'}.{busy}")
+            f"ran: {lat.get('kernel') or 'not recorded'}{_loop(lat)}.{busy}")
+
+
+def _loop(lat: Mapping) -> str:
+    return f", through the {lat['loop']}" if lat.get("loop") else ""
 
 
 def _quality_summary(data: Mapping) -> tuple[str, str, str] | None:

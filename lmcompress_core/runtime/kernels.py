@@ -176,6 +176,10 @@ def _where_kept(mask: torch.Tensor, codes: torch.Tensor, elsewhere: torch.Tensor
 class Int4Linear(_KernelModule):
     """2–4-bit codes on torch's int4pack weight-only kernel (bf16 activations)."""
 
+    # what one call reads (``measure.speed.decode_bytes``); the exact float32 grid (scales, zeros) is kept for
+    # packing and export only
+    reads = ("packed", "scales_and_zeros", "bias")
+
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: torch.Tensor | None = None):
         super().__init__()
         self.matrix_shape, self.bits, self.group_size = qw.shape, int(qw.bits), int(qw.group_size)
@@ -265,6 +269,8 @@ def _int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> tor
 
 class Int8Linear(_KernelModule):
     """5–8-bit per-channel codes on torch's int8pack weight-only kernel (bf16 activations)."""
+
+    reads = ("weight_int8", "kernel_scales", "correction", "bias")   # as Int4Linear's
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: torch.Tensor | None = None):
         super().__init__()
