@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.setup-done
 PORT ?= 8501
 
-.PHONY: setup run test bench loadtest browser clean
+.PHONY: setup run test bench llamacpp loadtest browser clean
 
 setup: $(STAMP)
 
@@ -33,11 +33,14 @@ test: setup browser
 LLAMACPP := .venv/llamacpp/llama_cpp/__init__.py
 LLAMACPP_PINS := llama-cpp-python==0.3.36 diskcache==5.6.3
 
-bench: setup browser
-	$(PY) -m pip install -q --no-deps --target .venv/bench-peers -r requirements-bench.txt
+# llama.cpp for the deployment readout (`evaluate --llamacpp`) and the bench; the app runs without it.
+llamacpp: setup
 	@test -f $(LLAMACPP) || CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
 		nice -n 10 $(PY) -m pip install -q --no-deps --target .venv/llamacpp $(LLAMACPP_PINS) \
-		|| echo "llama-cpp-python did not build; the llamacpp bench section records it"
+		|| echo "llama-cpp-python did not build; the llamacpp bench section and evaluate --llamacpp say so"
+
+bench: setup browser llamacpp
+	$(PY) -m pip install -q --no-deps --target .venv/bench-peers -r requirements-bench.txt
 	$(PY) -m bench
 
 # N concurrent browser sessions against `streamlit run` on 127.0.0.1 (not part of `make test`).

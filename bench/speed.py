@@ -7,8 +7,10 @@ the rest bf16), int8 (8-bit per-channel codes on aten int8pack, LM head int8, th
 the SQNR floor on `measure.calibration_for` windows). Each variant is timed by
 `lmcompress_core.measure.evaluation.measure_latency` (its own warm-up and median of `runs`); the variants are interleaved
 over `ROUNDS` rounds in this one process and the median of the round medians is kept, so a burst of load on
-the machine hits all of them alike. The roofline (runtime bytes streamed per decoded token against the measured
-memory bandwidth) is reported beside each, and the perplexity of the real int4 model beside the simulated
+the machine hits all of them alike. Every variant runs our static-cache loop, its decode step compiled
+first (``runtime.compiled.compile_now``, outside the timed runs; ``compile_s`` says how long, cold or from the
+disk cache); ``int4_transformers`` times the same int4 model through transformers' forward. The roofline (the bytes one decode step reads, `measure.speed.decode_bytes`, against the
+measured copy bandwidth) is reported beside each, and the perplexity of the real int4 model beside the simulated
 4-bit model (same codes, de-quantized fp32, head fp32).
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 # what run() returns, key for key (bench/__main__.py checks it)
 KEYS = (
     "headline", "rows", "perplexity", "prompt_tokens", "new_tokens", "runs_per_round", "rounds", "model", "seconds",
+    "compile_s",
 )
 
 
@@ -66,28 +69,34 @@ def _perplexities(ctx, variants) -> dict:
             "bf16_ppl": ctx.perplexity(variants["bf16"][0], ctx.main_model)}
 
 
-def _measure(ctx, model, kernel):
+def _measure(ctx, model, kernel, own_loop=True):
     from lmcompress_core.measure.speed import measure_latency
 
     return measure_latency(model, ctx.loaded(ctx.main_model).tokenizer, kernel,
                            prompt_tokens=ctx.scale.prompt_tokens, new_tokens=ctx.scale.new_tokens,
-                           runs=ctx.scale.runs)
+                           runs=ctx.scale.runs, own_loop=own_loop)
 
 
 def run(ctx) -> dict:
     from lmcompress_core.measure.speed import runtime_bytes
 
+    from lmcompress_core.runtime.compiled import compile_now
+
     start = time.perf_counter()
     variants = _variants(ctx)
+    compiled = {name: compile_now(model) for name, (model, _) in variants.items()}   # outside the timed runs
+    compile_s = time.perf_counter() - start
+    # the same int4 model through transformers' forward: what our own loop (and its compiled step) gains
+    variants["int4_transformers"] = variants["int4"]
     samples = {name: [] for name in variants}
     for _ in range(ROUNDS):
         for name, (model, kernel) in variants.items():
-            samples[name].append(_measure(ctx, model, kernel))
+            samples[name].append(_measure(ctx, model, kernel, own_loop=name != "int4_transformers"))
     rows = {}
     for name, reports in samples.items():
         last = reports[-1]
         rows[name] = {
-            "kernel": last.kernel,
+            "kernel": last.kernel, "loop": last.loop, "compiled": compiled.get(name),
             "prefill_ms": statistics.median(r.prefill_ms for r in reports),
             "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in reports),
             "roofline_tokens_per_s": last.roofline_tokens_per_s,
@@ -117,7 +126,10 @@ def run(ctx) -> dict:
                      # the keys earlier results used: int8 is now the weight-only kernel
                      "int8_speedup_prefill": int8["prefill_speedup"], "int8_speedup_decode": int8["decode_speedup"],
                      "int8_dynamic_speedup_decode": rows["int8_dynamic"]["decode_speedup"],
-                     "bf16_speedup_decode": rows["bf16"]["decode_speedup"]},
+                     "bf16_speedup_decode": rows["bf16"]["decode_speedup"],
+                     "int4_loop_over_transformers_decode": (int4["decode_tokens_per_s"]
+                                                            / rows["int4_transformers"]["decode_tokens_per_s"])},
+        "compile_s": compile_s,
         "perplexity": quality,
         "rows": rows, "prompt_tokens": ctx.scale.prompt_tokens, "new_tokens": ctx.scale.new_tokens,
         "runs_per_round": ctx.scale.runs, "rounds": ROUNDS, "model": ctx.main_model,

@@ -137,10 +137,26 @@ def _why_speed(results: dict) -> str:
     rows = _get(results, "sections", "speed", "rows", default={}) or {}
     parts = ", ".join(f"{name} {_fmt(r.get('decode_tokens_per_s'), 1)} tok/s "
                       f"({_fmt(r.get('decode_fraction_of_roofline'))} of its roofline)" for name, r in rows.items())
-    return (f"Measured decode: {parts}. At batch 1 every one of the ~210 linear calls per token also pays Python, "
-            "dispatch and dtype-conversion overhead that a smaller weight does not shrink; the further from its "
-            "roofline a variant runs, the more of its time is that overhead. A compiled decode step (static KV cache, "
-            "fused per-layer calls) is what would close it.")
+    return (f"Measured decode: {parts}, each new token through our static-cache loop and its compiled step (q/k/v "
+            "and gate/up fused: 120 int4pack calls a token, not 210). Profiled here (SmolLM2 int4 g32, 2 threads, "
+            "about 10.5 ms a token): the int4pack calls 3.9 ms (≈ 15 GB/s of codes), the int8pack LM head 2.5 ms "
+            "(28 MB), attention matmuls 1.5 ms, dynamo's guard check 1.1 ms, the fused C++ kernels 2 ms. What "
+            "would close the rest: an int4 LM head (the head alone is a quarter of the bytes), AOTInductor to drop "
+            "the guards, and a fused attention kernel for one query.")
+
+
+def _why_llamacpp_speed(results: dict) -> str:
+    rows = _get(results, "sections", "llamacpp", "rows", default={}) or {}
+    parts = "; ".join(
+        f"{name}: ours {_fmt(r.get('decode_tokens_per_s_ours'), 1)} tok/s reading "
+        f"{_fmt((r.get('bytes_per_token_ours') or 0) / 1e6, 1)} MB a token "
+        f"({_fmt(r.get('fraction_of_roofline_ours'))} of the roofline), llama.cpp "
+        f"{_fmt(r.get('decode_tokens_per_s_llamacpp_like'), 1)} tok/s reading "
+        f"{_fmt((r.get('bytes_per_token_llamacpp_like') or 0) / 1e6, 1)} MB "
+        f"({_fmt(r.get('fraction_of_roofline_llamacpp_like'))})" for name, r in rows.items())
+    return (f"Same model, same file contents, same prompt and threads: {parts}. llama.cpp runs one hand-written "
+            "C++ graph per token with its own SIMD dot products; ours is one inductor graph around torch's int4pack "
+            "and int8pack calls plus dynamo's per-call guard check. " + _why_speed(results).split(". ", 1)[1])
 
 
 def _why_quality_runtime(results: dict) -> str:
@@ -389,13 +405,21 @@ TARGETS = [
            _ratio_missed(0.95, False), _why_sparsegpt),
     Target("ppl_wanda50_over_magnitude50", "≤ 1 (Wanda at or below magnitude)", lambda v: v <= 1.0,
            _ratio_missed(1.0, False), _why_wanda),
-    Target("real_int4_decode_speedup", "≥ 3× fp32 decode (real int4)", lambda v: v >= 3.0,
-           _ratio_missed(3.0, True), _why_speed, limit=3.0),
-    Target("int4_over_bf16_decode", "≥ 2× bf16 decode", lambda v: v >= 2.0, _ratio_missed(2.0, True), _why_speed, limit=2.0),
+    # issue 31: the compiled decode step against llama.cpp on the same file, and the speed-ups it must reach
+    Target("decode_ratio_vs_llamacpp_q4_like", "≥ 0.8 of llama.cpp decode on the same Q4_0 + Q8_0-head file",
+           lambda v: v >= 0.8, _ratio_missed(0.8, True), _why_llamacpp_speed, limit=0.8),
+    Target("decode_ratio_vs_llamacpp_q8_like", "≥ 0.8 of llama.cpp decode on the same Q8_0 file",
+           lambda v: v >= 0.8, _ratio_missed(0.8, True), _why_llamacpp_speed, limit=0.8),
+    Target("int4_decode_fraction_of_roofline", "≥ 0.5 of the roofline (real int4 decode)", lambda v: v >= 0.5,
+           _ratio_missed(0.5, True), _why_speed, limit=0.5),
+    Target("real_int4_decode_speedup", "≥ 4× fp32 decode (real int4)", lambda v: v >= 4.0,
+           _ratio_missed(4.0, True), _why_speed, limit=4.0),
+    Target("int4_over_bf16_decode", "≥ 2.5× bf16 decode", lambda v: v >= 2.5, _ratio_missed(2.5, True), _why_speed,
+           limit=2.5),
     Target("int4_prefill_over_bf16", "≥ 1 (4-bit prefill not slower than bf16)", lambda v: v >= 1.0,
            _ratio_missed(1.0, True), _why_speed, limit=1.0),
-    Target("real_int8_decode_speedup", "≥ 2.5× fp32 decode (int8 weight-only)", lambda v: v >= 2.5,
-           _ratio_missed(2.5, True), _why_speed, limit=2.5),
+    Target("real_int8_decode_speedup", "≥ 3× fp32 decode (int8 weight-only)", lambda v: v >= 3.0,
+           _ratio_missed(3.0, True), _why_speed, limit=3.0),
     Target("int8_ppl_over_bf16", "≤ 1.01 (int8 weight-only within 1% of bf16)", lambda v: v <= 1.01,
            _ratio_missed(1.01, False), _why_quality_runtime),
     Target("int4_ppl_over_simulated", "≤ 1.02 (real int4 within 2% of the simulation)", lambda v: v <= 1.02,

@@ -169,7 +169,21 @@ def _cmd_prepare(args) -> int:
 
     folder = prepare_default(callback=ProgressBar())
     print(f"default model ready in {folder}")
+    print(f"decode step of the app's first setting: {_precompile_default()}")
     return 0
+
+
+def _precompile_default() -> str:
+    """Compile the decode step of Explore's first setting (4-bit groups of 128, which 2- and 3-bit share) into the
+    disk cache, so the server's own compilation of it takes seconds instead of a minute beside the first moves."""
+    from lmcompress_core.compress import CompressionConfig, compress
+    from lmcompress_core.methods.quantize import QuantizationConfig
+    from lmcompress_core.models.loading import load_model
+    from lmcompress_core.runtime.compiled import compile_now
+
+    loaded = load_model("default")
+    setting = QuantizationConfig(bits=4, group_size=128, grid="integer-zero")
+    return compile_now(compress(loaded.model, CompressionConfig(quantization=setting)).model) or "not compiled"
 
 
 def _cmd_compress(args) -> int:
@@ -242,9 +256,10 @@ def _write_gguf(cm, loaded, path: Path):
 
 
 def _cmd_evaluate(args) -> int:
+    from lmcompress_core.compress import compress
     from lmcompress_core.measure.evaluation import evaluate
     from lmcompress_core.models.loading import load_model
-    from lmcompress_core.measure.protocol import EvalProtocol
+    from lmcompress_core.measure.protocol import EvalProtocol, calibration_for
 
     protocol = EvalProtocol(eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or args.context,
                             prompt=args.prompt, new_tokens=args.new_tokens, seed=args.seed,
@@ -252,10 +267,30 @@ def _cmd_evaluate(args) -> int:
     config = config_from_args(args)   # a refused setting fails here, before a model is loaded
     loaded = load_model(args.model)
     config = with_autopilot(args, loaded, config)
-    report = evaluate(loaded, config, protocol, callback=ProgressBar())
-    data = report.to_dict()
+    if not args.llamacpp:
+        data = evaluate(loaded, config, protocol, callback=ProgressBar()).to_dict()
+    else:
+        cm = compress(loaded.model, config, calibration=calibration_for(loaded, config, protocol),
+                      tokenizer=loaded.tokenizer, callback=ProgressBar())
+        data = evaluate(loaded, config, protocol, compressed=cm, callback=ProgressBar()).to_dict()
+        data["llamacpp"] = _llamacpp_readout(loaded, cm, protocol)
     print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else _summary(data))
     return 0
+
+
+def _llamacpp_readout(loaded, cm, protocol) -> dict:
+    """llama.cpp on the exported GGUF: perplexity on our scored tokens (windows of the protocol's context, no
+    overlap) and greedy decode speed after our latency prompt (measure.llamacpp.readout)."""
+    from lmcompress_core import data
+    from lmcompress_core.measure.llamacpp import readout
+    from lmcompress_core.measure.protocol import evaluation_text
+    from lmcompress_core.measure.speed import latency_prompt
+    from lmcompress_core.runtime.threads import threads_for
+
+    ids = data.token_ids(loaded.tokenizer, evaluation_text(loaded.name, protocol.text)[1])[:protocol.eval_tokens + 1]
+    prompt = latency_prompt(loaded.model, loaded.tokenizer, protocol.prompt_tokens, protocol.decode_tokens)
+    return readout(cm, loaded.tokenizer, ids, prompt[0].tolist(), protocol.context, protocol.decode_tokens,
+                   protocol.latency_runs, threads=threads_for(loaded.model))   # the threads ours ran on
 
 
 def _summary(data: dict) -> str:
@@ -278,10 +313,22 @@ def _summary(data: dict) -> str:
                      f"{lat['decode_tokens_per_s']:.1f} tok/s (roofline ≤ {lat['roofline_tokens_per_s'] or 0:.0f}), "
                      f"{lat['threads']} threads; against the base (timed alternately): prefill "
                      f"{speed.get('prefill_text', '?')}, decode {speed.get('decode_text', '?')}")
+    if "llamacpp" in data:
+        lines.append(_llamacpp_line(data["llamacpp"], ppl, lat))
     if gen:
         lines += [f"prompt: {gen['prompt']!r}", f"  base:       {gen['base']!r}",
                   f"  compressed: {gen['compressed']!r}  (first divergence: {gen['first_divergence']})"]
     return "\n".join(lines)
+
+
+def _llamacpp_line(got: dict, ppl: dict, lat: dict | None) -> str:
+    if "skipped" in got:
+        return f"llama.cpp: not run — {got['skipped']}"
+    ours = f"{lat['decode_tokens_per_s']:.1f} tok/s" if lat else "not timed"
+    rounded = f"; re-rounded to fit GGUF: {', '.join(got['re_rounded'])}" if got["re_rounded"] else ""
+    return (f"llama.cpp on the exported GGUF ({got['file_bytes']:,} B, {got['tensor_types']}): perplexity "
+            f"{got['perplexity']:.3f} (ours {ppl['value']:.3f}, same tokens), decode {got['decode_tokens_per_s']:.1f} "
+            f"tok/s (ours {ours}), {got['threads']} threads{rounded}")
 
 
 def _cmd_sweep(args) -> int:
@@ -382,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flag(ev)
     _add_compression_flags(ev)
     ev.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored for perplexity")
+    ev.add_argument("--llamacpp", action="store_true",
+                    help="also run the exported GGUF in llama.cpp (perplexity on the same tokens, decode tok/s) "
+                         "when `make llamacpp` has built it")
     ev.add_argument("--context", type=int, default=256, help="perplexity window length")
     ev.add_argument("--stride", type=int, default=0, help="perplexity window step (0 = context)")
     ev.add_argument("--prompt", default=None, help="generation prompt (default: one per model)")

@@ -118,3 +118,25 @@ def test_python_dash_m_entry_point_errors_without_traceback():
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
     assert "error: bits must be one of" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_llamacpp_says_how_to_enable_it_when_it_is_not_built(tiny_loaded, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LMCOMPRESS_LLAMACPP", str(tmp_path))   # an empty folder: no llama_cpp in it
+    rc = main(["evaluate", "--model", "tiny", "--bits", "4", "--group-size", "32", "--symmetric", "--llamacpp",
+               "--eval-tokens", "128", "--no-generation"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "llama.cpp: not run — llama.cpp is not built here: `make llamacpp` builds" in out
+    assert "latency: prefill" in out   # ours measured as always
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / ".venv/llamacpp/llama_cpp").is_dir(),
+                    reason="llama.cpp is not built (`make llamacpp`; `make bench` builds it too)")
+def test_evaluate_llamacpp_reads_the_export_back_on_the_same_tokens(tiny_loaded, capsys):
+    rc = main(["evaluate", "--model", "tiny", "--bits", "4", "--group-size", "32", "--symmetric", "--llamacpp",
+               "--eval-tokens", "256", "--no-generation", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    got = report["llamacpp"]
+    assert rc == 0 and got["tensor_types"]["Q4_0"] > 0 and got["decode_tokens_per_s"] > 0
+    # the same Q4_0 codes on the same tokens: llama.cpp within 2% of ours (fp16 scales and its own arithmetic)
+    assert abs(got["perplexity"] / report["perplexity"]["value"] - 1) < 0.02
+    assert got["threads"] == report["latency"]["threads"]

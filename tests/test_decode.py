@@ -1,6 +1,7 @@
 """Our static-cache decode loop (runtime/decode.py) and its fused projections (runtime/fused.py), against
 transformers' forward of the same model: the reference is the float simulation of the same codes."""
 import copy
+import threading
 
 import pytest
 import torch
@@ -179,7 +180,13 @@ def test_a_layout_compiles_in_the_background_and_runs_eager_meanwhile(tiny, monk
     decoder = decoder_for(model)
     started = []
     monkeypatch.setattr(compiled, "_compile", lambda d, key: started.append(key))   # the thread's work, noted
+    assert compiled.step_for(decoder, "background") is None and compiled.state(decoder) is None
+    assert not started   # the tiny model runs one thread: never compiled beside a person's moves
+    monkeypatch.setattr(compiled, "_small", lambda d: False)   # as a model of SmolLM2's size is
     assert compiled.step_for(decoder, "background") is None   # never waits: eager now
+    for thread in threading.enumerate():   # the compiling thread (the real one at the lowest CPU priority)
+        if thread.name == "lmcompress-compile":
+            thread.join()
     assert compiled.state(decoder) == "compiling" and started == [compiled.layout(decoder)]
     assert compiled.step_for(decoder, "background") is None and len(started) == 1   # one compilation per layout
     monkeypatch.setitem(compiled._states, compiled.layout(decoder), "failed: TestError")

@@ -158,7 +158,7 @@ def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_
                     check: Callable[[int, int], None] | None = None, own_loop: bool = True) -> LatencyReport:
     """Median prefill ms and decode tokens/s over ``runs`` timed runs after ``warmup``; plus the roofline.
 
-    ``bytes_per_token`` (default: the model's runtime bytes) is what one decode step must read from memory.
+    ``bytes_per_token`` (default: ``decode_bytes``) is what one decode step must read from memory.
     ``check(done, total)`` is called before each run, outside the timed region (progress; may raise to cancel).
     ``own_loop=False`` times transformers' forward even where our static-cache loop runs the model (quality.Steps).
     """
@@ -266,7 +266,7 @@ def _latency_report(model, prompt_tokens: int, kernel, new_tokens, timings, warm
     prefill = statistics.median(t[0] for t in timings)
     decode = statistics.median(t[1] for t in timings)
     if bytes_per_token is None:
-        bytes_per_token, bytes_basis = runtime_bytes(model), "runtime bytes of the running model"
+        bytes_per_token, bytes_basis = decode_bytes(model), "bytes one decode step reads (measure.speed.decode_bytes)"
     device = model_device(model)
     bandwidth = memory_bandwidth_gb_s(str(device) if device.type == "cuda" else "cpu")
     load, busy = machine_load()

@@ -7,8 +7,9 @@ another model of the same layout (kernel per layer, shapes) runs the same graph,
 a disk cache (``$TORCHINDUCTOR_CACHE_DIR``, by default ~/.cache/lmcompress/inductor): a cold compile of SmolLM2
 takes about a minute on 2 cores, a warm one seconds.
 
-Nothing ever waits for it (``mode="background"``): the first run of a layout starts the compilation in a thread
-and runs eager; later runs take the compiled step once it is ready. ``"wait"`` compiles before returning
+Nothing ever waits for it (``mode="background"``): the first run of a layout starts the compilation in a thread at
+the lowest CPU priority and runs eager; later runs take the compiled step once it is ready. Models small enough to
+run on one thread (the tiny model) are not compiled in the background: eager they take a few ms a token. ``"wait"`` compiles before returning
 (benchmarks), ``"off"`` never compiles. ``$LMCOMPRESS_COMPILE`` sets the default.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from lmcompress_core.runtime.decode import STEP_CAPACITY, Decoder, decoder_for, token_step
+from lmcompress_core.runtime import threads
 from lmcompress_core.runtime.kernels import Int4Linear, Int8Embedding, Int8Linear
 
 MODES = ("background", "wait", "off")
@@ -72,14 +74,15 @@ def step_for(decoder: Decoder, how: str | None = None) -> Callable | None:
         return None
     key = layout(decoder)
     with _lock:
-        current = _states.get(key)
-        if current is None:
+        start = key not in _states and not (how == "background" and _small(decoder))
+        if start:
             _states[key] = "compiling"
-    if current is None:
+    if start:
         if how == "wait":
             _compile(decoder, key)
         else:
-            threading.Thread(target=_compile, args=(decoder, key), daemon=True, name="lmcompress-compile").start()
+            threading.Thread(target=_compile_aside, args=(decoder, key), daemon=True,
+                             name="lmcompress-compile").start()
             return None
     return _function() if _states.get(key) == "ready" else None
 
@@ -102,6 +105,23 @@ def _function() -> Callable:
     return _compiled
 
 
+def _small(decoder: Decoder) -> bool:
+    """A model small enough to run one thread (the tiny model: a few ms a token eager) is not worth a compilation
+    beside a person's slider moves (tens of seconds of both cores, cold)."""
+    held = sum(t.numel() for m in decoder.modules() for _, t in _named_tensors(m))
+    return held < threads.SINGLE_THREAD_BELOW
+
+
+def _compile_aside(decoder: Decoder, key: tuple) -> None:
+    """``_compile`` at the lowest CPU priority (Linux sets it per thread; inductor's compiler processes inherit
+    it), so the page's own work keeps the cores while a layout compiles."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):   # no per-thread priority here: compile at the normal one
+        pass
+    _compile(decoder, key)
+
+
 def _compile(decoder: Decoder, key: tuple) -> None:
     """Compile by running the step once on a scratch cache; record the outcome (a failure stays eager)."""
     try:
@@ -115,7 +135,11 @@ def _compile(decoder: Decoder, key: tuple) -> None:
         _states[key] = outcome
 
 
+def _named_tensors(module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+
+
 def _module_layout(module) -> tuple:
-    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    tensors = _named_tensors(module)
     settings = sorted((k, v) for k, v in vars(module).items() if k in _READ_SETTINGS)
     return type(module).__name__, tuple((n, tuple(t.shape), t.dtype) for n, t in tensors), tuple(settings)
