@@ -259,6 +259,7 @@ def _cmd_evaluate(args) -> int:
     from lmcompress_core.compress import compress
     from lmcompress_core.measure.evaluation import evaluate
     from lmcompress_core.models.loading import load_model
+    from lmcompress_core.measure.llamacpp import readout
     from lmcompress_core.measure.protocol import EvalProtocol, calibration_for
 
     protocol = EvalProtocol(eval_tokens=args.eval_tokens, context=args.context, stride=args.stride or args.context,
@@ -273,24 +274,9 @@ def _cmd_evaluate(args) -> int:
         cm = compress(loaded.model, config, calibration=calibration_for(loaded, config, protocol),
                       tokenizer=loaded.tokenizer, callback=ProgressBar())
         data = evaluate(loaded, config, protocol, compressed=cm, callback=ProgressBar()).to_dict()
-        data["llamacpp"] = _llamacpp_readout(loaded, cm, protocol)
+        data["llamacpp"] = readout(cm, loaded, protocol)
     print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else _summary(data))
     return 0
-
-
-def _llamacpp_readout(loaded, cm, protocol) -> dict:
-    """llama.cpp on the exported GGUF: perplexity on our scored tokens (windows of the protocol's context, no
-    overlap) and greedy decode speed after our latency prompt (measure.llamacpp.readout)."""
-    from lmcompress_core import data
-    from lmcompress_core.measure.llamacpp import readout
-    from lmcompress_core.measure.protocol import evaluation_text
-    from lmcompress_core.measure.speed import latency_prompt
-    from lmcompress_core.runtime.threads import threads_for
-
-    ids = data.token_ids(loaded.tokenizer, evaluation_text(loaded.name, protocol.text)[1])[:protocol.eval_tokens + 1]
-    prompt = latency_prompt(loaded.model, loaded.tokenizer, protocol.prompt_tokens, protocol.decode_tokens)
-    return readout(cm, loaded.tokenizer, ids, prompt[0].tolist(), protocol.context, protocol.decode_tokens,
-                   protocol.latency_runs, threads=threads_for(loaded.model))   # the threads ours ran on
 
 
 def _summary(data: dict) -> str:
@@ -314,21 +300,13 @@ def _summary(data: dict) -> str:
                      f"{lat['threads']} threads; against the base (timed alternately): prefill "
                      f"{speed.get('prefill_text', '?')}, decode {speed.get('decode_text', '?')}")
     if "llamacpp" in data:
-        lines.append(_llamacpp_line(data["llamacpp"], ppl, lat))
+        from lmcompress_core.measure.llamacpp import sentence
+
+        lines.append(sentence(data["llamacpp"], ppl["value"], lat["decode_tokens_per_s"] if lat else None))
     if gen:
         lines += [f"prompt: {gen['prompt']!r}", f"  base:       {gen['base']!r}",
                   f"  compressed: {gen['compressed']!r}  (first divergence: {gen['first_divergence']})"]
     return "\n".join(lines)
-
-
-def _llamacpp_line(got: dict, ppl: dict, lat: dict | None) -> str:
-    if "skipped" in got:
-        return f"llama.cpp: not run — {got['skipped']}"
-    ours = f"{lat['decode_tokens_per_s']:.1f} tok/s" if lat else "not timed"
-    rounded = f"; re-rounded to fit GGUF: {', '.join(got['re_rounded'])}" if got["re_rounded"] else ""
-    return (f"llama.cpp on the exported GGUF ({got['file_bytes']:,} B, {got['tensor_types']}): perplexity "
-            f"{got['perplexity']:.3f} (ours {ppl['value']:.3f}, same tokens), decode {got['decode_tokens_per_s']:.1f} "
-            f"tok/s (ours {ours}), {got['threads']} threads{rounded}")
 
 
 def _cmd_sweep(args) -> int:

@@ -565,6 +565,27 @@ def export_download(report: dict, key: str) -> None:
     label, file_name, mime = export.FORMATS[fmt]
     st.download_button(f"Download {label}", data=ready["data"], file_name=file_name, mime=mime,
                        key=f"{key}_download")
+    if fmt == "gguf":
+        llamacpp_readout(report, ready, key)
+
+
+def llamacpp_readout(report: dict, ready: dict, key: str) -> None:
+    """llama.cpp on the prepared GGUF, on request: its perplexity on this report's tokens and its decode speed beside
+    ours. Without llama.cpp built here, one line says how to enable it."""
+    from lmcompress_core.measure import llamacpp
+    from lmcompress_core.measure.protocol import EvalProtocol
+
+    if llamacpp.import_llama_cpp()[0] is None:
+        st.caption(md_escape(f"{llamacpp.HOW_TO_ENABLE}; then this file runs in llama.cpp here, beside our numbers."))
+        return
+    if "llamacpp" not in ready:
+        if not st.button("Run this file in llama.cpp", key=f"{key}_llamacpp"):
+            return
+        with st.spinner("llama.cpp: perplexity on the same tokens, then its decode speed"):
+            ready["llamacpp"] = llamacpp.run_bytes(ready["data"], loaded_model(report["model"]),
+                                                   EvalProtocol(**report["protocol"]))
+    ppl, latency = report.get("perplexity") or {}, report.get("latency") or {}
+    st.caption(md_escape(llamacpp.sentence(ready["llamacpp"], ppl.get("value"), latency.get("decode_tokens_per_s"))))
 
 
 def config_heading(config: dict | None) -> None:

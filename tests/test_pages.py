@@ -576,3 +576,25 @@ def test_an_export_says_its_size_and_what_is_quantized_before_the_download():
     at.select_slider(key="bits").set_value(8).run()
     at.switch_page("pages/report.py").run()                        # another setting: prepared again on request
     assert at.button(key="report_export_prepare")
+
+
+def test_the_exported_gguf_runs_in_llamacpp_on_request_or_says_how_to_enable_it(monkeypatch, tmp_path):
+    from lmcompress_core.measure import llamacpp
+
+    built = llamacpp.import_llama_cpp()[0] is not None
+    if not built:   # this machine has no llama.cpp: the page says how to get it, in one line
+        monkeypatch.setenv("LMCOMPRESS_LLAMACPP", str(tmp_path))
+    at = app().run()
+    at.switch_page("pages/report.py").run()
+    at.button(key="report_export_prepare").click().run()
+    no_exceptions(at)
+    if not built:
+        captions = [c.value.replace("\\", "") for c in at.caption]   # markdown escapes off
+        assert any("`make llamacpp` builds llama-cpp-python" in c for c in captions)
+        assert not [b for b in at.button if b.key == "report_export_llamacpp"]
+        return
+    at.button(key="report_export_llamacpp").click().run()
+    no_exceptions(at)
+    captions = [c.value.replace("\\", "") for c in at.caption]
+    line = next(c for c in captions if c.startswith("llama.cpp on the exported GGUF"))
+    assert "perplexity" in line and "(ours " in line and "tokens/s" in line

@@ -4,7 +4,7 @@ llama-cpp-python exists on PyPI only as a source distribution; ``make llamacpp``
 ``.venv/llamacpp`` (about 5 minutes on 2 cores; ``$LMCOMPRESS_LLAMACPP`` names another folder). Without it the
 app and the CLI work as before and say how to enable it (``HOW_TO_ENABLE``).
 
-The readout (``readout``): the compressed model exported to GGUF (``export_gguf``: codes bit for bit where a GGUF
+The readout (``readout``, ``run_bytes``): the compressed model exported to GGUF (``export_gguf``: codes bit for bit where a GGUF
 type holds them), then llama.cpp's perplexity on the same token ids in the same windows as ours
 (``quality.windows``: every position's logits, the NLL computed here) and its greedy decode speed after the
 same prompt ids, warm-up then the median of ``runs``, on the threads torch uses.
@@ -81,23 +81,64 @@ def decode_tokens_per_s(llama_cpp, path: Path, prompt: list[int], new_tokens: in
     return new_tokens / statistics.median(times[1:])
 
 
-def readout(cm, tokenizer, ids: torch.Tensor, prompt: list[int], context: int = 256, new_tokens: int = 16,
-            runs: int = 3, threads: int | None = None) -> dict:
-    """llama.cpp on the GGUF of ``cm``: {"perplexity", "decode_tokens_per_s", "file_bytes", "tensor_types",
-    "re_rounded", "threads"}; or {"skipped": why} when llama.cpp is not built or no GGUF can hold the model."""
-    from lmcompress_core.export import export_gguf
+def same_tokens(loaded, protocol) -> tuple[torch.Tensor, list[int]]:
+    """(the token ids our perplexity scores, the prompt ids our latency times) for ``protocol`` (EvalProtocol)."""
+    from lmcompress_core import data
+    from lmcompress_core.measure.protocol import evaluation_text
+    from lmcompress_core.measure.speed import latency_prompt
+
+    ids = data.token_ids(loaded.tokenizer, evaluation_text(loaded.name, protocol.text)[1])[:protocol.eval_tokens + 1]
+    prompt = latency_prompt(loaded.model, loaded.tokenizer, protocol.prompt_tokens, protocol.decode_tokens)
+    return ids, prompt[0].tolist()
+
+
+def run_file(path: Path, loaded, protocol) -> dict:
+    """llama.cpp on a GGUF file: {"perplexity", "decode_tokens_per_s", "threads", "context"} on our tokens, with
+    the threads ours runs ``loaded`` on; {"skipped": why} when llama.cpp is not built."""
+    from lmcompress_core.runtime.threads import threads_for
 
     llama_cpp, why = import_llama_cpp()
     if llama_cpp is None:
         return {"skipped": why}
-    threads = threads or torch.get_num_threads()
+    ids, prompt = same_tokens(loaded, protocol)
+    threads = threads_for(loaded.model)
+    return {"perplexity": perplexity(llama_cpp, path, ids, protocol.context, threads),
+            "decode_tokens_per_s": decode_tokens_per_s(llama_cpp, path, prompt, protocol.decode_tokens,
+                                                       protocol.latency_runs, threads),
+            "threads": threads, "context": protocol.context, "file_bytes": Path(path).stat().st_size}
+
+
+def run_bytes(data: bytes, loaded, protocol) -> dict:
+    """``run_file`` on a GGUF held in memory (the Report page's prepared download)."""
+    with tempfile.TemporaryDirectory(prefix="lmcompress-llamacpp-") as tmp:
+        path = Path(tmp) / "model.gguf"
+        path.write_bytes(data)
+        return run_file(path, loaded, protocol)
+
+
+def readout(cm, loaded, protocol) -> dict:
+    """``run_file`` on the GGUF export of ``cm`` (a CompressedModel of ``loaded``), with the file's tensor types and
+    what was re-rounded to fit GGUF; {"skipped": why} when llama.cpp is not built or no GGUF holds the model."""
+    from lmcompress_core.export import export_gguf
+
+    if import_llama_cpp()[0] is None:
+        return {"skipped": import_llama_cpp()[1]}
     with tempfile.TemporaryDirectory(prefix="lmcompress-llamacpp-") as tmp:
         try:
-            exported = export_gguf(cm, tokenizer, Path(tmp) / "model.gguf")
+            exported = export_gguf(cm, loaded.tokenizer, Path(tmp) / "model.gguf")
         except ValueError as exc:   # an architecture or setting no GGUF file holds
             return {"skipped": str(exc)}
-        return {"perplexity": perplexity(llama_cpp, exported.path, ids, context, threads),
-                "decode_tokens_per_s": decode_tokens_per_s(llama_cpp, exported.path, prompt, new_tokens, runs,
-                                                           threads),
-                "file_bytes": exported.path.stat().st_size, "tensor_types": exported.type_counts(),
-                "re_rounded": list(exported.converted), "threads": threads}
+        return {**run_file(exported.path, loaded, protocol), "tensor_types": exported.type_counts(),
+                "re_rounded": list(exported.converted)}
+
+
+def sentence(got: dict, ours_ppl: float | None, ours_tokens_per_s: float | None) -> str:
+    """One line for a person: llama.cpp's numbers beside ours, or why there are none."""
+    if "skipped" in got:
+        return f"llama.cpp: not run — {got['skipped']}"
+    ppl = f" (ours {ours_ppl:.3f})" if ours_ppl is not None else ""
+    speed = f" (ours {ours_tokens_per_s:.1f})" if ours_tokens_per_s is not None else ""
+    rounded = f"; re-rounded to fit GGUF: {', '.join(got['re_rounded'])}" if got.get("re_rounded") else ""
+    return (f"llama.cpp on the exported GGUF ({got['file_bytes'] / 1e6:.1f} MB): perplexity {got['perplexity']:.3f}"
+            f"{ppl} on the same tokens in windows of {got['context']}, decode {got['decode_tokens_per_s']:.1f} "
+            f"tokens/s{speed} on {got['threads']} thread(s){rounded}")
