@@ -138,11 +138,12 @@ def _why_speed(results: dict) -> str:
     parts = ", ".join(f"{name} {_fmt(r.get('decode_tokens_per_s'), 1)} tok/s "
                       f"({_fmt(r.get('decode_fraction_of_roofline'))} of its roofline)" for name, r in rows.items())
     return (f"Measured decode: {parts}, each new token through our static-cache loop and its compiled step (q/k/v "
-            "and gate/up fused: 120 int4pack calls a token, not 210). Profiled here (SmolLM2 int4 g32, 2 threads, "
-            "about 10.5 ms a token): the int4pack calls 3.9 ms (≈ 15 GB/s of codes), the int8pack LM head 2.5 ms "
-            "(28 MB), attention matmuls 1.5 ms, dynamo's guard check 1.1 ms, the fused C++ kernels 2 ms. What "
-            "would close the rest: an int4 LM head (the head alone is a quarter of the bytes), AOTInductor to drop "
-            "the guards, and a fused attention kernel for one query.")
+            "and gate/up fused: 120 int4pack calls a token, not 210). Profiled outside the bench (SmolLM2 int4 g32, "
+            "2 threads, torch.profiler, about 9 ms a token): the int4pack calls 3.9 ms (≈ 15 GB/s of codes), the "
+            "rest of the compiled graph 4.9 ms (the int8pack LM head, 28 MB of the 95 MB a step reads, about half "
+            "of it; attention over the graph's 256 cache positions; the fused C++ kernels), dynamo's guard check "
+            "0.9 ms. What would close the rest: AOTInductor to drop the guards, a cache sized to the run instead of "
+            "256 positions, and an LM head on a faster kernel (the int8pack matvec reads about 11 GB/s here).")
 
 
 def _why_llamacpp_speed(results: dict) -> str:

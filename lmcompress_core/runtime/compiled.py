@@ -9,8 +9,9 @@ takes about a minute on 2 cores, a warm one seconds.
 
 Nothing ever waits for it (``mode="background"``): the first run of a layout starts the compilation in a thread at
 the lowest CPU priority and runs eager; later runs take the compiled step once it is ready. Models small enough to
-run on one thread (the tiny model) are not compiled in the background: eager they take a few ms a token. ``"wait"`` compiles before returning
-(benchmarks), ``"off"`` never compiles. ``$LMCOMPRESS_COMPILE`` sets the default.
+run on one thread (the tiny model) are not compiled in the background: eager they take a few ms a token.
+``"wait"`` compiles before returning (benchmarks, the CLI), ``"off"`` never compiles (the tests).
+``$LMCOMPRESS_COMPILE`` sets the default.
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 from torch import nn
 
-from lmcompress_core.runtime.decode import STEP_CAPACITY, Decoder, decoder_for, token_step
 from lmcompress_core.runtime import threads
+from lmcompress_core.runtime.decode import STEP_CAPACITY, Decoder, decoder_for, token_step
 from lmcompress_core.runtime.kernels import Int4Linear, Int8Embedding, Int8Linear
 
 MODES = ("background", "wait", "off")
