@@ -9,8 +9,9 @@ the SQNR floor on `measure.calibration_for` windows). Each variant is timed by
 over `ROUNDS` rounds in this one process and the median of the round medians is kept, so a burst of load on
 the machine hits all of them alike. Every variant runs our static-cache loop, its decode step compiled
 first (``runtime.compiled.compile_now``, outside the timed runs; ``compile_s`` says how long, cold or from the
-disk cache); ``int4_transformers`` times the same int4 model through transformers' forward. The roofline (the bytes one decode step reads, `measure.speed.decode_bytes`, against the
-measured copy bandwidth) is reported beside each, and the perplexity of the real int4 model beside the simulated
+disk cache); ``int4_transformers`` times the same int4 model through transformers' forward. The roofline
+(the bytes one decode step reads, `measure.speed.decode_bytes`, against the measured copy bandwidth) is
+reported beside each, and the perplexity of the real int4 model beside the simulated
 4-bit model (same codes, de-quantized fp32, head fp32).
 """
 from __future__ import annotations
