@@ -205,3 +205,17 @@ def test_decode_bytes_are_the_runtime_bytes_less_what_no_step_reads(tiny):
     assert isinstance(embedding, Int8Embedding)
     assert embedding.row_scales.untyped_storage().data_ptr() == model.lm_head.scales.untyped_storage().data_ptr()
     assert runtime_bytes(model) - decode_bytes(model) == grids
+
+
+def test_a_timed_pair_runs_both_models_through_the_same_loop(tiny, monkeypatch):
+    from lmcompress_core.measure.speed import measure_latency_pair
+    from lmcompress_core.runtime import compiled
+    from lmcompress_core.runtime.decode import LOOP_COMPILED
+
+    model = compress(tiny, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32))).model
+    assert compiled.compile_now(model) == "ready"   # the compressed model's step is compiled, the base's is not
+    monkeypatch.setenv("LMCOMPRESS_COMPILE", "background")   # the tiny base: never compiled in the background
+    assert Steps(model, 24).loop == LOOP_COMPILED and Steps(tiny, 24).loop == LOOP
+    base, ours, _ = measure_latency_pair(tiny, model, None, ("fp32", "int4"), prompt_tokens=16, new_tokens=4, runs=1)
+    assert base.loop == ours.loop == LOOP   # never a compiled step against an eager one
+    assert measure_latency(model, None, "int4", prompt_tokens=16, new_tokens=4, runs=1).loop == LOOP_COMPILED

@@ -4,8 +4,8 @@ llama-cpp-python exists on PyPI only as a source distribution; ``make llamacpp``
 ``.venv/llamacpp`` (about 5 minutes on 2 cores; ``$LMCOMPRESS_LLAMACPP`` names another folder). Without it the
 app and the CLI work as before and say how to enable it (``HOW_TO_ENABLE``).
 
-The readout (``readout``, ``run_bytes``): the compressed model exported to GGUF (``export_gguf``: codes bit for bit where a GGUF
-type holds them), then llama.cpp's perplexity on the same token ids in the same windows as ours
+The readout (``readout``, ``run_bytes``): the compressed model exported to GGUF (``export_gguf``: codes bit for
+bit where a GGUF type holds them), then llama.cpp's perplexity on the same token ids in the same windows as ours
 (``quality.windows``: every position's logits, the NLL computed here) and its greedy decode speed after the
 same prompt ids, warm-up then the median of ``runs``, on the threads torch uses.
 """
@@ -121,8 +121,9 @@ def readout(cm, loaded, protocol) -> dict:
     what was re-rounded to fit GGUF; {"skipped": why} when llama.cpp is not built or no GGUF holds the model."""
     from lmcompress_core.export import export_gguf
 
-    if import_llama_cpp()[0] is None:
-        return {"skipped": import_llama_cpp()[1]}
+    llama_cpp, why = import_llama_cpp()
+    if llama_cpp is None:
+        return {"skipped": why}
     with tempfile.TemporaryDirectory(prefix="lmcompress-llamacpp-") as tmp:
         try:
             exported = export_gguf(cm, loaded.tokenizer, Path(tmp) / "model.gguf")

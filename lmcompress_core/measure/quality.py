@@ -236,13 +236,14 @@ class Steps:
     position's logits [vocab]. They run through our static-cache loop (``runtime.decode``) where it runs the model
     — each new token through its compiled graph when that is ready for the model's layout (``runtime.compiled``;
     chosen once per continuation, never waited for unless ``$LMCOMPRESS_COMPILE=wait``) — else through
-    transformers' forward and its cache; ``loop`` names which (``own_loop=False`` forces transformers')."""
+    transformers' forward and its cache; ``loop`` names which (``own_loop=False`` forces transformers';
+    ``use_compiled=False`` keeps our loop eager)."""
 
-    def __init__(self, model, capacity: int, own_loop: bool = True):
+    def __init__(self, model, capacity: int, own_loop: bool = True, use_compiled: bool = True):
         self.model, self.capacity = model, capacity
         self.decoder = decoder_for(model) if own_loop else None
         self.step = None
-        if self.decoder is not None and capacity <= STEP_CAPACITY:
+        if self.decoder is not None and use_compiled and capacity <= STEP_CAPACITY:
             self.step = compiled.step_for(self.decoder)
         self.loop = _loop_label(self.decoder, self.step)
         self._state = None

@@ -137,10 +137,10 @@ def latency_prompt(model, tokenizer, prompt_tokens: int, new_tokens: int) -> tor
 
 
 @torch.inference_mode()
-def _one_run(model, ids: torch.Tensor, new_tokens: int, device: torch.device, own_loop: bool = True
-             ) -> tuple[float, float, str]:
+def _one_run(model, ids: torch.Tensor, new_tokens: int, device: torch.device, own_loop: bool = True,
+             use_compiled: bool = True) -> tuple[float, float, str]:
     """(prefill s, decode s, the loop that ran): the prompt's pass, then ``new_tokens`` greedy steps."""
-    steps = Steps(model, ids.shape[-1] + new_tokens, own_loop)
+    steps = Steps(model, ids.shape[-1] + new_tokens, own_loop, use_compiled)
     synchronize(device)
     start = time.perf_counter()
     logits = steps.prompt(ids)
@@ -151,6 +151,13 @@ def _one_run(model, ids: torch.Tensor, new_tokens: int, device: torch.device, ow
         logits = steps.next(logits.argmax().view(1, 1))
     synchronize(device)
     return prefill, time.perf_counter() - start, steps.loop
+
+
+def _compiled_now(models, capacity: int, own_loop: bool) -> bool:
+    """Whether every one of ``models`` has its compiled decode step ready now (asking starts a background
+    compilation where none has started). A measurement decides this once: its runs never mix eager and compiled
+    steps, and a pair never sets one model's compiled step against the other's eager loop."""
+    return all(Steps(model, capacity, own_loop).step is not None for model in models)
 
 
 def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_tokens: int = 16, runs: int = 5,
@@ -165,10 +172,10 @@ def measure_latency(model, tokenizer, kernel: str, prompt_tokens: int = 64, new_
     _check_runs(runs, new_tokens, prompt_tokens)
     device = model_device(model)
     ids = latency_prompt(model, tokenizer, prompt_tokens, new_tokens).to(device)
-    timings = []
+    use_compiled, timings = _compiled_now([model], ids.shape[-1] + new_tokens, own_loop), []
     for i in range(warmup + runs):
         _tick(check, i, warmup + runs)
-        timings.append(_one_run(model, ids, new_tokens, device, own_loop))
+        timings.append(_one_run(model, ids, new_tokens, device, own_loop, use_compiled))
     _tick(check, warmup + runs, warmup + runs)
     timings = timings[warmup:]
     return _latency_report(model, int(ids.shape[1]), kernel, new_tokens, timings, warmup, bytes_per_token,
@@ -189,12 +196,14 @@ def measure_latency_pair(base, model, tokenizer, kernels: tuple[str, str], promp
     _check_runs(runs, new_tokens, prompt_tokens)
     ids = latency_prompt(model, tokenizer, prompt_tokens, new_tokens)
     pairs, total = [], 2 * (warmup + runs)
+    use_compiled = _compiled_now([base, model], ids.shape[-1] + new_tokens, own_loop)
     for i in range(warmup + runs):
         _tick(check, 2 * i, total)
-        base_run = _one_run(base, ids.to(model_device(base)), new_tokens, model_device(base), own_loop)
+        base_run = _one_run(base, ids.to(model_device(base)), new_tokens, model_device(base), own_loop,
+                            use_compiled)
         _tick(check, 2 * i + 1, total)
         pairs.append((base_run, _one_run(model, ids.to(model_device(model)), new_tokens, model_device(model),
-                                         own_loop)))
+                                         own_loop, use_compiled)))
     _tick(check, total, total)
     pairs = pairs[warmup:]
     models = zip((base, model), kernels, bytes_per_token, bytes_basis)
