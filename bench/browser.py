@@ -510,7 +510,8 @@ def run(ctx) -> dict:
     headline = {}
     for name, m in models.items():
         rtn = m["groups"].get("rtn", {})
-        headline.update({f"browser_first_chart_s_{name}": rtn.get("first_s"),
+        first = next((move for move in m["moves"] if move["counted"]), {})   # the first move after the cold start
+        headline.update({f"browser_first_move_all_s_{name}": first.get("all_s"),f"browser_first_chart_s_{name}": rtn.get("first_s"),
                          f"browser_all_charts_s_{name}": rtn.get("all_s"),
                          f"browser_complete_s_{name}": rtn.get("complete_s"),
                          f"browser_cold_s_{name}": m["cold_s"],

@@ -2,7 +2,9 @@
 
 Variants (batch 1, `prompt_tokens` prompt, `new_tokens` greedy steps with the KV cache, the bench's threads):
 fp32 (the base), bf16 (the whole model cast), int4 (4-bit g32 codes on aten int4pack, LM head int8 on int8pack,
-the rest bf16), int8 (8-bit per-channel codes on aten int8pack, LM head int8, the rest bf16) and int8_dynamic
+the rest bf16), int8 (8-bit per-channel codes on aten int8pack, LM head int8, the rest bf16), int8_g128,
+int6_g128 and int5_g128 (8-, 6- and 5-bit codes in groups of 128 as two 4-bit planes on aten int4pack, LM head
+int8: ``runtime.kernels.Int4PlanesLinear``) and int8_dynamic
 (torch's dynamic int8 with activations quantized too, calibrated exactly as the app runs it: SmoothQuant and
 the SQNR floor on `measure.calibration_for` windows). Each variant is timed by
 `lmcompress_core.measure.evaluation.measure_latency` (its own warm-up and median of `runs`); the variants are interleaved
@@ -11,8 +13,8 @@ the machine hits all of them alike. Every variant runs our static-cache loop, it
 first (``runtime.compiled.compile_now``, outside the timed runs; ``compile_s`` says how long, cold or from the
 disk cache); ``int4_transformers`` times the same int4 model through transformers' forward. The roofline
 (the bytes one decode step reads, `measure.speed.decode_bytes`, against the measured copy bandwidth) is
-reported beside each, and the perplexity of the real int4 model beside the simulated
-4-bit model (same codes, de-quantized fp32, head fp32).
+reported beside each, and the perplexity of the real int4 and 6-bit g128 models beside the simulated
+models (same codes, de-quantized fp32, head fp32).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def _configs():
     return {"bf16": CompressionConfig(quantization=QuantizationConfig(bits=16, dtype16="bf16")),
             "int4": CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)),
             "int8": CompressionConfig(quantization=channel8),
+            **{f"int{bits}_g128": CompressionConfig(quantization=QuantizationConfig(bits=bits, group_size=128))
+               for bits in (8, 6, 5)},
             "int8_dynamic": CompressionConfig(quantization=channel8, runtime="dynamic_int8")}
 
 
@@ -57,15 +61,18 @@ def _variants(ctx) -> dict:
 
 
 def _perplexities(ctx, variants) -> dict:
-    """Perplexity of the real int4 model and of the simulated 4-bit model with the same codes."""
+    """Perplexity of the real int4 and 6-bit g128 models and of the simulated models with the same codes."""
     from dataclasses import replace
 
     from lmcompress_core.compress import compress
 
     base = ctx.loaded(ctx.main_model)
-    simulated = compress(base.model, replace(_configs()["int4"], runtime="simulate")).model
+    simulated = {name: compress(base.model, replace(_configs()[name], runtime="simulate")).model
+                 for name in ("int4", "int6_g128")}
     return {"int4_real_ppl": ctx.perplexity(variants["int4"][0], ctx.main_model),
-            "int4_simulated_ppl": ctx.perplexity(simulated, ctx.main_model),
+            "int4_simulated_ppl": ctx.perplexity(simulated["int4"], ctx.main_model),
+            "int6_g128_real_ppl": ctx.perplexity(variants["int6_g128"][0], ctx.main_model),
+            "int6_g128_simulated_ppl": ctx.perplexity(simulated["int6_g128"], ctx.main_model),
             "int8_real_ppl": ctx.perplexity(variants["int8"][0], ctx.main_model),
             "bf16_ppl": ctx.perplexity(variants["bf16"][0], ctx.main_model)}
 
@@ -114,7 +121,9 @@ def run(ctx) -> dict:
             row["decode_fraction_of_roofline"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
             row["roofline_speedup"] = row["roofline_tokens_per_s"] / fp32["roofline_tokens_per_s"]
     quality = _perplexities(ctx, variants)
-    int4, int8 = rows["int4"], rows["int8"]
+    int4, int8, bf16 = rows["int4"], rows["int8"], rows["bf16"]
+    planes = {f"int{bits}_g128_over_bf16_decode": rows[f"int{bits}_g128"]["decode_tokens_per_s"]
+              / bf16["decode_tokens_per_s"] for bits in (8, 6, 5)}
     return {
         "headline": {"real_int4_decode_speedup": int4["decode_speedup"],
                      "real_int8_decode_speedup": int8["decode_speedup"],
@@ -124,6 +133,10 @@ def run(ctx) -> dict:
                      "int4_prefill_over_bf16": rows["bf16"]["prefill_ms"] / int4["prefill_ms"],
                      "int4_ppl_over_simulated": quality["int4_real_ppl"] / quality["int4_simulated_ppl"],
                      "int8_ppl_over_bf16": quality["int8_real_ppl"] / quality["bf16_ppl"],
+                     **planes,
+                     "int6_g128_runtime_bytes_fraction": rows["int6_g128"]["runtime_bytes"] / fp32["runtime_bytes"],
+                     "int6_g128_ppl_over_simulated": (quality["int6_g128_real_ppl"]
+                                                      / quality["int6_g128_simulated_ppl"]),
                      # the keys earlier results used: int8 is now the weight-only kernel
                      "int8_speedup_prefill": int8["prefill_speedup"], "int8_speedup_decode": int8["decode_speedup"],
                      "int8_dynamic_speedup_decode": rows["int8_dynamic"]["decode_speedup"],

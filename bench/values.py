@@ -102,6 +102,8 @@ def _speed_runs(results: dict) -> dict:
         "int8_dynamic_speedup_decode": lambda: _per_round(results, "int8_dynamic", "fp32", decode),
         "bf16_speedup_decode": lambda: _per_round(results, "bf16", "fp32", decode),
         "int4_over_bf16_decode": lambda: _per_round(results, "int4", "bf16", decode),
+        **{f"int{b}_g128_over_bf16_decode": (lambda b=b: _per_round(results, f"int{b}_g128", "bf16", decode))
+           for b in (8, 6, 5)},
         "int4_prefill_over_bf16": lambda: _per_round(results, "bf16", "int4", prefill),
         "int8_speedup_prefill": lambda: _per_round(results, "fp32", "int8", prefill),
         "eval_fraction_of_matmul_peak": lambda: _matmul_fraction(results),

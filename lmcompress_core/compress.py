@@ -68,8 +68,8 @@ class CompressionConfig:
     include: tuple[str, ...] = ()                # regexes on module names; empty = all linear layers
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE   # embeddings and lm_head stay float by default
     include_embeddings: bool = False             # True: embeddings and lm_head are compressed too
-    # What runs integer codes. "real": 2–4-bit on the int4pack kernel, 5–8-bit per-channel on int8pack, the rest
-    # of the model in bf16; "simulate": de-quantized fp32 weights (codes, not kernels, decide quality);
+    # What runs integer codes. "real": 2–4-bit on the int4pack kernel, 5–8-bit per-channel on int8pack, 5–8-bit
+    # in groups as two 4-bit planes on int4pack, the rest of the model in bf16; "simulate": de-quantized fp32 weights (codes, not kernels, decide quality);
     # "dynamic_int8": 8-bit layers on torch's dynamic int8 (activations quantized too), other bits simulated
     runtime: str = "real"
     head: str = "int8"    # real runtime: the LM head (and a tied embedding) on int8pack; "float" keeps it bf16

@@ -139,21 +139,36 @@ def test_kernel_says_what_really_runs(gpt2, kind, kernel):
     assert compress(gpt2, KINDS[kind], calibration=calibration(gpt2)).kernel == kernel
 
 
-@pytest.mark.parametrize("config, dequantized", [   # dequantized: 5-8-bit codes in groups (no kernel: bf16 matrices)
-    (CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)), False),
-    (CompressionConfig(quantization=QuantizationConfig(bits=5, group_size=32), pruning=PruningConfig(0.5)), True),
-    (CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel"), pruning=PruningConfig(0.3)), False),
-    (CompressionConfig(quantization=QuantizationConfig(bits=6, group_size=32, layer_bits=(("mlp", 3), (r"\.0\.", 16)))),
-     True),
-], ids=["4bit", "5bit-pruned", "8bit-pruned", "mixed"])
-def test_codes_go_onto_kernels_without_their_float_weights_and_the_model_is_the_same(random_arch, config, dequantized,
+GROUPED6 = CompressionConfig(quantization=QuantizationConfig(bits=6, group_size=32))
+
+
+@pytest.mark.parametrize("config", [
+    CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)),
+    CompressionConfig(quantization=QuantizationConfig(bits=5, group_size=32), pruning=PruningConfig(0.5)),
+    CompressionConfig(quantization=QuantizationConfig(bits=8, granularity="channel"), pruning=PruningConfig(0.3)),
+    CompressionConfig(quantization=QuantizationConfig(bits=6, group_size=32, layer_bits=(("mlp", 3), (r"\.0\.", 16)))),
+], ids=["4bit", "5bit-pruned-planes", "8bit-pruned", "mixed-planes"])
+def test_codes_go_onto_kernels_without_their_float_weights_and_the_model_is_the_same(random_arch, config,
                                                                                       monkeypatch):
     """The real runtime releases each linear layer's float weight instead of writing the de-quantized matrix
     into it (the kernel modules read the codes): the model that comes out is the one the written weights gave,
     tensor for tensor, and nothing of it is left on the meta device."""
+    _released_equals_written(random_arch.model, config, monkeypatch, dequantized=False)
+
+
+def test_layers_no_kernel_takes_make_their_dense_matrix_when_first_needed(monkeypatch):
+    """A GPT-2 40 wide: no int4pack group fits its layers and 6-bit groups have no int8pack scale, so they run as
+    dense bf16 matrices (DequantLinear), made lazily from released codes, handed over from written weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    narrow = GPT2LMHeadModel(GPT2Config(n_embd=40, n_layer=2, n_head=2, n_positions=64, vocab_size=300)).eval()
+    _released_equals_written(narrow, GROUPED6, monkeypatch, dequantized=True)
+
+
+def _released_equals_written(base, config, monkeypatch, dequantized: bool) -> None:
     import sys
 
-    base = random_arch.model
     before = snapshot(base)
     released = compress(base, config)
     monkeypatch.setattr(sys.modules["lmcompress_core.compress"], "_kernels_next", lambda run, cfg: False)
@@ -168,8 +183,6 @@ def test_codes_go_onto_kernels_without_their_float_weights_and_the_model_is_the_
     assert prepare_(released.model) == 0
     ours, theirs = released.model.state_dict(), written.model.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    from lmcompress_core.runtime.kernels import DequantLinear
-
     pairs = zip(released.model.modules(), written.model.modules())
     dense = [(a.dense, b.dense) for a, b in pairs if isinstance(a, DequantLinear)]
     assert all(torch.equal(a, b) for a, b in dense) and bool(dense) == dequantized

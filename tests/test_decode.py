@@ -15,7 +15,7 @@ from lmcompress_core.runtime.kernels import Int4Linear, Int8Linear
 
 STEPS = 6
 CONFIGS = {"int4-g32": dict(bits=4, group_size=32), "int3-g128": dict(bits=3, group_size=128),
-           "int8-channel": dict(bits=8, granularity="channel")}
+           "int8-channel": dict(bits=8, granularity="channel"), "planes-6bit-g128": dict(bits=6, group_size=128)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,8 +73,9 @@ def test_real_kernels_are_as_close_to_their_float_simulation_as_transformers_for
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-def test_fusing_holds_the_codes_once_and_the_parts_still_run_alone(tiny):
-    model = compress(tiny, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32))).model
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (8, 64)], ids=["int4", "planes"])
+def test_fusing_holds_the_codes_once_and_the_parts_still_run_alone(tiny, bits, group_size):
+    model = compress(tiny, CompressionConfig(quantization=QuantizationConfig(bits=bits, group_size=group_size))).model
     attn = model.model.layers[0].self_attn
     x = torch.randn(3, tiny.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -173,6 +174,20 @@ def test_compiled_step_gives_the_eager_logits_and_serves_every_model_of_its_layo
     assert Steps(int3, 16).loop == LOOP_COMPILED and Steps(int3, 300).loop == LOOP   # 300 > the graph's cache
 
 
+def test_grouped_5_6_and_8_bit_codes_share_one_compiled_layout_their_own(tiny):
+    """Two 4-bit planes whatever the width: one graph serves 5-, 6- and 8-bit codes in groups of 128, not int4's."""
+    from lmcompress_core.runtime import compiled
+
+    layouts = set()
+    for bits in (5, 6, 8):
+        model = compress(tiny, CompressionConfig(quantization=QuantizationConfig(bits=bits, group_size=128))).model
+        decoder = decoder_for(model)
+        assert compiled.compilable(decoder) and decoder.fused_calls() == 2 * tiny.config.num_hidden_layers
+        layouts.add(compiled.layout(decoder))
+    int4 = compress(tiny, CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=128))).model
+    assert len(layouts) == 1 and compiled.layout(decoder_for(int4)) not in layouts
+
+
 def test_a_layout_compiles_in_the_background_and_runs_eager_meanwhile(tiny, monkeypatch):
     from lmcompress_core.runtime import compiled
 
@@ -183,6 +198,7 @@ def test_a_layout_compiles_in_the_background_and_runs_eager_meanwhile(tiny, monk
     assert compiled.step_for(decoder, "background") is None and compiled.state(decoder) is None
     assert not started   # the tiny model runs one thread: never compiled beside a person's moves
     monkeypatch.setattr(compiled, "_small", lambda d: False)   # as a model of SmolLM2's size is
+    monkeypatch.setattr(compiled, "BACKGROUND_DELAY_S", 0.0)   # (30 s: off a cold start's first charts)
     assert compiled.step_for(decoder, "background") is None   # never waits: eager now
     for thread in threading.enumerate():   # the compiling thread (the real one at the lowest CPU priority)
         if thread.name == "lmcompress-compile":

@@ -33,9 +33,9 @@ def tokenizer():
     return byte_bpe_tokenizer(TEXT, vocab_size=300)
 
 
-def _gpt2(tokenizer, seed=0):
+def _gpt2(tokenizer, seed=0, width=64):
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=len(tokenizer))
+    config = GPT2Config(n_embd=width, n_layer=2, n_head=2, n_positions=128, vocab_size=len(tokenizer))
     return GPT2LMHeadModel(config).eval()
 
 
@@ -281,10 +281,16 @@ FAST = EvalProtocol(eval_tokens=96, context=32, stride=32, new_tokens=4, latency
                     decode_tokens=2, text=TEXT)
 
 
-def test_codes_no_kernel_takes_are_de_quantized_after_size_before_anything_is_timed(loaded, monkeypatch):
-    """Group-wise 6-bit codes run as dense bf16 matrices: they are made in their own stage after the size (which
-    reads the codes only) and before perplexity, so no timed pass (the prompt pass the latency reads) makes them."""
+def test_codes_no_kernel_takes_are_de_quantized_after_size_before_anything_is_timed(tokenizer, monkeypatch):
+    """Codes no kernel takes (a GPT-2 40 wide: no int4pack group fits, and 6-bit groups have no int8pack scale)
+    run as dense bf16 matrices: they are made in their own stage after the size (which reads the codes only) and
+    before perplexity, so no timed pass (the prompt pass the latency reads) makes them."""
+    from lmcompress_core.models.loading import LoadedModel, ModelCard
     from lmcompress_core.runtime import kernels
+
+    evaluation.clear_cache()
+    card = ModelCard("test-gpt2-narrow", "local", "random test model, 40 wide", "n/a", None, "")
+    loaded = LoadedModel(name="test-gpt2-narrow", model=_gpt2(tokenizer, width=40), tokenizer=tokenizer, card=card)
 
     made_at = []
     real_matrix = kernels.DequantLinear.dense_matrix

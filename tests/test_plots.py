@@ -76,6 +76,11 @@ def test_latency_figure_names_the_kind_of_kernel_in_one_short_line():
     ("fp32 dense — quantization simulated", "simulated: dense float weights"),
     ("210 layer(s) de-quantized once to dense bf16 (no kernel takes them: bf16 speed), bf16 activations; LM head "
      "int8 (real, aten int8pack)", "dense bf16: no kernel for these codes"),
+    ("6-bit codes in groups as two 4-bit planes (real, aten int4pack, groups of 64/128; 8 bits held per weight), "
+     "bf16 activations; LM head int8 (real, aten int8pack)", "real int4 kernel, two planes"),
+    ("int4 weight-only (real, aten int4pack, groups of 64) + 8-bit codes in groups as two 4-bit planes (real, aten "
+     "int4pack, groups of 64; 8 bits held per weight), bf16 activations; LM head int8 (real, aten int8pack)",
+     "real int4 kernel"),
     ("", "kernel unknown"),
 ])
 def test_kernel_kind_in_a_few_words(kernel, kind):

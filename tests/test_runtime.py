@@ -14,7 +14,8 @@ from torch import nn
 from lmcompress_core.compress import CompressionConfig, compress
 from lmcompress_core.measure.speed import runtime_bytes
 from lmcompress_core.methods.quantize import QuantizationConfig, quantize_tensor
-from lmcompress_core.runtime.kernels import DequantLinear, Int4Linear, Int8Embedding, Int8Linear, _where_kept, kernel_module
+from lmcompress_core.runtime.kernels import (DequantLinear, Int4Linear, Int4PlanesLinear, Int8Embedding, Int8Linear,
+                                             _where_kept, kernel_module)
 
 torch.set_num_threads(2)
 
@@ -40,6 +41,33 @@ def test_int4_kernel_matches_the_float_reference_and_returns_its_codes(bits, gra
     assert torch.equal(back.codes, qw.codes) and torch.equal(back.scales, qw.scales)
 
 
+@pytest.mark.parametrize("bits, group_size, pruned", [(5, 32, False), (6, 128, False), (8, 64, False),
+                                                      (6, 32, True), (8, 128, True)])
+def test_grouped_5_to_8_bit_codes_run_as_two_4bit_planes_on_the_int4_kernel(bits, group_size, pruned):
+    """Two independent references: the float matmul of the de-quantized codes, and the same codes as one dense
+    bf16 matrix (DequantLinear, what ran before). The codes come back exactly; 8 bits are held per weight."""
+    from lmcompress_core.measure.speed import runtime_bytes
+
+    w = random_weight(64, 256)
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) > 0.4 if pruned else None
+    qw = quantize_tensor(w if mask is None else w * mask, QuantizationConfig(bits=bits, group_size=group_size))
+    qw = type(qw)(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size, mask)
+    module, refusal = kernel_module(qw, None)
+    assert refusal is None and isinstance(module, Int4PlanesLinear) and module.packed.shape[0] == 2 * 64
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
+    y = module(x.to(torch.bfloat16))
+    assert rel(y, x @ qw.dequantize().t()) < 2 ** -7
+    assert rel(y, DequantLinear(qw, None)(x.to(torch.bfloat16))) < 2 ** -7
+    if mask is not None:   # pruned weights de-quantize to 0 through both planes, within the bf16 grid (as int4's)
+        weights = module(torch.eye(256, dtype=torch.bfloat16)).t().float()
+        assert weights[~mask].abs().max() <= 2 ** -6 * weights[mask].abs().max()
+    back = module.quantized_weight()
+    assert torch.equal(back.codes[mask] if pruned else back.codes, qw.codes[mask] if pruned else qw.codes)
+    assert torch.equal(back.scales, qw.scales) and torch.equal(back.zeros, qw.zeros)
+    codes_and_grid = runtime_bytes(module) - (module.mask_bits.numel() if pruned else 0)
+    assert 64 * 256 <= codes_and_grid <= 64 * 256 * 1.6   # a byte a weight, plus bf16 planes' grid and fp32 grid
+
+
 @pytest.mark.parametrize("shape, bits", [((1536, 576), 4), ((576, 1536), 2), ((48, 96), 3)])
 def test_int4_codes_read_through_the_nibble_order_equal_the_kernels_own_view(shape, bits):
     # two independent readings of the packed bytes: the packer's nibble order (what quantized_weight uses on the
@@ -61,7 +89,7 @@ def test_dequant_fallback_holds_its_dense_bf16_matrix_once_made_at_first_use():
     from lmcompress_core.measure.speed import runtime_bytes
 
     qw = quantize_tensor(random_weight(), QuantizationConfig(bits=6, group_size=32))
-    module, _ = kernel_module(qw, None)
+    module = DequantLinear(qw, None)
     assert module.dense.is_meta and module.dense.dtype == torch.bfloat16 and module.dense.shape == qw.shape
     before = runtime_bytes(module)   # counts the matrix it will hold
     x = torch.randn(3, qw.shape[1])
@@ -70,8 +98,8 @@ def test_dequant_fallback_holds_its_dense_bf16_matrix_once_made_at_first_use():
     assert torch.equal(module.dense, qw.dequantize().to(torch.bfloat16))
     assert torch.equal(y, torch.nn.functional.linear(x.to(torch.bfloat16), module.dense).float())
     assert "dense" not in module.state_dict()   # the codes are what is stored; the dense matrix is rebuilt
-    twin, _ = kernel_module(qw, None)   # two stand-ins of one shape are two matrices, not one shared
-    assert runtime_bytes(torch.nn.Sequential(twin, kernel_module(qw, None)[0])) == 2 * before
+    twin = DequantLinear(qw, None)   # two stand-ins of one shape are two matrices, not one shared
+    assert runtime_bytes(torch.nn.Sequential(twin, DequantLinear(qw, None))) == 2 * before
 
 
 def test_dequant_fallback_takes_the_simulation_weight_only_while_it_still_is_the_codes():
@@ -82,7 +110,7 @@ def test_dequant_fallback_takes_the_simulation_weight_only_while_it_still_is_the
     layer.set_quantized_(qw)
     dense = layer.simulated_weight()
     assert dense is not None and torch.equal(dense, qw.dequantize())
-    module, _ = kernel_module(layer.quantized_weight(), None, layer.mask_bits, dense)
+    module = DequantLinear(layer.quantized_weight(), None, layer.mask_bits, dense)
     assert torch.equal(module.dense, qw.dequantize().to(torch.bfloat16))
     with torch.no_grad():
         layer.weight.add_(0.5)   # trained, say: no longer what the codes de-quantize to
@@ -151,9 +179,9 @@ def test_int8_layers_widen_their_codes_for_many_rows_and_give_the_kernels_result
 
 
 def test_layers_no_kernel_takes_fall_back_and_say_why():
-    grouped = quantize_tensor(random_weight(), QuantizationConfig(bits=6, group_size=32))
     narrow = quantize_tensor(random_weight(40, 48), QuantizationConfig(bits=4, group_size=32))
-    for qw, why in ((grouped, "one scale per output channel"), (narrow, "multiples of 16")):
+    grouped = quantize_tensor(random_weight(40, 48), QuantizationConfig(bits=6, group_size=32))
+    for qw, why in ((narrow, "multiples of 16"), (grouped, "one scale per output channel; shape 40×48")):
         module, refusal = kernel_module(qw, None)
         assert isinstance(module, DequantLinear) and why in refusal
         x = torch.randn(2, qw.shape[1])
@@ -171,7 +199,8 @@ CONFIGS = {
     "int4-g32": dict(bits=4, group_size=32), "int4-3bit-g128": dict(bits=3, group_size=128),
     "int4-2bit-channel": dict(bits=2, granularity="channel"), "int8-channel": dict(bits=8, granularity="channel"),
     "int8-5bit-symmetric": dict(bits=5, granularity="channel", symmetric=True),
-    "dequant-6bit-g32": dict(bits=6, group_size=32),
+    "planes-6bit-g32": dict(bits=6, group_size=32), "planes-8bit-g128": dict(bits=8, group_size=128),
+    "planes-5bit-g64-symmetric": dict(bits=5, group_size=64, symmetric=True),
 }
 
 

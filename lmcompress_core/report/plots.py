@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -190,6 +191,8 @@ def kernel_kind(kernel: str | None) -> str:
         return "kernel unknown"
     if "de-quantized once" in text and "int4pack" not in text:
         return "dense bf16: no kernel for these codes"
+    if re.match(r"[\d/]+-bit codes in groups as two 4-bit planes", text):   # the planes run every layer
+        return "real int4 kernel, two planes"
     kinds = [words for key, words in _KERNEL_KINDS if key in text.split(";")[0]]
     return kinds[0] if kinds else _wrap(kernel or "", 36)[0]
 

@@ -1,7 +1,8 @@
 """Runtime: where a compressed weight lives and what runs it.
 
     modules.py      CompressedLinear / CompressedEmbedding: integer codes, scales and keep-masks on the module
-    kernels.py      Int4Linear, Int8Linear, Int8Embedding (torch's real int4pack / int8pack kernels), DequantLinear
+    kernels.py      Int4Linear, Int4PlanesLinear (5–8-bit groups as two 4-bit planes), Int8Linear, Int8Embedding
+                    (torch's real int4pack / int8pack kernels), DequantLinear
     finish.py       the last stage of compress(): simulation modules onto the kernels that really run them
     fused.py        q/k/v and gate/up as one kernel call (the codes concatenated once, each layer a view)
     decode.py       our decode loop for Llama-family models: static KV cache, fused calls, last-position head

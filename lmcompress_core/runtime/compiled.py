@@ -7,8 +7,11 @@ another model of the same layout (kernel per layer, shapes) runs the same graph,
 a disk cache (``$TORCHINDUCTOR_CACHE_DIR``, by default ~/.cache/lmcompress/inductor): a cold compile of SmolLM2
 takes about a minute on 2 cores, a warm one seconds.
 
-Nothing ever waits for it (``mode="background"``): the first run of a layout starts the compilation in a thread at
-the lowest CPU priority and runs eager; later runs take the compiled step once it is ready. Models small enough to
+Nothing ever waits for it (``mode="background"``): the first run of a layout starts a thread that waits
+``BACKGROUND_DELAY_S`` and then compiles at the lowest CPU priority, while the runs go on eager; later runs take
+the compiled step once it is ready. The delay keeps the compilation off a cold start's first charts: dynamo
+traces in Python, under the interpreter lock the page's own work needs, which no CPU priority lowers (the
+browser cold start measured 26.9 s with the compilation beside it, 15.7 s without). Models small enough to
 run on one thread (the tiny model) are not compiled in the background: eager they take a few ms a token.
 ``"wait"`` compiles before returning (benchmarks, the CLI), ``"off"`` never compiles (the tests).
 ``$LMCOMPRESS_COMPILE`` sets the default.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +29,7 @@ from torch import nn
 
 from lmcompress_core.runtime import threads
 from lmcompress_core.runtime.decode import STEP_CAPACITY, Decoder, decoder_for, token_step
-from lmcompress_core.runtime.kernels import Int4Linear, Int8Embedding, Int8Linear
+from lmcompress_core.runtime.kernels import Int4Linear, Int4PlanesLinear, Int8Embedding, Int8Linear
 
 MODES = ("background", "wait", "off")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "lmcompress" / "inductor"))
@@ -33,7 +37,8 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "l
 # the plain attributes the modules' forward passes read (others, like a layer's bit-width, never enter the graph:
 # 3-bit codes run in the int4 container through the same graph as 4-bit ones)
 _READ_SETTINGS = ("kernel_group", "variance_epsilon", "padding_idx", "offset")
-_KERNELS = (nn.Linear, nn.Embedding, Int4Linear, Int8Linear, Int8Embedding)
+_KERNELS = (nn.Linear, nn.Embedding, Int4Linear, Int4PlanesLinear, Int8Linear, Int8Embedding)
+BACKGROUND_DELAY_S = 30.0
 _states: dict[tuple, str] = {}   # layout -> "compiling" | "ready" | "failed: why"
 _lock = threading.Lock()
 _compiled = None
@@ -115,8 +120,9 @@ def _small(decoder: Decoder) -> bool:
 
 
 def _compile_aside(decoder: Decoder, key: tuple) -> None:
-    """``_compile`` at the lowest CPU priority (Linux sets it per thread; inductor's compiler processes inherit
-    it), so the page's own work keeps the cores while a layout compiles."""
+    """``_compile`` after ``BACKGROUND_DELAY_S``, at the lowest CPU priority (Linux sets it per thread; inductor's
+    compiler processes inherit it), so the page's own work keeps the cores while a layout compiles."""
+    time.sleep(BACKGROUND_DELAY_S)
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):   # no per-thread priority here: compile at the normal one

@@ -6,7 +6,8 @@ transformers forward, the perplexity), and the fused call reads the same bytes. 
 containers: int8pack is row-major, and torch's CPU int4pack layout packs blocks of 64 output rows (checked against
 the packer for the concatenated shape before anything is rebound, ``kernels._int4_blocked``).
 
-Parts fuse when they are the same kernel (all int4pack with one kernel group, or all int8pack) on the CPU;
+Parts fuse when they are the same kernel (all int4pack with one kernel group and the same number of 4-bit planes,
+or all int8pack) on the CPU; a two-plane call adds each part's two halves before the outputs split;
 anything else (float layers, de-quantized fallbacks, mixed kernels) returns None and runs part by part.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmcompress_core.runtime.kernels import BF16, Int4Linear, Int8Linear, _flat, _int4_blocked, _int4_mm, _int8_mm
+from lmcompress_core.runtime.kernels import (BF16, Int4Linear, Int8Linear, _flat, _int4_blocked, _int4_mm, _int8_mm,
+                                             add_planes)
 
 
 class FusedProjection:
@@ -56,12 +58,13 @@ class FusedInt4(FusedProjection):
     _name = "packed"
 
     def __init__(self, parts: list[Int4Linear]):
-        self.group = parts[0].kernel_group
+        self.group, self.planes = parts[0].kernel_group, parts[0].planes
         self.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], 1).contiguous()
         super().__init__(parts)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return _int4_mm(x, self.weight, self.group, self.scales_and_zeros)
+        y = _int4_mm(x, self.weight, self.group, self.scales_and_zeros)
+        return y if self.planes == 1 else add_planes(y, self.sizes)
 
 
 class FusedInt8(FusedProjection):
@@ -92,10 +95,10 @@ def fuse(parts: list[nn.Module]) -> FusedProjection | None:
 
 def _int4_fusable(parts: list[Int4Linear]) -> bool:
     in_features = {p.matrix_shape[1] for p in parts}
-    if len(in_features) != 1 or len({p.kernel_group for p in parts}) != 1:
+    if len(in_features) != 1 or len({(p.kernel_group, p.planes) for p in parts}) != 1:
         return False
-    total = sum(p.matrix_shape[0] for p in parts)
-    return all(_int4_blocked(p.matrix_shape[0], *in_features) for p in parts) and _int4_blocked(total, *in_features)
+    total = sum(p.rows for p in parts)
+    return all(_int4_blocked(p.rows, *in_features) for p in parts) and _int4_blocked(total, *in_features)
 
 
 def _cat_optional(tensors: list[torch.Tensor | None], sizes: list[int]) -> torch.Tensor | None:

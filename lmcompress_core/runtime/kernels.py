@@ -5,12 +5,17 @@
   group of 32/64/128 input columns (checked on small matrices against a float reference: equal within bf16), so
   our w = (c − z)·s becomes scale = s, zero = (8 − z)·s. Our grid maps onto the largest kernel group dividing
   both the input width and our group (g128 on 576-wide inputs runs as kernel groups of 64, scales repeated).
+* ``Int4PlanesLinear``: 5–8-bit codes in groups of 32/64/128 as two 4-bit planes on the same int4pack kernel:
+  c = 16·h + l, the high plane h (its codes centred in the container) with scale 16·s and the low plane l with
+  scale s and the zero-point, stacked as 2·out rows of one call whose two halves are added. Exact up to the
+  kernel's bf16 grid; it holds 8 bits per weight whatever the width (a 5-bit code's high plane is one bit in a
+  4-bit slot), stated on the model.
 * ``Int8Linear``: 5–8-bit per-channel (or per-tensor) codes on ``aten._weight_int8pack_mm`` (int8 weights, one
   bf16 scale per output channel, bf16 activations). The int8 weight is c − 2^(bits−1); an asymmetric zero-point
   is exact through a rank-1 correction: y = int8mm(x, c − o, s) + Σx · (o − z)·s.
 * ``Int8Embedding``: a tied input embedding that gathers rows from its LM head's int8 table (ties stay tied).
-* ``DequantLinear``: what runs when no kernel takes a layer (group-wise 5–8-bit codes, shapes the kernels
-  refuse, masks the container cannot express): uint8 codes de-quantized once to a dense bf16 matrix, a plain
+* ``DequantLinear``: what runs when no kernel takes a layer (shapes the kernels refuse, masks the container cannot
+  express): uint8 codes de-quantized once to a dense bf16 matrix, a plain
   bf16 matmul at every call (no speed or memory gained over bf16). It is stated.
 * ``ActivationInt8Linear``: torch's dynamic int8 Linear (activations quantized too), the explicit option.
 
@@ -110,10 +115,10 @@ def int4_kernel_group(qw: QuantizedWeight) -> int | None:
     return next((g for g in INT4_KERNEL_GROUPS if in_features % g == 0 and ours % g == 0), None)
 
 
-def int4_refusal(qw: QuantizedWeight) -> str | None:
-    """Why the int4 kernel cannot run this layer (None: it can)."""
-    if qw.bits > 4:
-        return f"{qw.bits}-bit codes do not fit the 4-bit container"
+def int4_refusal(qw: QuantizedWeight, planes: int = 1) -> str | None:
+    """Why the int4 kernel cannot run this layer as ``planes`` 4-bit planes (None: it can)."""
+    if qw.bits > 4 * planes:
+        return f"{qw.bits}-bit codes do not fit {'the 4-bit container' if planes == 1 else f'{planes} 4-bit planes'}"
     if int4_kernel_group(qw) is None:
         return (f"shape {qw.shape[0]}×{qw.shape[1]}: the int4 kernel needs outputs in multiples of 16 and inputs "
                 "in whole groups of 32")
@@ -179,6 +184,7 @@ class Int4Linear(_KernelModule):
     # what one call reads (``measure.speed.decode_bytes``); the exact float32 grid (scales, zeros) is kept for
     # packing and export only
     reads = ("packed", "scales_and_zeros", "bias")
+    planes = 1
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: torch.Tensor | None = None):
         super().__init__()
@@ -187,56 +193,119 @@ class Int4Linear(_KernelModule):
         # 2- and 3-bit codes sit in the middle of the container (c + shift), so the kernel's zero term (8 − z)·s
         # stays as small as the weights and its bf16 rounding does not swamp them (measured: 2-bit per-channel
         # logits 5.8× the bf16 error without the shift)
-        self.shift = 8 - 2 ** (qw.bits - 1)
-        out_features, in_features = qw.shape
-        codes = self._container_codes(qw)
-        ours = in_features if qw.group_size == -1 else qw.group_size
-        index = torch.arange(in_features // self.kernel_group) * self.kernel_group // ours
-        s = qw.scales.expand(out_features, -1)[:, index.clamp_max(qw.scales.shape[1] - 1)]
-        z = qw.zeros.expand(out_features, -1)[:, index.clamp_max(qw.zeros.shape[1] - 1)] + self.shift
-        self.register_buffer("packed", _int4_pack(codes))
-        self.register_buffer("scales_and_zeros", torch.stack([s.t(), ((8 - z) * s).t()], -1).to(BF16).contiguous())
+        self.shift = 8 - 2 ** (qw.bits - 1) // 16 ** (self.planes - 1)
+        self.register_buffer("packed", _int4_pack(self._container_codes(qw)))
+        self.register_buffer("scales_and_zeros", self._kernel_grid(qw))
         self.register_buffer("scales", qw.scales.float().clone())
         self.register_buffer("zeros", qw.zeros.float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
         self._hold_mask(qw, mask_bits)
 
+    @property
+    def rows(self) -> int:
+        """Output rows of the kernel's matrix (the layer's outputs times its planes)."""
+        return self.planes * self.matrix_shape[0]
+
+    def _group_grid(self, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        """Our scales and zero-points [out, kernel groups], repeated where a kernel group is smaller than ours."""
+        out_features, in_features = qw.shape
+        ours = in_features if qw.group_size == -1 else qw.group_size
+        index = torch.arange(in_features // self.kernel_group) * self.kernel_group // ours
+        s = qw.scales.expand(out_features, -1)[:, index.clamp_max(qw.scales.shape[1] - 1)]
+        z = qw.zeros.expand(out_features, -1)[:, index.clamp_max(qw.zeros.shape[1] - 1)]
+        return s, z
+
+    def _kernel_grid(self, qw: QuantizedWeight) -> torch.Tensor:
+        """The kernel's [kernel groups, rows, (scale, zero)] in bf16: our w = (c − z)·s with c + shift stored."""
+        s, z = self._group_grid(qw)
+        return _as_kernel_grid(s, (8 - z - self.shift) * s)
+
     def _container_codes(self, qw: QuantizedWeight) -> torch.Tensor:
-        codes = qw.codes.to(torch.uint8)
-        if qw.mask is not None:  # pruned weights: the code equal to the (integral) zero-point de-quantizes to 0
-            zeros = qw.zeros.round().to(torch.uint8)   # read at pruned weights only: checked in range by int4_refusal
-            codes = _where_kept(qw.mask, codes, _expand(zeros, qw.group_size, qw.shape))
-        return codes.to(torch.int32) + self.shift
+        return _kept_codes(qw).to(torch.int32) + self.shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _int4_mm(_flat(x), self.packed, self.kernel_group, self.scales_and_zeros)
+        return self._finish(_int4_mm(_flat(x), self.packed, self.kernel_group, self.scales_and_zeros), x)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
-    def int4_codes(self) -> torch.Tensor:
-        """The codes in the kernel's storage: on the CPU read through the packer's nibble order; on CUDA the kernel
-        on an identity matrix, scale 1 and zero 8, returns the container codes."""
-        out_features, in_features = self.matrix_shape
+    def container(self) -> torch.Tensor:
+        """The container codes [rows, in] in the kernel's storage: on the CPU read through the packer's nibble
+        order; on CUDA the kernel on an identity matrix, scale 1 and zero 8, returns them."""
+        rows, in_features = self.rows, self.matrix_shape[1]
         device = self.packed.device
-        if device.type == "cpu" and _int4_blocked(out_features, in_features):
-            blocks = _nibbles(self.packed).view(out_features // 64, in_features, 32, 2).permute(0, 3, 2, 1)
-            return (blocks.reshape(out_features, in_features) - self.shift).to(torch.uint8)
+        if device.type == "cpu" and _int4_blocked(rows, in_features):
+            blocks = _nibbles(self.packed).view(rows // 64, in_features, 32, 2).permute(0, 3, 2, 1)
+            return blocks.reshape(rows, in_features).to(torch.int32)
         if device.type == "cpu":
-            container = torch.empty(out_features * in_features, dtype=torch.uint8)
-            container[_int4_nibble_order(out_features, in_features).long()] = _nibbles(self.packed)
-            return (container.view(out_features, in_features) - self.shift).to(torch.uint8)
+            container = torch.empty(rows * in_features, dtype=torch.uint8)
+            container[_int4_nibble_order(rows, in_features).long()] = _nibbles(self.packed)
+            return container.view(rows, in_features).to(torch.int32)
         unit = torch.tensor([1.0, 8.0], dtype=BF16, device=device).expand(in_features // self.kernel_group,
-                                                                           out_features, 2).contiguous()
+                                                                           rows, 2).contiguous()
         eye = torch.eye(in_features, dtype=BF16, device=device)
-        container = _int4_mm(eye, self.packed, self.kernel_group, unit).t().round().to(torch.int32)
-        return (container - self.shift).to(torch.uint8)
+        return _int4_mm(eye, self.packed, self.kernel_group, unit).t().round().to(torch.int32)
+
+    def int4_codes(self) -> torch.Tensor:
+        """The layer's uint8 codes [out, in], read out of the kernel's storage."""
+        return (self.container() - self.shift).to(torch.uint8)
 
     def _codes(self) -> torch.Tensor:
         return self.int4_codes()
 
     def _moved(self, qw, device):
         self.packed = _int4_pack(self._container_codes(qw).to(device))
+
+
+class Int4PlanesLinear(Int4Linear):
+    """5–8-bit codes in groups on the int4pack kernel as two 4-bit planes (8 bits held per weight).
+
+    With c = 16·h + l and o = 2^(bits−1): the high plane stores h + shift (shift = 8 − o/16) with scale 16·s and
+    zero term 8·s, giving 16·s·h − o·s + 8·s; the low plane stores l with scale s and zero term (o − z)·s, giving
+    (l − 8)·s + (o − z)·s. Their sum is s·(c − z). Each plane's values are centred on zero, so its bf16 output
+    does not cancel a large one of the other plane (measured on random 5-bit layers: 2× the bf16 error without
+    the 8·s). One kernel call reads the two planes stacked as 2·out rows; the two halves of its output are
+    added."""
+
+    planes = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _int4_mm(_flat(x), self.packed, self.kernel_group, self.scales_and_zeros)
+        return self._finish(add_planes(y, [self.matrix_shape[0]]), x)
+
+    def _container_codes(self, qw: QuantizedWeight) -> torch.Tensor:
+        codes = _kept_codes(qw).to(torch.int32)
+        return torch.cat([(codes >> 4) + self.shift, codes & 15])
+
+    def _kernel_grid(self, qw: QuantizedWeight) -> torch.Tensor:
+        s, z = self._group_grid(qw)
+        offset = 2 ** (self.bits - 1)
+        return _as_kernel_grid(torch.cat([16 * s, s]), torch.cat([8 * s, (offset - z) * s]))
+
+    def int4_codes(self) -> torch.Tensor:
+        high, low = self.container().split(self.matrix_shape[0])
+        return ((high - self.shift) * 16 + low).to(torch.uint8)
+
+
+def add_planes(y: torch.Tensor, outputs: list[int]) -> torch.Tensor:
+    """A planes kernel's output [rows, Σ 2·out] (each layer's high rows, then its low rows) as [rows, Σ out]."""
+    parts = [half[:, :n] + half[:, n:] for half, n in zip(y.split([2 * n for n in outputs], -1), outputs)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
+def _as_kernel_grid(scales: torch.Tensor, zero_terms: torch.Tensor) -> torch.Tensor:
+    return torch.stack([scales.t(), zero_terms.t()], -1).to(BF16).contiguous()
+
+
+def _kept_codes(qw: QuantizedWeight) -> torch.Tensor:
+    """uint8 codes where a pruned weight holds its (integral) zero-point's code, so it de-quantizes to 0."""
+    codes = qw.codes.to(torch.uint8)
+    if qw.mask is None:
+        return codes
+    zeros = qw.zeros.round().to(torch.uint8)   # read at pruned weights only: checked in range by the refusals
+    return _where_kept(qw.mask, codes, _expand(zeros, qw.group_size, qw.shape))
 
 
 # ---------------------------------------------------------------- int8
@@ -407,10 +476,17 @@ def kernel_module(qw: QuantizedWeight, bias: torch.Tensor | None, mask_bits: tor
                   dense: torch.Tensor | None = None) -> tuple[nn.Module, str | None]:
     """The module that runs ``qw`` on a real kernel, and why it had to fall back (None: it did not).
     Optional, from a simulation module: ``mask_bits`` (qw.mask bit-packed), ``dense`` (qw de-quantized)."""
-    refusal = int4_refusal(qw) if qw.bits <= 4 else int8_refusal(qw)
+    if qw.bits <= 4:
+        refusal, kind = int4_refusal(qw), Int4Linear
+    else:
+        refusal, kind = int8_refusal(qw), Int8Linear
+        if refusal is not None and int4_refusal(qw, planes=2) is None:
+            refusal, kind = None, Int4PlanesLinear
+        elif refusal is not None:
+            refusal = f"{refusal}; {int4_refusal(qw, planes=2)}"
     if refusal is not None:
         return DequantLinear(qw, bias, mask_bits, dense), refusal
-    return (Int4Linear if qw.bits <= 4 else Int8Linear)(qw, bias, mask_bits), None
+    return kind(qw, bias, mask_bits), None
 
 
 def to_kernels_(model: nn.Module, check=None) -> dict[str, str]:

@@ -385,7 +385,7 @@ def _rebuild_layer(layer: dict, old, qw, weight, mask, smooth):
     """The runtime module a packed layer was saved from, built from its codes (or pruned weight) and bias."""
 
     kind = layer["module"]
-    if kind in ("Int4Linear", "Int8Linear", "DequantLinear"):
+    if kind in ("Int4Linear", "Int4PlanesLinear", "Int8Linear", "DequantLinear"):
         return getattr(kernels, kind)(qw, old.bias)
     if kind == "ActivationInt8Linear":
         from lmcompress_core.runtime.int8_dynamic import int8_linear
