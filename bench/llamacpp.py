@@ -9,7 +9,9 @@
 * Decode: the same random prompt ids as `measure_latency` (prompt_tokens, new_tokens of the scale), greedy,
   llama.cpp on 2 threads, warm-up then the median of `runs`; ours is `measure_latency` of the model as the app
   runs it on the real runtime once its decode step is compiled (Q4: the same codes on the int4 kernel; Q8: 8-bit
-  per-channel on the int8 kernel, since groups of 32 have no int8 kernel here).
+  per-channel on the int8 kernel, which reads fewer bytes than 8-bit groups of 32 as two 4-bit planes). The
+  runtimes take turns over ``ROUNDS`` rounds (ours, llama.cpp on each file) and each keeps the median of its
+  round medians, so a burst of load on the machine hits both alike.
 * Like for like (``*_like``): llama.cpp runs the GGUF exported from the very model we time — the same codes, its
   int8 LM head as Q8_0 — so both sides read about the same bytes per token (``bytes_per_token_*``: our kernels'
   buffers, the file's tensors); each side's fraction of the roofline divides by the measured copy bandwidth.
@@ -23,6 +25,7 @@ missing or does not import, the section records why instead of measuring.
 from __future__ import annotations
 
 import importlib.metadata
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -51,6 +54,7 @@ def _version() -> str | None:
 # Our real-runtime counterpart of each file, as the app runs it: Q4_0's codes on the int4 kernel; for Q8_0 our
 # 8-bit kernel is per output channel (groups of 32 have no int8 kernel here), so that setting is timed instead.
 REAL = {"q4": dict(bits=4, group_size=32, symmetric=True), "q8": dict(bits=8, granularity="channel", symmetric=True)}
+ROUNDS = 3
 
 
 def _compressed(ctx, quantization: dict, runtime: str):
@@ -127,23 +131,29 @@ def _measure(ctx, llama_cpp, setting: str, folder: Path) -> dict:
            "ppl_ours": ours_ppl, "ppl_llamacpp": theirs_ppl, "ppl_ratio_llamacpp_over_ours": theirs_ppl / ours_ppl}
     real = _compressed(ctx, REAL[setting], "real")   # what the app times
     row.update(our_real_setting=REAL[setting], ppl_ours_real=ctx.perplexity(real.model, ctx.main_model))
-    ours = _ours_decode(ctx, real)
     # like for like: the file of the very model we time (its int8 head as Q8_0, the same codes)
     like = export_gguf(real, ctx.loaded(ctx.main_model).tokenizer, folder / f"{setting}-like.gguf")
     prompt = _prompt_ids(ctx)
-    theirs = {name: llamacpp_decode_tokens_per_s(llama_cpp, path, prompt, ctx.scale.new_tokens, ctx.scale.runs)
-              for name, path in (("simulated_file", exported.path), ("like", like.path))}
+    files = {"simulated_file": exported.path, "like": like.path}
+    rounds = []
+    for _ in range(ROUNDS):   # interleaved: ours, then llama.cpp on each file
+        report = _ours_decode(ctx, real)
+        rounds.append({"ours": report.decode_tokens_per_s, **{
+            name: llamacpp_decode_tokens_per_s(llama_cpp, path, prompt, ctx.scale.new_tokens, ctx.scale.runs)
+            for name, path in files.items()}})
+    ours = statistics.median(r["ours"] for r in rounds)
+    theirs = {name: statistics.median(r[name] for r in rounds) for name in files}
     ours_bytes, like_bytes = decode_bytes(real.model), gguf_tensor_bytes(like.path)
     bandwidth = memory_bandwidth_gb_s("cpu") * 1e9   # the value measure_latency's roofline divides by
-    return {**row, "our_kernel": real.kernel, "our_loop": ours.loop,
-            "decode_tokens_per_s_ours": ours.decode_tokens_per_s,
+    return {**row, "our_kernel": real.kernel, "our_loop": report.loop,
+            "decode_tokens_per_s_ours": ours,
             "decode_tokens_per_s_llamacpp": theirs["simulated_file"],
-            "decode_ratio_ours_over_llamacpp": ours.decode_tokens_per_s / theirs["simulated_file"],
+            "decode_ratio_ours_over_llamacpp": ours / theirs["simulated_file"],
             "like_tensor_types": like.type_counts(), "decode_tokens_per_s_llamacpp_like": theirs["like"],
-            "decode_ratio_ours_over_llamacpp_like": ours.decode_tokens_per_s / theirs["like"],
+            "decode_ratio_ours_over_llamacpp_like": ours / theirs["like"],
             "bytes_per_token_ours": ours_bytes, "bytes_per_token_llamacpp_like": like_bytes,
-            "fraction_of_roofline_ours": ours.decode_tokens_per_s * ours_bytes / bandwidth,
-            "fraction_of_roofline_llamacpp_like": theirs["like"] * like_bytes / bandwidth}
+            "fraction_of_roofline_ours": ours * ours_bytes / bandwidth,
+            "fraction_of_roofline_llamacpp_like": theirs["like"] * like_bytes / bandwidth, "rounds": rounds}
 
 
 def _standard_files(ctx, llama_cpp, folder: Path) -> dict:

@@ -96,8 +96,8 @@ def _why_autopilot(results: dict) -> str:
 def _why_gptq(results: dict) -> str:
     calib = _get(results, "sections", "quality", "calibration")
     rows = _quality_column(results)
-    return (f"GPTQ (sequential: each block's Hessians from the quantized blocks before it; each group's grid searched "
-            f"on the Hessian before the column updates) minimises the layer output error on {calib} of calibration: "
+    return (f"GPTQ (sequential: each block's Hessians from the quantized blocks before it; columns in act-order, "
+            f"groups static, each group's grid searched on the Hessian before the column updates) minimises the layer output error on {calib} of calibration: "
             f"int3 g128 {_fmt(rows.get('ours GPTQ int3 g128'))} against the searched grid alone "
             f"{_fmt(rows.get('ours MSE int3 g128'))} and RTN {_fmt(rows.get('ours RTN int3 g128'))} (one-pass with "
             f"min-max grids, as before issue 33: {_fmt(rows.get('ours GPTQ int3 g128 one-pass min-max grid'))}); "
@@ -148,13 +148,17 @@ def _why_speed(results: dict) -> str:
 
 def _why_planes(results: dict) -> str:
     rows = _get(results, "sections", "speed", "rows", default={}) or {}
-    parts = ", ".join(f"{name} {_fmt(rows[name].get('decode_tokens_per_s'), 1)} tok/s"
-                      for name in ("bf16", "int4", "int8_g128", "int6_g128", "int5_g128") if name in rows)
+    parts = ", ".join(f"{name} {_fmt(rows[name].get('decode_tokens_per_s'), 1)} tok/s "
+                      f"({_fmt(rows[name].get('decode_fraction_of_roofline'))} of its roofline)"
+                      for name in ("bf16", "int4", "int8", "int8_g128", "int6_g128", "int5_g128") if name in rows)
     return (f"Measured decode: {parts}. 5-, 6- and 8-bit codes in groups run as two 4-bit planes, one int4pack "
             "call over twice the rows: they read 8 bits a weight whatever the width (a 5-bit code's high plane is "
-            "one bit in a 4-bit slot), so all three run at one speed, about half of int4's matmul time added. "
-            "A kernel reading 5- or 6-bit codes packed at their width (none in torch's CPU build) would close the "
-            "gap to the width's own bytes.")
+            "one bit in a 4-bit slot), so all three run at one speed, about int4's matmul time added once more. "
+            "8-bit per-channel codes on torch's own int8 kernel (int8pack) run at that speed too, so a native "
+            "group-wise int8 kernel would not reach 2× bf16 either: 8 bits a weight are read at about the rate "
+            "int4pack reads 4. What would close it: a matvec that reads codes faster than torch's CPU kernels "
+            "(llama.cpp's Q8_0 runs at about 0.5 of its roofline), and for 5 and 6 bits codes packed at their "
+            "width (no such kernel in torch's CPU build).")
 
 
 def _why_llamacpp_speed(results: dict) -> str:
@@ -440,8 +444,9 @@ TARGETS = [
            _ratio_missed(1.5, True), _why_planes, limit=1.5),
     Target("int6_g128_runtime_bytes_fraction", "≤ 0.30 of fp32 runtime bytes (6-bit g128)", lambda v: v <= 0.30,
            _ratio_missed(0.30, False), _why_planes),
-    Target("int6_g128_ppl_over_simulated", "≤ 1.005 (6-bit g128 on the kernel within 0.5% of the simulation)",
-           lambda v: v <= 1.005, _ratio_missed(1.005, False), _why_quality_runtime),
+    Target("int6_g128_ppl_over_dense_bf16", "within ±0.5% (6-bit g128 on two planes against the same codes as "
+           "dense bf16, what ran them before)", lambda v: abs(v - 1) <= 0.005, _ratio_missed(1.005, False),
+           _why_quality_runtime),
     Target("int8_ppl_over_bf16", "≤ 1.01 (int8 weight-only within 1% of bf16)", lambda v: v <= 1.01,
            _ratio_missed(1.01, False), _why_quality_runtime),
     Target("int4_ppl_over_simulated", "≤ 1.02 (real int4 within 2% of the simulation)", lambda v: v <= 1.02,

@@ -71,7 +71,8 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--group-size", type=int, default=128, help="32, 64 or 128; 0 = per-channel, -1 = per-tensor")
     q.add_argument("--method", default="rtn", help="rtn | gptq | hqq | mse")
     q.add_argument("--symmetric", action="store_true", help="absmax grid instead of asymmetric min-max")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: columns by decreasing Hessian diagonal, groups static (default: on)")
     q.add_argument("--gptq-pass", default="sequential",
                    help="GPTQ: sequential (block by block, inputs from the quantized blocks before) | one-pass "
                         "(every Hessian from the float model)")
@@ -346,7 +347,7 @@ def _cmd_sweep(args) -> int:
 def _sweep_template(args) -> argparse.Namespace:
     """The quantization settings every grid point shares (bits and method come from the grid)."""
     return argparse.Namespace(bits=4, group_size=args.group_size, symmetric=args.symmetric, method="rtn",
-                              act_order=False, gptq_pass="sequential", no_grid_search=False,
+                              act_order=True, gptq_pass="sequential", no_grid_search=False,
                               no_int8_kernel=False, dtype16="bf16", sparsity=0.0,
                               pattern="unstructured", distill_steps=0, include_embeddings=False, runtime="real",
                               head="int8", grid="integer-zero")

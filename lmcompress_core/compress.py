@@ -249,8 +249,10 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: torch.Ten
     """
     if calibration is not None and calibration.dim() == 1:
         calibration = calibration[None, :]
+    config, note = _runnable(config)
     working, borrowed = borrowing_copy(model, _borrowable(model, config))
     run = _Run(model, working.eval(), config, calibration, callback, should_stop, borrowed=borrowed)
+    run.notes += [note] if note else []
     run.shared = shared_parameters(run.model)
     for stage in _STAGES:
         stage_config = getattr(config, stage)
@@ -261,6 +263,17 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: torch.Ten
     run.report("done", 1, 1, "done")
     return CompressedModel(run.model, config, run.kernel, run.history, run.notes,
                            calibration.numel() if run.calibration_read else 0)
+
+
+def _runnable(config: CompressionConfig) -> tuple[CompressionConfig, str | None]:
+    """The config as it runs, and a note where it differs from the one asked for: GPTQ joined with N:M SparseGPT
+    runs its columns in order (act-order would visit an N:M group's consecutive inputs out of order)."""
+    q, p = config.quantization, config.pruning
+    if not (q is not None and q.method == "gptq" and q.act_order and p is not None and p.method == "sparsegpt"
+            and p.pattern != "unstructured" and p.effective_sparsity > 0):
+        return config, None
+    return replace(config, quantization=replace(q, act_order=False)), (
+        f"GPTQ ran its columns in order, without act-order: SparseGPT's {p.pattern} groups are consecutive inputs")
 
 
 # ---- stage handlers ---------------------------------------------------------------------------------------

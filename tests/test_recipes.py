@@ -78,4 +78,7 @@ def test_cli_writes_recipes_without_loading_a_model(tmp_path, capsys):
     out = tmp_path / "recipes.txt"
     assert main(["export", "--bits", "4", "--symmetric", "--method", "gptq", "--format", "recipe", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "GPTQModifier" in text and '"desc_act": false' in text and "Q4_0" in text
+    assert "GPTQModifier" in text and '"desc_act": true' in text and "Q4_0" in text   # act-order: GPTQ's default
+    assert main(["export", "--bits", "4", "--method", "gptq", "--no-act-order", "--format", "recipe",
+                 "--out", str(out)]) == 0
+    assert '"desc_act": false' in out.read_text()

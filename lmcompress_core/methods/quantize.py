@@ -63,7 +63,10 @@ class QuantizationConfig:
     # error on calibration inputs; without calibration, least weight error)
     method: str = "rtn"
     damp: float = 0.01            # GPTQ / MSE Hessian damping, fraction of the mean diagonal
-    act_order: bool = False       # GPTQ: quantize columns in order of decreasing Hessian diagonal
+    # GPTQ: quantize columns in order of decreasing Hessian diagonal (groups stay static: contiguous in the original
+    # order, their grids searched before the updates). Measured on SmolLM2, g128, 16×256 calibration tokens: int3
+    # 11.94 against 13.42 in column order (the MSE grid alone 13.67), int4 7.72 against 8.21
+    act_order: bool = True
     # GPTQ: "sequential" = blocks in order, each layer's Hessian from the inputs the already quantized layers
     # before it give (GPTQModel's and llm-compressor's way); "one-pass" = every layer's Hessian from one pass
     # through the float model (cheaper: one pass, and a second setting reuses it)
