@@ -68,6 +68,28 @@ def test_grouped_5_to_8_bit_codes_run_as_two_4bit_planes_on_the_int4_kernel(bits
     assert 64 * 256 <= codes_and_grid <= 64 * 256 * 1.6   # a byte a weight, plus bf16 planes' grid and fp32 grid
 
 
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_many_rows_at_once_run_the_int4_codes_widened_to_bf16_and_give_the_kernels_result(bits, monkeypatch):
+    """A perplexity window's rows: the codes read out of the kernel's storage under its bf16 grid, one bf16 GEMM,
+    the int4pack kernel not called; the same result as the kernel within bf16, and a token at a time stays on it."""
+    from lmcompress_core.runtime import kernels
+
+    qw = quantize_tensor(random_weight(128, 256), QuantizationConfig(bits=bits, group_size=64))
+    module, _ = kernel_module(qw, None)
+    rows = kernels.INT4_WIDEN_FROM_ROWS
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    calls = []
+    real = torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or real(*a))
+    widened, one_row = module(x), module(x[:1])
+    monkeypatch.undo()
+    assert len(calls) == 1   # the single row only
+    by_kernel = module._finish(module._kernel_mm(x), x)
+    assert rel(widened, by_kernel) < 2 ** -7 and rel(one_row, by_kernel[:1]) < 2 ** -7
+    assert rel(widened, x.float() @ qw.dequantize().t()) < 2 ** -6
+    assert torch.equal(module.widened(), module.widened()) and module.widened().dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("shape, bits", [((1536, 576), 4), ((576, 1536), 2), ((48, 96), 3)])
 def test_int4_codes_read_through_the_nibble_order_equal_the_kernels_own_view(shape, bits):
     # two independent readings of the packed bytes: the packer's nibble order (what quantized_weight uses on the

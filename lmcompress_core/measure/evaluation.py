@@ -22,7 +22,7 @@ from lmcompress_core.measure.quality import (BaseScores, GenerationReport, Perpl
 from lmcompress_core.measure.speed import (LatencyReport, SpeedRatio, latency_from_generation, measure_latency,
                                            measure_latency_pair, runtime_bytes)
 from lmcompress_core.runtime import threads
-from lmcompress_core.runtime.kernels import INT8_WIDEN_NOTE, pending_dense, prepare_
+from lmcompress_core.runtime.kernels import INT4_WIDEN_NOTE, INT8_WIDEN_NOTE, pending_dense, prepare_
 from lmcompress_core.runtime.packing import pack_model, packed_file_bytes
 from lmcompress_core.measure.protocol import EvalProtocol, calibration_for, evaluation_text, prompt_for
 
@@ -205,6 +205,8 @@ def _how_latency(report: Report) -> dict[str, str]:
             "the model only simulates its compression")}
     if lat.loop:
         how["latency"] += f"; forward pass: {lat.loop}"
+    if "int4pack" in (lat.kernel or ""):
+        how["latency"] += f". {INT4_WIDEN_NOTE}"
     if "int8pack" in (lat.kernel or ""):
         how["latency"] += f". {INT8_WIDEN_NOTE}"
     if lat.roofline_tokens_per_s:
