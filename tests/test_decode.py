@@ -88,6 +88,12 @@ def test_fusing_holds_the_codes_once_and_the_parts_still_run_alone(tiny, bits, g
         fused = decoder.blocks[0].qkv(x)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.equal(a, b) for a, b in zip(before, fused))
+    from lmcompress_core.runtime.kernels import INT4_WIDEN_FROM_ROWS
+
+    many = torch.randn(INT4_WIDEN_FROM_ROWS, tiny.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():   # a long prompt: widened in the fused call as in each part alone
+        alone, together = [p(many) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], decoder.blocks[0].qkv(many)
+    assert all(rel(b.float(), a.float()) < 2 ** -8 for a, b in zip(alone, together))
     assert all(torch.equal(c, p.int4_codes()) for c, p in zip(codes, (attn.q_proj, attn.k_proj)))
     assert attn.q_proj.packed.untyped_storage().data_ptr() == attn.v_proj.packed.untyped_storage().data_ptr()
     assert runtime_bytes(model) == nbytes   # the parts are views of the fused storage: nothing held twice

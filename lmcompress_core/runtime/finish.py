@@ -15,8 +15,8 @@ from lmcompress_core.runtime.int8_dynamic import to_int8_kernel_
 from lmcompress_core.methods.layers import BaseModelCache
 from lmcompress_core.methods.quantize import QuantizationConfig, quantize_weight
 from lmcompress_core.runtime.modules import CompressedLinear, compressed_layers
-from lmcompress_core.runtime.kernels import (ActivationInt8Linear, DequantLinear, Int4Linear, Int4PlanesLinear, Int8Linear,
-                                             cast_rest_, quantize_head_, to_kernels_)
+from lmcompress_core.runtime.kernels import (ActivationInt8Linear, DequantLinear, Int4Linear, Int4PlanesLinear,
+                                             Int8Linear, cast_rest_, quantize_head_, to_kernels_)
 
 KERNEL_SIMULATED = "fp32 dense — quantization simulated"
 KERNEL_INT8_DYNAMIC = "int8 (real, torch dynamic; activations quantized too)"
@@ -99,16 +99,15 @@ def real_label(model: nn.Module, head: str) -> str:
     parts = []
     int4 = [m for m in model.modules() if type(m) is Int4Linear]
     if int4:
-        groups = "/".join(str(g) for g in sorted({m.kernel_group for m in int4}))
+        groups = _kernel_groups(int4)
         narrow = sorted({m.bits for m in int4 if m.bits < 4})
         container = f"; {'/'.join(map(str, narrow))}-bit codes in the 4-bit container" if narrow else ""
         parts.append(f"int4 weight-only (real, aten int4pack, groups of {groups}{container})")
     planes = [m for m in model.modules() if isinstance(m, Int4PlanesLinear)]
     if planes:
-        groups = "/".join(str(g) for g in sorted({m.kernel_group for m in planes}))
         widths = "/".join(str(b) for b in sorted({m.bits for m in planes}))
-        parts.append(f"{widths}-bit codes in groups as two 4-bit planes (real, aten int4pack, groups of {groups}; "
-                     "8 bits held per weight)")
+        parts.append(f"{widths}-bit codes in groups as two 4-bit planes (real, aten int4pack, groups of "
+                     f"{_kernel_groups(planes)}; 8 bits held per weight)")
     head_module = model.get_output_embeddings()
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear) and m is not head_module]
     if int8:
@@ -124,6 +123,10 @@ def real_label(model: nn.Module, head: str) -> str:
         parts.append(f"{len(dequant)} layer(s) de-quantized once to dense bf16 (no kernel takes them: bf16 "
                      "speed, codes and dense matrix both held)")
     return " + ".join(parts) + ", bf16 activations; " + head
+
+
+def _kernel_groups(modules: list[Int4Linear]) -> str:
+    return "/".join(str(g) for g in sorted({m.kernel_group for m in modules}))
 
 
 def finish_dynamic_int8(run) -> None:

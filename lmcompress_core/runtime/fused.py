@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from lmcompress_core.runtime.kernels import (BF16, Int4Linear, Int8Linear, _flat, _int4_blocked, _int4_mm, _int8_mm,
-                                             add_planes)
+from lmcompress_core.runtime.kernels import (BF16, INT4_WIDEN_FROM_ROWS, Int4Linear, Int8Linear, _flat, _int4_blocked,
+                                             _int4_mm, _int8_mm, add_planes)
 
 
 class FusedProjection:
@@ -63,6 +64,8 @@ class FusedInt4(FusedProjection):
         super().__init__(parts)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= INT4_WIDEN_FROM_ROWS:   # as each part alone does (Int4Linear.forward): one bf16 GEMM
+            return F.linear(x, torch.cat([p.widened() for p in self.parts]))
         y = _int4_mm(x, self.weight, self.group, self.scales_and_zeros)
         return y if self.planes == 1 else add_planes(y, self.sizes)
 
