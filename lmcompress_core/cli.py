@@ -100,6 +100,9 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, 0..1")
     d.add_argument("--distill-mode", default="recovery", help="recovery | student")
     d.add_argument("--keep-every", type=int, default=2, help="student mode: keep every k-th block")
+    d.add_argument("--distill-trains", default="auto", choices=["auto", "grid", "codes", "weights"],
+                   help="what recovery trains in quantized layers: grid = the scales (codes frozen), codes = scales "
+                        "and codes, auto = codes at 3 bits or fewer, grid above; weights = latent weights (STE)")
     parser.add_argument("--include-embeddings", action="store_true", help="compress embeddings and lm_head too")
 
 
@@ -124,7 +127,8 @@ def config_from_args(args: argparse.Namespace):
     if args.distill_steps:
         temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
         distillation = DistillationConfig(temperature=temperature, alpha=args.alpha, steps=args.distill_steps,
-                                          mode=args.distill_mode, keep_every=args.keep_every)
+                                          mode=args.distill_mode, keep_every=args.keep_every,
+                                          trains=args.distill_trains)
     return CompressionConfig(quantization=quantization, pruning=pruning, distillation=distillation,
                              include_embeddings=args.include_embeddings, runtime=args.runtime, head=args.head)
 

@@ -21,8 +21,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmcompress_core.methods import recovery, sequential
-from lmcompress_core.methods.distill import (DistillationConfig, distill_, format_duration, keep_every_kth_block_,
-                                             seconds_left)
+from lmcompress_core.methods.recovery import CODES_UP_TO_BITS
+from lmcompress_core.methods.distill import (TRAINS, DistillationConfig, distill_, format_duration,
+                                             keep_every_kth_block_, seconds_left)
 from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, BaseModelCache, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
 from lmcompress_core.methods.prune import PruningConfig, global_masks, layer_mask
 from lmcompress_core.methods.quantize import QuantizationConfig, QuantizedWeight, cast_half_, gptq_quantize_rows, quantize_weight
@@ -620,7 +621,8 @@ def _distill(run: _Run, cfg: DistillationConfig) -> None:
     run.own(run.model)   # training writes in place (nothing is borrowed when distillation follows: a safeguard)
     if cfg.mode == "student":
         _shrink(run, cfg.keep_every)
-    attached = recovery.attach_(run.model, run.layers(), run.half, cfg.trains, cfg.vectors, check=run.check)
+    attached = recovery.attach_(run.model, run.layers(), run.half, cfg.trains, cfg.vectors, check=run.check,
+                                float_weights=None if cfg.mode == "student" else _float_weights(run.base))
     if cfg.mode == "student":
         for p in run.model.parameters():
             p.requires_grad_(True)
@@ -635,11 +637,25 @@ def _distill(run: _Run, cfg: DistillationConfig) -> None:
     run.model.eval()
 
 
+def _float_weights(base: nn.Module):
+    """name -> the original model's weight of that layer as [out, in] float (None where there is none)."""
+    def weight(name: str) -> torch.Tensor | None:
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            return None
+        return weight_matrix(module, copy=False) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+    return weight
+
+
 def _describe_trained(model: nn.Module, cfg: DistillationConfig) -> str:
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.mode == "student":
         return f"every parameter of the smaller student ({count:,})"
-    what = "the quantization scales (codes frozen)" if cfg.trains == "grid" else "the latent weights (STE)"
+    moving = sum(name.endswith(".position") for name, p in model.named_parameters() if p.requires_grad)
+    what = TRAINS[cfg.trains] if cfg.trains != "auto" else (
+        f"the quantization scales, and the codes of the {moving} layers of {CODES_UP_TO_BITS} bits or fewer (STE)"
+        if moving else TRAINS["grid"])
     return f"{what}, the kept weights of pruned layers" + (", norms and biases" if cfg.vectors else "") + \
         f" ({count:,} values)"
 

@@ -6,7 +6,7 @@ import streamlit as st
 from lmcompress_core.measure import evaluation
 from lmcompress_core.report import plots
 from lmcompress_core.compress import Cancelled, CompressionConfig
-from lmcompress_core.methods.distill import (DEFAULT_TEMPERATURE, DistillationConfig, format_duration,
+from lmcompress_core.methods.distill import (DEFAULT_TEMPERATURE, TRAINS, DistillationConfig, format_duration,
                                              step_time_estimate, temperature_study, temperature_view)
 from pages import common
 from pages.common import WIDGETS, build_config
@@ -19,6 +19,7 @@ if loaded is None:
     st.stop()
 settings = {**WIDGETS, **st.session_state["settings"]}
 study = temperature_study()
+TRAINS_SHORT = {"auto": "auto (codes too at ≤ 3 bits)", "grid": "scales only", "codes": "scales and codes"}
 STEPS_CAP = 100          # the most make bench trains (tiny model); on SmolLM2 about 8 min on 2 CPU cores
 LONG_RUN_S = 180         # above this estimate the page says so before the run starts
 
@@ -84,13 +85,17 @@ steps = c2.number_input("Steps", 1, STEPS_CAP, value=min(STEPS_CAP, max(1, int(s
                         key="kd_steps")
 alpha = c3.slider("α (KD weight)", 0.0, 1.0, float(settings["alpha"]), 0.05, key="kd_alpha")
 keep_every = c4.selectbox("Keep every k-th layer", [2, 3, 4], key="kd_keep", disabled=mode != "student")
+trains = st.radio("Quantized layers train", list(TRAINS_SHORT), key="kd_trains", horizontal=True,
+                  format_func=TRAINS_SHORT.get, disabled=mode != "recovery",
+                  help="auto: " + TRAINS["auto"] + ". Codes moving recovers most at 2 bits; the size is the same "
+                       "either way (each weight keeps its bits, each group its scale).")
 try:
     base_config = build_config({**settings, "kd": False})
     config = CompressionConfig(
         quantization=base_config.quantization if mode == "recovery" else None,
         pruning=base_config.pruning if mode == "recovery" else None,
         distillation=DistillationConfig(temperature=temperature, alpha=alpha, steps=int(steps), mode=mode,
-                                        keep_every=keep_every))
+                                        keep_every=keep_every, trains=trains))
 except ValueError as exc:
     common.error("Invalid setting", exc)
     st.stop()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcompress_core.methods.layers import checking_blocks, transformer_blocks
+from lmcompress_core.methods.recovery import CODES_UP_TO_BITS
 
 MAX_STEPS = 10_000
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,13 @@ DEFAULT_TEMPERATURE = 4.0
 MAX_WINDOWS = 512
 
 
+# what recovery trains in a quantized layer (recovery.py), and how the app says it
+TRAINS = {"auto": f"the quantization scales, and the codes of layers of {CODES_UP_TO_BITS} bits or fewer (STE)",
+          "grid": "the quantization scales (codes frozen)",
+          "codes": "the quantization scales and codes (each weight's grid position, STE)",
+          "weights": "the latent weights (STE)"}
+
+
 @dataclass(frozen=True)
 class DistillationConfig:
     temperature: float = DEFAULT_TEMPERATURE   # [0.5, 10]; higher = softer teacher distribution
@@ -54,7 +62,9 @@ class DistillationConfig:
     keep_every: int = 2           # student mode: keep blocks 0, k, 2k, ...
     lr: float = 1e-4              # peak learning rate of float weights (linear warm-up, cosine decay to 0)
     grid_lr: float = 1e-3         # peak learning rate of the scales' log gains, norms and biases
-    trains: str = "grid"          # quantized layers: "grid" (scales, codes frozen) | "weights" (latent weights, STE)
+    code_lr: float = 1e-2         # trains="codes": peak learning rate of the weights' positions, in grid steps
+    trains: str = "auto"          # quantized layers: "grid" (scales, codes frozen) | "codes" (scales and codes)
+    #                               | "auto" (codes at ≤ 3 bits, else grid) | "weights" (latent weights, STE)
     vectors: bool = True          # recovery also trains the 1-D parameters (norm gains, biases)
     batch_size: int = 4
     seq_len: int = 128
@@ -77,8 +87,11 @@ class DistillationConfig:
         if not _is_number(self.grid_lr) or not 0 < self.grid_lr <= 1:
             raise ValueError(f"grid_lr (learning rate of scales, norms, biases) must be in (0, 1], typically 1e-3; "
                              f"got {self.grid_lr!r}")
-        if self.trains not in ("grid", "weights"):
-            raise ValueError(f"trains must be 'grid' (quantization scales) or 'weights' (latent weights, STE); "
+        if not _is_number(self.code_lr) or not 0 < self.code_lr <= 1:
+            raise ValueError(f"code_lr (learning rate of the weights' grid positions) must be in (0, 1], typically "
+                             f"1e-2; got {self.code_lr!r}")
+        if self.trains not in TRAINS:
+            raise ValueError(f"trains must be one of {', '.join(TRAINS)} ({'; '.join(TRAINS.values())}); "
                              f"got {self.trains!r}")
         _integer("batch_size", self.batch_size, 1, 256)
         _integer("seq_len", self.seq_len, 8, 8192)
@@ -347,13 +360,18 @@ def distill_(student: nn.Module, teacher: nn.Module, config: DistillationConfig,
 
 
 def _param_groups(student: nn.Module, config: DistillationConfig) -> list[dict]:
-    """Matrices at ``lr``; log gains, norms and biases (1-D or per-group, relative in size) at ``grid_lr``."""
-    matrices, small = [], []
+    """Matrices at ``lr``; log gains, norms and biases (1-D or per-group, relative in size) at ``grid_lr``; grid
+    positions (in steps) at ``code_lr``."""
+    matrices, small, positions = [], [], []
     for name, p in student.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if name.endswith("position"):
+            positions.append(p)
+        else:
             (small if p.dim() == 1 or name.endswith("log_gain") else matrices).append(p)
-    return [g for g in ({"params": matrices, "lr": config.lr}, {"params": small, "lr": config.grid_lr})
-            if g["params"]]
+    return [g for g in ({"params": matrices, "lr": config.lr}, {"params": small, "lr": config.grid_lr},
+                        {"params": positions, "lr": config.code_lr}) if g["params"]]
 
 
 def _warmup_cosine(steps: int):

@@ -107,7 +107,8 @@ def describe_config(config: Mapping | None) -> str:
     d = config.get("distillation")
     if d:
         who = "a smaller student" if d.get("mode") == "student" else "recovery"
-        parts.append(f"distillation ({who}, temperature {d.get('temperature')}, {d.get('steps')} steps)")
+        moved = {"codes": ", codes move", "grid": ", codes frozen"}.get(d.get("trains"), "") if q else ""
+        parts.append(f"distillation ({who}, temperature {d.get('temperature')}, {d.get('steps')} steps{moved})")
     return " · ".join(parts) if parts else "uncompressed (fp32)"
 
 
