@@ -28,8 +28,7 @@ class Scale:
     runs: int = 5                    # timed repetitions behind every median
     calibration_samples: int = 16    # GPTQ / Wanda calibration sequences of `context` tokens
     kd_steps: int = 100              # tiny-model distillation steps per temperature and seed (and per student)
-    kd_steps_default: int = 45       # SmolLM2 recovery steps (3-bit RTN g64, 2-bit MSE g64): 55 scale-only steps took
-    #                                  251 s; codes moving adds a pass over every weight and its optimiser state
+    kd_steps_default: int = 55       # SmolLM2 recovery steps (3-bit RTN g64): 100 took 449 s, 55 fit the 5 min target
     prompt_tokens: int = 64          # latency: prefill length
     new_tokens: int = 16             # latency: decoded tokens
     include_default: bool = True     # False: skip everything that needs SmolLM2

@@ -5,9 +5,8 @@ calibration windows from the tiny model's training text or the second half, `Con
 
 * tiny model, 70% magnitude pruning: `kd_steps` recovery steps at T = 1, 2, 4, 8, each with SEEDS seeds
   (the recipe is DistillationConfig's defaults: kept weights, norms and biases train, masks stay);
-* SmolLM2, 3-bit RTN g64 and 2-bit MSE g64: `kd_steps_default` recovery steps each at the temperature the tiny
-  study found best, on the same windows (DistillationConfig's default "auto": at 3 bits or fewer the codes move as
-  well as the per-group scales, norms and biases; the size stays);
+* SmolLM2, 3-bit RTN g64: `kd_steps_default` recovery steps at the temperature the tiny study found best
+  (the integer codes stay; the per-group scales, norms and biases train);
 * tiny model cut to every KEEP_EVERY-th block, trained `kd_steps` steps from the same initialisation on the same
   windows, once with KD from the full model and once with cross-entropy only (alpha = 0).
 
@@ -25,7 +24,7 @@ TEMPERATURES = (1, 2, 4, 8)
 SEEDS = (0, 1, 2)
 KEEP_EVERY = 2
 # what run() returns, key for key (bench/__main__.py checks it)
-KEYS = ("headline", "tiny", "smollm2", "smollm2_2bit", "student", "best_temperature", "eval_tokens", "tiny_behaviour", "seconds")
+KEYS = ("headline", "tiny", "smollm2", "student", "best_temperature", "eval_tokens", "tiny_behaviour", "seconds")
 TINY_RATIO_TOKENS = 4096   # held-out tokens the tiny model's compression behaviour is measured on (as its test)
 
 
@@ -39,12 +38,6 @@ def smollm2_compression():
     from lmcompress_core.methods.quantize import QuantizationConfig
 
     return {"quantization": QuantizationConfig(bits=3, group_size=64, method="rtn")}
-
-
-def smollm2_2bit_compression():
-    from lmcompress_core.methods.quantize import QuantizationConfig
-
-    return {"quantization": QuantizationConfig(bits=2, group_size=64, method="mse")}
 
 
 def _config(compression: dict, **distillation):
@@ -91,8 +84,7 @@ def _recovery_rows(ctx, name: str, setting: str, compression: dict, temperatures
             config = _config(compression, temperature=float(temperature), steps=steps, seed=seed)
             cm, seconds = timed(lambda: compress(base.model, config, calibration=calibration))
             ppl = ctx.perplexity(cm.model, name)
-            rows.append({"temperature": temperature, "seed": seed, "steps": steps, "trains": config.distillation.trains,
-                         "perplexity": ppl, "train_s": seconds,
+            rows.append({"temperature": temperature, "seed": seed, "steps": steps, "perplexity": ppl, "train_s": seconds,
                          "recovered_fraction": recovered_fraction(compressed_ppl, ppl, base_ppl)})
             del cm
     return {"model": name, "setting": setting, "compression": _describe(compression), "base_perplexity": base_ppl,
@@ -149,24 +141,19 @@ def run(ctx) -> dict:
     by_temperature = summary(tiny["rows"])
     best = best_temperature(by_temperature) or 2.0
     student = _student(ctx, best, steps, calibration)
-    smollm2 = smollm2_2bit = None
+    smollm2 = None
     if ctx.scale.include_default:
         big_steps = ctx.scale.kd_steps_default
-        windows = _calibration(ctx, "default", big_steps)
         smollm2 = _recovery_rows(ctx, "default", "3-bit RTN g64", smollm2_compression(), (best,), (0,), big_steps,
-                                 windows)
-        smollm2_2bit = _recovery_rows(ctx, "default", "2-bit MSE g64", smollm2_2bit_compression(), (best,), (0,),
-                                      big_steps, windows)
+                                 _calibration(ctx, "default", big_steps))
     return {
         "headline": {"kd_recovered_fraction_by_temperature": by_temperature,
                      "kd_recovered_fraction_smollm2": smollm2["rows"][0]["recovered_fraction"] if smollm2 else None,
-                     "kd_recovered_fraction_2bit_smollm2":
-                         smollm2_2bit["rows"][0]["recovered_fraction"] if smollm2_2bit else None,
                      "kd_student_over_ce_only": student["kd_over_ce_only"],
                      "tiny_ppl_ratio_2bit": behaviour["ratios"].get("rtn_2bit_g128"),
                      "tiny_ppl_ratio_4bit": behaviour["ratios"].get("rtn_4bit_g128")},
         "tiny_behaviour": behaviour,
-        "tiny": tiny, "smollm2": smollm2, "smollm2_2bit": smollm2_2bit, "student": student, "best_temperature": best,
+        "tiny": tiny, "smollm2": smollm2, "student": student, "best_temperature": best,
         "eval_tokens": {"tiny": int(ctx.eval_ids("tiny").numel()),
                         "default": int(ctx.eval_ids("default").numel()) if smollm2 else None},
         "seconds": time.perf_counter() - start,

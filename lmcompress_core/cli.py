@@ -100,9 +100,10 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, 0..1")
     d.add_argument("--distill-mode", default="recovery", help="recovery | student")
     d.add_argument("--keep-every", type=int, default=2, help="student mode: keep every k-th block")
-    d.add_argument("--distill-trains", default="auto", choices=["auto", "grid", "codes", "weights"],
-                   help="what recovery trains in quantized layers: grid = the scales (codes frozen), codes = scales "
-                        "and codes, auto = codes at 3 bits or fewer, grid above; weights = latent weights (STE)")
+    d.add_argument("--distill-trains", default="grid", choices=["grid", "codes", "weights"],
+                   help="what recovery trains in quantized layers: grid = the scales (codes frozen, the default), "
+                        "codes = scales and codes (tiny model 2-bit: better; SmolLM2: worse, see docs/engine.md), "
+                        "weights = latent weights (STE)")
     parser.add_argument("--include-embeddings", action="store_true", help="compress embeddings and lm_head too")
 
 

@@ -21,7 +21,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmcompress_core.methods import recovery, sequential
-from lmcompress_core.methods.recovery import CODES_UP_TO_BITS
 from lmcompress_core.methods.distill import (TRAINS, DistillationConfig, distill_, format_duration,
                                              keep_every_kth_block_, seconds_left)
 from lmcompress_core.methods.layers import DEFAULT_EXCLUDE, BaseModelCache, InputStatistics, StatisticsCache, input_statistics, linear_layers, weight_matrix
@@ -652,10 +651,7 @@ def _describe_trained(model: nn.Module, cfg: DistillationConfig) -> str:
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.mode == "student":
         return f"every parameter of the smaller student ({count:,})"
-    moving = sum(name.endswith(".position") for name, p in model.named_parameters() if p.requires_grad)
-    what = TRAINS[cfg.trains] if cfg.trains != "auto" else (
-        f"the quantization scales, and the codes of the {moving} layers of {CODES_UP_TO_BITS} bits or fewer (STE)"
-        if moving else TRAINS["grid"])
+    what = TRAINS[cfg.trains]
     return f"{what}, the kept weights of pruned layers" + (", norms and biases" if cfg.vectors else "") + \
         f" ({count:,} values)"
 

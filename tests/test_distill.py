@@ -305,10 +305,10 @@ RECOVERY_KD = dict(steps=40, batch_size=4, seq_len=128, seed=0)
 
 
 @pytest.mark.parametrize("compression, trains, floor", [
-    ({"pruning": PruningConfig(sparsity=0.7)}, "auto", 0.3),
+    ({"pruning": PruningConfig(sparsity=0.7)}, "grid", 0.3),
     ({"quantization": QuantizationConfig(bits=2, group_size=128)}, "grid", 0.1),
-    # codes moving (the default at 2 bits): 0.78 measured here against 0.36 for the scales alone
-    ({"quantization": QuantizationConfig(bits=2, group_size=128)}, "auto", 0.6),
+    # codes moving: 0.78 measured here against 0.36 for the scales alone
+    ({"quantization": QuantizationConfig(bits=2, group_size=128)}, "codes", 0.6),
 ], ids=["70% magnitude", "2-bit RTN, scales", "2-bit RTN, codes move"])
 def test_recovery_wins_back_part_of_the_lost_perplexity(tiny_texts, compression, trains, floor):
     fraction, _ = _recovered(tiny_texts, compression, trains=trains, **RECOVERY_KD)
@@ -327,23 +327,6 @@ def test_codes_start_where_compression_left_them(tiny_texts):
     for name, (qw, _) in _codes_and_masks(plain).items():
         assert torch.equal(after[name][0].codes, qw.codes), name
         assert torch.equal(after[name][0].scales, qw.scales), name
-
-
-@pytest.mark.parametrize("bits, codes_move", [(2, True), (4, False)])
-def test_auto_moves_codes_only_of_narrow_layers(tiny_texts, bits, codes_move):
-    from lmcompress_core.compress import CompressionConfig, compress
-    from lmcompress_core.methods.recovery import CODES_UP_TO_BITS, moves_codes
-
-    assert moves_codes("auto", bits) == codes_move and (bits <= CODES_UP_TO_BITS) == codes_move
-    model, _, calib = tiny_texts
-    compression = dict(quantization=QuantizationConfig(bits=bits, group_size=64), runtime="simulate")
-    plain = _codes_and_masks(compress(model, CompressionConfig(**compression)))
-    kd = DistillationConfig(steps=4, batch_size=2, seq_len=64, lr=1e-2)
-    trained = compress(model, CompressionConfig(**compression, distillation=kd), calibration=calib)
-    note = next(n for n in trained.notes if n.startswith("distillation trained"))
-    assert ("codes of the 35 layers" in note) == codes_move, note
-    changed = [not torch.equal(qw.codes, plain[name][0].codes) for name, (qw, _) in _codes_and_masks(trained).items()]
-    assert (sum(changed) >= len(changed) // 2) if codes_move else not any(changed), changed
 
 
 def _codes_and_masks(cm) -> dict:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcompress_core.methods.layers import checking_blocks, transformer_blocks
-from lmcompress_core.methods.recovery import CODES_UP_TO_BITS
 
 MAX_STEPS = 10_000
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +46,7 @@ MAX_WINDOWS = 512
 
 
 # what recovery trains in a quantized layer (recovery.py), and how the app says it
-TRAINS = {"auto": f"the quantization scales, and the codes of layers of {CODES_UP_TO_BITS} bits or fewer (STE)",
-          "grid": "the quantization scales (codes frozen)",
+TRAINS = {"grid": "the quantization scales (codes frozen)",
           "codes": "the quantization scales and codes (each weight's grid position, STE)",
           "weights": "the latent weights (STE)"}
 
@@ -63,8 +61,8 @@ class DistillationConfig:
     lr: float = 1e-4              # peak learning rate of float weights (linear warm-up, cosine decay to 0)
     grid_lr: float = 1e-3         # peak learning rate of the scales' log gains, norms and biases
     code_lr: float = 1e-2         # trains="codes": peak learning rate of the weights' positions, in grid steps
-    trains: str = "auto"          # quantized layers: "grid" (scales, codes frozen) | "codes" (scales and codes)
-    #                               | "auto" (codes at ≤ 3 bits, else grid) | "weights" (latent weights, STE)
+    trains: str = "grid"          # quantized layers: "grid" (scales, codes frozen) | "codes" (scales and codes)
+    #                               | "weights" (latent weights, STE)
     vectors: bool = True          # recovery also trains the 1-D parameters (norm gains, biases)
     batch_size: int = 4
     seq_len: int = 128

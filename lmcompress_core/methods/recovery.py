@@ -7,13 +7,15 @@ compressed model can hold, and what is trained depends on what the layer holds:
   as a log gain so one learning rate fits every layer (EfficientQAT's end-to-end step of training the
   quantization parameters only). The trained layer holds the same codes on the trained grid: same bits, same
   bytes, pruned weights still 0.
-* ``trains="auto"`` (default): "codes" for layers of at most CODES_UP_TO_BITS bits, "grid" for wider ones.
 * quantized layer, ``trains="codes"``: the scales train as above and each weight's position on the grid trains too,
   in code units, straight through the rounding (STE), from where the float weight lies (its code plus the
   rounding residual, within ±0.49 so training starts at exactly the compressed model): a weight a tenth of a
   step from its rounding boundary flips after a few steps, one on a grid point does not. The trained layer
-  holds the rounded positions as its codes on the trained grid: same bits, same bytes. What recovers a 2-bit
-  model, where the codes chosen by rounding are far from the best ones (AdaRound's and EfficientQAT's point).
+  holds the rounded positions as its codes on the trained grid: same bits, same bytes. Measured here (code_lr
+  1e-2): on the tiny model at 2-bit RTN g128, 40 steps recover 0.78 of the lost perplexity against 0.36 for the
+  scales alone; on SmolLM2 it does worse than the scales alone (3-bit RTN g64, 45 steps: 0.11 against 0.63) and
+  at 2-bit MSE g64 it once recovered 0.34 in 40 steps and once, in 45, ended far above where it started (127 →
+  512): too many codes flip at once in 30 blocks. Offered to try, not the default.
 * quantized layer, ``trains="weights"``: a float "latent" weight trains straight through the rounding (STE) on
   the fixed grid and is re-quantized at the end. A weight starts on a grid point and must move half a step
   (≈ 0.01 at 3 bits) before its code changes: at lr 1e-4 nothing changes for ~100 steps, at 1e-3 the flips
@@ -36,10 +38,6 @@ from lmcompress_core.methods.quantize import QuantizedWeight, _expand, fake_quan
 from lmcompress_core.runtime.modules import CompressedEmbedding, CompressedLinear
 
 
-# trains="auto" (the default): layers this narrow move their codes, wider ones train their scales only. At 2 bits
-# the rounded codes are far from the best (tiny model, 2-bit RTN g128, 40 steps: 0.78 of the lost perplexity
-# recovered with codes moving against 0.36 with the scales alone, measured here)
-CODES_UP_TO_BITS = 3
 ROUNDING_MARGIN = 0.49   # a position starts at most this far from its code (in steps): round() gives the code back
 
 
@@ -124,11 +122,6 @@ class _Straight(nn.Module):
         return m.t() if self.transpose else m
 
 
-def moves_codes(trains: str, bits: int) -> bool:
-    """Whether a ``bits``-wide layer's codes train: always with "codes", up to CODES_UP_TO_BITS with "auto"."""
-    return trains == "codes" or (trains == "auto" and bits <= CODES_UP_TO_BITS)
-
-
 def attach_(model: nn.Module, layers: dict[str, nn.Module], half: str | None, trains: str,
             vectors: bool, check=None, float_weights=None) -> dict[str, nn.Module]:
     """Freeze ``model``, then make trainable what recovery trains in ``layers``; returns the parametrized layers.
@@ -143,7 +136,7 @@ def attach_(model: nn.Module, layers: dict[str, nn.Module], half: str | None, tr
             check()
         held = isinstance(m, (CompressedLinear, CompressedEmbedding))
         qw, mask = (m.quantized_weight(), m.keep_mask()) if held else (None, None)
-        if qw is not None and moves_codes(trains, qw.bits):
+        if qw is not None and trains == "codes":
             constraint = _Movable(qw, None if float_weights is None else float_weights(name))
         elif qw is not None and trains != "weights":
             constraint = _OnGrid(qw)

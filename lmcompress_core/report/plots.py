@@ -107,7 +107,7 @@ def describe_config(config: Mapping | None) -> str:
     d = config.get("distillation")
     if d:
         who = "a smaller student" if d.get("mode") == "student" else "recovery"
-        moved = {"codes": ", codes move", "grid": ", codes frozen"}.get(d.get("trains"), "") if q else ""
+        moved = ", codes move" if q and d.get("trains") == "codes" else ""
         parts.append(f"distillation ({who}, temperature {d.get('temperature')}, {d.get('steps')} steps{moved})")
     return " · ".join(parts) if parts else "uncompressed (fp32)"
 
