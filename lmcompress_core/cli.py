@@ -102,7 +102,7 @@ def _add_compression_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--keep-every", type=int, default=2, help="student mode: keep every k-th block")
     d.add_argument("--distill-trains", default="grid", choices=["grid", "codes", "weights"],
                    help="what recovery trains in quantized layers: grid = the scales (codes frozen, the default), "
-                        "codes = scales and codes (tiny model 2-bit: better; SmolLM2: worse, see docs/engine.md), "
+                        "codes = scales and codes (experimental, see docs/engine.md), "
                         "weights = latent weights (STE)")
     parser.add_argument("--include-embeddings", action="store_true", help="compress embeddings and lm_head too")
 

@@ -307,7 +307,7 @@ RECOVERY_KD = dict(steps=40, batch_size=4, seq_len=128, seed=0)
 @pytest.mark.parametrize("compression, trains, floor", [
     ({"pruning": PruningConfig(sparsity=0.7)}, "grid", 0.3),
     ({"quantization": QuantizationConfig(bits=2, group_size=128)}, "grid", 0.1),
-    # codes moving: 0.78 measured here against 0.36 for the scales alone
+    # codes moving: 0.67 measured here at code_lr 1e-3 (0.78 at 1e-2) against 0.36 for the scales alone
     ({"quantization": QuantizationConfig(bits=2, group_size=128)}, "codes", 0.6),
 ], ids=["70% magnitude", "2-bit RTN, scales", "2-bit RTN, codes move"])
 def test_recovery_wins_back_part_of_the_lost_perplexity(tiny_texts, compression, trains, floor):
@@ -342,7 +342,7 @@ def test_recovery_keeps_the_compression_and_its_size(tiny_texts, trains):
     compression = dict(pruning=PruningConfig(sparsity=0.5), quantization=QuantizationConfig(bits=3, group_size=64),
                        runtime="simulate")
     plain = compress(model, CompressionConfig(**compression))
-    kd = DistillationConfig(steps=6, batch_size=2, seq_len=64, lr=1e-2, trains=trains)
+    kd = DistillationConfig(steps=6, batch_size=2, seq_len=64, lr=1e-2, code_lr=1e-2, trains=trains)
     trained = compress(model, CompressionConfig(**compression, distillation=kd), calibration=calib)
     before, after = _codes_and_masks(plain), _codes_and_masks(trained)
     assert before.keys() == after.keys() and len(after) == 5 * 7

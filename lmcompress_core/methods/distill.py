@@ -60,7 +60,7 @@ class DistillationConfig:
     keep_every: int = 2           # student mode: keep blocks 0, k, 2k, ...
     lr: float = 1e-4              # peak learning rate of float weights (linear warm-up, cosine decay to 0)
     grid_lr: float = 1e-3         # peak learning rate of the scales' log gains, norms and biases
-    code_lr: float = 1e-2         # trains="codes": peak learning rate of the weights' positions, in grid steps
+    code_lr: float = 1e-3         # trains="codes": peak learning rate of the weights' positions, in grid steps
     trains: str = "grid"          # quantized layers: "grid" (scales, codes frozen) | "codes" (scales and codes)
     #                               | "weights" (latent weights, STE)
     vectors: bool = True          # recovery also trains the 1-D parameters (norm gains, biases)

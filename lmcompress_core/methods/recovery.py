@@ -11,11 +11,11 @@ compressed model can hold, and what is trained depends on what the layer holds:
   in code units, straight through the rounding (STE), from where the float weight lies (its code plus the
   rounding residual, within ±0.49 so training starts at exactly the compressed model): a weight a tenth of a
   step from its rounding boundary flips after a few steps, one on a grid point does not. The trained layer
-  holds the rounded positions as its codes on the trained grid: same bits, same bytes. Measured here (code_lr
-  1e-2): on the tiny model at 2-bit RTN g128, 40 steps recover 0.78 of the lost perplexity against 0.36 for the
-  scales alone; on SmolLM2 it does worse than the scales alone (3-bit RTN g64, 45 steps: 0.11 against 0.63) and
-  at 2-bit MSE g64 it once recovered 0.34 in 40 steps and once, in 45, ended far above where it started (127 →
-  512): too many codes flip at once in 30 blocks. Offered to try, not the default.
+  holds the rounded positions as its codes on the trained grid: same bits, same bytes. Measured here, 40 steps:
+  tiny model, 2-bit RTN g128: 0.67 of the lost perplexity recovered at code_lr 1e-3 (0.78 at 1e-2) against 0.36
+  for the scales alone; SmolLM2, 2-bit MSE g64: 0.69 at 1e-3 (127.0 → 43.6, 250 s with the compression). At 1e-2
+  SmolLM2 did worse than the scales alone (make bench of 1008a05, 45 steps: 3-bit RTN g64 0.11 against 0.63;
+  2-bit MSE g64 127 → 512): too many codes flip at once in 30 blocks. Opt-in until make bench measures 1e-3.
 * quantized layer, ``trains="weights"``: a float "latent" weight trains straight through the rounding (STE) on
   the fixed grid and is re-quantized at the end. A weight starts on a grid point and must move half a step
   (≈ 0.01 at 3 bits) before its code changes: at lr 1e-4 nothing changes for ~100 steps, at 1e-3 the flips
