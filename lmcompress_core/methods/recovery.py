@@ -76,6 +76,7 @@ class _Movable(_OnGrid):
 
     def __init__(self, qw: QuantizedWeight, float_weight: torch.Tensor | None):
         super().__init__(qw)
+        self.centred = None   # the frozen codes' product: these codes move (a float [out, in] not held)
         self.qmax = 2 ** qw.bits - 1
         start = qw.codes.float()
         if float_weight is not None:   # the float weight's own position, a rounding away from its code
@@ -138,7 +139,7 @@ def attach_(model: nn.Module, layers: dict[str, nn.Module], half: str | None, tr
         qw, mask = (m.quantized_weight(), m.keep_mask()) if held else (None, None)
         if qw is not None and trains == "codes":
             constraint = _Movable(qw, None if float_weights is None else float_weights(name))
-        elif qw is not None and trains != "weights":
+        elif qw is not None and trains == "grid":
             constraint = _OnGrid(qw)
         elif qw is not None or mask is not None or half is not None:
             constraint = _Straight(qw, mask, half, isinstance(m, Conv1D))
