@@ -5,8 +5,10 @@ calibration windows from the tiny model's training text or the second half, `Con
 
 * tiny model, 70% magnitude pruning: `kd_steps` recovery steps at T = 1, 2, 4, 8, each with SEEDS seeds
   (the recipe is DistillationConfig's defaults: kept weights, norms and biases train, masks stay);
-* SmolLM2, 3-bit RTN g64: `kd_steps_default` recovery steps at the temperature the tiny study found best
-  (the integer codes stay; the per-group scales, norms and biases train);
+* SmolLM2, 3-bit RTN g64 and 2-bit MSE g64: `kd_steps_default` recovery steps each at the temperature the tiny
+  study found best, on the same windows: DistillationConfig's default (the integer codes stay; the per-group
+  scales, norms and biases train), and at 2 bits also with the codes moving (trains="codes": each weight's grid
+  position trains too; same bits, same bytes), same steps, so the two recipes compare like for like;
 * tiny model cut to every KEEP_EVERY-th block, trained `kd_steps` steps from the same initialisation on the same
   windows, once with KD from the full model and once with cross-entropy only (alpha = 0).
 
@@ -15,6 +17,7 @@ Recovered fraction = (ppl_compressed − ppl_after) / (ppl_compressed − ppl_ba
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 
@@ -24,7 +27,7 @@ TEMPERATURES = (1, 2, 4, 8)
 SEEDS = (0, 1, 2)
 KEEP_EVERY = 2
 # what run() returns, key for key (bench/__main__.py checks it)
-KEYS = ("headline", "tiny", "smollm2", "student", "best_temperature", "eval_tokens", "tiny_behaviour", "seconds")
+KEYS = ("headline", "tiny", "smollm2", "smollm2_2bit", "student", "best_temperature", "eval_tokens", "tiny_behaviour", "seconds")
 TINY_RATIO_TOKENS = 4096   # held-out tokens the tiny model's compression behaviour is measured on (as its test)
 
 
@@ -38,6 +41,12 @@ def smollm2_compression():
     from lmcompress_core.methods.quantize import QuantizationConfig
 
     return {"quantization": QuantizationConfig(bits=3, group_size=64, method="rtn")}
+
+
+def smollm2_2bit_compression():
+    from lmcompress_core.methods.quantize import QuantizationConfig
+
+    return {"quantization": QuantizationConfig(bits=2, group_size=64, method="mse")}
 
 
 def _config(compression: dict, **distillation):
@@ -72,24 +81,29 @@ def best_temperature(by_temperature: dict) -> float | None:
 
 
 def _recovery_rows(ctx, name: str, setting: str, compression: dict, temperatures, seeds, steps: int,
-                   calibration) -> dict:
+                   calibration, trains: tuple = ("grid",)) -> dict:
     from lmcompress_core.compress import compress
 
     base = ctx.loaded(name)
     base_ppl = ctx.base_perplexity(name)
     compressed_ppl = ctx.perplexity(compress(base.model, _config(compression), calibration=calibration).model, name)
     rows = []
-    for temperature in temperatures:
-        for seed in seeds:
-            config = _config(compression, temperature=float(temperature), steps=steps, seed=seed)
-            cm, seconds = timed(lambda: compress(base.model, config, calibration=calibration))
-            ppl = ctx.perplexity(cm.model, name)
-            rows.append({"temperature": temperature, "seed": seed, "steps": steps, "perplexity": ppl, "train_s": seconds,
-                         "recovered_fraction": recovered_fraction(compressed_ppl, ppl, base_ppl)})
-            del cm
+    for temperature, seed, recipe in itertools.product(temperatures, seeds, trains):
+        config = _config(compression, temperature=float(temperature), steps=steps, seed=seed, trains=recipe)
+        cm, seconds = timed(lambda: compress(base.model, config, calibration=calibration))
+        ppl = ctx.perplexity(cm.model, name)
+        rows.append({"temperature": temperature, "seed": seed, "steps": steps, "trains": recipe, "perplexity": ppl,
+                     "train_s": seconds, "recovered_fraction": recovered_fraction(compressed_ppl, ppl, base_ppl)})
+        del cm
     return {"model": name, "setting": setting, "compression": _describe(compression), "base_perplexity": base_ppl,
             "compressed_perplexity": compressed_ppl, "steps": steps, "seeds": list(seeds),
             "calibration_windows": int(calibration.shape[0]), "rows": rows}
+
+
+def _fraction(recovery: dict | None, trains: str) -> float | None:
+    """The recovered fraction of ``recovery``'s first row trained with ``trains`` (None: not measured)."""
+    rows = [r for r in (recovery or {}).get("rows", []) if r["trains"] == trains]
+    return rows[0]["recovered_fraction"] if rows else None
 
 
 def _describe(compression: dict) -> dict:
@@ -141,19 +155,24 @@ def run(ctx) -> dict:
     by_temperature = summary(tiny["rows"])
     best = best_temperature(by_temperature) or 2.0
     student = _student(ctx, best, steps, calibration)
-    smollm2 = None
+    smollm2 = smollm2_2bit = None
     if ctx.scale.include_default:
         big_steps = ctx.scale.kd_steps_default
+        windows = _calibration(ctx, "default", big_steps)
         smollm2 = _recovery_rows(ctx, "default", "3-bit RTN g64", smollm2_compression(), (best,), (0,), big_steps,
-                                 _calibration(ctx, "default", big_steps))
+                                 windows)
+        smollm2_2bit = _recovery_rows(ctx, "default", "2-bit MSE g64", smollm2_2bit_compression(), (best,), (0,),
+                                      big_steps, windows, trains=("grid", "codes"))
     return {
         "headline": {"kd_recovered_fraction_by_temperature": by_temperature,
-                     "kd_recovered_fraction_smollm2": smollm2["rows"][0]["recovered_fraction"] if smollm2 else None,
+                     "kd_recovered_fraction_smollm2": _fraction(smollm2, "grid"),
+                     "kd_recovered_fraction_2bit_smollm2": _fraction(smollm2_2bit, "grid"),
+                     "kd_recovered_fraction_2bit_codes_smollm2": _fraction(smollm2_2bit, "codes"),
                      "kd_student_over_ce_only": student["kd_over_ce_only"],
                      "tiny_ppl_ratio_2bit": behaviour["ratios"].get("rtn_2bit_g128"),
                      "tiny_ppl_ratio_4bit": behaviour["ratios"].get("rtn_4bit_g128")},
         "tiny_behaviour": behaviour,
-        "tiny": tiny, "smollm2": smollm2, "student": student, "best_temperature": best,
+        "tiny": tiny, "smollm2": smollm2, "smollm2_2bit": smollm2_2bit, "student": student, "best_temperature": best,
         "eval_tokens": {"tiny": int(ctx.eval_ids("tiny").numel()),
                         "default": int(ctx.eval_ids("default").numel()) if smollm2 else None},
         "seconds": time.perf_counter() - start,

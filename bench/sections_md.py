@@ -130,17 +130,20 @@ def _pruning(s: dict) -> list[str]:
 
 
 def _distillation(s: dict) -> list[str]:
-    tiny, student, big = s.get("tiny") or {}, s.get("student") or {}, s.get("smollm2")
+    tiny, student = s.get("tiny") or {}, s.get("student") or {}
     out = [f"Recovered fraction = (compressed − after) / (compressed − original) held-out perplexity, on text never "
            "trained on: 1 = all of the loss won back, negative = KD made it worse. "
            f"Tiny model, {tiny.get('setting')}: original {fmt(tiny.get('base_perplexity'))}, compressed without KD "
            f"{fmt(tiny.get('compressed_perplexity'))}; {tiny.get('steps')} recovery steps per temperature and seed "
            f"on {tiny.get('calibration_windows')} calibration windows.", ""]
     out += _recovery_table(tiny)
-    if big:
-        out += [f"SmolLM2, {big.get('setting')}, T = {s.get('best_temperature')} (the tiny study's best): original "
-                f"{fmt(big.get('base_perplexity'))}, compressed {fmt(big.get('compressed_perplexity'))}.", ""]
-        out += _recovery_table(big)
+    for big in (s.get("smollm2"), s.get("smollm2_2bit")):
+        if big:
+            out += [f"SmolLM2, {big.get('setting')}, T = {s.get('best_temperature')} (the tiny study's best), "
+                    f"{big.get('steps')} steps: original {fmt(big.get('base_perplexity'))}, compressed "
+                    f"{fmt(big.get('compressed_perplexity'))}; train s includes the compression. Trains: grid = the "
+                    "scales (codes frozen, the default), codes = the scales and each weight's grid position.", ""]
+            out += _recovery_table(big)
     if student:
         out += [f"Smaller student (every {student.get('keep_every')}-th block of the tiny model), {student.get('steps')} "
                 f"steps, T = {student.get('temperature')}, same windows and seed: KD (α 0.5) perplexity "
@@ -151,9 +154,9 @@ def _distillation(s: dict) -> list[str]:
 
 
 def _recovery_table(part: dict) -> list[str]:
-    rows = [[r["temperature"], r.get("seed"), r.get("perplexity"), r.get("recovered_fraction"), r.get("train_s")]
-            for r in part.get("rows", [])]
-    return md_table(["T", "seed", "perplexity", "recovered fraction", "train s"], rows)
+    rows = [[r["temperature"], r.get("seed"), r.get("trains", "grid"), r.get("perplexity"), r.get("recovered_fraction"),
+             r.get("train_s")] for r in part.get("rows", [])]
+    return md_table(["T", "seed", "trains", "perplexity", "recovered fraction", "train s"], rows)
 
 
 def _throughput(s: dict) -> list[str]:

@@ -2,7 +2,8 @@
 
 Variants (batch 1, `prompt_tokens` prompt, `new_tokens` greedy steps with the KV cache, the bench's threads):
 fp32 (the base), bf16 (the whole model cast), int4 (4-bit g32 codes on aten int4pack, LM head int8 on int8pack,
-the rest bf16), int8 (8-bit per-channel codes on aten int8pack, LM head int8, the rest bf16), int8_g128,
+the rest bf16), int8 (8-bit symmetric per-channel codes on aten int8pack, LM head int8, the rest bf16; the asymmetric grid's
+perplexity beside it), int8_g128,
 int6_g128 and int5_g128 (8-, 6- and 5-bit codes in groups of 128 as two 4-bit planes on aten int4pack, LM head
 int8: ``runtime.kernels.Int4PlanesLinear``) and int8_dynamic
 (torch's dynamic int8 with activations quantized too, calibrated exactly as the app runs it: SmoothQuant and
@@ -36,13 +37,17 @@ ROUNDS = 3
 
 
 def _configs():
+    from dataclasses import replace
+
     from lmcompress_core.compress import CompressionConfig
     from lmcompress_core.methods.quantize import QuantizationConfig
 
     channel8 = QuantizationConfig(bits=8, granularity="channel")
     return {"bf16": CompressionConfig(quantization=QuantizationConfig(bits=16, dtype16="bf16")),
             "int4": CompressionConfig(quantization=QuantizationConfig(bits=4, group_size=32)),
-            "int8": CompressionConfig(quantization=channel8),
+            # int8 weight-only as torchao's int8_weight_only and llama.cpp's Q8_0 are: symmetric, no zero-point
+            # (int8pack takes none; an asymmetric grid adds a rank-1 bf16 term per call, see _perplexities)
+            "int8": CompressionConfig(quantization=replace(channel8, symmetric=True)),
             **{f"int{bits}_g128": CompressionConfig(quantization=QuantizationConfig(bits=bits, group_size=128))
                for bits in (8, 6, 5)},
             "int8_dynamic": CompressionConfig(quantization=channel8, runtime="dynamic_int8")}
@@ -71,11 +76,13 @@ def _perplexities(ctx, variants) -> dict:
 
     base = ctx.loaded(ctx.main_model)
     simulated = compress(base.model, replace(_configs()["int4"], runtime="simulate")).model
+    asymmetric8 = replace(_configs()["int8"], quantization=replace(_configs()["int8"].quantization, symmetric=False))
     return {"int4_real_ppl": ctx.perplexity(variants["int4"][0], ctx.main_model),
             "int4_simulated_ppl": ctx.perplexity(simulated, ctx.main_model),
             "int6_g128_real_ppl": ctx.perplexity(variants["int6_g128"][0], ctx.main_model),
             "int6_g128_dense_bf16_ppl": ctx.perplexity(dense_twin(variants["int6_g128"][0]), ctx.main_model),
             "int8_real_ppl": ctx.perplexity(variants["int8"][0], ctx.main_model),
+            "int8_asymmetric_real_ppl": ctx.perplexity(compress(base.model, asymmetric8).model, ctx.main_model),
             "bf16_ppl": ctx.perplexity(variants["bf16"][0], ctx.main_model)}
 
 

@@ -96,6 +96,14 @@ def test_committed_recovered_fractions_come_from_the_rows():
             gap = tiny["compressed_perplexity"] - tiny["base_perplexity"]
             assert r["recovered_fraction"] == pytest.approx((tiny["compressed_perplexity"] - r["perplexity"]) / gap)
         assert summary["mean"] == pytest.approx(sum(r["recovered_fraction"] for r in rows) / len(rows))
+    for part, key, trains in (("smollm2", "kd_recovered_fraction_smollm2", "grid"),
+                              ("smollm2_2bit", "kd_recovered_fraction_2bit_smollm2", "grid"),
+                              ("smollm2_2bit", "kd_recovered_fraction_2bit_codes_smollm2", "codes")):
+        big = section[part]
+        gap = big["compressed_perplexity"] - big["base_perplexity"]
+        row = next(r for r in big["rows"] if r["trains"] == trains)
+        assert row["recovered_fraction"] == pytest.approx((big["compressed_perplexity"] - row["perplexity"]) / gap)
+        assert section["headline"][key] == row["recovered_fraction"]
 
 
 def test_benchmark_table_is_generated_from_the_committed_results():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lmcompress_core.methods.hqq import fp16_exact, hqq_grid, shrink_lp
+from lmcompress_core.methods.hqq import exact_scale, hqq_grid, shrink_lp
 from lmcompress_core.methods.quantize import QuantizationConfig, quantize_weight
 
 torch.set_num_threads(2)
@@ -17,10 +17,12 @@ def test_shrink_with_p_one_is_soft_thresholding():
     assert shrink_lp(small, 10.0, 0.7) < shrink_lp(small, 10.0, 1.0) and shrink_lp(large, 10.0, 0.7) > shrink_lp(large, 10.0, 1.0)
 
 
-def test_fp16_exact_keeps_tiny_values():
-    t = torch.tensor([1.0 / 3, 1e-9, 0.0])
-    out = fp16_exact(t)
-    assert out[0] == torch.tensor(1.0 / 3).half().float() and out[1] == t[1]
+def test_exact_scale_is_held_by_bfloat16_and_float16_and_keeps_tiny_values():
+    t = torch.tensor([1.0 / 3, 0.0123, 1e-9, 0.0])
+    out = exact_scale(t)
+    assert out[0] == torch.tensor(1.0 / 3).bfloat16().float() and out[2] == t[2]
+    for dtype in (torch.bfloat16, torch.float16):   # what the kernels and the packed file hold: no rounding left
+        assert torch.equal(out[:2].to(dtype).float(), out[:2])
 
 
 def test_hqq_grid_never_worse_than_its_start():

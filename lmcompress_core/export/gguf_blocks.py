@@ -15,7 +15,8 @@ an fp16 scale d per block (a group of 64, 128, a channel or a tensor repeats its
   blocks of 32: no GGUF type holds them, and the export is refused with that reason (never an F16 file that
   would look compressed).
 
-Scales are our fp16 values (every grid but min-max rounds them so), so d holds them exactly.
+Scales are bfloat16 values, which fp16 holds (every grid but min-max rounds them so: hqq.exact_scale), so d holds
+them exactly.
 """
 from __future__ import annotations
 

@@ -16,15 +16,15 @@ calibration H = I and the plain weight error is minimised.
 The search tries the range [min(w, 0), max(w, 0)] scaled by each factor in ``SHRINKS`` (112% to 52%) with the
 zero-point rounded and moved by ±1 code, keeps the best per row, then refits the scale by least squares on the
 fixed codes (closed form: s = dᵀH_g w / dᵀH_g d, d = q − z) and re-rounds, keeping only improvements. Scales stay
-float16 values and zero-points integer codes, so the packed format is the one RTN writes; RTN's grid (factor 1,
-shift 0) is one of the candidates, so the error is never above RTN's. Cost: one [rows, g] × [g, g] product per
-candidate (48) and group.
+bfloat16 values (which float16 holds) and zero-points integer codes, so the packed format is the one RTN writes;
+RTN's grid (factor 1, shift 0) is one of the candidates, so the error is never above RTN's. Cost: one
+[rows, g] × [g, g] product per candidate (48) and group.
 """
 from __future__ import annotations
 
 import torch
 
-from lmcompress_core.methods.hqq import fp16_exact
+from lmcompress_core.methods.hqq import exact_scale
 
 SHRINKS = tuple(round(1.12 - 0.04 * i, 2) for i in range(16))   # range kept: 112% down to 52% (100% = RTN)
 ZERO_SHIFTS = (-1, 0, 1)                             # zero-point candidates around the rounded one, in codes
@@ -41,12 +41,12 @@ def _output_error(x: torch.Tensor, h: torch.Tensor | None, scale: torch.Tensor, 
 
 
 def _refit_scale(x, h, scale, zero, codes):
-    """The float16 scale minimising (s·d − x)ᵀH(s·d − x) for fixed codes (d = q − z); unchanged where undefined."""
+    """The 16-bit scale minimising (s·d − x)ᵀH(s·d − x) for fixed codes (d = q − z); unchanged where undefined."""
     d = codes - zero
     hd = d if h is None else d @ h
     denominator = (hd * d).sum(dim=1, keepdim=True)
     fitted = (hd * x).sum(dim=1, keepdim=True) / denominator.clamp_min(1e-30)
-    return torch.where((denominator > 0) & (fitted > 0), fp16_exact(fitted), scale)
+    return torch.where((denominator > 0) & (fitted > 0), exact_scale(fitted), scale)
 
 
 def mse_grid(x: torch.Tensor, bits: int,
@@ -60,7 +60,7 @@ def mse_grid(x: torch.Tensor, bits: int,
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))   # an all-zero row: any scale reproduces it
     best_scale = best_zero = best_error = None
     for shrink in SHRINKS:
-        scale = fp16_exact(span * shrink / qmax)
+        scale = exact_scale(span * shrink / qmax)
         for shift in ZERO_SHIFTS:
             zero = (torch.round(-lo * shrink / scale) + shift).clamp_(0, qmax)
             error, _ = _output_error(x, h, scale, zero, qmax)

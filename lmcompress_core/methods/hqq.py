@@ -35,10 +35,14 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float = LP_NORM) -> torch.Tensor:
     return torch.sign(x) * torch.relu(magnitude - threshold)
 
 
-def fp16_exact(t: torch.Tensor) -> torch.Tensor:
-    """``t`` rounded to the nearest float16 value (kept as float32), so the packed file stores it losslessly
-    at 16 bits; values float16 cannot hold (underflow to 0, overflow) keep their float32 value."""
-    half = t.to(torch.float16).to(torch.float32)
+def exact_scale(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the nearest bfloat16 value (kept as float32), which float16 holds too: the packed file
+    stores it losslessly in 16 bits, and torch's CPU kernels (int4pack, int8pack), which take their scales in
+    bfloat16, compute with exactly the scale the codes were rounded for. Rounded to float16 alone, a scale lost up
+    to 0.4% more on its way into the kernel: a gain error on a whole group or output channel (SmolLM2, int8 per
+    channel on int8pack, symmetric: perplexity 6.737 against 6.699 with exact scales; bf16 6.658). Values float16
+    cannot hold (underflow to 0, overflow) keep their float32 value."""
+    half = t.to(torch.bfloat16).to(torch.float16).to(torch.float32)
     return torch.where(torch.isfinite(half) & (half != 0), half, t)
 
 
@@ -47,7 +51,7 @@ def hqq_grid(x: torch.Tensor, bits: int, iterations: int = ITERATIONS) -> tuple[
     x = x.to(torch.float32)
     qmax = 2 ** bits - 1
     lo, hi = x.amin(dim=1, keepdim=True).clamp(max=0), x.amax(dim=1, keepdim=True).clamp(min=0)
-    scale = fp16_exact(torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi)))
+    scale = exact_scale(torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi)))
     zero = torch.round(-lo / scale)
     best_zero, best_error = zero.clone(), torch.full_like(zero, float("inf"))
     beta = BETA

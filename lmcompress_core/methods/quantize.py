@@ -9,11 +9,12 @@ architecture runs unchanged and the codes can be bit-packed. Asymmetric grids (`
   s = (max(x_max, 0) − min(x_min, 0)) / (2^bits − 1), z = round(−min(x_min, 0) / s), x_q = clamp(round(x/s) + z).
   The many near-zero weights of a group then round to 0 instead of all drifting the same way (a coherent error
   that adds up along each dot product: SmolLM2 int3 g64 perplexity 97.7 with the seed's rule, 27 with this).
-  Scales are rounded to float16 values so the packed file stores scales and zero-points in 16 bits each.
+  Scales are rounded to bfloat16 values, which float16 holds too, so the packed file stores scales and zero-points
+  in 16 bits each and the CPU kernels (bf16 scales) compute with exactly them (``hqq.exact_scale``).
 - ``grid="minmax"``: the seed's formula, kept for teaching, with a fractional zero-point
   x_q = round((x − x_min) / (x_max − x_min) · (q_max − q_min) + q_min),   q_min = 0, q_max = 2^bits − 1.
 
-The symmetric grid is absmax: x_q = round(x / s), s = max|x| / (2^(bits−1) − 1) rounded to a float16 value. ``method="hqq"`` fits each
+The symmetric grid is absmax: x_q = round(x / s), s = max|x| / (2^(bits−1) − 1) rounded to a bfloat16 value. ``method="hqq"`` fits each
 group's zero-point by half-quadratic optimisation (``hqq.py``); ``method="mse"`` searches each group's scale and
 integer zero-point for the least output error, δᵀHδ with H the second moment of the group's calibration inputs
 (``grid_search.py``); ``layer_bits`` gives layers their own bit-width (mixed precision,
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from lmcompress_core.methods.grid_search import mse_grid
-from lmcompress_core.methods.hqq import fp16_exact, hqq_grid
+from lmcompress_core.methods.hqq import exact_scale, hqq_grid
 from lmcompress_core.methods.prune import zero_pruned_
 
 INTEGER_BITS = (2, 3, 4, 5, 6, 8)
@@ -248,10 +249,10 @@ def grid_parameters(x: torch.Tensor, bits: int, grid: str = "integer-zero",
     The one implementation of every grid (RTN, GPTQ, the Learn page): symmetric absmax, or the asymmetric
     ``grid`` ("integer-zero": 0 on the grid, integer zero-point; "minmax": the seed's fractional zero-point).
     """
-    if symmetric:   # scales rounded to float16 values, as the packed file stores and the size model counts them
+    if symmetric:   # scales rounded to 16-bit values, as the packed file stores and the size model counts them
         half = 2 ** (bits - 1)
         absmax = x.abs().amax(dim=1, keepdim=True)
-        scale = fp16_exact(torch.where(absmax > 0, absmax / (half - 1), torch.ones_like(absmax)))
+        scale = exact_scale(torch.where(absmax > 0, absmax / (half - 1), torch.ones_like(absmax)))
         return scale, torch.full_like(scale, float(half))
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     if grid == "minmax":
@@ -260,7 +261,7 @@ def grid_parameters(x: torch.Tensor, bits: int, grid: str = "integer-zero",
         return scale, -lo / scale
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # an all-zero row: any scale reproduces it
-    scale = fp16_exact(span / _qmax(bits))
+    scale = exact_scale(span / _qmax(bits))
     return scale, torch.round(-lo / scale).clamp_(0, _qmax(bits))
 
 
