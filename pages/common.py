@@ -7,6 +7,7 @@ complete; a rerun that interrupts a run (a slider moved, Stop pressed) leaves th
 """
 from __future__ import annotations
 
+import gc
 import html
 import json
 import re
@@ -164,7 +165,21 @@ def _load(name: str):
     # A ModelError is not cached: the next attempt (after fixing the path, say) tries again.
     from lmcompress_core.models.loading import load_model
 
-    return load_model(name)
+    loaded = load_model(name)
+    _out_of_the_collectors_way()
+    return loaded
+
+
+def _out_of_the_collectors_way() -> None:
+    """Move every object alive now (the libraries, those a model load imports, the model) to the garbage
+    collector's permanent generation. Streamlit collects all generations after every script run
+    (runner.postScriptGC) and holds the interpreter for the whole scan: ~0.25 s with SmolLM2 loaded here (450,000
+    objects), during which no other script runs and a distilling run cannot notice a click that stops it (0.26 s
+    of a 0.58 s stop, measured in the browser). What is frozen lives as long as the server (modules, cached
+    models); reference counting still frees anything that dies, only a reference cycle among frozen objects
+    would stay."""
+    gc.collect()
+    gc.freeze()
 
 
 def current_model():
