@@ -88,7 +88,7 @@ keep_every = c4.selectbox("Keep every k-th layer", [2, 3, 4], key="kd_keep", dis
 trains = st.radio("Quantized layers train", list(TRAINS_SHORT), key="kd_trains", horizontal=True,
                   format_func=TRAINS_SHORT.get, disabled=mode != "recovery",
                   help="Scales and codes: " + TRAINS["codes"] + ". SmolLM2 at 2 bits (MSE g64), 55 steps, make "
-                       "bench: 0.74 of the lost perplexity recovered against 0.71 for the scales alone, each step "
+                       "bench: 0.71 of the lost perplexity recovered against 0.69 for the scales alone, each step "
                        "about 15% longer; the tiny model (2-bit RTN g128, 40 steps) 0.67 against 0.36. The size is "
                        "the same either way.")
 try:

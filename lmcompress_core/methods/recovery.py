@@ -15,9 +15,9 @@ compressed model can hold, and what is trained depends on what the layer holds:
   tiny model, 2-bit RTN g128: 0.67 of the lost perplexity recovered at code_lr 1e-3 (0.78 at 1e-2) against 0.36
   for the scales alone; SmolLM2, 2-bit MSE g64: 0.69 at 1e-3 (127.0 → 43.6, 250 s with the compression). At 1e-2
   SmolLM2 did worse than the scales alone (make bench of 1008a05, 45 steps: 3-bit RTN g64 0.11 against 0.63;
-  2-bit MSE g64 127 → 512): too many codes flip at once in 30 blocks. At 1e-3, 55 steps (one run here, the
-  bench's windows): 2-bit MSE g64 0.74 against 0.71 for the scales alone, 3-bit RTN g64 0.66 against 0.63, each
-  step about 15% longer; make bench measures the 2-bit pair. Opt-in: a small gain for the time.
+  2-bit MSE g64 127 → 512): too many codes flip at once in 30 blocks. At 1e-3, 55 steps, make bench: 2-bit MSE g64
+  0.71 against 0.69 for the scales alone (320 s against 288 s with the compression); one run here before the
+  scales became bf16 values, 3-bit RTN g64: 0.66 against 0.63. Opt-in: a small gain for the time.
 * quantized layer, ``trains="weights"``: a float "latent" weight trains straight through the rounding (STE) on
   the fixed grid and is re-quantized at the end. A weight starts on a grid point and must move half a step
   (≈ 0.01 at 3 bits) before its code changes: at lr 1e-4 nothing changes for ~100 steps, at 1e-3 the flips
