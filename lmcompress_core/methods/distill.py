@@ -87,7 +87,7 @@ class DistillationConfig:
                              f"got {self.grid_lr!r}")
         if not _is_number(self.code_lr) or not 0 < self.code_lr <= 1:
             raise ValueError(f"code_lr (learning rate of the weights' grid positions) must be in (0, 1], typically "
-                             f"1e-2; got {self.code_lr!r}")
+                             f"1e-3; got {self.code_lr!r}")
         if self.trains not in TRAINS:
             raise ValueError(f"trains must be one of {', '.join(TRAINS)} ({'; '.join(TRAINS.values())}); "
                              f"got {self.trains!r}")

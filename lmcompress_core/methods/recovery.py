@@ -58,11 +58,11 @@ class _OnGrid(nn.Module):
         self.register_buffer("centred", centred if qw.mask is None else centred * qw.mask)
         self.log_gain = nn.Parameter(torch.zeros_like(self.scales))
         # RTN/HQQ/MSE scales are exact 16-bit values (hqq.exact_scale): trained ones stay such values
-        self.half_scales = torch.equal(exact_scale(self.scales), self.scales)
+        self.exact_scales = torch.equal(exact_scale(self.scales), self.scales)
 
     def trained_scales(self) -> torch.Tensor:
         scales = self.scales * self.log_gain.exp()
-        if self.half_scales:  # rounded to a 16-bit value in the forward, gradients straight through
+        if self.exact_scales:  # rounded to a 16-bit value in the forward, gradients straight through
             scales = scales + (exact_scale(scales) - scales).detach()
         return scales
 
