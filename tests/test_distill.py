@@ -214,6 +214,24 @@ def test_the_hidden_states_through_the_head_are_the_logits(random_arch):
         assert torch.equal(model.get_output_embeddings()(_hidden(model, ids)), model(input_ids=ids).logits)
 
 
+def test_the_heldout_check_is_the_logits_cross_entropy_and_stops_between_head_chunks(random_arch, monkeypatch):
+    """heldout_perplexity (the head a chunk of positions at a time) is exp of the model's own logits' mean
+    cross-entropy, and asks check() before each chunk: rows × ceil((L − 1) / HEAD_CHUNK) times."""
+    import torch.nn.functional as F
+
+    from lmcompress_core.methods import distill
+
+    monkeypatch.setattr(distill, "HEAD_CHUNK", 5)
+    model = random_arch.model
+    ids = torch.randint(model.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+    expected = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item())
+    asked = []
+    assert distill.heldout_perplexity(model, ids, lambda: asked.append(1)) == pytest.approx(expected, rel=1e-5)
+    assert len(asked) == 3 * 4
+
+
 def test_next_token_distribution_is_sorted_and_temperature_flattens():
     class Tokenizer:
         def __call__(self, text, return_tensors):

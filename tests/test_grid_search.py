@@ -95,3 +95,21 @@ def test_compress_weighs_by_calibration_and_says_when_it_has_none(tiny_loaded, t
     stats = input_statistics(tiny_loaded.model, {name: module}, ids, hessian=True)
     expected = quantize_weight(weight_matrix(module), config.quantization, stats.hessian[name])
     assert torch.equal(calibrated.layers()[name].quantized_weight().codes, expected.codes)
+
+
+def test_each_candidate_is_scored_with_the_grids_own_rounding_ties_included():
+    """The search scores a candidate in fewer passes (x / scale shared by the zero-point shifts); its value must
+    be _output_error's, also where x / scale + zero falls exactly on a half step (weights de-quantized from a GGUF
+    sit on such steps: 2 of 61,440 codes differed on a real SmolLM2 layer when the shift was added after rounding)."""
+    from lmcompress_core.methods.grid_search import _candidate_error, _output_error as engine_error
+
+    scale = torch.full((4, 1), 0.25)
+    x = (torch.randint(-12, 13, (4, 64)).float() + 0.5) * 0.25   # every x / scale a tie
+    x[:, ::3] += 0.01                                            # and some not
+    h = torch.randn(80, 64)
+    h = h.t() @ h / 80
+    for zero in (torch.full((4, 1), 3.0), torch.tensor([[0.0], [1.0], [5.0], [7.0]])):
+        expected, _ = engine_error(x, h, scale, zero, 7)
+        assert torch.allclose(_candidate_error(-x, h, x / scale, scale, zero, 7), expected, rtol=1e-5, atol=0)
+        expected, _ = engine_error(x, None, scale, zero, 7)
+        assert torch.allclose(_candidate_error(-x, None, x / scale, scale, zero, 7), expected, rtol=1e-5, atol=0)

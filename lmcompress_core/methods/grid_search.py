@@ -58,12 +58,16 @@ def mse_grid(x: torch.Tensor, bits: int,
     qmax = 2 ** bits - 1
     lo, hi = x.amin(dim=1, keepdim=True).clamp(max=0), x.amax(dim=1, keepdim=True).clamp(min=0)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))   # an all-zero row: any scale reproduces it
-    best_scale = best_zero = best_error = None
-    for shrink in SHRINKS:
-        scale = exact_scale(span * shrink / qmax)
+    shrinks = torch.tensor(SHRINKS, dtype=torch.float32, device=x.device)
+    scales = exact_scale(span * shrinks / qmax).t().unsqueeze(2)   # [shrinks, rows, 1]: every candidate step at once
+    minus_x, best_scale, best_zero, best_error = -x, None, None, None
+    for i, shrink in enumerate(SHRINKS):
+        scale = scales[i].contiguous()   # a strided scale slows each pass over the group ~1.7x
+        steps = x / scale                                        # shared by the zero-point candidates
+        rounded_zero = torch.round(-lo * shrink / scale)
         for shift in ZERO_SHIFTS:
-            zero = (torch.round(-lo * shrink / scale) + shift).clamp_(0, qmax)
-            error, _ = _output_error(x, h, scale, zero, qmax)
+            zero = (rounded_zero + shift).clamp_(0, qmax)
+            error = _candidate_error(minus_x, h, steps, scale, zero, qmax)
             if best_error is None:
                 best_scale, best_zero, best_error = scale, zero, error
                 continue
@@ -71,6 +75,14 @@ def mse_grid(x: torch.Tensor, bits: int,
             best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
             best_error = torch.where(better, error, best_error)
     return _refined(x, h, best_scale, best_zero, best_error, qmax)
+
+
+def _candidate_error(minus_x, h, steps, scale, zero, qmax) -> torch.Tensor:
+    """δᵀHδ per row for x (= −minus_x = steps · scale) rounded onto (scale, zero): ``_output_error``'s value, with
+    the same rounding (ties included: de-quantized GGUF weights sit on half steps), in fewer passes over the group."""
+    codes = torch.add(steps, zero).round_().clamp_(0, qmax).sub_(zero)
+    delta = torch.addcmul(minus_x, codes, scale)
+    return torch.linalg.vecdot(delta if h is None else delta @ h, delta).unsqueeze(1)
 
 
 def _refined(x, h, scale, zero, error, qmax):
