@@ -9,6 +9,7 @@ from pages.spans import span
 # The tab icon is a file the app serves itself: a material-icon favicon is fetched from a web font host.
 ICON = Path(__file__).resolve().parent / "assets" / "icon.png"
 st.set_page_config(page_title="LM Compression Lab", page_icon=str(ICON), layout="wide")
+common.let_abandoned_work_stop()   # a change made while this session computed: the old run stops first
 # Streamlit's own Stop (top right) halts the script wherever it is and can leave a page half-drawn; each page's
 # Stop button cancels cleanly and says what was kept, so it is the only one shown. While a script runs Streamlit
 # shows its status widget: a previous result shown while a new one computes (containers keyed "previous-…") is

@@ -12,8 +12,10 @@ import html
 import json
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
@@ -356,6 +358,45 @@ def import_trail(raw: bytes) -> int:
 
 # ---------------------------------------------------------------- progress and cancellation
 
+# A change made while a run computes starts the new script run at once (Streamlit's fast reruns) and asks the old
+# one to stop; the old run notices at its next check (per block, layer, window or token). But the new run's page
+# script is Python that holds the interpreter lock most of the time, and the old run needs that lock between two
+# tensor operations: on SmolLM2 a distilling run then took up to 0.5 s to reach its next check, instead of one
+# block (browser bench). So a new run first waits, at most HANDOFF_S, for this session's running work to stop.
+HANDOFF_S = 1.0
+_WORK_LOCK = "work_lock"
+
+
+def _work_lock() -> threading.Lock:
+    if _WORK_LOCK not in st.session_state:
+        st.session_state[_WORK_LOCK] = threading.Lock()
+    return st.session_state[_WORK_LOCK]
+
+
+def let_abandoned_work_stop(lock: threading.Lock | None = None, timeout: float = HANDOFF_S) -> bool:
+    """At the top of each script run: wait (at most ``timeout``) until this session's running work, which the
+    rerun has abandoned, has stopped and let go of the machine. Returns whether it had (no work: at once)."""
+    lock = _work_lock() if lock is None else lock
+    if lock.acquire(timeout=timeout):
+        lock.release()
+        return True
+    return False
+
+
+@contextmanager
+def session_work(lock: threading.Lock | None = None, timeout: float = HANDOFF_S):
+    """Hold this session's work lock while computing, so the next script run can wait for the stop; an abandoned
+    run that does not let go within ``timeout`` is not waited for. Released without touching st (a stopping
+    script raises at its next st call)."""
+    lock = _work_lock() if lock is None else lock
+    held = lock.acquire(timeout=timeout)
+    try:
+        yield
+    finally:
+        if held:
+            lock.release()
+
+
 def request_stop() -> None:
     st.session_state["stop_requested"] = True
 
@@ -466,7 +507,7 @@ def evaluate_live(loaded, config, protocol, bar, on_partial: Callable[[dict], No
 
     callback = progress_callback(bar, on_metrics=partial,
                                  spans=GENERATION_TIMED_SPANS if protocol.times_generation() else STAGE_SPANS)
-    with span("evaluate") as record:
+    with span("evaluate") as record, session_work():
         report = evaluation.evaluate(loaded, config, protocol, callback=callback, should_stop=should_stop).to_dict()
         record["stages"] = report.get("timings")
     return report

@@ -162,9 +162,10 @@ def run_distillation(notice, running) -> None:
                        generation=bool(prompt.strip()), latency=False)
     try:
         callback = common.progress_callback(bar, on_progress)
-        before = evaluation.evaluate(loaded, before_config, replace(protocol, generation=False), callback=callback,
-                                  should_stop=common.should_stop)
-        report = evaluation.evaluate(loaded, config, protocol, callback=callback, should_stop=common.should_stop)
+        with common.session_work():
+            before = evaluation.evaluate(loaded, before_config, replace(protocol, generation=False),
+                                         callback=callback, should_stop=common.should_stop)
+            report = evaluation.evaluate(loaded, config, protocol, callback=callback, should_stop=common.should_stop)
     except Cancelled:
         notice.info(stopped_message(st.session_state.get("kd_result")))
     except ValueError as exc:

@@ -179,6 +179,39 @@ def test_a_loaded_model_is_out_of_the_collectors_scans():
         gc.unfreeze()
 
 
+def test_a_new_script_run_waits_for_its_sessions_abandoned_work_to_let_go():
+    """The handoff at the top of each script run: it returns only once the running work (holding the session's
+    work lock) has stopped; work that never lets go is waited for no longer than the timeout, and a run that
+    could not take the lock does not release the holder's."""
+    import threading
+    import time
+
+    from pages import common
+
+    lock, events, started = threading.Lock(), [], threading.Event()
+
+    def work():
+        with common.session_work(lock):
+            started.set()
+            time.sleep(0.2)
+            events.append("old work stopped")
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started.wait()
+    assert common.let_abandoned_work_stop(lock, timeout=60)
+    events.append("new run goes on")
+    worker.join()
+    assert events == ["old work stopped", "new run goes on"] and not lock.locked()
+
+    lock.acquire()                                       # work that never stops
+    assert not common.let_abandoned_work_stop(lock, timeout=0.01)
+    with common.session_work(lock, timeout=0.01):
+        pass
+    assert lock.locked()                                 # still the stuck run's
+    lock.release()
+
+
 def test_uploaded_archive_with_a_path_escape_is_rejected(tmp_path):
     import io
     import zipfile
