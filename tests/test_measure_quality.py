@@ -48,14 +48,18 @@ def test_exact_statistics_on_identical_models(tiny_loaded):
 
 
 def test_a_window_is_abandoned_between_two_blocks(tiny_loaded):
-    """check runs before every window and, inside its pass, before every transformer block and after the output
-    head: what it raises
-    leaves the pass there (the later blocks never run) and no hook stays on the model."""
+    """check runs before every batch of windows (here both windows of 64 tokens run as one) and, inside its pass,
+    before every transformer block and after the output head: what it raises leaves the pass there (the later
+    blocks never run) and no hook stays on the model. The batch scores what each window alone scores."""
     model, ids = tiny_loaded.model, torch.randint(0, 4096, (129,), generator=torch.Generator().manual_seed(0))
     stack = transformer_blocks(model)[2]
     asked = []
     first = score_tokens(model, ids, context=64, stride=64, check=lambda done, total: asked.append(done))
-    assert len(stack) > 2 and asked == [0] * (2 + len(stack)) + [1] * (2 + len(stack)) + [2]
+    assert len(stack) > 2 and asked == [0] * (2 + len(stack)) + [2]
+    with torch.no_grad():
+        alone = [torch.log_softmax(model(input_ids=ids[b:e][None]).logits[0, f - b - 1: e - b - 1].float(), -1)
+                 .gather(1, ids[f:e, None])[:, 0] for b, e, f in windows(129, 64, 64)]
+    assert torch.allclose(first.nll, -torch.cat(alone), rtol=1e-5, atol=1e-5)
 
     ran = []
     watch = stack[-1].register_forward_pre_hook(lambda module, args: ran.append(1))
@@ -92,3 +96,12 @@ def test_only_the_scoring_thread_asks_between_blocks(tiny_loaded):
         assert asked == []
         model(input_ids=ids)
     assert asked == [threading.get_ident()] * (len(transformer_blocks(model)[2]) + 1)   # and after the head
+
+
+def test_windows_run_together_only_when_of_one_length_and_within_the_token_cap():
+    from lmcompress_core.measure.quality import _window_batches
+
+    assert _window_batches(windows(513, 256, 256)) == [[0, 1]]                     # the app's 512 tokens: one pass
+    assert _window_batches(windows(1025, 256, 256)) == [[0, 1], [2, 3]]            # the cap: 512 tokens a pass
+    assert _window_batches(windows(300, 256, 256)) == [[0], [1]]                   # a short last window alone
+    assert _window_batches(windows(513, 256, 256), max_tokens=256) == [[0], [1]]

@@ -29,6 +29,7 @@ TRANSFORMERS_LOOP = "transformers forward (its dynamic KV cache)"
 
 SAMPLE_TEMPERATURE = 0.8  # sampled generations: mild temperature and top-k, the usual chat defaults
 SAMPLE_TOP_K = 40
+BATCH_TOKENS = 512        # scoring runs windows of one length together, up to this many tokens per forward
 
 
 @dataclass
@@ -140,16 +141,33 @@ def _scored_spans(ids: torch.Tensor, context: int, stride: int, max_tokens: int)
     return ids, windows(ids.numel(), context, stride)
 
 
-def _window_logp(model, ids: torch.Tensor, span: tuple[int, int, int],
-                 check: Callable[[], None] | None = None) -> torch.Tensor:
-    """float32 log-probabilities at a window's scored positions: the model's logits (bf16 from a bf16 model) go
-    into log_softmax as float32 in one pass (the same values as converting them first, without that copy).
-    ``check()`` (optional) runs before every block of the model's pass (see ``checking_blocks``)."""
-    begin, end, first = span
-    window = ids[begin:end].view(1, -1).to(model_device(model))
+def _windows_logp(model, ids: torch.Tensor, spans: list[tuple[int, int, int]],
+                  check: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """float32 log-probabilities at each window's scored positions, the windows (all of one length) run as one
+    batch: a layer that widens its codes to run a long input (runtime/kernels.py) widens them once for all, and
+    the products are larger (SmolLM2 5-bit g128, the app's 512 tokens: ~0.4 s of 1.7 s was the second widening).
+    The logits (bf16 from a bf16 model) go into log_softmax as float32 in one pass (the same values as converting
+    them first, without that copy). ``check()`` (optional) runs before every block of the model's pass (see
+    ``checking_blocks``)."""
+    batch = torch.stack([ids[begin:end] for begin, end, _ in spans]).to(model_device(model))
     with checking_blocks(model, check):
-        logits = model(input_ids=window, use_cache=False).logits[0, first - begin - 1: end - begin - 1]
-    return F.log_softmax(logits, dim=-1, dtype=torch.float32).cpu()
+        logits = model(input_ids=batch, use_cache=False).logits
+    return [F.log_softmax(logits[j, first - begin - 1: end - begin - 1], dim=-1, dtype=torch.float32).cpu()
+            for j, (begin, end, first) in enumerate(spans)]
+
+
+def _window_batches(spans: list[tuple[int, int, int]], max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
+    """Indices of consecutive windows of equal length, at most ``max_tokens`` tokens per batch (the float32
+    log-probabilities of a batch are 200 MB per 1,024 tokens of a 49k vocabulary)."""
+    batches: list[list[int]] = []
+    for i, (begin, end, _) in enumerate(spans):
+        length = end - begin
+        last = batches[-1] if batches else None
+        if last and spans[last[0]][1] - spans[last[0]][0] == length and (len(last) + 1) * length <= max_tokens:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _kl_rows_(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -166,10 +184,10 @@ def base_scores(base_model, ids: torch.Tensor, context: int = 256, stride: int =
     """The base model's log-probabilities on the windows ``score_tokens`` reads (``check`` as there)."""
     ids, spans = _scored_spans(ids, context, stride, max_tokens)
     logp = []
-    for i, span in enumerate(spans):
+    for batch in _window_batches(spans):
         if check is not None:
-            check(i, len(spans))
-        logp.append(_window_logp(base_model, ids, span, _asking(check, i, len(spans))))
+            check(batch[0], len(spans))
+        logp += _windows_logp(base_model, ids, [spans[i] for i in batch], _asking(check, batch[0], len(spans)))
     return BaseScores(logp)
 
 
@@ -193,17 +211,19 @@ def score_tokens(model, ids: torch.Tensor, context: int = 256, stride: int = 256
     if base is not None and len(base.logp) != len(spans):
         raise ValueError("the base scores were computed on other windows than these")
     nll, base_nll, kl, agree = [], [], [], []
-    for i, span in enumerate(spans):
+    for batch in _window_batches(spans):
         if check is not None:
-            check(i, len(spans))
-        targets = ids[span[2]:span[1]]
-        logp = _window_logp(model, ids, span, _asking(check, i, len(spans)))
-        nll.append(-logp.gather(1, targets[:, None])[:, 0])
-        if base is not None:
-            base_logp = base.logp[i]
-            base_nll.append(-base_logp.gather(1, targets[:, None])[:, 0])
-            agree.append(base.top1[i] == logp.argmax(-1))
-            kl.append(_kl_rows_(base_logp, logp))   # last: it overwrites logp
+            check(batch[0], len(spans))
+        logps = _windows_logp(model, ids, [spans[i] for i in batch], _asking(check, batch[0], len(spans)))
+        for i, logp in zip(batch, logps):
+            targets = ids[spans[i][2]:spans[i][1]]
+            nll.append(-logp.gather(1, targets[:, None])[:, 0])
+            if base is not None:
+                base_logp = base.logp[i]
+                base_nll.append(-base_logp.gather(1, targets[:, None])[:, 0])
+                agree.append(base.top1[i] == logp.argmax(-1))
+                kl.append(_kl_rows_(base_logp, logp))   # last: it overwrites logp
+        del logps
     if check is not None:
         check(len(spans), len(spans))
     has_base = base is not None
