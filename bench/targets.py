@@ -380,9 +380,9 @@ def _why_browser_distil_abandon(results: dict) -> str:
     stops = "; ".join(f"{_fmt(s.get('after_s'))} s in: {_fmt(s.get('stop_s'))} s ({s.get('outcome')})"
                       for s in entry.get("distil_interrupts") or [])
     return (f"Distil switched on, then off while the run trains, then how long that run's script went on: {stops}. "
-            "Training asks should_stop before each block of every pass and each sequence's head and loss (~0.15 s "
-            "apart at most in-process here); it reads the session state, where Streamlit stops the script, while the new page's "
-            "script already runs beside it.")
+            "Training asks should_stop before each block of every pass, each sequence's head and loss and each "
+            "held-out head chunk; it reads the session state, where Streamlit stops the script. The new page's "
+            "script waits (at most 1 s) for that stop before it runs (pages/common.py, let_abandoned_work_stop).")
 
 
 def _why_browser_abandon(results: dict) -> str:
