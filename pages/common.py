@@ -361,7 +361,7 @@ def import_trail(raw: bytes) -> int:
 # A change made while a run computes starts the new script run at once (Streamlit's fast reruns) and asks the old
 # one to stop; the old run notices at its next check (per block, layer, window or token). But the new run's page
 # script is Python that holds the interpreter lock most of the time, and the old run needs that lock between two
-# tensor operations: on SmolLM2 a distilling run then took up to 0.5 s to reach its next check, instead of one
+# tensor operations: on SmolLM2 a distilling run then took up to 0.53 s to reach its next check, instead of one
 # block (browser bench). So a new run first waits, at most HANDOFF_S, for this session's running work to stop.
 HANDOFF_S = 1.0
 _WORK_LOCK = "work_lock"
